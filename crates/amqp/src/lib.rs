@@ -1,0 +1,1 @@
+//! RabbitMQ for sandfleet: connection pool, topology, confirmed publisher, consumer.

@@ -1,0 +1,1 @@
+//! sandfleet's benchmarks: commands that print figures.

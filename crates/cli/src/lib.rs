@@ -1,0 +1,1 @@
+//! The sandfleet command: worker, gateway, enqueue, replay, results, dlq, topology, demo.

@@ -1,0 +1,1 @@
+//! sandfleet's CI webhook gateway (GitHub, GitLab) and task API.

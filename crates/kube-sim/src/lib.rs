@@ -1,0 +1,1 @@
+//! A fake Kubernetes API server with a simulated Job controller and kubelet, for sandfleet's tests.

@@ -1,0 +1,1 @@
+//! Publish sandfleet tasks to RabbitMQ with publisher confirms.

@@ -1,0 +1,33 @@
+//! The sandfleet message contract, version 1.
+//!
+//! Everything that crosses the broker is defined here: the [`Task`] a producer
+//! publishes, the [`TaskResult`] a worker publishes back, and the [`Outcome`]
+//! taxonomy that decides, in one place, which failures are retried as new
+//! attempts and which are final. The crate does no I/O: it knows serde, not
+//! lapin or kube, so every other crate (and every non-Rust producer, through the
+//! JSON Schema in `schemas/`) can depend on it.
+//!
+//! Start with [`Task`] and [`TaskResult`]; [`validate`] checks a task against
+//! the [`Limits`] that protect the fleet; [`decode_task`] turns raw message
+//! bytes into a validated task or a [`RejectReason`].
+
+pub mod outcome;
+pub mod result;
+pub mod task;
+
+pub use outcome::Outcome;
+pub use result::{Artifact, StepResult, TaskResult};
+pub use task::{
+    InputFile, Provider, Resources, RetryPolicy, SandboxSpec, Source, Step, Task, TaskId, TaskKind,
+};
+
+/// The schema version this crate reads and writes. Messages carry it in
+/// `schema_version`; any other value is rejected with a clear reason.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// AMQP `type` property of a task message.
+pub const TASK_MESSAGE_TYPE: &str = "sandfleet.task.v1";
+/// AMQP `type` property of a result message.
+pub const RESULT_MESSAGE_TYPE: &str = "sandfleet.result.v1";
+/// Content type of every sandfleet message.
+pub const CONTENT_TYPE: &str = "application/json";

@@ -1,0 +1,115 @@
+//! The result message: what one attempt of a task did.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{Outcome, Source, Task, TaskId};
+
+/// The structured result of one attempt, published to the results exchange.
+///
+/// Results are delivered at least once; consumers deduplicate by
+/// `(task_id, attempt)`. Exactly one result per task has `final: true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskResult {
+    /// Version of this contract; must be 1.
+    pub schema_version: u32,
+    /// The task this result is for.
+    pub task_id: TaskId,
+    /// Attempt number, starting at 1.
+    pub attempt: u32,
+    /// What happened.
+    pub outcome: Outcome,
+    /// True when no further attempt follows; false when the task will be retried.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// Exit code of the step that decided the outcome (the failing step, or 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Per-step results, in the order the steps were declared.
+    #[serde(default)]
+    pub steps: Vec<StepResult>,
+    /// The tail of the sandbox's combined output.
+    #[serde(default)]
+    pub log_tail: String,
+    /// True when `log_tail` is not the whole output.
+    #[serde(default)]
+    pub log_truncated: bool,
+    /// Artifacts collected from the workspace.
+    #[serde(default)]
+    pub artifacts: Vec<Artifact>,
+    /// When the sandbox started (absent when it never started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the attempt finished.
+    pub finished_at: DateTime<Utc>,
+    /// The worker that ran the attempt (its pod or host name).
+    pub worker: String,
+    /// The sandbox that ran it: the Job name, or the local workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+    /// A human-readable reason when the outcome is not `succeeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The task's source, so results can be filtered by repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// The task's labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The task itself, so a failed build can be replayed from the results
+    /// stream. Absent for messages that could not be decoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Box<Task>>,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StepResult {
+    /// The step's name.
+    pub name: String,
+    /// Exit code; absent when the step did not run (skipped after an earlier failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Wall-clock duration in milliseconds.
+    pub duration_ms: u64,
+    /// True when the step was killed by its timeout.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// True when the step never ran.
+    #[serde(default)]
+    pub skipped: bool,
+    /// The tail of this step's output.
+    #[serde(default)]
+    pub output_tail: String,
+    /// True when `output_tail` is not the whole output.
+    #[serde(default)]
+    pub output_truncated: bool,
+}
+
+/// A file collected from the workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// Workspace-relative path.
+    pub path: String,
+    /// Size in bytes of the file in the sandbox.
+    pub size_bytes: u64,
+    /// Content, when it is UTF-8 and small enough to carry inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// True when `content` holds only a prefix of the file, or is absent for size.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+impl TaskResult {
+    /// The deduplication key consumers use: `(task_id, attempt)`.
+    pub fn dedup_key(&self) -> (TaskId, u32) {
+        (self.task_id, self.attempt)
+    }
+}

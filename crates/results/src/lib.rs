@@ -1,0 +1,1 @@
+//! Publish and subscribe to sandfleet results (RabbitMQ stream).

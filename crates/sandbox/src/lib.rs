@@ -1,0 +1,1 @@
+//! sandfleet executors: script generator, local and Kubernetes Job executors, failure classification.

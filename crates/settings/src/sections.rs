@@ -1,0 +1,384 @@
+//! The configuration sections, one per component.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sandfleet_proto::Step;
+use serde::{Deserialize, Serialize};
+
+/// Connection to RabbitMQ (section `amqp`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// `amqp://` or `amqps://` URL, credentials included.
+    pub url: String,
+    /// Connections kept in the pool.
+    pub pool_size: usize,
+    /// Heartbeat interval negotiated with the broker, in seconds (0 disables).
+    pub heartbeat_secs: u16,
+    /// Timeout for establishing a connection, in seconds.
+    pub connect_timeout_secs: u64,
+    /// Name shown for this process's connections in the broker's UI; defaults
+    /// to `sandfleet-<component>@<host>`.
+    pub connection_name: Option<String>,
+    /// Bound on publishes awaiting their confirm, per publisher.
+    pub max_outstanding_confirms: usize,
+    /// Cap on the reconnect backoff, in seconds.
+    pub reconnect_max_delay_secs: u64,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        AmqpSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            pool_size: 4,
+            heartbeat_secs: 30,
+            connect_timeout_secs: 10,
+            connection_name: None,
+            max_outstanding_confirms: 1000,
+            reconnect_max_delay_secs: 30,
+        }
+    }
+}
+
+/// Names and arguments of exchanges and queues (section `topology`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopologySettings {
+    /// Prefix of every exchange and queue name (`<prefix>.tasks`, ...).
+    pub prefix: String,
+    /// Deliveries of one message before the broker dead-letters it (crash loops).
+    pub delivery_limit: u32,
+    /// The retry ladder: one delay queue per entry, with this TTL in seconds.
+    pub retry_delays_secs: Vec<u64>,
+    /// Age retention of the results stream (RabbitMQ `x-max-age`, e.g. `7D`, `24h`).
+    pub results_max_age: String,
+    /// Size bound of the results stream, in bytes.
+    pub results_max_bytes: u64,
+    /// Bound on ready messages in the task queue; publishes over it are
+    /// rejected (`x-overflow: reject-publish`). 0 means unbounded.
+    pub tasks_max_length: u64,
+}
+
+impl Default for TopologySettings {
+    fn default() -> Self {
+        TopologySettings {
+            prefix: "sandfleet".to_owned(),
+            delivery_limit: 20,
+            retry_delays_secs: vec![10, 60, 300, 1800],
+            results_max_age: "7D".to_owned(),
+            results_max_bytes: 5_000_000_000,
+            tasks_max_length: 0,
+        }
+    }
+}
+
+/// The worker process (section `worker`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Tasks run at once; also the consumer prefetch.
+    pub concurrency: u16,
+    /// Which executor runs sandboxes: `local` or `kubernetes`.
+    pub executor: ExecutorKind,
+    /// How long SIGTERM waits for in-flight tasks before releasing them, in seconds.
+    pub drain_timeout_secs: u64,
+    /// Address of the `/healthz`, `/readyz`, `/metrics` server.
+    pub http_addr: String,
+    /// This worker's name in results; defaults to the host name.
+    pub name: Option<String>,
+    /// How often the task queue's depth is polled for metrics, in seconds.
+    pub queue_depth_poll_secs: u64,
+    /// The broker's `consumer_timeout`, in seconds. Tasks whose deadline does
+    /// not fit inside it are refused with a clear reason.
+    pub broker_consumer_timeout_secs: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            concurrency: 4,
+            executor: ExecutorKind::Local,
+            drain_timeout_secs: 60,
+            http_addr: "0.0.0.0:9090".to_owned(),
+            name: None,
+            queue_depth_poll_secs: 10,
+            broker_consumer_timeout_secs: 1800,
+        }
+    }
+}
+
+/// Which executor runs sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorKind {
+    /// A child process in a temp directory (the embedded default).
+    Local,
+    /// A Kubernetes Job per task (production).
+    Kubernetes,
+}
+
+/// The circuit breaker around the Kubernetes API (section `breaker`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerSettings {
+    /// Consecutive failures that open the breaker.
+    pub consecutive_failures: u32,
+    /// Failure rate (0..1) over the window that opens the breaker.
+    pub failure_rate: f64,
+    /// Calls in the sliding window for the failure rate.
+    pub window: u32,
+    /// Calls the window must hold before the rate is judged.
+    pub min_calls: u32,
+    /// How long the breaker stays open before probing, in seconds.
+    pub cooldown_secs: u64,
+    /// Probe calls let through while half-open; all must succeed to close.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            window: 20,
+            min_calls: 10,
+            cooldown_secs: 30,
+            half_open_probes: 3,
+        }
+    }
+}
+
+/// Retries of infrastructure failures (section `retry`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Backoff before attempt 2, in seconds; doubles per attempt.
+    pub base_delay_secs: u64,
+    /// Cap on the backoff, in seconds.
+    pub max_delay_secs: u64,
+    /// Jitter as a fraction of the delay (0..1); the delay is drawn from
+    /// `[d * (1 - jitter), d]`.
+    pub jitter: f64,
+    /// Retries of a transient Kubernetes API error inside one attempt.
+    pub api_retries: u32,
+    /// First delay of those in-place retries, in milliseconds.
+    pub api_retry_base_ms: u64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            base_delay_secs: 10,
+            max_delay_secs: 1800,
+            jitter: 0.2,
+            api_retries: 3,
+            api_retry_base_ms: 200,
+        }
+    }
+}
+
+/// Executors (section `sandbox`, with `sandbox.local` and `sandbox.kubernetes`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxSettings {
+    /// The local executor.
+    pub local: LocalSettings,
+    /// The Kubernetes executor.
+    pub kubernetes: KubernetesSettings,
+}
+
+/// The local executor (section `sandbox.local`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalSettings {
+    /// Where workspaces are created; the system temp dir when unset.
+    pub work_dir: Option<String>,
+    /// The POSIX shell that runs the generated script.
+    pub shell: String,
+    /// Bound on captured output per task, in bytes.
+    pub max_output_bytes: usize,
+    /// Run the script under bubblewrap when it is installed.
+    pub bubblewrap: bool,
+}
+
+impl Default for LocalSettings {
+    fn default() -> Self {
+        LocalSettings {
+            work_dir: None,
+            shell: "/bin/sh".to_owned(),
+            max_output_bytes: 64 * 1024,
+            bubblewrap: false,
+        }
+    }
+}
+
+/// The Kubernetes executor (section `sandbox.kubernetes`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesSettings {
+    /// Namespace the sandbox Jobs are created in.
+    pub namespace: String,
+    /// Service account of sandbox pods (its token is never mounted).
+    pub service_account: String,
+    /// Require a non-root user in the sandbox.
+    pub run_as_non_root: bool,
+    /// UID to run the sandbox as, when the image does not set a numeric user.
+    pub run_as_user: Option<i64>,
+    /// Node selector for sandbox pods.
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations for sandbox pods, in Kubernetes' JSON form.
+    pub tolerations: Vec<serde_json::Value>,
+    /// RuntimeClass of sandbox pods (gVisor, Kata).
+    pub runtime_class: Option<String>,
+    /// Image pull secrets of sandbox pods.
+    pub image_pull_secrets: Vec<String>,
+    /// `ttlSecondsAfterFinished` of sandbox Jobs.
+    pub ttl_seconds_after_finished: i32,
+    /// Bound on the pod log read into a result, in bytes (`limitBytes`).
+    pub log_limit_bytes: i64,
+    /// How often orphaned Jobs are garbage-collected, in seconds.
+    pub gc_interval_secs: u64,
+    /// Age after which a sandfleet Job no worker claims is deleted, in seconds.
+    pub orphan_max_age_secs: u64,
+    /// Size limit of the workspace `emptyDir` (e.g. `10Gi`).
+    pub workspace_size_limit: String,
+    /// Timeout of a single API request, in seconds.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        KubernetesSettings {
+            namespace: "sandfleet-sandboxes".to_owned(),
+            service_account: "sandfleet-sandbox".to_owned(),
+            run_as_non_root: true,
+            run_as_user: Some(65532),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            runtime_class: None,
+            image_pull_secrets: Vec::new(),
+            ttl_seconds_after_finished: 600,
+            log_limit_bytes: 64 * 1024,
+            gc_interval_secs: 300,
+            orphan_max_age_secs: 24 * 3600,
+            workspace_size_limit: "10Gi".to_owned(),
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+/// The webhook gateway (section `gateway`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// Listen address.
+    pub listen_addr: String,
+    /// GitHub webhook secret (HMAC-SHA256); GitHub intake is off when unset.
+    pub github_secret: Option<String>,
+    /// GitLab webhook token; GitLab intake is off when unset.
+    pub gitlab_token: Option<String>,
+    /// Bearer tokens accepted by `POST /v1/tasks`; the API is off when empty.
+    pub api_tokens: Vec<String>,
+    /// Repositories (`owner/name`, or `owner/*`) whose events become tasks.
+    pub allowed_repositories: Vec<String>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// The fix attempt built from a CI event.
+    pub template: FixTemplate,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            listen_addr: "0.0.0.0:8080".to_owned(),
+            github_secret: None,
+            gitlab_token: None,
+            api_tokens: Vec::new(),
+            allowed_repositories: Vec::new(),
+            max_body_bytes: 1024 * 1024,
+            template: FixTemplate::default(),
+        }
+    }
+}
+
+/// How a CI event becomes a fix attempt (section `gateway.template`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FixTemplate {
+    /// Sandbox image.
+    pub image: String,
+    /// Steps; event values are available as `SANDFLEET_REPOSITORY`,
+    /// `SANDFLEET_COMMIT`, `SANDFLEET_REF`, `SANDFLEET_CLONE_URL` env vars.
+    pub steps: Vec<Step>,
+    /// Overall deadline, in seconds.
+    pub deadline_secs: u64,
+    /// Attempts for infrastructure failures.
+    pub max_attempts: u32,
+}
+
+impl Default for FixTemplate {
+    fn default() -> Self {
+        let step = |name: &str, run: &str, timeout_secs| Step {
+            name: name.to_owned(),
+            run: run.to_owned(),
+            timeout_secs,
+            env: BTreeMap::new(),
+            continue_on_error: false,
+        };
+        FixTemplate {
+            image: "docker.io/library/alpine:3.20".to_owned(),
+            steps: vec![
+                step(
+                    "checkout",
+                    "git clone --filter=blob:none \"$SANDFLEET_CLONE_URL\" src && git -C src checkout \"$SANDFLEET_COMMIT\"",
+                    300,
+                ),
+                step("build", "cd src && make", 1200),
+                step("test", "cd src && make test", 1800),
+            ],
+            deadline_secs: 3600,
+            max_attempts: 3,
+        }
+    }
+}
+
+/// Logs and traces (section `telemetry`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// `human` or `json`.
+    pub log_format: LogFormat,
+    /// `tracing` env-filter directives (`info`, `sandfleet_worker=debug`).
+    pub log_filter: String,
+    /// OTLP/HTTP endpoint for traces; no export when unset.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported traces.
+    pub service_name: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            log_format: LogFormat::Human,
+            log_filter: "info".to_owned(),
+            otlp_endpoint: None,
+            service_name: "sandfleet".to_owned(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Seconds as a [`Duration`]; helper for the `*_secs` fields.
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}

@@ -1,0 +1,1 @@
+//! The sandfleet worker: dispatch loop, retries, circuit breaker, shutdown, health and metrics.
