@@ -1,1 +1,16 @@
 //! The sandfleet worker: dispatch loop, retries, circuit breaker, shutdown, health and metrics.
+//!
+//! Start with [`dispatch`]: the loop that takes a delivery from a [`broker::Broker`],
+//! decodes and validates the task, runs it on a sandbox executor, publishes the
+//! result with a confirm and only then acks. What happens after an attempt is
+//! decided by the pure [`retry::decide`]; the Kubernetes API is guarded by the
+//! [`breaker::CircuitBreaker`] state machine. [`memory::InMemoryBroker`] is the
+//! first-party broker for tests and the one-process demo.
+
+pub mod breaker;
+pub mod broker;
+pub mod memory;
+pub mod retry;
+
+pub use broker::{Broker, BrokerError, Delivery, RetryMessage};
+pub use memory::InMemoryBroker;
