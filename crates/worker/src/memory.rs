@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use sandfleet_proto::Task;
@@ -399,6 +398,8 @@ impl Delivery for MemoryDelivery {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const TEST_TIMEOUT: Duration = Duration::from_secs(5);
