@@ -11,15 +11,26 @@
 //! the [`Limits`] that protect the fleet; [`decode_task`] turns raw message
 //! bytes into a validated task or a [`RejectReason`].
 
+pub mod decode;
+pub mod image;
+pub mod limits;
 pub mod outcome;
+pub mod quantity;
 pub mod result;
+pub mod schema;
 pub mod task;
+pub mod validate;
 
+pub use decode::{RejectReason, decode_task};
+pub use image::ImageRef;
+pub use limits::Limits;
 pub use outcome::Outcome;
+pub use quantity::Quantity;
 pub use result::{Artifact, StepResult, TaskResult};
 pub use task::{
     InputFile, Provider, Resources, RetryPolicy, SandboxSpec, Source, Step, Task, TaskId, TaskKind,
 };
+pub use validate::{FieldError, RESERVED_ENV_PREFIX, ValidationErrors, validate};
 
 /// The schema version this crate reads and writes. Messages carry it in
 /// `schema_version`; any other value is rejected with a clear reason.

@@ -103,7 +103,10 @@ impl std::str::FromStr for Outcome {
             .find(|o| o.as_str() == s)
             .ok_or_else(|| {
                 let names: Vec<_> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
-                format!("unknown outcome {s:?}; expected one of {}", names.join(", "))
+                format!(
+                    "unknown outcome {s:?}; expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -114,7 +117,10 @@ mod tests {
 
     #[test]
     fn only_infrastructure_failures_are_retryable() {
-        let retryable: Vec<_> = Outcome::ALL.into_iter().filter(|o| o.is_retryable()).collect();
+        let retryable: Vec<_> = Outcome::ALL
+            .into_iter()
+            .filter(|o| o.is_retryable())
+            .collect();
         assert_eq!(
             retryable,
             [
@@ -133,6 +139,11 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", o.as_str()));
             assert_eq!(o.as_str().parse::<Outcome>().unwrap(), o);
         }
-        assert!("exploded".parse::<Outcome>().unwrap_err().contains("succeeded"));
+        assert!(
+            "exploded"
+                .parse::<Outcome>()
+                .unwrap_err()
+                .contains("succeeded")
+        );
     }
 }

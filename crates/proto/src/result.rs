@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{Outcome, Source, Task, TaskId};
+use crate::{Outcome, RejectReason, Source, Task, TaskId};
 
 /// The structured result of one attempt, published to the results exchange.
 ///
@@ -16,6 +16,7 @@ use crate::{Outcome, Source, Task, TaskId};
 #[serde(deny_unknown_fields)]
 pub struct TaskResult {
     /// Version of this contract; must be 1.
+    #[schemars(extend("const" = 1))]
     pub schema_version: u32,
     /// The task this result is for.
     pub task_id: TaskId,
@@ -111,5 +112,73 @@ impl TaskResult {
     /// The deduplication key consumers use: `(task_id, attempt)`.
     pub fn dedup_key(&self) -> (TaskId, u32) {
         (self.task_id, self.attempt)
+    }
+}
+
+impl TaskResult {
+    /// A result for `attempt` of `task` with `outcome`, finished now, with the
+    /// task's source, labels and the task itself filled in, and no step
+    /// results yet.
+    ///
+    /// `final` is decided here, in one place: a non-retryable outcome is
+    /// final, and so is a retryable one on the task's last allowed attempt.
+    pub fn from_task(
+        task: &Task,
+        attempt: u32,
+        outcome: Outcome,
+        worker: impl Into<String>,
+    ) -> TaskResult {
+        let is_final = !outcome.is_retryable() || attempt >= task.retry.max_attempts;
+        TaskResult {
+            schema_version: crate::SCHEMA_VERSION,
+            task_id: task.id,
+            attempt,
+            outcome,
+            is_final,
+            exit_code: None,
+            steps: Vec::new(),
+            log_tail: String::new(),
+            log_truncated: false,
+            artifacts: Vec::new(),
+            started_at: None,
+            finished_at: Utc::now(),
+            worker: worker.into(),
+            sandbox: None,
+            error: None,
+            source: Some(task.source.clone()),
+            labels: task.labels.clone(),
+            task: Some(Box::new(task.clone())),
+        }
+    }
+
+    /// The final `rejected` result for a message that could not be decoded
+    /// or failed validation. `task_id` is [`RejectReason::task_id`] when the
+    /// id could be read (the nil UUID otherwise); `error` is the reason's
+    /// text, prefixed with its code.
+    pub fn rejected(
+        task_id: TaskId,
+        reason: &RejectReason,
+        worker: impl Into<String>,
+    ) -> TaskResult {
+        TaskResult {
+            schema_version: crate::SCHEMA_VERSION,
+            task_id,
+            attempt: 1,
+            outcome: Outcome::Rejected,
+            is_final: true,
+            exit_code: None,
+            steps: Vec::new(),
+            log_tail: String::new(),
+            log_truncated: false,
+            artifacts: Vec::new(),
+            started_at: None,
+            finished_at: Utc::now(),
+            worker: worker.into(),
+            sandbox: None,
+            error: Some(format!("{}: {reason}", reason.code())),
+            source: None,
+            labels: BTreeMap::new(),
+            task: None,
+        }
     }
 }

@@ -22,6 +22,7 @@ pub type TaskId = Uuid;
 #[serde(deny_unknown_fields)]
 pub struct Task {
     /// Version of this contract; must be 1.
+    #[schemars(extend("const" = 1))]
     pub schema_version: u32,
     /// Unique id of this task (UUIDv7). A replay gets a new id.
     pub id: TaskId,
@@ -72,6 +73,7 @@ pub struct Source {
     /// Repository in `owner/name` form (or a GitLab path with groups).
     pub repository: String,
     /// Full commit SHA the sandbox checks out.
+    #[schemars(regex(pattern = "^[0-9a-fA-F]{7,64}$"))]
     pub commit: String,
     /// Branch or tag (`ref` on the wire).
     #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
