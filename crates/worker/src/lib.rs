@@ -9,7 +9,9 @@
 
 pub mod breaker;
 pub mod broker;
+pub mod health;
 pub mod memory;
+pub mod metrics;
 pub mod retry;
 
 pub use broker::{Broker, BrokerError, Delivery, RetryMessage};

@@ -1,0 +1,244 @@
+//! The worker's Prometheus metrics (names fixed in the shared interfaces).
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `sandfleet_tasks_total` | counter | `outcome` (final results only) |
+//! | `sandfleet_task_retries_total` | counter | |
+//! | `sandfleet_tasks_rejected_total` | counter | `reason` (`oversize`, `malformed_json`, `unknown_schema_version`, `invalid`, `deadline_exceeds_consumer_timeout`) |
+//! | `sandfleet_tasks_dead_lettered_total` | counter | |
+//! | `sandfleet_tasks_in_flight` | gauge | |
+//! | `sandfleet_queue_ready_messages` | gauge | `queue` |
+//! | `sandfleet_task_duration_seconds` | histogram | `outcome` |
+//! | `sandfleet_breaker_state` | gauge | 0 closed, 1 half-open, 2 open |
+//! | `sandfleet_kube_api_request_duration_seconds` | histogram | `verb` |
+//! | `sandfleet_kube_api_errors_total` | counter | `verb`, `class` (`failure`, `ignored`, `throttled`, `refused`) |
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use sandfleet_proto::Outcome;
+
+use crate::breaker::BreakerState;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn task_duration_histogram() -> Histogram {
+    // 1 s .. ~9 h: sandbox tasks run for seconds to hours.
+    Histogram::new(exponential_buckets(1.0, 2.0, 16))
+}
+
+fn api_latency_histogram() -> Histogram {
+    // 5 ms .. ~20 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 13))
+}
+
+/// Every metric the worker exports, registered in one [`Registry`].
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    tasks: Family<Labels, Counter>,
+    retries: Counter,
+    rejected: Family<Labels, Counter>,
+    dead_lettered: Counter,
+    in_flight: Gauge,
+    queue_ready: Family<Labels, Gauge>,
+    task_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    breaker_state: Gauge,
+    kube_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    kube_errors: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            tasks: Family::default(),
+            retries: Counter::default(),
+            rejected: Family::default(),
+            dead_lettered: Counter::default(),
+            in_flight: Gauge::default(),
+            queue_ready: Family::default(),
+            task_duration: Family::new_with_constructor(task_duration_histogram as fn() -> _),
+            breaker_state: Gauge::default(),
+            kube_latency: Family::new_with_constructor(api_latency_histogram as fn() -> _),
+            kube_errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sandfleet_tasks",
+            "Tasks that reached a final result, by outcome",
+            m.tasks.clone(),
+        );
+        registry.register(
+            "sandfleet_task_retries",
+            "Attempts republished to the retry ladder",
+            m.retries.clone(),
+        );
+        registry.register(
+            "sandfleet_tasks_rejected",
+            "Task messages refused before running, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "sandfleet_tasks_dead_lettered",
+            "Task messages sent to the dead-letter queue",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "sandfleet_tasks_in_flight",
+            "Tasks this worker is running now",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "sandfleet_queue_ready_messages",
+            "Messages ready in the task queue",
+            m.queue_ready.clone(),
+        );
+        registry.register(
+            "sandfleet_task_duration_seconds",
+            "Wall-clock time of one attempt, by outcome",
+            m.task_duration.clone(),
+        );
+        registry.register(
+            "sandfleet_breaker_state",
+            "Kubernetes API circuit breaker: 0 closed, 1 half-open, 2 open",
+            m.breaker_state.clone(),
+        );
+        registry.register(
+            "sandfleet_kube_api_request_duration_seconds",
+            "Latency of Kubernetes API requests, by verb",
+            m.kube_latency.clone(),
+        );
+        registry.register(
+            "sandfleet_kube_api_errors",
+            "Kubernetes API requests that did not succeed, by verb and class",
+            m.kube_errors.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// A final result was published.
+    pub fn task_finished(&self, outcome: Outcome, duration: Duration) {
+        self.tasks
+            .get_or_create(&vec![("outcome", outcome.as_str().to_owned())])
+            .inc();
+        self.observe_duration(outcome, duration);
+    }
+
+    /// One attempt's wall-clock time, final or not.
+    pub fn observe_duration(&self, outcome: Outcome, duration: Duration) {
+        self.task_duration
+            .get_or_create(&vec![("outcome", outcome.as_str().to_owned())])
+            .observe(duration.as_secs_f64());
+    }
+
+    /// An attempt went to the retry ladder.
+    pub fn task_retried(&self) {
+        self.retries.inc();
+    }
+
+    /// A message was refused before running.
+    pub fn task_rejected(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
+    }
+
+    /// A message went to the dead-letter queue.
+    pub fn task_dead_lettered(&self) {
+        self.dead_lettered.inc();
+    }
+
+    /// The in-flight gauge; the dispatch loop increments it around a run.
+    pub fn in_flight(&self) -> &Gauge {
+        &self.in_flight
+    }
+
+    /// Sets the ready-messages gauge of `queue`.
+    pub fn set_queue_depth(&self, queue: &str, depth: u64) {
+        self.queue_ready
+            .get_or_create(&vec![("queue", queue.to_owned())])
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the breaker gauge.
+    pub fn set_breaker_state(&self, state: BreakerState) {
+        self.breaker_state.set(state.as_gauge());
+    }
+
+    /// Records one Kubernetes API request: its latency and, unless it
+    /// succeeded, its error class.
+    pub fn kube_request(&self, verb: &'static str, class: Option<&'static str>, elapsed: Duration) {
+        self.kube_latency
+            .get_or_create(&vec![("verb", verb.to_owned())])
+            .observe(elapsed.as_secs_f64());
+        if let Some(class) = class {
+            self.kube_error(verb, class);
+        }
+    }
+
+    /// Counts one Kubernetes API error of `class` (also used for calls the
+    /// gate refused: class `refused`).
+    pub fn kube_error(&self, verb: &'static str, class: &'static str) {
+        self.kube_errors
+            .get_or_create(&vec![
+                ("verb", verb.to_owned()),
+                ("class", class.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_carries_the_agreed_names() {
+        let m = Metrics::new();
+        m.task_finished(Outcome::Failed, Duration::from_secs(3));
+        m.task_retried();
+        m.task_rejected("malformed_json");
+        m.task_dead_lettered();
+        m.in_flight().inc();
+        m.set_queue_depth("sandfleet.tasks", 42);
+        m.set_breaker_state(BreakerState::Open);
+        m.kube_request("create", Some("failure"), Duration::from_millis(20));
+        let text = m.encode();
+        for needle in [
+            "sandfleet_tasks_total{outcome=\"failed\"} 1",
+            "sandfleet_task_retries_total 1",
+            "sandfleet_tasks_rejected_total{reason=\"malformed_json\"} 1",
+            "sandfleet_tasks_dead_lettered_total 1",
+            "sandfleet_tasks_in_flight 1",
+            "sandfleet_queue_ready_messages{queue=\"sandfleet.tasks\"} 42",
+            "sandfleet_task_duration_seconds_count{outcome=\"failed\"} 1",
+            "sandfleet_breaker_state 2",
+            "sandfleet_kube_api_request_duration_seconds_count{verb=\"create\"} 1",
+            "sandfleet_kube_api_errors_total{verb=\"create\",class=\"failure\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}
