@@ -2,13 +2,15 @@
 //!
 //! One struct per component ([`AmqpSettings`], [`TopologySettings`],
 //! [`WorkerSettings`], [`BreakerSettings`], [`RetrySettings`],
-//! [`SandboxSettings`], [`GatewaySettings`], [`TelemetrySettings`]), gathered in
-//! [`Settings`]. Each component is handed only its own section. Every field has
+//! [`SandboxSettings`], [`GatewaySettings`], [`TelemetrySettings`], and the
+//! task [`Limits`](sandfleet_proto::Limits)), gathered in [`Settings`]. Each
+//! component is handed only its own section. Every field has
 //! a default, so an empty configuration is a working one (local executor,
 //! RabbitMQ on localhost).
 //!
 //! Loading (defaults → optional `sandfleet.toml` → `SANDFLEET__SECTION__KEY`
-//! environment variables) and validation live in [`load`].
+//! environment variables) and validation live in [`load()`]: start there.
+//! `docs/configuration.md` lists every key, its default and its env var.
 
 pub mod load;
 mod sections;
