@@ -468,9 +468,19 @@ def check_k8s(name: str, objs: list[dict], rep: Report, settings: SettingsSchema
                   f"consumer_timeout {ms} ms must equal worker.broker_consumer_timeout_secs {broker_secs} s")
     if timeouts:
         rep.ok(f"{name}: RabbitMQ consumer_timeout {broker_secs * 1000} ms = worker.broker_consumer_timeout_secs")
-    deadline = int(config_toml.get("gateway", {}).get("template", {}).get("deadline_secs", 3600))
-    rep.check(deadline < broker_secs, where,
-              f"gateway.template.deadline_secs {deadline} must be below the broker timeout {broker_secs}")
+    check_deadlines(where, config_toml, broker_secs, rep)
+
+
+def check_deadlines(where: str, cfg: dict, broker_secs: int, rep: Report) -> None:
+    """Every task deadline the config admits fits inside the broker's consumer_timeout."""
+    max_deadline = cfg.get("limits", {}).get("max_deadline_secs")
+    if rep.check(max_deadline is not None, where,
+                 "set limits.max_deadline_secs explicitly so it can be checked against consumer_timeout"):
+        rep.check(int(max_deadline) < broker_secs, where,
+                  f"limits.max_deadline_secs {max_deadline} must be below the broker timeout {broker_secs} s")
+        template = int(cfg.get("gateway", {}).get("template", {}).get("deadline_secs", 3600))
+        rep.check(template <= int(max_deadline), where,
+                  f"gateway.template.deadline_secs {template} exceeds limits.max_deadline_secs {max_deadline}")
 
 
 def check_hardening(wid: str, pod: dict, c: dict, rep: Report) -> None:
@@ -640,6 +650,11 @@ def cmd_compose(path: Path, rep: Report, settings: SettingsSchema) -> None:
             for n in env:
                 why = settings.check_env(n)
                 rep.check(why is None, where, f"env {n}: {why}")
+        for n, v in env.items():
+            # An empty SANDFLEET__ value is a setting, not an absent one, and
+            # the loader rejects empty secrets: leave the variable out instead.
+            rep.check(not n.startswith("SANDFLEET__") or str(v or "").strip() not in ("", "${" + n + ":-}")
+                      and not re.fullmatch(r"\$\{\w+:-\}", str(v)), where, f"env {n} may be empty")
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0] if isinstance(vol, str) else vol.get("source", "")
             if src.endswith(".toml") and (path.parent / src).exists():
@@ -667,6 +682,7 @@ def cmd_compose(path: Path, rep: Report, settings: SettingsSchema) -> None:
         ms = rabbit_conf_value(conf.read_text(), "consumer_timeout")
         rep.check(ms == broker * 1000, str(conf.relative_to(ROOT)),
                   f"consumer_timeout {ms} ms must equal the worker's broker_consumer_timeout_secs {broker} s")
+        check_deadlines(path.name, cfg, broker, rep)
         executor = (worker.get("environment") or {}).get("SANDFLEET__WORKER__EXECUTOR",
                                                          cfg.get("worker", {}).get("executor"))
         rep.check(executor == "local", path.name, "compose worker uses the local executor")
