@@ -1,0 +1,308 @@
+//! The connection pool: [`Amqp`] hands out channels on pooled connections and
+//! reopens them, with jittered exponential backoff, after the broker or the
+//! network dropped them.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use deadpool_lapin::{PoolConfig, Runtime, Timeouts};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::{Channel, ConnectionProperties};
+use sandfleet_settings::AmqpSettings;
+
+use crate::error::{AmqpError, REPLY_NOT_FOUND, reply_code};
+use crate::management::Management;
+
+/// A handle on RabbitMQ: a pool of connections (deadpool-lapin) that opens
+/// channels. Cheap to clone; clones share the pool.
+///
+/// Connections are named `sandfleet-<component>@<host>#<n>` (or
+/// `<amqp.connection_name>#<n>`), so an operator can tell in the management UI
+/// which process holds which connection, and tests can close exactly theirs.
+/// Heartbeats (`amqp.heartbeat_secs`) detect dead peers; a connection the
+/// broker or the network closed is discarded by the pool and replaced on the
+/// next [`channel`](Amqp::channel). TLS is used when the URL is `amqps://`.
+#[derive(Clone)]
+pub struct Amqp {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: deadpool_lapin::Pool,
+    settings: AmqpSettings,
+    name: String,
+    uri: AMQPUri,
+}
+
+impl std::fmt::Debug for Amqp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Amqp")
+            .field("endpoint", &self.endpoint())
+            .field("connection_name", &self.inner.name)
+            .finish()
+    }
+}
+
+impl Amqp {
+    /// Builds the pool and opens one connection to prove the broker is
+    /// reachable with these settings. Fails fast (one attempt, bounded by
+    /// `amqp.connect_timeout_secs`); callers that must wait for the broker
+    /// retry while [`AmqpError::is_transient`] holds, or use
+    /// [`Amqp::lazy`] and [`Amqp::channel_with_retry`].
+    ///
+    /// Must be called inside a tokio runtime.
+    pub async fn connect(settings: &AmqpSettings, component: &str) -> Result<Amqp, AmqpError> {
+        let amqp = Amqp::lazy(settings, component)?;
+        amqp.channel().await?;
+        Ok(amqp)
+    }
+
+    /// Builds the pool without connecting; the first [`channel`](Amqp::channel)
+    /// connects. Must be called inside a tokio runtime.
+    pub fn lazy(settings: &AmqpSettings, component: &str) -> Result<Amqp, AmqpError> {
+        let mut uri = AMQPUri::from_str(&settings.url).map_err(AmqpError::InvalidUrl)?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(settings.heartbeat_secs);
+        }
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout = Some(settings.connect_timeout_secs.saturating_mul(1000));
+        }
+        let name = settings
+            .connection_name
+            .clone()
+            .unwrap_or_else(|| default_connection_name(component));
+        let connect_timeout = Duration::from_secs(settings.connect_timeout_secs.max(1));
+        let pool_config = PoolConfig {
+            max_size: settings.pool_size.max(1),
+            timeouts: Timeouts {
+                wait: Some(connect_timeout),
+                create: Some(connect_timeout),
+                recycle: Some(connect_timeout),
+            },
+            ..PoolConfig::default()
+        };
+        let config = deadpool_lapin::Config {
+            url: Some(uri.to_string()),
+            pool: Some(pool_config),
+        };
+        let counter = Arc::new(AtomicU32::new(0));
+        let props_name = name.clone();
+        let pool = config
+            .create_pool(
+                move || {
+                    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                    ConnectionProperties::default()
+                        .with_connection_name(format!("{props_name}#{n}").into())
+                        .with_client_property("product".into(), "sandfleet".into())
+                        .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into())
+                        .with_client_property("pid".into(), std::process::id().to_string().into())
+                },
+                Runtime::Tokio1,
+            )
+            .map_err(|e| AmqpError::InvalidUrl(e.to_string()))?;
+        Ok(Amqp {
+            inner: Arc::new(Inner {
+                pool,
+                settings: settings.clone(),
+                name,
+                uri,
+            }),
+        })
+    }
+
+    /// The base name of this process's connections (each gets `#<n>` appended).
+    pub fn connection_name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The settings this handle was built from.
+    pub fn settings(&self) -> &AmqpSettings {
+        &self.inner.settings
+    }
+
+    /// `host:port/vhost`, for messages (never the credentials).
+    pub fn endpoint(&self) -> String {
+        let a = &self.inner.uri.authority;
+        format!("{}:{}/{}", a.host, a.port, self.inner.uri.vhost)
+    }
+
+    /// True when the URL is `amqps://`.
+    pub fn is_tls(&self) -> bool {
+        self.inner.uri.scheme == AMQPScheme::AMQPS
+    }
+
+    /// The vhost of the URL.
+    pub fn vhost(&self) -> &str {
+        &self.inner.uri.vhost
+    }
+
+    /// A client for the management HTTP API of the same broker
+    /// (`http://<host>:15672`, same credentials), used to read queue arguments.
+    pub fn management(&self) -> Management {
+        let a = &self.inner.uri.authority;
+        let scheme = if self.is_tls() { "https" } else { "http" };
+        Management::new(
+            format!("{scheme}://{}:15672", a.host),
+            &a.userinfo.username,
+            &a.userinfo.password,
+            &self.inner.uri.vhost,
+        )
+    }
+
+    /// Opens a channel on a pooled connection: one attempt. The connection
+    /// goes back to the pool at once and is shared by other channels; the
+    /// channel keeps it alive.
+    pub async fn channel(&self) -> Result<Channel, AmqpError> {
+        let conn = self
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| AmqpError::Connect {
+                endpoint: self.endpoint(),
+                reason: e.to_string(),
+            })?;
+        let channel = conn.create_channel().await;
+        match channel {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                // The pooled connection may have died since it was recycled.
+                let _ = deadpool_lapin::Object::take(conn);
+                Err(AmqpError::broker("channel.open", e))
+            }
+        }
+    }
+
+    /// The reconnect backoff: exponential from 100 ms, doubling, capped at
+    /// `amqp.reconnect_max_delay_secs`, with full jitter so a fleet that lost
+    /// the broker together does not reconnect in lockstep.
+    pub fn reconnect_backoff(&self) -> ExponentialBuilder {
+        reconnect_backoff(self.inner.settings.reconnect_max_delay_secs)
+    }
+
+    /// Opens a channel, retrying transient failures with
+    /// [`reconnect_backoff`](Amqp::reconnect_backoff). Gives up after
+    /// `give_up_after` of waiting in total (`None`: never).
+    pub async fn channel_with_retry(
+        &self,
+        give_up_after: Option<Duration>,
+    ) -> Result<Channel, AmqpError> {
+        let backoff = self
+            .reconnect_backoff()
+            .without_max_times()
+            .with_total_delay(give_up_after);
+        (|| self.channel())
+            .retry(backoff)
+            .when(AmqpError::is_transient)
+            .notify(|e, delay| {
+                tracing::warn!(error = %e, ?delay, connection = %self.inner.name, "RabbitMQ unavailable; retrying");
+            })
+            .await
+    }
+
+    /// Ready messages in `queue` (a passive declare). For the worker's queue
+    /// depth metric and the autoscaler.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, AmqpError> {
+        let channel = self.channel().await?;
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                if reply_code(&e) == Some(REPLY_NOT_FOUND) {
+                    AmqpError::NotFound {
+                        kind: "queue",
+                        name: queue.to_owned(),
+                    }
+                } else {
+                    AmqpError::broker("queue.declare", e)
+                }
+            })?;
+        let _ = channel.close(200, "OK".into()).await;
+        Ok(q.message_count())
+    }
+
+    /// Closes the pool: idle connections are closed, and no new ones are made.
+    pub fn close(&self) {
+        self.inner.pool.close();
+    }
+}
+
+/// See [`Amqp::reconnect_backoff`].
+pub(crate) fn reconnect_backoff(max_delay_secs: u64) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_factor(2.0)
+        .with_max_delay(Duration::from_secs(max_delay_secs.max(1)))
+        .with_jitter()
+}
+
+/// `sandfleet-<component>@<host>`.
+fn default_connection_name(component: &str) -> String {
+    format!("sandfleet-{component}@{}", host_name())
+}
+
+/// The host (pod) name, from the kernel, then `$HOSTNAME`.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn lazy_names_connections_and_applies_heartbeat() {
+        let settings = AmqpSettings {
+            url: "amqps://u:secret@broker.example:5671/prod".into(),
+            heartbeat_secs: 15,
+            ..AmqpSettings::default()
+        };
+        let amqp = Amqp::lazy(&settings, "worker").unwrap();
+        assert!(amqp.connection_name().starts_with("sandfleet-worker@"));
+        assert!(amqp.is_tls());
+        assert_eq!(amqp.endpoint(), "broker.example:5671/prod");
+        assert!(!format!("{amqp:?}").contains("secret"));
+        assert_eq!(amqp.inner.uri.query.heartbeat, Some(15));
+    }
+
+    #[tokio::test]
+    async fn bad_url_is_a_config_error() {
+        let settings = AmqpSettings {
+            url: "http://nope".into(),
+            ..AmqpSettings::default()
+        };
+        let err = Amqp::lazy(&settings, "x").unwrap_err();
+        assert!(matches!(err, AmqpError::InvalidUrl(_)));
+        assert!(!err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn unreachable_broker_is_transient() {
+        let settings = AmqpSettings {
+            url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+            connect_timeout_secs: 1,
+            ..AmqpSettings::default()
+        };
+        let err = Amqp::connect(&settings, "x").await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    }
+}

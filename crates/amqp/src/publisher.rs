@@ -1,0 +1,447 @@
+//! The confirmed publisher: every publish ends in a broker ack, or in an error
+//! the caller sees.
+//!
+//! One channel in confirm mode, pipelined: [`Publisher::send`] writes the
+//! message and returns a [`Confirm`] future at once, so many publishes can be
+//! in flight; a semaphore bounds them (`amqp.max_outstanding_confirms`). A
+//! driver task per channel awaits the broker's confirms in publish order and
+//! settles each [`Confirm`]:
+//!
+//! - ack, and no `basic.return` for the message → `Ok(())`;
+//! - ack after a `basic.return` (unroutable, `mandatory`) → [`PublishError::Returned`];
+//! - nack (e.g. the queue is full with `x-overflow: reject-publish`) → [`PublishError::Nacked`];
+//! - the channel or connection died before the confirm → [`PublishError::Unconfirmed`]:
+//!   the message may or may not have reached the queue; publish it again
+//!   (consumers deduplicate).
+//!
+//! After a channel or connection loss the next publish opens a new channel
+//! (jittered backoff, bounded wait) on a fresh pooled connection.
+//!
+//! Matching returns to messages: lapin hands a `basic.return` to whichever
+//! confirm its ack frame resolves first, which under a `multiple` ack may be
+//! another message of the same batch. So each message carries its sequence
+//! number in a header ([`HEADER_PUBLISH_SEQ`](crate::HEADER_PUBLISH_SEQ)); the
+//! driver collects every returned message's number from all confirms of a
+//! batch before it settles any of them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::FutureExt;
+use lapin::message::BasicReturnMessage;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, PublisherConfirm};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::error::lapin_is_transient;
+use crate::message::{HEADER_PUBLISH_SEQ, header_i64};
+use crate::{Amqp, AmqpError, OutgoingMessage};
+
+/// Why a publish did not end in a clean broker ack.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker could not route the message to any queue (`basic.return`
+    /// on a `mandatory` publish): a missing exchange binding or queue.
+    #[error(
+        "message {message_id:?} was returned by the broker as unroutable ({reply_code} {reply_text}); is the topology applied?"
+    )]
+    Returned {
+        /// The message's `message_id`.
+        message_id: Option<String>,
+        /// AMQP reply code (312 NO_ROUTE).
+        reply_code: u16,
+        /// The broker's reply text.
+        reply_text: String,
+    },
+    /// The broker refused responsibility for the message (`basic.nack`): a
+    /// full queue with `x-overflow: reject-publish`, or an internal error.
+    #[error(
+        "message {message_id:?} was nacked by the broker (queue full with reject-publish, or broker error)"
+    )]
+    Nacked {
+        /// The message's `message_id`.
+        message_id: Option<String>,
+    },
+    /// The channel or connection was lost before the broker confirmed the
+    /// message. It may or may not be in the queue; publishing again is safe
+    /// for consumers that deduplicate.
+    #[error("message {message_id:?} is unconfirmed: {reason}")]
+    Unconfirmed {
+        /// The message's `message_id`.
+        message_id: Option<String>,
+        /// What happened to the channel.
+        reason: String,
+        /// Whether a retry on a new channel may succeed.
+        transient: bool,
+    },
+    /// No channel could be opened to publish on.
+    #[error("cannot publish: {0}")]
+    Unavailable(#[source] Box<AmqpError>),
+    /// A property does not fit AMQP (e.g. a `message_id` over 255 bytes).
+    #[error("invalid AMQP property {field}: {reason}")]
+    InvalidProperty {
+        /// The property.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl PublishError {
+    /// True when publishing the same message again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PublishError::Returned { .. } | PublishError::InvalidProperty { .. } => false,
+            PublishError::Nacked { .. } => true,
+            PublishError::Unconfirmed { transient, .. } => *transient,
+            PublishError::Unavailable(e) => e.is_transient(),
+        }
+    }
+
+    /// A suggested wait before retrying a transient failure.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            PublishError::Nacked { .. } => Some(Duration::from_secs(1)),
+            PublishError::Unconfirmed {
+                transient: true, ..
+            }
+            | PublishError::Unavailable(_) => Some(Duration::from_millis(200)),
+            _ => None,
+        }
+    }
+
+    /// True when the message certainly did not reach a queue (returned,
+    /// nacked, never sent); false when it may have (unconfirmed).
+    pub fn surely_not_enqueued(&self) -> bool {
+        !matches!(self, PublishError::Unconfirmed { .. })
+    }
+}
+
+/// Options of a [`Publisher`].
+#[derive(Debug, Clone)]
+pub struct PublisherOptions {
+    /// Bound on publishes awaiting their confirm.
+    pub max_outstanding_confirms: usize,
+    /// How long a publish waits for a channel (re)open before failing with
+    /// [`PublishError::Unavailable`].
+    pub reopen_timeout: Duration,
+}
+
+impl PublisherOptions {
+    /// From `amqp.max_outstanding_confirms`; reopen timeout =
+    /// `amqp.connect_timeout_secs + amqp.reconnect_max_delay_secs`.
+    pub fn from_amqp(amqp: &Amqp) -> PublisherOptions {
+        let s = amqp.settings();
+        PublisherOptions {
+            max_outstanding_confirms: s.max_outstanding_confirms.max(1),
+            reopen_timeout: Duration::from_secs(
+                s.connect_timeout_secs + s.reconnect_max_delay_secs,
+            ),
+        }
+    }
+}
+
+/// A confirmed, pipelined publisher. Cheap to clone; clones share the channel.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("amqp", &self.inner.amqp)
+            .finish()
+    }
+}
+
+struct Inner {
+    amqp: Amqp,
+    options: PublisherOptions,
+    permits: Arc<Semaphore>,
+    active: Mutex<Option<Active>>,
+}
+
+/// The current channel and the queue of its unsettled publishes.
+struct Active {
+    channel: Channel,
+    pending: mpsc::UnboundedSender<Pending>,
+    next_seq: u64,
+}
+
+struct Pending {
+    seq: u64,
+    message_id: Option<String>,
+    confirm: PublisherConfirm,
+    done: oneshot::Sender<Result<(), PublishError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The broker's verdict on one published message; resolves once the broker
+/// confirmed it (or the channel died).
+#[must_use = "a publish is only safe once its Confirm resolved to Ok"]
+#[derive(Debug)]
+pub struct Confirm {
+    rx: oneshot::Receiver<Result<(), PublishError>>,
+    message_id: Option<String>,
+}
+
+impl Future for Confirm {
+    type Output = Result<(), PublishError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.rx.poll_unpin(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(r)) => Poll::Ready(r),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(PublishError::Unconfirmed {
+                message_id: self.message_id.take(),
+                reason: "the publisher's confirm tracker stopped".to_owned(),
+                transient: true,
+            })),
+        }
+    }
+}
+
+impl Publisher {
+    /// Opens a channel in confirm mode, with options from the settings.
+    pub async fn new(amqp: &Amqp) -> Result<Publisher, AmqpError> {
+        Publisher::with_options(amqp, PublisherOptions::from_amqp(amqp)).await
+    }
+
+    /// Opens a channel in confirm mode.
+    pub async fn with_options(
+        amqp: &Amqp,
+        options: PublisherOptions,
+    ) -> Result<Publisher, AmqpError> {
+        let active = open(amqp).await?;
+        Ok(Publisher {
+            inner: Arc::new(Inner {
+                amqp: amqp.clone(),
+                permits: Arc::new(Semaphore::new(options.max_outstanding_confirms.max(1))),
+                options,
+                active: Mutex::new(Some(active)),
+            }),
+        })
+    }
+
+    /// Publishes and waits for the broker's confirm.
+    pub async fn publish(&self, message: &OutgoingMessage) -> Result<(), PublishError> {
+        self.send(message).await?.await
+    }
+
+    /// Publishes without waiting for the confirm: returns once the message is
+    /// written, with the [`Confirm`] to await. Waits first while
+    /// `max_outstanding_confirms` publishes are unconfirmed.
+    pub async fn send(&self, message: &OutgoingMessage) -> Result<Confirm, PublishError> {
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| PublishError::Unconfirmed {
+                message_id: message.message_id.clone(),
+                reason: "publisher closed".into(),
+                transient: false,
+            })?;
+        let now = Utc::now();
+        let mut guard = self.inner.active.lock().await;
+        let reusable = guard
+            .as_ref()
+            .is_some_and(|a| a.channel.status().connected());
+        if !reusable {
+            // Dropping the old Active closes its pending queue; its driver
+            // settles what it holds (the confirms fail with the channel error).
+            *guard = None;
+            let active = open_with_retry(&self.inner.amqp, self.inner.options.reopen_timeout)
+                .await
+                .map_err(|e| PublishError::Unavailable(Box::new(e)))?;
+            *guard = Some(active);
+        }
+        let Some(active) = guard.as_mut() else {
+            unreachable!("set just above")
+        };
+        let seq = active.next_seq;
+        active.next_seq += 1;
+        let props = message.properties(seq, now)?;
+        let published = active
+            .channel
+            .basic_publish(
+                message.exchange.as_str().into(),
+                message.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: message.mandatory,
+                    immediate: false,
+                },
+                &message.body,
+                props,
+            )
+            .await;
+        let confirm = match published {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(PublishError::Unconfirmed {
+                    message_id: message.message_id.clone(),
+                    reason: format!("basic.publish failed: {e}"),
+                    transient: lapin_is_transient(&e),
+                });
+            }
+        };
+        let (done, rx) = oneshot::channel();
+        let pending = Pending {
+            seq,
+            message_id: message.message_id.clone(),
+            confirm,
+            done,
+            _permit: permit,
+        };
+        if let Err(mpsc::error::SendError(p)) = active.pending.send(pending) {
+            let _ = p.done.send(Err(PublishError::Unconfirmed {
+                message_id: p.message_id,
+                reason: "the publisher's confirm tracker stopped".into(),
+                transient: true,
+            }));
+        }
+        Ok(Confirm {
+            rx,
+            message_id: message.message_id.clone(),
+        })
+    }
+
+    /// Publishes every message pipelined (at most `max_outstanding_confirms`
+    /// unconfirmed at once) and returns each one's fate, in order.
+    pub async fn publish_all<'a, I>(&self, messages: I) -> Vec<Result<(), PublishError>>
+    where
+        I: IntoIterator<Item = &'a OutgoingMessage>,
+    {
+        let mut confirms = Vec::new();
+        for m in messages {
+            confirms.push(self.send(m).await);
+        }
+        let mut out = Vec::with_capacity(confirms.len());
+        for c in confirms {
+            out.push(match c {
+                Ok(c) => c.await,
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
+    /// The handle this publisher opens channels with.
+    pub fn amqp(&self) -> &Amqp {
+        &self.inner.amqp
+    }
+}
+
+async fn open(amqp: &Amqp) -> Result<Active, AmqpError> {
+    let channel = amqp.channel().await?;
+    activate(channel).await
+}
+
+async fn open_with_retry(amqp: &Amqp, within: Duration) -> Result<Active, AmqpError> {
+    let channel = amqp.channel_with_retry(Some(within)).await?;
+    activate(channel).await
+}
+
+async fn activate(channel: Channel) -> Result<Active, AmqpError> {
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| AmqpError::broker("confirm.select", e))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(drive(channel.clone(), rx));
+    Ok(Active {
+        channel,
+        pending: tx,
+        next_seq: 1,
+    })
+}
+
+/// Settles the confirms of one channel in publish order; ends when the
+/// channel is replaced and every publish on it is settled.
+async fn drive(channel: Channel, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    // Sequence numbers of returned messages not yet settled, with why.
+    let mut returned: HashMap<u64, (u16, String)> = HashMap::new();
+    let mut head: Option<Pending> = None;
+    loop {
+        let mut first = match head.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        let outcome = (&mut first.confirm).await;
+        // lapin resolves all confirms of one (multiple) ack frame while
+        // holding the channel's acknowledgement lock, and attaches a pending
+        // basic.return to any one of them. `wait_for_confirms` takes that lock
+        // on its first poll, so after this line every confirm of the frame
+        // that resolved `first` is resolved too, and the return is visible.
+        let _ = channel.wait_for_confirms().now_or_never();
+        let mut batch = vec![(first, outcome)];
+        while let Ok(mut next) = rx.try_recv() {
+            match (&mut next.confirm).now_or_never() {
+                Some(outcome) => batch.push((next, outcome)),
+                None => {
+                    head = Some(next);
+                    break;
+                }
+            }
+        }
+        for (_, outcome) in &batch {
+            if let Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) = outcome {
+                note_return(&mut returned, r);
+            }
+        }
+        for (p, outcome) in batch {
+            let result = settle(&mut returned, p.seq, p.message_id, outcome);
+            let _ = p.done.send(result);
+        }
+    }
+}
+
+fn note_return(returned: &mut HashMap<u64, (u16, String)>, r: &BasicReturnMessage) {
+    let seq = header_i64(r.delivery.properties.headers().as_ref(), HEADER_PUBLISH_SEQ);
+    match seq {
+        Some(seq) => {
+            returned.insert(seq as u64, (r.reply_code, r.reply_text.to_string()));
+        }
+        None => {
+            tracing::warn!(reply = %r.reply_text, "a returned message carries no publish sequence")
+        }
+    }
+}
+
+fn settle(
+    returned: &mut HashMap<u64, (u16, String)>,
+    seq: u64,
+    message_id: Option<String>,
+    outcome: lapin::Result<Confirmation>,
+) -> Result<(), PublishError> {
+    if let Some((reply_code, reply_text)) = returned.remove(&seq) {
+        return Err(PublishError::Returned {
+            message_id,
+            reply_code,
+            reply_text,
+        });
+    }
+    match outcome {
+        Ok(Confirmation::Ack(_)) => Ok(()),
+        Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked { message_id }),
+        Ok(Confirmation::NotRequested) => Err(PublishError::Unconfirmed {
+            message_id,
+            reason: "the channel is not in confirm mode".into(),
+            transient: false,
+        }),
+        Err(e) => Err(PublishError::Unconfirmed {
+            message_id,
+            reason: format!("channel lost before the confirm: {e}"),
+            transient: lapin_is_transient(&e),
+        }),
+    }
+}
