@@ -846,6 +846,13 @@ def cmd_selftest(rendered: Path, settings: SettingsSchema) -> int:
          "unknown custom resource kind"),
     ]
     ok = all([run(m, label) for m, label in cases])
+    # The observed-calls comparison, both directions.
+    role = role_permissions(find(base, "Role", "sandfleet-worker")[0])
+    for used, label in ((WORKER_PERMISSIONS | {("batch", "jobs", "patch")}, "worker calls a verb the Role lacks"),
+                        (WORKER_PERMISSIONS - {("", "pods", "get")}, "Role allows a call never observed")):
+        problems = rbac_problems(role, used, exact=True)
+        print(f"  {'ok  ' if problems else 'FAIL'} selftest: {label} -> {problems[0] if problems else 'NOT caught'}")
+        ok = ok and bool(problems)
     rep = Report()
     stdout, sys.stdout = sys.stdout, quiet
     try:

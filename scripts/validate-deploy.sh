@@ -67,7 +67,7 @@ if ((${#missing_py[@]})); then
     echo "  missing: ${missing_py[*]} (SKIP_INSTALL set)"; exit 1
   fi
 fi
-kubectl_version=$(kubectl version --client 2>/dev/null | head -n1)
+kubectl_version=$(kubectl version --client 2>/dev/null | awk 'NR == 1')
 echo "  kubectl:             ${kubectl_version}"
 echo "  kubernetes-validate: $("$PY" -c 'import kubernetes_validate as k; print(k.__version__)')"
 echo "  yamllint:            $(yamllint --version)"
@@ -87,7 +87,7 @@ for dir in "${KUSTOMIZE_DIRS[@]}" "${OVERLAYS[@]}"; do
   if kubectl kustomize "$dir" >"$out" 2>"$out.err"; then
     printf '  ok   %-34s %3d objects\n' "$dir" "$(grep -c '^kind:' "$out")"
   else
-    fail "kubectl kustomize $dir: $(grep -v -i warning "$out.err" | head -n3)"
+    fail "kubectl kustomize $dir: $(grep -v -i warning "$out.err" | awk "NR <= 3")"
   fi
 done
 
