@@ -9,10 +9,15 @@
 
 pub mod breaker;
 pub mod broker;
+pub mod dispatch;
 pub mod health;
 pub mod memory;
 pub mod metrics;
 pub mod retry;
+pub mod sink;
+pub mod trace;
 
 pub use broker::{Broker, BrokerError, Delivery, RetryMessage};
+pub use dispatch::{DispatchConfig, Dispatcher};
 pub use memory::InMemoryBroker;
+pub use sink::{MemoryResults, ResultSink};

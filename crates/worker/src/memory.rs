@@ -140,6 +140,8 @@ impl InMemoryBroker {
         let mut st = self.state();
         let channel = st.channel;
         st.channel += 1;
+        // Pausing is the consumer's state; the next channel starts consuming.
+        st.paused = false;
         let tags: Vec<u64> = st
             .unacked
             .iter()

@@ -1,0 +1,547 @@
+//! The dispatch loop: delivery → decode → validate → run → publish result → ack.
+//!
+//! [`Dispatcher`] is generic over the [`Broker`], the sandbox [`Executor`] and
+//! the [`ResultSink`], so the same loop runs against RabbitMQ and Kubernetes in
+//! production and against [`crate::InMemoryBroker`] in tests and the demo.
+//!
+//! Invariants it keeps (see `reference/reliability.md`):
+//! - A delivery is acked only after the attempt's result (and, for a retry,
+//!   the next attempt's message) was confirmed by the broker. If a publish
+//!   fails, the delivery is released for redelivery instead.
+//! - The sandbox of an attempt is never deleted because the worker lost the
+//!   delivery or is shutting down: the run is dropped (not cancelled) and the
+//!   redelivery adopts the Job by its deterministic name.
+//! - A message that cannot be decoded or validated goes to the dead-letter
+//!   queue with its reason (and a `rejected` result when its id is readable);
+//!   it is never requeued in a loop.
+//! - At most `concurrency` tasks run at once (a semaphore, matching the
+//!   consumer prefetch).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandfleet_proto::{Limits, Outcome, Task, TaskResult, decode_task};
+use sandfleet_sandbox::{ExecError, Execution, Executor, RunContext};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::broker::{Broker, BrokerError, Delivery, RetryMessage};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::retry::{AttemptEnd, Decision, RetryConfig, decide};
+use crate::sink::ResultSink;
+use crate::trace;
+
+/// Reason code of a task whose deadline does not fit in the broker's
+/// consumer timeout.
+pub const DEADLINE_TOO_LONG_CODE: &str = "deadline_exceeds_consumer_timeout";
+/// Reason code of a task dead-lettered after its last allowed attempt.
+pub const MAX_ATTEMPTS_CODE: &str = "max_attempts";
+/// Reason code of a task the sandbox refused (invalid spec).
+pub const SANDBOX_REJECTED_CODE: &str = "sandbox_rejected";
+
+/// Time kept free inside the broker's consumer timeout for what follows the
+/// sandbox: reading logs, publishing the result, acking.
+pub const CONSUMER_TIMEOUT_MARGIN: Duration = Duration::from_secs(60);
+
+/// How long a delivery is held before it is released because the API is
+/// unavailable; keeps a paused-too-late consumer from spinning on it.
+const UNAVAILABLE_HOLD: Duration = Duration::from_secs(1);
+
+/// The dispatch loop's settings.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Tasks run at once (also the prefetch).
+    pub concurrency: usize,
+    /// Bounds a task must respect.
+    pub limits: Limits,
+    /// The broker's consumer timeout; tasks whose deadline plus pending
+    /// timeout do not fit inside it (minus [`CONSUMER_TIMEOUT_MARGIN`]) are
+    /// refused.
+    pub consumer_timeout: Duration,
+    /// How long shutdown waits for in-flight tasks.
+    pub drain_timeout: Duration,
+    /// This worker's name, in results.
+    pub worker: String,
+    /// The retry policy's tuning.
+    pub retry: RetryConfig,
+}
+
+/// What the drain at shutdown did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Tasks still running at the drain deadline, released to the broker
+    /// with their sandboxes left running.
+    pub released: usize,
+}
+
+/// Why the dispatch loop stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The broker was shut down under the loop.
+    #[error("broker closed")]
+    BrokerClosed,
+}
+
+impl DispatchError {
+    /// Whether restarting the loop may help.
+    pub fn is_transient(&self) -> bool {
+        false
+    }
+}
+
+/// The dispatch loop over one broker, executor and result sink.
+pub struct Dispatcher<B, E, S> {
+    inner: Arc<Inner<B, E, S>>,
+}
+
+struct Inner<B, E, S> {
+    broker: Arc<B>,
+    executor: Arc<E>,
+    sink: S,
+    config: DispatchConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl<B, E, S> Dispatcher<B, E, S>
+where
+    B: Broker,
+    E: Executor,
+    S: ResultSink,
+{
+    /// A dispatcher; nothing runs until [`Dispatcher::run`].
+    pub fn new(
+        broker: Arc<B>,
+        executor: Arc<E>,
+        sink: S,
+        config: DispatchConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        Dispatcher {
+            inner: Arc::new(Inner {
+                broker,
+                executor,
+                sink,
+                config,
+                metrics,
+                health,
+            }),
+        }
+    }
+
+    /// Consumes until `shutdown` fires, then drains: no new deliveries,
+    /// in-flight tasks get `drain_timeout` to finish, and what still runs
+    /// after that is released to the broker with its sandbox left running.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<DrainReport, DispatchError> {
+        let inner = self.inner;
+        let permits = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
+        let tracker = TaskTracker::new();
+        // Fires at the drain deadline: in-flight runs are dropped and their
+        // deliveries released; sandboxes keep running for the next worker.
+        let abandon = CancellationToken::new();
+        let released = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut result = Ok(());
+
+        loop {
+            // A permit first, so no delivery is taken that cannot run now.
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            // `next_delivery` is cancel-safe (Broker contract), so losing the
+            // race against shutdown loses no message.
+            let delivery = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                d = inner.broker.next_delivery() => d,
+            };
+            match delivery {
+                Ok(delivery) => {
+                    let inner = inner.clone();
+                    let abandon = abandon.clone();
+                    let released = released.clone();
+                    tracker.spawn(async move {
+                        let _permit = permit;
+                        if inner.handle(delivery, abandon).await == Handled::Released {
+                            released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    });
+                }
+                Err(BrokerError::Closed) => {
+                    result = Err(DispatchError::BrokerClosed);
+                    break;
+                }
+                Err(e) => {
+                    // The broker reconnects on its own; don't spin meanwhile.
+                    warn!(error = %e, "no delivery; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+
+        inner.health.set_draining();
+        if let Err(e) = inner.broker.pause().await {
+            debug!(error = %e, "pause at shutdown");
+        }
+        tracker.close();
+        let in_flight = tracker.len();
+        if in_flight > 0 {
+            info!(
+                in_flight,
+                timeout_secs = inner.config.drain_timeout.as_secs(),
+                "draining in-flight tasks"
+            );
+        }
+        if tokio::time::timeout(inner.config.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                still_running = tracker.len(),
+                "drain timeout: releasing unfinished tasks; their sandboxes keep running"
+            );
+            abandon.cancel();
+            tracker.wait().await;
+        }
+        if let Err(e) = inner.broker.close().await {
+            debug!(error = %e, "closing the broker at shutdown");
+        }
+        result.map(|()| DrainReport {
+            released: released.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+}
+
+/// How the handling of one delivery ended (for the drain report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    Settled,
+    Released,
+    Lost,
+}
+
+impl<B, E, S> Inner<B, E, S>
+where
+    B: Broker,
+    E: Executor,
+    S: ResultSink,
+{
+    async fn handle(&self, delivery: B::Delivery, abandon: CancellationToken) -> Handled {
+        let attempt = delivery.attempt();
+        let span = info_span!(
+            "task",
+            task_id = tracing::field::Empty,
+            attempt,
+            redelivered = delivery.redelivered(),
+            outcome = tracing::field::Empty,
+        );
+        trace::set_parent(&span, delivery.traceparent());
+        self.handle_in_span(delivery, attempt, abandon, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_in_span(
+        &self,
+        delivery: B::Delivery,
+        attempt: u32,
+        abandon: CancellationToken,
+        span: tracing::Span,
+    ) -> Handled {
+        let task = match decode_task(delivery.body(), &self.config.limits) {
+            Ok(task) => task,
+            Err(reason) => {
+                warn!(code = reason.code(), %reason, "rejecting task message");
+                let result = reason
+                    .task_id()
+                    .map(|id| TaskResult::rejected(id, &reason, self.config.worker.clone()));
+                return self
+                    .reject(delivery, reason.code(), &reason.to_string(), result)
+                    .await;
+            }
+        };
+        span.record("task_id", tracing::field::display(task.id));
+        // The trace context handed on: this task's span, or the message's own.
+        let traceparent =
+            trace::current_traceparent(&span).or_else(|| delivery.traceparent().map(str::to_owned));
+
+        if let Some(reason) = self.deadline_refusal(&task) {
+            warn!(%reason, "refusing task");
+            let mut result = TaskResult::from_task(
+                &task,
+                attempt,
+                Outcome::Rejected,
+                self.config.worker.clone(),
+            );
+            result.is_final = true;
+            result.error = Some(format!("{DEADLINE_TOO_LONG_CODE}: {reason}"));
+            return self
+                .reject(delivery, DEADLINE_TOO_LONG_CODE, &reason, Some(result))
+                .await;
+        }
+
+        let ctx = RunContext {
+            traceparent: traceparent.clone(),
+            worker: self.config.worker.clone(),
+        };
+        let lost = delivery.lost();
+        let started = Instant::now();
+        self.metrics.in_flight().inc();
+        // Neither branch but `run` is a completion: dropping the run future
+        // (lost delivery, drain deadline) leaves the sandbox running, which is
+        // the point — the redelivery adopts it.
+        let run = tokio::select! {
+            biased;
+            _ = lost.cancelled() => None,
+            _ = abandon.cancelled() => Some(None),
+            r = self.executor.run(&task, attempt, &ctx) => Some(Some(r)),
+        };
+        self.metrics.in_flight().dec();
+        let run = match run {
+            None => {
+                info!(
+                    "delivery lost (channel closed); forgetting it, the sandbox stays for the redelivery"
+                );
+                return Handled::Lost;
+            }
+            Some(None) => {
+                info!("drain deadline: releasing the task; its sandbox keeps running");
+                return match delivery.release().await {
+                    Ok(()) => Handled::Released,
+                    Err(e) => {
+                        debug!(error = %e, "release at drain");
+                        Handled::Lost
+                    }
+                };
+            }
+            Some(Some(run)) => run,
+        };
+        let elapsed = started.elapsed();
+
+        let end = match &run {
+            Ok(exec) => AttemptEnd::Finished(exec.outcome),
+            Err(e) => attempt_end(e),
+        };
+        let decision = {
+            let mut rng = rand::rng();
+            decide(
+                task.retry.max_attempts,
+                attempt,
+                &end,
+                &self.config.retry,
+                &mut rng,
+            )
+        };
+        let mut result = build_result(&task, attempt, &run, &self.config.worker);
+        span.record("outcome", result.outcome.as_str());
+        match decision {
+            Decision::PublishFinal => {
+                result.is_final = true;
+                if !self.publish(&result, traceparent.as_deref()).await {
+                    return release(delivery).await;
+                }
+                self.metrics.task_finished(result.outcome, elapsed);
+                info!(outcome = %result.outcome, adopted = run.as_ref().is_ok_and(|e| e.adopted), "task finished");
+                settle(delivery.ack().await)
+            }
+            Decision::Retry {
+                delay,
+                next_attempt,
+                tier,
+            } => {
+                result.is_final = false;
+                let msg = RetryMessage {
+                    task_id: task.id,
+                    body: delivery.body().to_vec(),
+                    attempt: next_attempt,
+                    delay,
+                    tier,
+                    traceparent: traceparent.clone(),
+                };
+                if let Err(e) = self.broker.publish_retry(msg).await {
+                    warn!(error = %e, "retry not published; releasing the delivery");
+                    return release(delivery).await;
+                }
+                // The next attempt is safely queued; a lost non-final result
+                // is only a gap in the history, so it does not hold the ack.
+                self.publish(&result, traceparent.as_deref()).await;
+                self.metrics.observe_duration(result.outcome, elapsed);
+                self.metrics.task_retried();
+                info!(
+                    outcome = %result.outcome,
+                    next_attempt,
+                    delay_ms = delay.as_millis() as u64,
+                    "attempt failed on infrastructure; retrying"
+                );
+                settle(delivery.ack().await)
+            }
+            Decision::DeadLetter { reason } => {
+                result.is_final = true;
+                result.error = Some(reason.clone());
+                if !self.publish(&result, traceparent.as_deref()).await {
+                    return release(delivery).await;
+                }
+                let code = match end {
+                    AttemptEnd::Fatal { .. } => SANDBOX_REJECTED_CODE,
+                    _ => MAX_ATTEMPTS_CODE,
+                };
+                self.metrics.task_finished(result.outcome, elapsed);
+                self.metrics.task_dead_lettered();
+                warn!(%reason, "dead-lettering task");
+                settle(delivery.dead_letter(code, &reason).await)
+            }
+            Decision::Release { reason } => {
+                info!(%reason, "releasing the task for later");
+                tokio::time::sleep(UNAVAILABLE_HOLD).await;
+                release(delivery).await
+            }
+        }
+    }
+
+    /// Dead-letters an unrunnable message, after publishing its `rejected`
+    /// result when there is one.
+    async fn reject(
+        &self,
+        delivery: B::Delivery,
+        code: &str,
+        reason: &str,
+        result: Option<TaskResult>,
+    ) -> Handled {
+        self.metrics.task_rejected(code);
+        if let Some(result) = result
+            && !self.publish(&result, delivery.traceparent()).await
+        {
+            return release(delivery).await;
+        }
+        self.metrics.task_dead_lettered();
+        settle(delivery.dead_letter(code, reason).await)
+    }
+
+    fn deadline_refusal(&self, task: &Task) -> Option<String> {
+        let needed = Duration::from_secs(
+            task.sandbox
+                .deadline_secs
+                .saturating_add(task.sandbox.pending_timeout_secs),
+        );
+        let budget = self
+            .config
+            .consumer_timeout
+            .saturating_sub(CONSUMER_TIMEOUT_MARGIN);
+        (needed > budget).then(|| {
+            format!(
+                "deadline_secs {} + pending_timeout_secs {} exceed the broker consumer timeout \
+                 ({} s, minus a {} s margin); the broker would take the delivery away mid-run. \
+                 Shorten the task or raise worker.broker_consumer_timeout_secs together with \
+                 RabbitMQ's consumer_timeout",
+                task.sandbox.deadline_secs,
+                task.sandbox.pending_timeout_secs,
+                self.config.consumer_timeout.as_secs(),
+                CONSUMER_TIMEOUT_MARGIN.as_secs()
+            )
+        })
+    }
+
+    async fn publish(&self, result: &TaskResult, traceparent: Option<&str>) -> bool {
+        match self.sink.publish(result, traceparent).await {
+            Ok(()) => true,
+            Err(e) => {
+                error!(error = %e, "result publish failed; the delivery will be released");
+                false
+            }
+        }
+    }
+}
+
+async fn release<D: Delivery>(delivery: D) -> Handled {
+    match delivery.release().await {
+        Ok(()) => Handled::Released,
+        Err(e) => {
+            debug!(error = %e, "release failed; the broker requeues it when the channel closes");
+            Handled::Lost
+        }
+    }
+}
+
+fn settle(r: Result<(), BrokerError>) -> Handled {
+    match r {
+        Ok(()) => Handled::Settled,
+        Err(e) => {
+            // The channel closed after the result was confirmed: the broker
+            // redelivers, the redelivery adopts the finished Job and
+            // republishes the same (task, attempt) result. Consumers dedup.
+            warn!(error = %e, "could not settle the delivery; it will be redelivered");
+            Handled::Lost
+        }
+    }
+}
+
+/// Maps an executor error to what the retry policy needs to know.
+pub fn attempt_end(e: &ExecError) -> AttemptEnd {
+    match e {
+        ExecError::Unavailable | ExecError::Cancelled => AttemptEnd::Unavailable,
+        // Misconfiguration (RBAC revoked, bad kubeconfig) is not the task's
+        // fault: never dead-letter because of it, hand it back.
+        ExecError::Api {
+            status: Some(401 | 403),
+            ..
+        }
+        | ExecError::Config(_) => AttemptEnd::Unavailable,
+        ExecError::Rejected(reason) => AttemptEnd::Fatal {
+            outcome: Outcome::Rejected,
+            error: format!("sandbox rejected the task: {reason}"),
+        },
+        ExecError::Api { .. } if !e.is_transient() => AttemptEnd::Fatal {
+            outcome: Outcome::Rejected,
+            error: e.to_string(),
+        },
+        _ => AttemptEnd::InfraError {
+            error: e.to_string(),
+            retry_after: e.retry_after(),
+        },
+    }
+}
+
+/// The result of one attempt from what the executor returned.
+pub fn build_result(
+    task: &Task,
+    attempt: u32,
+    run: &Result<Execution, ExecError>,
+    worker: &str,
+) -> TaskResult {
+    match run {
+        Ok(exec) => {
+            let mut r = TaskResult::from_task(task, attempt, exec.outcome, worker);
+            r.exit_code = exec.exit_code;
+            r.steps = exec.steps.clone();
+            r.log_tail = exec.log_tail.clone();
+            r.log_truncated = exec.log_truncated;
+            r.artifacts = exec.artifacts.clone();
+            r.started_at = exec.started_at;
+            r.finished_at = exec.finished_at;
+            r.sandbox = Some(exec.sandbox.clone());
+            r.error = exec.error.clone();
+            r
+        }
+        Err(e) => {
+            let outcome = match attempt_end(e) {
+                AttemptEnd::Fatal { outcome, .. } => outcome,
+                _ => Outcome::InfraError,
+            };
+            let mut r = TaskResult::from_task(task, attempt, outcome, worker);
+            r.error = Some(e.to_string());
+            r
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
