@@ -20,7 +20,10 @@ kustomize overlays); each subcommand can also be run on its own:
   deploy_checks.py rbac [--observed FILE] [--exact]
       The worker's Role (k8s/base/worker-rbac.yaml) against the Kubernetes
       calls the worker was observed making (see docs/deploy.md, "RBAC").
-  deploy_checks.py selftest
+  deploy_checks.py kustomize-compat NAME A.yaml B.yaml
+      Two renders of one overlay (current kustomize, kustomize v2.0.3) hold
+      the same objects.
+  deploy_checks.py selftest RENDERED.yaml
       Feeds broken inputs to the checks above and fails unless each is caught.
 
 Every failure is printed as `FAIL <where>: <what>`; the exit code is 1 when
@@ -803,6 +806,34 @@ def cmd_dockerignore(rep: Report) -> None:
 
 
 # --------------------------------------------------------------------------
+# Two kustomize versions must render the same objects.
+
+
+def normalized_render(path: Path) -> dict:
+    """Objects by (kind, namespace, name), with generator hash suffixes and
+    Secret data whitespace (kyaml wraps long base64 lines) normalized."""
+    text = re.sub(r"\b(sandfleet-[a-z0-9-]+?)-[a-z0-9]{10}\b", r"\1-HASH", path.read_text())
+    out = {}
+    for d in yaml.safe_load_all(text):
+        if not d:
+            continue
+        if d.get("kind") == "Secret":
+            d["data"] = {k: re.sub(r"\s", "", v) for k, v in (d.get("data") or {}).items()}
+        out[(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])] = d
+    return out
+
+
+def cmd_kustomize_compat(name: str, a: Path, b: Path, rep: Report) -> None:
+    ra, rb = normalized_render(a), normalized_render(b)
+    for key in sorted(set(ra) ^ set(rb), key=str):
+        rep.fail(name, f"{'/'.join(filter(None, key))} rendered by only one kustomize version")
+    for key in sorted(set(ra) & set(rb), key=str):
+        rep.check(ra[key] == rb[key], name, f"{'/'.join(filter(None, key))} differs between kustomize versions")
+    if not rep.failures:
+        rep.ok(f"{name}: both kustomize versions render the same {len(ra)} objects")
+
+
+# --------------------------------------------------------------------------
 # Self-test: each check must catch a broken input.
 
 
@@ -883,6 +914,10 @@ def main() -> int:
     r.add_argument("--exact", action="store_true", help="also fail on permissions never observed")
     s = sub.add_parser("selftest")
     s.add_argument("rendered")
+    kc = sub.add_parser("kustomize-compat")
+    kc.add_argument("name")
+    kc.add_argument("render_a")
+    kc.add_argument("render_b")
     args = ap.parse_args()
 
     settings = SettingsSchema()
@@ -903,6 +938,8 @@ def main() -> int:
         cmd_grafana(Path(args.file), rep)
     elif args.cmd == "dockerignore":
         cmd_dockerignore(rep)
+    elif args.cmd == "kustomize-compat":
+        cmd_kustomize_compat(args.name, Path(args.render_a), Path(args.render_b), rep)
     return 1 if rep.failures else 0
 
 

@@ -67,12 +67,38 @@ if ((${#missing_py[@]})); then
     echo "  missing: ${missing_py[*]} (SKIP_INSTALL set)"; exit 1
   fi
 fi
+# The oldest kustomize the files must build with is v2.0.3, embedded in
+# kubectl 1.14-1.20 (Debian bookworm's kubernetes-client). When the kubectl
+# above is newer, Debian's is unpacked (not installed) under target/ and every
+# overlay is rendered with both; the two renders must hold the same objects.
+LEGACY_DIR=target/deploy-tools/kubernetes-client
+legacy_kubectl=""
+if kubectl version --client 2>/dev/null | grep -q 'Minor:"20"'; then
+  echo "  kubectl 1.20 (kustomize v2.0.3) is the oldest supported renderer: rendering with it alone"
+elif [[ -x "$LEGACY_DIR/usr/bin/kubectl" ]]; then
+  legacy_kubectl="$LEGACY_DIR/usr/bin/kubectl"
+elif need_install && command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
+  echo "  unpacking Debian's kubernetes-client (kubectl 1.20, kustomize v2.0.3) into $LEGACY_DIR"
+  mkdir -p target/deploy-tools
+  (
+    cd target/deploy-tools
+    rm -f kubernetes-client_*.deb
+    apt-get download kubernetes-client >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null && apt-get download kubernetes-client >/dev/null 2>&1; }
+  ) && dpkg -x target/deploy-tools/kubernetes-client_*.deb "$LEGACY_DIR" &&
+    legacy_kubectl="$LEGACY_DIR/usr/bin/kubectl"
+fi
+[[ -n "$legacy_kubectl" ]] || kubectl version --client 2>/dev/null | grep -q 'Minor:"20"' ||
+  fail "no kubectl 1.20 (kustomize v2.0.3) to check the kustomizations' compatibility with"
 kubectl_version=$(kubectl version --client 2>/dev/null | awk 'NR == 1')
 echo "  kubectl:             ${kubectl_version}"
 echo "  kubernetes-validate: $("$PY" -c 'import kubernetes_validate as k; print(k.__version__)')"
 echo "  yamllint:            $(yamllint --version)"
 echo "  check-jsonschema:    $(check-jsonschema --version 2>&1 | tail -n1)"
 echo "  hadolint:            $(hadolint --version)"
+if [[ -n "$legacy_kubectl" ]]; then
+  echo "  kubectl (legacy):    $("$legacy_kubectl" version --client 2>/dev/null | grep -o 'GitVersion:"[^"]*"')"
+fi
 tools_done=$(date +%s)
 
 RENDER_DIR=$(mktemp -d)
@@ -90,6 +116,18 @@ for dir in "${KUSTOMIZE_DIRS[@]}" "${OVERLAYS[@]}"; do
     fail "kubectl kustomize $dir: $(grep -v -i warning "$out.err" | awk "NR <= 3")"
   fi
 done
+
+if [[ -n "$legacy_kubectl" ]]; then
+  step "kustomize v2.0.3 (kubectl 1.20): same objects as the current kustomize"
+  for dir in "${KUSTOMIZE_DIRS[@]}" "${OVERLAYS[@]}"; do
+    out="$RENDER_DIR/$(echo "$dir" | tr / _).yaml"
+    if "$legacy_kubectl" kustomize "$dir" >"$out.legacy" 2>"$out.legacy.err"; then
+      "$PY" scripts/deploy_checks.py kustomize-compat "$dir" "$out" "$out.legacy" || fail "kustomize versions disagree on $dir"
+    else
+      fail "kubectl 1.20 kustomize $dir: $(awk 'NR <= 3' "$out.legacy.err")"
+    fi
+  done
+fi
 
 # ---------------------------------------------------------------- k8s checks
 step "Kubernetes objects: schemas (kubernetes-validate --strict) and sandfleet's rules"
