@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, tests, dependency policy.
+#
+#   scripts/test.sh                 # everything, in this order
+#   scripts/test.sh clippy tests    # only some steps
+#
+# Steps: fmt, clippy, tests, doctests, deny. Tests that need RabbitMQ expect it
+# on 127.0.0.1:5672 (guest/guest) with the management plugin on 15672;
+# `.ci/run` makes sure of that first. NEXTEST_PROFILE picks the nextest
+# profile (.config/nextest.toml), `default` unless set.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+run_fmt() {
+  step "cargo fmt --all --check"
+  cargo fmt --all --check
+}
+
+run_clippy() {
+  step "cargo clippy --workspace --all-targets -- -D warnings"
+  cargo clippy --workspace --all-targets -- -D warnings
+}
+
+run_tests() {
+  step "cargo nextest run --workspace (profile ${NEXTEST_PROFILE:-default})"
+  cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}"
+}
+
+run_doctests() {
+  # nextest does not run doctests.
+  step "cargo test --workspace --doc"
+  cargo test --workspace --doc
+}
+
+run_deny() {
+  # The shared folder sits beside the clone: ../shared/tools/cargo-deny-offline
+  # checks against an advisory-db snapshot without network. Elsewhere, fall
+  # back to an installed cargo-deny (which fetches the advisory db).
+  local offline
+  offline="$(dirname "$repo")/shared/tools/cargo-deny-offline"
+  # cargo-deny reads `cargo metadata` for every target platform, so crates
+  # only other platforms use must be downloaded too (a no-op once they are).
+  step "cargo fetch"
+  cargo fetch --quiet
+  if [[ -x "$offline" ]]; then
+    step "$offline --hide-inclusion-graph"
+    "$offline" --hide-inclusion-graph
+  elif command -v cargo-deny >/dev/null 2>&1; then
+    step "cargo deny check --hide-inclusion-graph"
+    cargo deny check --hide-inclusion-graph
+  else
+    echo "test.sh: neither $offline nor cargo-deny is available (cargo install cargo-deny --locked)" >&2
+    return 1
+  fi
+}
+
+all_steps=(fmt clippy tests doctests deny)
+steps=("$@")
+if [[ ${#steps[@]} -eq 0 ]]; then
+  steps=("${all_steps[@]}")
+fi
+for s in "${steps[@]}"; do
+  case "$s" in
+    fmt | clippy | tests | doctests | deny) "run_$s" ;;
+    *)
+      echo "test.sh: unknown step '$s' (steps: ${all_steps[*]})" >&2
+      exit 2
+      ;;
+  esac
+done
+step "all passed: ${steps[*]}"
