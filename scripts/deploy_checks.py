@@ -275,10 +275,7 @@ def check_k8s(name: str, objs: list[dict], rep: Report, settings: SettingsSchema
         rep.check("replicas" not in w["spec"], wid, "no spec.replicas: the autoscaler owns the count")
         c = pod["containers"][0]
         env = env_map(c)
-        for n in env:
-            if settings.available:
-                why = settings.check_env(n)
-                rep.check(why is None, wid, f"env {n}: {why}")
+        check_all_containers(wid, pod, cms, settings, rep)
         rep.check(env.get("SANDFLEET__WORKER__EXECUTOR", {}).get("value") == "kubernetes", wid,
                   "SANDFLEET__WORKER__EXECUTOR must be `kubernetes`")
         amqp = env.get("SANDFLEET__AMQP__URL", {})
@@ -296,9 +293,7 @@ def check_k8s(name: str, objs: list[dict], rep: Report, settings: SettingsSchema
             get = c.get(probe, {}).get("httpGet", {})
             rep.check(get.get("path") == path and get.get("port") in ("http", 9090), wid,
                       f"{probe} must GET {path} on port http")
-        check_hardening(wid, pod, c, rep)
         rep.check(pod.get("serviceAccountName") == "sandfleet-worker", wid, "serviceAccountName sandfleet-worker")
-        check_config_mount(wid, pod, c, cms, rep)
         if settings.available:
             ns = env.get("SANDFLEET__SANDBOX__KUBERNETES__NAMESPACE", {}).get(
                 "value", config_toml.get("sandbox", {}).get("kubernetes", {}).get("namespace", SANDBOX_NS))
@@ -316,15 +311,7 @@ def check_k8s(name: str, objs: list[dict], rep: Report, settings: SettingsSchema
         rep.check(pod.get("serviceAccountName") == "sandfleet-gateway", gid, "serviceAccountName sandfleet-gateway")
         ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
         rep.check(ports.get("http") == 8080, gid, "container port 8080 named `http`")
-        env = env_map(c)
-        for n, e in env.items():
-            if settings.available:
-                why = settings.check_env(n)
-                rep.check(why is None, gid, f"env {n}: {why}")
-            if any(s in n for s in ("URL", "SECRET", "TOKEN")):
-                rep.check("secretKeyRef" in e.get("valueFrom", {}), gid, f"{n} must come from a Secret key")
-        check_hardening(gid, pod, c, rep)
-        check_config_mount(gid, pod, c, cms, rep)
+        check_all_containers(gid, pod, cms, settings, rep)
         rep.ok(f"{name}: gateway Deployment (no token, hardening, secrets, config)")
 
     # --- Secrets referenced exist or are documented as user-created
@@ -484,6 +471,21 @@ def check_deadlines(where: str, cfg: dict, broker_secs: int, rep: Report) -> Non
         template = int(cfg.get("gateway", {}).get("template", {}).get("deadline_secs", 3600))
         rep.check(template <= int(max_deadline), where,
                   f"gateway.template.deadline_secs {template} exceeds limits.max_deadline_secs {max_deadline}")
+
+
+def check_all_containers(wid: str, pod: dict, cms: list[dict], settings: SettingsSchema, rep: Report) -> None:
+    """Hardening, settings env names, Secret-sourced credentials and the
+    config mount of every container, init containers included."""
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        where = f"{wid} container {c['name']}"
+        for n, e in env_map(c).items():
+            if settings.available:
+                why = settings.check_env(n)
+                rep.check(why is None, where, f"env {n}: {why}")
+            if any(s in n for s in ("URL", "SECRET", "TOKEN", "PASSWORD")):
+                rep.check("secretKeyRef" in e.get("valueFrom", {}), where, f"{n} must come from a Secret key")
+        check_hardening(where, pod, c, rep)
+        check_config_mount(where, pod, c, cms, rep)
 
 
 def check_hardening(wid: str, pod: dict, c: dict, rep: Report) -> None:
@@ -692,10 +694,38 @@ def cmd_compose(path: Path, rep: Report, settings: SettingsSchema) -> None:
     topo = services.get("topology")
     if rep.check(topo is not None, path.name, "a one-shot topology service"):
         rep.check(topo.get("command", [])[-2:] == ["topology", "apply"], path.name, "topology runs `topology apply`")
+    otel = services.get("otel-collector")
+    if rep.check(otel is not None, path.name, "an otel-collector service"):
+        check_otel_config(path, otel, cfg if worker is not None else {}, rep)
     rabbit = services.get("rabbitmq", {})
     rep.check(str(rabbit.get("image", "")).startswith("rabbitmq:3.13") and "management" in rabbit.get("image", ""),
               path.name, "rabbitmq:3.13-management")
     rep.ok(f"{path.name}: start order, health checks, mounts, settings keys, drain and consumer_timeout")
+
+
+def check_otel_config(path: Path, otel: dict, sandfleet_cfg: dict, rep: Report) -> None:
+    """The collector's pipelines use only components it defines, and
+    sandfleet's OTLP endpoint is the collector's OTLP/HTTP port."""
+    src = next((v.split(":")[0] for v in otel.get("volumes", []) if isinstance(v, str) and v.endswith(":ro")
+                and v.split(":")[0].endswith(".yaml")), None)
+    if not rep.check(src is not None, path.name, "otel-collector mounts its config file"):
+        return
+    conf = yaml.safe_load((path.parent / src).read_text())
+    where = src
+    service = conf.get("service", {})
+    for ext in service.get("extensions", []):
+        rep.check(ext in conf.get("extensions", {}), where, f"extension {ext} is not defined")
+    pipelines = service.get("pipelines", {})
+    rep.check("traces" in pipelines, where, "a traces pipeline")
+    for pname, pipe in pipelines.items():
+        for section in ("receivers", "processors", "exporters"):
+            for comp in pipe.get(section, []):
+                rep.check(comp in (conf.get(section) or {}), where, f"pipeline {pname}: {section[:-1]} {comp} undefined")
+    http = conf.get("receivers", {}).get("otlp", {}).get("protocols", {}).get("http", {}).get("endpoint", "")
+    endpoint = sandfleet_cfg.get("telemetry", {}).get("otlp_endpoint", "")
+    port = http.rsplit(":", 1)[-1]
+    rep.check(bool(port) and endpoint.rstrip("/").endswith(f"otel-collector:{port}"), where,
+              f"telemetry.otlp_endpoint {endpoint!r} is not the collector's OTLP/HTTP receiver (port {port})")
 
 
 def compose_worker_config(path: Path, worker: dict) -> tuple[dict, int, int]:
@@ -802,7 +832,21 @@ def cmd_dockerignore(rep: Report) -> None:
     for p in needed:
         rep.check(not excluded(p, patterns), ".dockerignore", f"excludes {p}, which `cargo build --locked` needs")
     rep.check(excluded("target", patterns) and excluded(".git", patterns), ".dockerignore", "excludes target/ and .git")
-    rep.ok(f".dockerignore keeps the {len(members)} workspace members, Cargo.toml and Cargo.lock")
+    # Files compiled into the binary (include_str!/include_bytes!) must be in the context too.
+    included = 0
+    for m in members:
+        for f in glob.glob(str(ROOT / m / "src/**/*.rs"), recursive=True):
+            for rel in re.findall(r'include_(?:str|bytes)!\(\s*"([^"]+)"', Path(f).read_text()):
+                target = (Path(f).parent / rel).resolve()
+                try:
+                    p = str(target.relative_to(ROOT))
+                except ValueError:
+                    rep.fail(".dockerignore", f"{f} includes {rel}, outside the build context")
+                    continue
+                included += 1
+                rep.check(not excluded(p, patterns), ".dockerignore", f"excludes {p}, which {Path(f).name} includes")
+    rep.ok(f".dockerignore keeps the {len(members)} workspace members, Cargo.toml, Cargo.lock and "
+           f"the {included} files compiled in with include_str!/include_bytes!")
 
 
 # --------------------------------------------------------------------------
