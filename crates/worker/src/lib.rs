@@ -10,6 +10,8 @@
 pub mod breaker;
 pub mod broker;
 pub mod dispatch;
+pub mod flow;
+pub mod gate;
 pub mod health;
 pub mod memory;
 pub mod metrics;
