@@ -2,8 +2,8 @@
 //! token task API in, broker-confirmed fix-attempt tasks out.
 //!
 //! Start with [`Gateway`]: give it the `gateway` settings section and a
-//! [`TaskSink`] (in production [`ProducerSink`], the confirmed RabbitMQ
-//! producer), then [`Gateway::run`] or [`Gateway::serve`] it. A request is
+//! [`TaskSink`] (in production [`BrokerSink`], the confirmed RabbitMQ
+//! publisher), then [`Gateway::run`] or [`Gateway::serve`] it. A request is
 //! answered 202 with the task id only after the broker confirmed the task, and
 //! 503 when it could not (so the CI provider retries).
 //!
@@ -14,14 +14,15 @@
 //! remembers delivery ids.
 
 pub mod allowlist;
+mod broker_sink;
 pub mod dedup;
 pub mod event;
 pub mod metrics;
-// mod producer_sink;
 mod server;
 pub mod signature;
 pub mod sink;
 pub mod template;
 
+pub use broker_sink::BrokerSink;
 pub use server::{DEDUP_MAX_ENTRIES, DEDUP_TTL, Gateway, GatewayError};
 pub use sink::{SinkError, TaskSink};
