@@ -103,6 +103,8 @@ tools_done=$(date +%s)
 
 RENDER_DIR=$(mktemp -d)
 trap 'rm -rf "$RENDER_DIR"' EXIT
+# Keep a copy of everything printed from here on, to count the checks.
+exec > >(tee "$RENDER_DIR/output.log") 2>&1
 
 # ---------------------------------------------------------------- kustomize
 step "kustomize: render every overlay and building block"
@@ -197,6 +199,8 @@ step "Grafana dashboard"
 # ---------------------------------------------------------------- summary
 end=$(date +%s)
 step "summary"
+passed=$(grep -c '^  ok ' "$RENDER_DIR/output.log" || true)
+failed=$(grep -c '^  FAIL' "$RENDER_DIR/output.log" || true)
 echo "  validated: ${#KUSTOMIZE_DIRS[@]} kustomize directories and ${#OVERLAYS[@]} overlays rendered;"
 echo "             overlays validated against Kubernetes ${K8S_VERSIONS[*]} schemas and sandfleet's rules;"
 echo "             custom resources (ServiceMonitor, ScaledObject, TriggerAuthentication, RabbitmqCluster)"
@@ -206,6 +210,8 @@ echo "  time: $((end - start)) s ($((end - tools_done)) s after tools)"
 if ((${#failures[@]})); then
   echo "  ${#failures[@]} FAILED:"
   printf '    - %s\n' "${failures[@]}"
+  echo "deploy: ${passed} passed, $((failed > 0 ? failed : 1)) failed"
   exit 1
 fi
 echo "  all deploy checks passed"
+echo "deploy: ${passed} passed, 0 failed"
