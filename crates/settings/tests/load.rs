@@ -271,3 +271,22 @@ fn the_gateway_template_is_checked_with_the_task_rules() {
         "{err}"
     );
 }
+
+#[test]
+fn the_example_file_loads() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sandfleet.toml");
+    let s = load(Some(&path), &env(&[])).unwrap();
+    assert_eq!(s.worker.executor, ExecutorKind::Kubernetes);
+    assert_eq!(
+        s.sandbox
+            .kubernetes
+            .node_selector
+            .get("sandfleet.dev/pool")
+            .map(String::as_str),
+        Some("sandbox")
+    );
+    assert_eq!(s.sandbox.kubernetes.tolerations[0]["operator"], "Exists");
+    assert_eq!(s.gateway.template.steps.len(), 2);
+    assert_eq!(s.limits.max_deadline_secs, 7200);
+}
