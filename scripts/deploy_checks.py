@@ -356,6 +356,9 @@ def check_k8s(name: str, objs: list[dict], rep: Report, settings: SettingsSchema
         rep.check(any(m["external"]["metric"]["name"] == "sandfleet_queue_ready_messages"
                       and m["external"]["target"]["type"] == "AverageValue" for m in ext),
                   obj_id(hpa), "External metric sandfleet_queue_ready_messages with an AverageValue target")
+        rep.check(any(m["type"] == "Pods" and m["pods"]["metric"]["name"] == "sandfleet_tasks_in_flight"
+                      for m in hpa["spec"].get("metrics", [])), obj_id(hpa),
+                  "Pods metric sandfleet_tasks_in_flight (keeps busy workers from being scaled away)")
         rep.check(all(m["type"] != "Resource" for m in hpa["spec"].get("metrics", [])), obj_id(hpa),
                   "no CPU/memory metric: queue depth is the signal")
         check_scale_down(obj_id(hpa), hpa["spec"].get("behavior", {}), drain, rep)
