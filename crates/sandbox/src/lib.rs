@@ -1,1 +1,29 @@
-//! sandfleet executors: script generator, local and Kubernetes Job executors, failure classification.
+//! sandfleet's executors: where a task's steps actually run.
+//!
+//! A task becomes one POSIX `sh` script ([`script`]) that writes the input
+//! files, runs each step with its own timeout and reports per-step exit codes
+//! and bounded output. Two executors run that same script behind the
+//! [`Executor`] trait:
+//!
+//! - [`LocalExecutor`]: a child process in a temp directory (the embedded
+//!   default, and the fast way to test the script for real);
+//! - `KubeExecutor`: one Kubernetes Job per attempt, built by the pure
+//!   `job` module, watched by one shared watcher, its API calls passing an
+//!   [`ApiGate`] (the worker's circuit breaker).
+//!
+//! What an attempt did is decided by the pure [`classify`] module; whether
+//! that is retried is [`sandfleet_proto::Outcome::is_retryable`]'s call.
+//! Start with [`Executor`], then [`script`].
+
+pub mod classify;
+mod executor;
+pub mod gate;
+// KUBE pub mod kubernetes;
+pub mod local;
+pub mod report;
+pub mod script;
+
+pub use executor::{ExecError, Execution, Executor, RunContext};
+pub use gate::{ApiGate, CallClass, GateClosed, NoGate, RecordingGate};
+// KUBE pub use kubernetes::{KubeApi, KubeExecutor, job};
+pub use local::LocalExecutor;

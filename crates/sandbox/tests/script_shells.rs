@@ -1,0 +1,423 @@
+//! The generated script, run for real under dash, bash and busybox sh.
+//!
+//! These shells must be installed (`apt-get install -y dash bash busybox`);
+//! a missing one fails the test with that message rather than skipping it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sandfleet_proto::{Provider, SandboxSpec, Source, Task};
+use sandfleet_sandbox::script::{self, ParsedLog, ScriptOptions, StepStatus, Summary};
+
+const SHELLS: [(&str, &[&str]); 3] = [
+    ("dash", &["/bin/dash"]),
+    ("bash", &["/bin/bash"]),
+    ("busybox", &["/bin/busybox", "sh"]),
+];
+
+const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+fn task() -> Task {
+    Task::fix_attempt(
+        Source {
+            provider: Provider::Github,
+            repository: "acme/widgets".into(),
+            commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            git_ref: Some("refs/heads/main".into()),
+            ci_run_id: None,
+            pull_request: None,
+            url: None,
+        },
+        SandboxSpec {
+            image: "alpine:3.20".into(),
+            resources: Default::default(),
+            env: BTreeMap::from([("GREETING".into(), "hello $(not run) `world`".into())]),
+            deadline_secs: 60,
+            pending_timeout_secs: 60,
+        },
+    )
+}
+
+const OPTS: ScriptOptions = ScriptOptions {
+    step_output_bytes: 1000,
+    artifact_bytes: 64,
+    kill_grace_secs: 1,
+};
+
+struct Run {
+    dir: tempfile::TempDir,
+    summary: Summary,
+    summary_text: String,
+    log: ParsedLog,
+    raw_log: String,
+    code: Option<i32>,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn ws(&self) -> PathBuf {
+        self.dir.path().join("ws")
+    }
+}
+
+fn shell(argv: &[&str]) -> Command {
+    assert!(
+        Path::new(argv[0]).is_file(),
+        "{} is not installed: the script tests need dash, bash and busybox (apt-get install -y dash bash busybox)",
+        argv[0]
+    );
+    let mut c = Command::new(argv[0]);
+    c.args(&argv[1..]);
+    c
+}
+
+/// Runs the script for `task`; `before_wait` may signal the child.
+fn run_with(argv: &[&str], task: &Task, path: &str, before_wait: impl FnOnce(u32, &Path)) -> Run {
+    let script = script::generate(task, 1, &OPTS).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    let state = dir.path().join("state");
+    let tlog = dir.path().join("termination-log");
+    let out = std::fs::File::create(dir.path().join("out")).unwrap();
+    let start = Instant::now();
+    let mut child = shell(argv)
+        .arg("-c")
+        .arg(&script.text)
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", &ws)
+        .envs(script.env.iter().map(|(k, v)| (k, v)))
+        .env(script::ENV_WORKSPACE, &ws)
+        .env(script::ENV_STATE_DIR, &state)
+        .env(script::ENV_TERMINATION_LOG, &tlog)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    before_wait(child.id(), &state);
+    let status = child.wait().unwrap();
+    let elapsed = start.elapsed();
+    let summary_text = std::fs::read_to_string(&tlog).unwrap_or_default();
+    let raw = std::fs::read(dir.path().join("out")).unwrap();
+    Run {
+        summary: script::parse_summary(&summary_text),
+        summary_text,
+        log: script::parse_log(&raw),
+        raw_log: String::from_utf8_lossy(&raw).into_owned(),
+        code: status.code(),
+        elapsed,
+        dir,
+    }
+}
+
+fn run(argv: &[&str], task: &Task) -> Run {
+    run_with(argv, task, PATH, |_, _| {})
+}
+
+/// True when the process is gone or a zombie (reaped by nobody in a container).
+fn dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap();
+            state == "Z" || state == "X"
+        }
+    }
+}
+
+fn wait_dead(pid: u32) -> bool {
+    for _ in 0..50 {
+        if dead(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn files_steps_env_and_exit_codes() {
+    let mut t = task()
+        .with_file("src/app/config.txt", "line1\n'quoted' $HOME `x`\n")
+        .with_file("run.sh", "#!/bin/sh\necho ran-script \"$1\"\n")
+        .with_step(
+            "check",
+            "cat src/app/config.txt && printf '%s\\n' \"$GREETING\" && pwd",
+            10,
+        )
+        .with_step(
+            "exec",
+            "./run.sh arg && echo \"$STEP_ONLY\" && echo repo=$SANDFLEET_REPOSITORY",
+            10,
+        )
+        .with_step("soft-fail", "echo soft >&2; exit 3", 10)
+        .with_step("hard-fail", "echo failing; exit 7", 10)
+        .with_step("never", "echo never", 10);
+    t.files[1].executable = true;
+    t.steps[1]
+        .env
+        .insert("STEP_ONLY".into(), "only-here; $(id)".into());
+    t.steps[2].continue_on_error = true;
+    for (name, argv) in SHELLS {
+        let r = run(argv, &t);
+        assert_eq!(r.code, Some(7), "{name}: {}", r.raw_log);
+        let s = &r.summary;
+        assert!(s.started, "{name}");
+        assert_eq!(s.exit_code, Some(7), "{name}: {}", r.summary_text);
+        let codes: Vec<_> = s
+            .steps
+            .iter()
+            .map(|l| (l.index, l.exit_code, l.status))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                (0, 0, StepStatus::Ok),
+                (1, 0, StepStatus::Ok),
+                (2, 3, StepStatus::Fail),
+                (3, 7, StepStatus::Fail)
+            ],
+            "{name}: {}\n{}",
+            r.summary_text,
+            r.raw_log
+        );
+        let out0 = &r.log.steps[&0].text;
+        assert_eq!(
+            out0,
+            &format!(
+                "line1\n'quoted' $HOME `x`\nhello $(not run) `world`\n{}\n",
+                r.ws().display()
+            ),
+            "{name}"
+        );
+        assert_eq!(
+            r.log.steps[&1].text, "ran-script arg\nonly-here; $(id)\nrepo=acme/widgets\n",
+            "{name}"
+        );
+        assert_eq!(r.log.steps[&2].text, "soft\n", "{name}");
+        assert!(
+            !r.log.steps.contains_key(&4),
+            "{name}: skipped step printed output"
+        );
+        assert!(
+            std::fs::read_to_string(r.ws().join("src/app/config.txt"))
+                .unwrap()
+                .contains("'quoted'"),
+            "{name}"
+        );
+        // STEP_ONLY is scoped to its step.
+        assert!(!r.raw_log.contains("only-here; $(id)\nonly-here"), "{name}");
+    }
+}
+
+#[test]
+fn step_timeout_kills_the_whole_process_tree() {
+    // The step's shell starts a grandchild that would outlive a plain kill.
+    let t = task()
+        .with_step(
+            "hang",
+            "sleep 300 & echo $! > grandchild.pid; echo started; sleep 300",
+            1,
+        )
+        .with_step("after", "echo after", 5);
+    for (name, argv) in SHELLS {
+        let r = run(argv, &t);
+        assert!(
+            r.elapsed < Duration::from_secs(6),
+            "{name}: took {:?}",
+            r.elapsed
+        );
+        let line = r.summary.steps[0];
+        assert_eq!(
+            line.status,
+            StepStatus::Timeout,
+            "{name}: {}",
+            r.summary_text
+        );
+        assert!(line.duration_ms >= 900, "{name}: {line:?}");
+        assert_eq!(
+            r.summary.steps.len(),
+            1,
+            "{name}: the next step must not run"
+        );
+        assert_eq!(r.log.steps[&0].text, "started\n", "{name}");
+        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            wait_dead(gc),
+            "{name}: grandchild {gc} survived the step timeout"
+        );
+    }
+}
+
+#[test]
+fn without_setsid_the_process_tree_is_still_killed() {
+    // A PATH with the utilities the script needs but no setsid, as in a
+    // minimal image: the watchdog falls back to walking /proc.
+    let bin = tempfile::tempdir().unwrap();
+    for tool in [
+        "mkdir", "cat", "tail", "head", "wc", "date", "sleep", "rm", "chmod",
+    ] {
+        let src = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.is_file())
+            .unwrap();
+        std::os::unix::fs::symlink(src, bin.path().join(tool)).unwrap();
+    }
+    let path = bin.path().display().to_string();
+    let t = task().with_step("hang", "sleep 300 & echo $! > grandchild.pid; sleep 300", 1);
+    for (name, argv) in SHELLS {
+        let r = run_with(argv, &t, &path, |_, _| {});
+        assert_eq!(
+            r.summary.steps[0].status,
+            StepStatus::Timeout,
+            "{name}: {}",
+            r.raw_log
+        );
+        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            wait_dead(gc),
+            "{name}: grandchild {gc} survived without setsid"
+        );
+    }
+}
+
+#[test]
+fn output_is_bounded_with_an_explicit_marker() {
+    let t = task()
+        .with_step("noisy", "i=0; while [ $i -lt 500 ]; do printf 'line %04d\\n' $i; i=$((i+1)); done; printf 'no-newline'", 10)
+        .with_step("quiet", "true", 10);
+    for (name, argv) in SHELLS {
+        let r = run(argv, &t);
+        let out = &r.log.steps[&0];
+        assert!(out.truncated, "{name}");
+        // 500 lines of 10 bytes + 10 bytes, 1000 kept.
+        assert!(
+            out.text
+                .starts_with("[sandfleet: output truncated, 4010 bytes omitted]\n"),
+            "{name}: {}",
+            &out.text[..80]
+        );
+        assert!(out.text.ends_with("line 0499\nno-newline\n"), "{name}");
+        assert_eq!(
+            out.text.len(),
+            "[sandfleet: output truncated, 4010 bytes omitted]\n".len() + 1001
+        );
+        assert_eq!(r.log.steps[&1].text, "", "{name}");
+        assert!(!r.log.steps[&1].truncated, "{name}");
+    }
+}
+
+#[test]
+fn summary_fits_the_termination_message_at_max_steps() {
+    let mut t = task();
+    for i in 0..script::MAX_STEPS {
+        t = t.with_step(&format!("s{i}"), "exit 255", 1);
+        t.steps[i].continue_on_error = true;
+    }
+    let (name, argv) = SHELLS[0];
+    let r = run(argv, &t);
+    assert_eq!(r.summary.steps.len(), script::MAX_STEPS, "{name}");
+    assert!(r.summary.steps.iter().all(|s| s.exit_code == 255));
+    assert!(
+        r.summary_text.len() <= 4096,
+        "summary is {} bytes",
+        r.summary_text.len()
+    );
+    assert_eq!(r.code, Some(0));
+}
+
+#[test]
+fn artifacts_are_printed_bounded() {
+    let mut t = task().with_step("report", "mkdir -p out && printf 'ok report' > out/report.txt && head -c 200 /dev/zero | tr '\\0' y > big.txt", 5);
+    t.artifacts = vec![
+        "out/report.txt".into(),
+        "big.txt".into(),
+        "missing.txt".into(),
+    ];
+    for (name, argv) in SHELLS {
+        let r = run(argv, &t);
+        assert_eq!(r.log.artifacts[&0].content, b"ok report", "{name}");
+        assert_eq!(r.log.artifacts[&1].size_bytes, 200, "{name}");
+        assert_eq!(r.log.artifacts[&1].content.len(), 64, "{name}");
+        assert!(!r.log.artifacts.contains_key(&2), "{name}");
+    }
+}
+
+#[test]
+fn term_stops_the_running_step_and_records_it() {
+    let t = task()
+        .with_step("first", "echo one", 5)
+        .with_step(
+            "long",
+            "sleep 300 & echo $! > grandchild.pid; echo waiting; sleep 300",
+            100,
+        )
+        .with_step("never", "echo never", 5);
+    for (name, argv) in SHELLS {
+        let r = run_with(argv, &t, PATH, |pid, state| {
+            // Wait until the long step runs, then stop the script.
+            let marker = state.join("out.1");
+            for _ in 0..200 {
+                if std::fs::read_to_string(&marker).is_ok_and(|s| s.contains("waiting")) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .unwrap();
+        });
+        assert_eq!(r.code, Some(143), "{name}: {}", r.raw_log);
+        assert_eq!(r.summary.exit_code, Some(143), "{name}");
+        assert_eq!(
+            r.summary.steps[1].status,
+            StepStatus::Killed,
+            "{name}: {}",
+            r.summary_text
+        );
+        assert_eq!(r.log.steps[&1].text, "waiting\n", "{name}");
+        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(wait_dead(gc), "{name}: grandchild survived TERM");
+        assert!(r.elapsed < Duration::from_secs(10), "{name}");
+    }
+}
+
+#[test]
+fn an_unwritable_input_file_is_a_setup_failure() {
+    // "a" is a file, so "a/b" cannot be created.
+    let t = task()
+        .with_file("a", "x")
+        .with_file("a/b", "y")
+        .with_step("never", "echo never", 5);
+    for (name, argv) in SHELLS {
+        let r = run(argv, &t);
+        assert_eq!(r.code, Some(125), "{name}");
+        assert_eq!(r.summary.setup_failure.as_deref(), Some("file 1"), "{name}");
+        assert!(r.summary.steps.is_empty(), "{name}");
+    }
+}
