@@ -7,7 +7,7 @@
 //! lapin or kube, so every other crate (and every non-Rust producer, through the
 //! JSON Schema in `schemas/`) can depend on it.
 //!
-//! Start with [`Task`] and [`TaskResult`]; [`validate`] checks a task against
+//! Start with [`Task`] and [`TaskResult`]; [`validate()`] checks a task against
 //! the [`Limits`] that protect the fleet; [`decode_task`] turns raw message
 //! bytes into a validated task or a [`RejectReason`].
 

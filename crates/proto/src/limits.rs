@@ -1,6 +1,6 @@
 //! The limits that protect the fleet from oversized or abusive tasks.
 //!
-//! Every bound [`crate::validate`] enforces lives here, so an operator can
+//! Every bound [`crate::validate()`] enforces lives here, so an operator can
 //! tighten or loosen them in one place (the `limits` section of the
 //! configuration) and producers and workers agree on them.
 

@@ -30,6 +30,8 @@ fn every_key_is_in_the_configuration_reference() {
     let defaults = serde_json::to_value(sandfleet_settings::Settings::default()).unwrap();
     let mut all = Vec::new();
     keys("", &defaults, &mut all);
+    // Prints the keys and defaults, to start a new table row from.
+    #[allow(clippy::print_stdout)]
     if std::env::var_os("SANDFLEET_PRINT_KEYS").is_some() {
         for (k, v) in &all {
             println!("{k}\t{v}");
