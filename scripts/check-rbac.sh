@@ -40,4 +40,7 @@ if [[ ! -s "$log" ]]; then
   echo "FAIL: $log is empty: kube-sim recorded no requests (is SANDFLEET_RBAC_OBSERVED supported?)" >&2
   exit 1
 fi
-python3 scripts/deploy_checks.py rbac --observed "$log" --exact
+# The Python that scripts/validate-deploy.sh set up (it has PyYAML), else python3.
+PY=${PYTHON:-python3}
+[[ -x target/deploy-tools/venv/bin/python ]] && PY=target/deploy-tools/venv/bin/python
+"$PY" scripts/deploy_checks.py rbac --observed "$log" --exact

