@@ -7,6 +7,7 @@
 //! [`breaker::CircuitBreaker`] state machine. [`memory::InMemoryBroker`] is the
 //! first-party broker for tests and the one-process demo.
 
+mod app;
 pub mod breaker;
 pub mod broker;
 pub mod dispatch;
@@ -15,10 +16,12 @@ pub mod gate;
 pub mod health;
 pub mod memory;
 pub mod metrics;
+pub mod rabbit;
 pub mod retry;
 pub mod sink;
 pub mod trace;
 
+pub use app::{WorkerError, dispatch_config, poll_queue_depth, run, worker_name};
 pub use broker::{Broker, BrokerError, Delivery, RetryMessage};
 pub use dispatch::{DispatchConfig, Dispatcher};
 pub use memory::InMemoryBroker;

@@ -1,0 +1,318 @@
+//! The production [`Broker`]: RabbitMQ through `sandfleet-amqp`.
+//!
+//! - Consuming: an [`sandfleet_amqp::Consumer`] on the task queue with
+//!   prefetch = the worker's concurrency. It resubscribes by itself after a
+//!   channel or connection loss; the broker has already requeued what was
+//!   unacked on the lost channel, and each such [`RabbitDelivery`]'s
+//!   [`Delivery::lost`] token fires (its channel is watched) so the dispatch
+//!   loop forgets it and leaves its Job for the redelivery to adopt.
+//! - Pausing (breaker open, shutdown) cancels the consumer (`basic.cancel`)
+//!   and hands back, with a requeueing nack, what was prefetched but not yet
+//!   taken; in-flight deliveries stay ackable. Resuming subscribes again.
+//! - Retries go to the delay queue of their tier through the default
+//!   exchange, with the jittered delay as per-message `expiration`; the queue
+//!   dead-letters them back to the task exchange.
+//! - Dead letters are republished to `<prefix>.dead` with the reason headers,
+//!   confirmed, then acked (a plain reject would lose the reason).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sandfleet_amqp::{
+    Amqp, AmqpError, Consumer, ConsumerOptions, OutgoingMessage, Publisher, TASK_ROUTING_KEY,
+    Topology,
+};
+use sandfleet_proto::{CONTENT_TYPE, TASK_MESSAGE_TYPE};
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, warn};
+
+use crate::broker::{Broker, BrokerError, Delivery, RetryMessage};
+
+/// How often a delivery's channel is checked for closure.
+const CHANNEL_WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The task queue on RabbitMQ.
+pub struct RabbitBroker {
+    amqp: Amqp,
+    topology: Topology,
+    publisher: Publisher,
+    prefetch: u16,
+    consumer: Mutex<Option<Consumer>>,
+    paused: watch::Sender<bool>,
+    connected: Arc<AtomicBool>,
+    closed: CancellationToken,
+}
+
+impl std::fmt::Debug for RabbitBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitBroker")
+            .field("queue", &self.topology.tasks_queue)
+            .field("prefetch", &self.prefetch)
+            .finish()
+    }
+}
+
+fn broker_error(e: AmqpError) -> BrokerError {
+    match e {
+        AmqpError::DeliveryChannelClosed => BrokerError::DeliveryLost,
+        other => BrokerError::Unavailable(other.to_string()),
+    }
+}
+
+impl RabbitBroker {
+    /// A broker on the task queue of `topology` (which must be applied);
+    /// nothing is consumed until the first [`Broker::next_delivery`].
+    pub fn new(amqp: Amqp, topology: Topology, publisher: Publisher, prefetch: u16) -> Self {
+        RabbitBroker {
+            amqp,
+            topology,
+            publisher,
+            prefetch: prefetch.max(1),
+            consumer: Mutex::new(None),
+            paused: watch::channel(false).0,
+            connected: Arc::new(AtomicBool::new(false)),
+            closed: CancellationToken::new(),
+        }
+    }
+
+    /// The topology's names.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    fn wrap(&self, inner: sandfleet_amqp::Delivery) -> RabbitDelivery {
+        let lost = CancellationToken::new();
+        let settled = CancellationToken::new();
+        let channel = inner.channel().clone();
+        let (lost2, settled2) = (lost.clone(), settled.clone());
+        // Watches the delivery's channel until it is settled: when the
+        // channel dies the broker requeues the message, so the work on it
+        // must be forgotten (not settled on another channel).
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = settled2.cancelled() => return,
+                    _ = tokio::time::sleep(CHANNEL_WATCH_INTERVAL) => {}
+                }
+                if !channel.status().connected() {
+                    lost2.cancel();
+                    return;
+                }
+            }
+        });
+        RabbitDelivery {
+            attempt: inner.attempt().unwrap_or(1).max(1),
+            inner,
+            publisher: self.publisher.clone(),
+            dead_exchange: self.topology.dead_exchange.clone(),
+            lost,
+            _settled: settled.drop_guard(),
+        }
+    }
+
+    /// Cancels the consumer and requeues what it prefetched but nobody took.
+    async fn stop_consumer(consumer: Consumer) {
+        consumer.cancel();
+        let mut consumer = consumer;
+        while let Ok(Some(d)) =
+            tokio::time::timeout(Duration::from_millis(50), consumer.next_delivery()).await
+        {
+            if let Err(e) = d.nack(true).await {
+                debug!(error = %e, "requeue of a prefetched delivery");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for RabbitBroker {
+    type Delivery = RabbitDelivery;
+
+    async fn next_delivery(&self) -> Result<RabbitDelivery, BrokerError> {
+        let mut backoff = Duration::from_millis(200);
+        let cap = Duration::from_secs(self.amqp.settings().reconnect_max_delay_secs.max(1));
+        loop {
+            let mut paused = self.paused.subscribe();
+            tokio::select! {
+                _ = self.closed.cancelled() => return Err(BrokerError::Closed),
+                ok = async { paused.wait_for(|p| !*p).await.is_ok() } => if !ok { return Err(BrokerError::Closed) },
+            }
+            // Only `next_delivery` and `pause`/`close` take this lock, and
+            // they never hold it across a wait on each other.
+            let mut slot = self.consumer.lock().await;
+            if slot.is_none() {
+                let opts = ConsumerOptions::new(self.topology.tasks_queue.clone(), self.prefetch)
+                    .tag("sandfleet-worker");
+                match Consumer::start(&self.amqp, opts).await {
+                    Ok(c) => {
+                        *slot = Some(c);
+                        self.connected.store(true, Ordering::Relaxed);
+                        backoff = Duration::from_millis(200);
+                    }
+                    Err(e) => {
+                        drop(slot);
+                        self.connected.store(false, Ordering::Relaxed);
+                        warn!(error = %e, ?backoff, "cannot consume the task queue; retrying");
+                        tokio::select! {
+                            _ = self.closed.cancelled() => return Err(BrokerError::Closed),
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(cap);
+                        continue;
+                    }
+                }
+            }
+            let Some(consumer) = slot.as_mut() else {
+                continue;
+            };
+            tokio::select! {
+                // mpsc receive: cancel-safe.
+                d = consumer.next_delivery() => match d {
+                    Some(d) => {
+                        self.connected.store(consumer.is_connected(), Ordering::Relaxed);
+                        return Ok(self.wrap(d));
+                    }
+                    None => {
+                        *slot = None;
+                    }
+                },
+                ok = async { paused.wait_for(|p| *p).await.is_ok() } => {
+                    if !ok { return Err(BrokerError::Closed) }
+                    if let Some(c) = slot.take() {
+                        RabbitBroker::stop_consumer(c).await;
+                    }
+                }
+                _ = self.closed.cancelled() => return Err(BrokerError::Closed),
+            }
+        }
+    }
+
+    async fn publish_retry(&self, msg: RetryMessage) -> Result<(), BrokerError> {
+        let (exchange, routing_key) = match self.topology.retry_tier_for(msg.tier) {
+            Some(tier) if !msg.tier.is_zero() => (String::new(), tier.queue.clone()),
+            _ => (
+                self.topology.tasks_exchange.clone(),
+                TASK_ROUTING_KEY.to_owned(),
+            ),
+        };
+        let mut m = OutgoingMessage::new(exchange, routing_key, msg.body)
+            .message_id(msg.task_id.to_string())
+            .kind(TASK_MESSAGE_TYPE)
+            .content_type(CONTENT_TYPE)
+            .correlation_id(msg.task_id.to_string())
+            .attempt(msg.attempt)
+            .traceparent(msg.traceparent.as_deref());
+        if !msg.tier.is_zero() {
+            m = m.expiration(msg.delay);
+        }
+        self.publisher
+            .publish(&m)
+            .await
+            .map_err(|e| BrokerError::Publish(e.to_string()))
+    }
+
+    async fn pause(&self) -> Result<(), BrokerError> {
+        self.paused.send_replace(true);
+        // If nobody is inside `next_delivery`, stop the consumer here.
+        if let Ok(mut slot) = self.consumer.try_lock()
+            && let Some(c) = slot.take()
+        {
+            RabbitBroker::stop_consumer(c).await;
+        }
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<(), BrokerError> {
+        self.paused.send_replace(false);
+        Ok(())
+    }
+
+    async fn queue_depth(&self) -> Result<u64, BrokerError> {
+        match self.amqp.queue_depth(&self.topology.tasks_queue).await {
+            Ok(n) => Ok(u64::from(n)),
+            Err(e) => {
+                self.connected.store(false, Ordering::Relaxed);
+                Err(broker_error(e))
+            }
+        }
+    }
+
+    fn queue_name(&self) -> String {
+        self.topology.tasks_queue.clone()
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    async fn close(&self) -> Result<(), BrokerError> {
+        self.paused.send_replace(true);
+        self.closed.cancel();
+        let mut slot = self.consumer.lock().await;
+        if let Some(c) = slot.take() {
+            RabbitBroker::stop_consumer(c).await;
+        }
+        Ok(())
+    }
+}
+
+/// A task delivery from RabbitMQ.
+pub struct RabbitDelivery {
+    inner: sandfleet_amqp::Delivery,
+    attempt: u32,
+    publisher: Publisher,
+    dead_exchange: String,
+    lost: CancellationToken,
+    // Stops the channel watcher once the delivery is settled or dropped.
+    _settled: DropGuard,
+}
+
+impl std::fmt::Debug for RabbitDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitDelivery")
+            .field("inner", &self.inner)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Delivery for RabbitDelivery {
+    fn body(&self) -> &[u8] {
+        self.inner.body()
+    }
+
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    fn traceparent(&self) -> Option<&str> {
+        self.inner.traceparent()
+    }
+
+    fn redelivered(&self) -> bool {
+        self.inner.redelivered()
+    }
+
+    fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    async fn ack(self) -> Result<(), BrokerError> {
+        self.inner.ack().await.map_err(broker_error)
+    }
+
+    async fn dead_letter(self, code: &str, reason: &str) -> Result<(), BrokerError> {
+        self.inner
+            .dead_letter(&self.publisher, &self.dead_exchange, code, reason)
+            .await
+            .map_err(broker_error)
+    }
+
+    async fn release(self) -> Result<(), BrokerError> {
+        self.inner.nack(true).await.map_err(broker_error)
+    }
+}
