@@ -1,1 +1,35 @@
-fn main() {}
+//! sandfleet's benchmarks: commands that print figures.
+//!
+//! Each subcommand prints human-readable rates and, as its last line, one
+//! JSON object for scripts. `producer` lives in `producer.rs`.
+// A benchmark's output is its figures on stdout.
+#![allow(clippy::print_stdout)]
+
+mod producer;
+
+use clap::{Parser, Subcommand};
+
+/// sandfleet's benchmarks.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sandfleet-bench",
+    about = "sandfleet's benchmarks: commands that print figures"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enqueue rate of the producer library vs a raw lapin pipelined publisher.
+    Producer(producer::ProducerArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Producer(args) => producer::run(args).await,
+    }
+}
