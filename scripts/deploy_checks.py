@@ -575,6 +575,28 @@ def rbac_problems(granted: set, used: set, exact: bool) -> list[str]:
     return problems
 
 
+def code_permissions() -> tuple[set[tuple[str, str, str]] | None, str]:
+    """`sandfleet_sandbox::REQUIRED_PERMISSIONS` as (group, resource, verb)
+    triples, read from the sandbox crate's source; None when not defined.
+
+    Understood forms: a slice of `("batch", "jobs", "create")` tuples, or of
+    structs with `group: "batch", resource: "jobs", verbs: &["create", ...]`.
+    """
+    for f in sorted(glob.glob(str(ROOT / "crates/sandbox/src/**/*.rs"), recursive=True)):
+        text = Path(f).read_text()
+        m = re.search(r"REQUIRED_PERMISSIONS\s*:[^=]*=\s*&?\[(.*?)\];", text, re.S)
+        if not m:
+            continue
+        body = m.group(1)
+        where = str(Path(f).relative_to(ROOT))
+        perms = set(re.findall(r'\(\s*"([^"]*)"\s*,\s*"([^"]+)"\s*,\s*"([^"]+)"\s*\)', body))
+        for g, r, verbs in re.findall(
+                r'group:\s*"([^"]*)"\s*,\s*resource:\s*"([^"]+)"\s*,\s*verbs:\s*&?\[([^\]]*)\]', body):
+            perms |= {(g, r, v) for v in re.findall(r'"([^"]+)"', verbs)}
+        return perms, where
+    return None, ""
+
+
 def parse_observed(path: Path) -> tuple[set[tuple[str, str, str]], int]:
     """(group, resource, verb) triples from a kube-sim observation log.
 
@@ -613,6 +635,15 @@ def cmd_rbac(args: argparse.Namespace) -> int:
     print(f"RBAC: Role {roles[0]['metadata']['name']} in {role_file} grants {len(granted)} (group, resource, verb)")
     for problem in rbac_problems(granted, WORKER_PERMISSIONS, exact=True):
         rep.fail(f"{role_file} vs the declared permissions", problem)
+    declared, where = code_permissions()
+    if declared is None:
+        rep.skip("RBAC: crates/sandbox defines no REQUIRED_PERMISSIONS yet")
+    elif not declared:
+        rep.fail(where, "REQUIRED_PERMISSIONS found but not understood: use (group, resource, verb) tuples")
+    else:
+        print(f"RBAC: {where} declares {len(declared)} (group, resource, verb)")
+        for problem in rbac_problems(granted, declared, exact=True):
+            rep.fail(f"{role_file} vs {where} REQUIRED_PERMISSIONS", problem)
     if args.observed:
         path = Path(args.observed)
         if not path.exists():
