@@ -134,3 +134,32 @@ fn realistic_examples_fix_a_real_bug_under_a_posix_shell() {
         }
     }
 }
+
+#[test]
+fn result_examples_decode_and_round_trip() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/results");
+    let files = json_files(&dir);
+    assert!(files.len() >= 2, "found only {files:?}");
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let result: sandfleet_proto::TaskResult =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let original: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            serde_json::to_value(&result).unwrap(),
+            original,
+            "{}",
+            path.display()
+        );
+        if let Some(task) = &result.task {
+            task.validate(&Limits::default()).unwrap();
+            assert_eq!(task.id, result.task_id);
+        }
+        // `final` follows from the outcome and the attempt count.
+        if let Some(task) = &result.task {
+            let again =
+                sandfleet_proto::TaskResult::from_task(task, result.attempt, result.outcome, "w");
+            assert_eq!(again.is_final, result.is_final, "{}", path.display());
+        }
+    }
+}
