@@ -146,6 +146,28 @@ pub fn decode_task(bytes: &[u8], limits: &Limits) -> Result<Task, RejectReason> 
     Ok(task)
 }
 
+/// Validates `task` and encodes it as a message body, refusing what a worker
+/// would reject: invalid fields ([`RejectReason::Invalid`]) or an encoding
+/// larger than `limits.max_message_bytes` ([`RejectReason::Oversize`]).
+/// Producers publish the bytes this returns.
+pub fn encode_task(task: &Task, limits: &Limits) -> Result<Vec<u8>, RejectReason> {
+    validate(task, limits).map_err(|errors| RejectReason::Invalid {
+        errors,
+        task_id: Some(task.id),
+    })?;
+    let bytes = serde_json::to_vec(task).map_err(|e| RejectReason::MalformedJson {
+        detail: e.to_string(),
+        task_id: Some(task.id),
+    })?;
+    if bytes.len() > limits.max_message_bytes {
+        return Err(RejectReason::Oversize {
+            size: bytes.len(),
+            limit: limits.max_message_bytes,
+        });
+    }
+    Ok(bytes)
+}
+
 /// serde reports a missing field at its parent; point at the field itself
 /// (`sandbox.deadline_secs`), which is what a user looks for. (An unknown
 /// field's path already ends with the field.)
@@ -289,6 +311,27 @@ mod tests {
             err.to_string()
                 .starts_with("invalid task: 2 invalid fields: sandbox.image")
         );
+    }
+
+    #[test]
+    fn encode_refuses_what_decode_would_reject() {
+        let task = decode(&example()).unwrap();
+        let bytes = encode_task(&task, &Limits::default()).unwrap();
+        assert_eq!(decode_task(&bytes, &Limits::default()).unwrap(), task);
+
+        // Every file within its own limit, the message over the total.
+        let limits = Limits {
+            max_message_bytes: 4096,
+            ..Limits::default()
+        };
+        let big = task.clone().with_file("big.txt", &"x".repeat(5000));
+        let err = encode_task(&big, &limits).unwrap_err();
+        assert_eq!(err.code(), "oversize");
+
+        let mut invalid = task;
+        invalid.steps.clear();
+        let err = encode_task(&invalid, &Limits::default()).unwrap_err();
+        assert_eq!(err.validation_errors().unwrap().paths(), ["steps"]);
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub mod schema;
 pub mod task;
 pub mod validate;
 
-pub use decode::{RejectReason, decode_task};
+pub use decode::{RejectReason, decode_task, encode_task};
 pub use image::ImageRef;
 pub use limits::Limits;
 pub use outcome::Outcome;
