@@ -7,7 +7,7 @@
 //! event loop ([`run_events`]) tells runners when their pod starts terminating or is
 //! removed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,9 +46,27 @@ pub(crate) struct Kubelet {
     pub(crate) scripts: Scripts,
     logs: Mutex<HashMap<Key, Arc<ContainerLog>>>,
     runners: Mutex<HashMap<Key, Runner>>,
+    /// Process groups of running containers, killed when the sim is dropped.
+    process_groups: Mutex<HashSet<u32>>,
 }
 
 impl Kubelet {
+    /// Kills every running container at once (synchronously: used from `Drop`, when
+    /// the runtime may not poll the runners again).
+    pub(crate) fn kill_all(&self) {
+        let groups: Vec<u32> = lock(&self.process_groups).drain().collect();
+        for pgid in groups.into_iter().filter(|p| *p > 1) {
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg("--")
+                .arg(format!("-{pgid}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
     /// The container log of a pod, while the pod exists.
     pub(crate) fn log(&self, ns: &str, name: &str) -> Option<Arc<ContainerLog>> {
         lock(&self.logs)
@@ -716,6 +734,10 @@ fn field_ref(pod: &Value, path: &str) -> String {
 
 /// Sends `signal` to the process group `pgid` (the container's processes).
 async fn signal_group(pgid: u32, signal: &str) {
+    // `kill -- -0` would signal our own process group.
+    if pgid <= 1 {
+        return;
+    }
     // `kill` from procps: no libc (and so no unsafe) needed.
     let _ = tokio::process::Command::new("kill")
         .arg(format!("-{signal}"))
@@ -787,6 +809,7 @@ async fn run_process(
         }
     };
     let pid = child.id().unwrap_or(0);
+    lock(&ctx.shared.kubelet.process_groups).insert(pid);
     let readers = [
         child
             .stdout
@@ -837,6 +860,7 @@ async fn run_process(
     };
     // The container's other processes die with it.
     signal_group(pid, "KILL").await;
+    lock(&ctx.shared.kubelet.process_groups).remove(&pid);
     for r in readers.into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
     }

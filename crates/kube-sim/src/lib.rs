@@ -237,5 +237,6 @@ impl KubeSim {
 impl Drop for KubeSim {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
+        self.shared.kubelet.kill_all();
     }
 }
