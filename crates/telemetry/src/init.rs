@@ -1,5 +1,7 @@
 //! Building and installing the subscriber; flushing on the way out.
 
+use std::io::IsTerminal;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
@@ -9,6 +11,7 @@ use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProces
 use sandfleet_settings::{LogFormat, TelemetrySettings};
 use tracing::Subscriber;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::TelemetryError;
@@ -78,9 +81,11 @@ pub fn subscriber(
 ) -> Result<(impl Subscriber + Send + Sync + 'static, TelemetryGuard), TelemetryError> {
     let filter = EnvFilter::try_new(&settings.log_filter)
         .map_err(|e| TelemetryError::Filter(e.to_string()))?;
+    // Colours only for a person at a terminal, not in collected pod logs.
+    let ansi = std::io::stderr().is_terminal();
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match settings.log_format {
-        LogFormat::Human => fmt.boxed(),
+        LogFormat::Human => fmt.with_ansi(ansi).boxed(),
         LogFormat::Json => fmt
             .json()
             .with_current_span(true)
@@ -129,7 +134,9 @@ pub fn subscriber(
 /// OTLP endpoint is configured.
 pub fn init(settings: &TelemetrySettings) -> Result<TelemetryGuard, TelemetryError> {
     let (subscriber, guard) = subscriber(settings)?;
-    tracing::subscriber::set_global_default(subscriber)
+    // try_init also routes `log` records (rustls, some client crates) into tracing.
+    subscriber
+        .try_init()
         .map_err(|_| TelemetryError::AlreadyInitialized)?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     if let Some(provider) = &guard.provider {
