@@ -132,11 +132,7 @@ fn release_if_orphaned(shared: &Shared, pod: &Value) {
 fn owned_pods(shared: &Shared, ns: &str, uid: &str) -> Vec<Value> {
     shared
         .store
-        .list(Kind::Pod, Some(ns))
-        .0
-        .into_iter()
-        .filter(|p| meta::controller_uid(p) == Some(uid))
-        .collect()
+        .list_where(Kind::Pod, ns, |p| meta::controller_uid(p) == Some(uid))
 }
 
 /// After a Job is removed: delete its pods (Background/Foreground) or orphan them.

@@ -254,13 +254,32 @@ impl Store {
     /// with the collection revision.
     pub(crate) fn list(&self, kind: Kind, ns: Option<&str>) -> (Vec<Value>, u64) {
         let inner = self.lock();
+        let from = (kind, ns.unwrap_or("").to_owned(), String::new());
         let items = inner
             .objects
-            .iter()
-            .filter(|((k, n, _), _)| *k == kind && ns.is_none_or(|ns| ns == n))
+            .range(from..)
+            .take_while(|((k, n, _), _)| *k == kind && ns.is_none_or(|ns| ns == n))
             .map(|(_, v)| v.clone())
             .collect();
         (items, inner.rev)
+    }
+
+    /// The objects of `kind` in `ns` for which `keep` holds, cloning only those.
+    pub(crate) fn list_where(
+        &self,
+        kind: Kind,
+        ns: &str,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let inner = self.lock();
+        let from = (kind, ns.to_owned(), String::new());
+        inner
+            .objects
+            .range(from..)
+            .take_while(|((k, n, _), _)| *k == kind && n == ns)
+            .filter(|(_, v)| keep(v))
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Read-modify-write under the lock. `f` edits a copy; an unchanged copy is not

@@ -334,3 +334,109 @@ async fn instant_script_needs_no_process() {
     let t = terminated(&pods_of(&pods, "inst").await[0]).unwrap();
     assert_eq!(t.exit_code, 0);
 }
+
+#[tokio::test]
+async fn on_failure_restarts_in_place_and_keeps_the_previous_log() {
+    let (_sim, jobs, pods) = setup().await;
+    // First run fails, the restarted container (same pod, same $HOME) keeps running.
+    let mut job = shell_job(
+        "onf",
+        "if [ -f \"$HOME/once\" ]; then echo second; sleep 30; \
+         else touch \"$HOME/once\"; echo first; exit 2; fi",
+    );
+    let spec = job.spec.as_mut().unwrap();
+    spec.backoff_limit = Some(3);
+    spec.template.spec.as_mut().unwrap().restart_policy = Some("OnFailure".into());
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    let pod = eventually(10, "restarted and running", || async {
+        let p = pods_of(&pods, "onf").await.into_iter().next()?;
+        let cs = p.status.as_ref()?.container_statuses.as_ref()?[0].clone();
+        (cs.restart_count == 1 && cs.state.as_ref()?.running.is_some()).then_some(p)
+    })
+    .await;
+    assert_eq!(pods_of(&pods, "onf").await.len(), 1, "restarted in place");
+    let name = pod.metadata.name.unwrap();
+    let last = pod.status.unwrap().container_statuses.unwrap()[0]
+        .last_state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!(last.exit_code, 2);
+    let prev = pods
+        .logs(
+            &name,
+            &LogParams {
+                previous: true,
+                ..LogParams::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(prev, "first\n");
+    let current = eventually(5, "second log", || async {
+        let l = pods.logs(&name, &LogParams::default()).await.ok()?;
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(current, "second\n");
+}
+
+#[tokio::test]
+async fn hanging_pod_runs_until_deleted_and_its_log_goes_with_it() {
+    let (sim, jobs, pods) = setup().await;
+    sim.script_pods("job-name=hang", PodScript::Hang);
+    jobs.create(&PostParams::default(), &shell_job("hang", "true"))
+        .await
+        .unwrap();
+    let pod = eventually(5, "running", || async {
+        let p = pods_of(&pods, "hang").await.into_iter().next()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(p)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let name = pod.metadata.name.unwrap();
+    assert_eq!(
+        pods.get(&name)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .phase
+            .as_deref(),
+        Some("Running")
+    );
+    jobs.delete("hang", &kube::api::DeleteParams::background())
+        .await
+        .unwrap();
+    eventually(10, "pod gone", || async {
+        pods.get_opt(&name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    match pods.logs(&name, &LogParams::default()).await.unwrap_err() {
+        kube::Error::Api(s) => assert_eq!(s.code, 404),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn start_error_when_the_command_does_not_exist() {
+    let (_sim, jobs, pods) = setup().await;
+    let mut job = shell_job("noexe", "true");
+    job.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[0]
+        .command = Some(vec!["/definitely/not/here".into()]);
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    finished(&jobs, "noexe").await;
+    let t = terminated(&pods_of(&pods, "noexe").await[0]).unwrap();
+    assert_eq!(
+        (t.exit_code, t.reason.as_deref()),
+        (128, Some("StartError"))
+    );
+}

@@ -133,3 +133,111 @@ async fn raw_watch_replays_from_resource_version_and_filters_labels() {
         "no ADDED replayed at or before the start version"
     );
 }
+
+#[tokio::test]
+async fn label_filtered_watch_sends_deleted_when_labels_stop_matching() {
+    use kube::api::{Patch, PatchParams};
+    let sim = start().await;
+    let jobs: Api<Job> = Api::namespaced(client(&sim).await, NS);
+    let job = jobs
+        .create(&PostParams::default(), &shell_job("lbl", "true"))
+        .await
+        .unwrap();
+    let rv = job.metadata.resource_version.unwrap();
+    jobs.patch(
+        "lbl",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"labels": {"app": "moved"}}})),
+    )
+    .await
+    .unwrap();
+    let wp = WatchParams::default().labels("app=sim-test").timeout(1);
+    let events: Vec<_> = jobs
+        .watch(&wp, &rv)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let last = events
+        .iter()
+        .rfind(|e| !matches!(e, WatchEvent::Bookmark(_)))
+        .expect("an event");
+    match last {
+        WatchEvent::Deleted(j) => {
+            assert_eq!(j.metadata.labels.as_ref().unwrap()["app"], "moved");
+        }
+        other => panic!("expected DELETED, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn streaming_list_sends_initial_events_then_bookmark() {
+    let sim = start().await;
+    let jobs: Api<Job> = Api::namespaced(client(&sim).await, NS);
+    jobs.create(&PostParams::default(), &shell_job("pre", "true"))
+        .await
+        .unwrap();
+    let stream = watcher::watcher(jobs.clone(), watcher::Config::default().streaming_lists());
+    let mut stream = std::pin::pin!(stream);
+    let mut seen = Vec::new();
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("watcher event in time")
+    {
+        match ev.unwrap() {
+            Event::Init => seen.push("init".to_owned()),
+            Event::InitApply(j) => seen.push(j.metadata.name.unwrap()),
+            Event::InitDone => {
+                seen.push("done".to_owned());
+                break;
+            }
+            Event::Apply(_) | Event::Delete(_) => {}
+        }
+    }
+    assert_eq!(seen, ["init", "pre", "done"]);
+    let watch = sim
+        .request_log()
+        .into_iter()
+        .find(|r| r.verb() == "watch")
+        .unwrap();
+    assert_eq!(
+        watch.query_param("sendInitialEvents").as_deref(),
+        Some("true")
+    );
+}
+
+#[tokio::test]
+async fn bookmarks_are_sent_when_allowed() {
+    let sim = sandfleet_kube_sim::KubeSim::start(sandfleet_kube_sim::SimOptions {
+        bookmark_interval: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let jobs: Api<Job> = Api::namespaced(client(&sim).await, NS);
+    let wp = WatchParams {
+        bookmarks: true,
+        ..WatchParams::default().timeout(1)
+    };
+    let events: Vec<_> = jobs
+        .watch(&wp, "0")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(events.iter().any(|e| matches!(e, WatchEvent::Bookmark(_))));
+    let wp = WatchParams {
+        bookmarks: false,
+        ..WatchParams::default().timeout(1)
+    };
+    let events: Vec<_> = jobs
+        .watch(&wp, "0")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(!events.iter().any(|e| matches!(e, WatchEvent::Bookmark(_))));
+}
