@@ -18,12 +18,19 @@ use sandfleet_settings::AmqpSettings;
 use crate::error::{AmqpError, REPLY_NOT_FOUND, reply_code};
 use crate::management::Management;
 
-/// A handle on RabbitMQ: a pool of connections (deadpool-lapin) that opens
-/// channels. Cheap to clone; clones share the pool.
+/// A handle on RabbitMQ: pools of connections (deadpool-lapin) that open
+/// channels. Cheap to clone; clones share the pools.
 ///
-/// Connections are named `sandfleet-<component>@<host>#<n>` (or
-/// `<amqp.connection_name>#<n>`), so an operator can tell in the management UI
-/// which process holds which connection, and tests can close exactly theirs.
+/// Publishing and consuming use separate connections (two pools of up to
+/// `amqp.pool_size` each): when the broker blocks a publishing connection
+/// (memory or disk alarm, flow control) it stops reading from it, and acks
+/// of consumers on the same connection would be stuck behind the publishes.
+/// Channels share a connection; a pool grows only under concurrent opens.
+///
+/// Connections are named `sandfleet-<component>@<host>#p<n>` (publishing) and
+/// `...#c<n>` (consuming, declaring), or `<amqp.connection_name>#p<n>`, so an
+/// operator can tell in the management UI which process holds which
+/// connection, and tests can close exactly theirs.
 /// Heartbeats (`amqp.heartbeat_secs`) detect dead peers; a connection the
 /// broker or the network closed is discarded by the pool and replaced on the
 /// next [`channel`](Amqp::channel). TLS is used when the URL is `amqps://`.
@@ -33,7 +40,10 @@ pub struct Amqp {
 }
 
 struct Inner {
+    /// Consumers and declarations.
     pool: deadpool_lapin::Pool,
+    /// Publishers.
+    publish_pool: deadpool_lapin::Pool,
     settings: AmqpSettings,
     name: String,
     uri: AMQPUri,
@@ -90,24 +100,12 @@ impl Amqp {
             url: Some(uri.to_string()),
             pool: Some(pool_config),
         };
-        let counter = Arc::new(AtomicU32::new(0));
-        let props_name = name.clone();
-        let pool = config
-            .create_pool(
-                move || {
-                    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
-                    ConnectionProperties::default()
-                        .with_connection_name(format!("{props_name}#{n}").into())
-                        .with_client_property("product".into(), "sandfleet".into())
-                        .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into())
-                        .with_client_property("pid".into(), std::process::id().to_string().into())
-                },
-                Runtime::Tokio1,
-            )
-            .map_err(|e| AmqpError::InvalidUrl(e.to_string()))?;
+        let pool = make_pool(&config, &name, 'c')?;
+        let publish_pool = make_pool(&config, &name, 'p')?;
         Ok(Amqp {
             inner: Arc::new(Inner {
                 pool,
+                publish_pool,
                 settings: settings.clone(),
                 name,
                 uri,
@@ -154,19 +152,23 @@ impl Amqp {
         )
     }
 
-    /// Opens a channel on a pooled connection: one attempt. The connection
-    /// goes back to the pool at once and is shared by other channels; the
-    /// channel keeps it alive.
+    /// Opens a channel on a pooled consumer/admin connection: one attempt.
+    /// The connection goes back to the pool at once and is shared by other
+    /// channels; the channel keeps it alive.
     pub async fn channel(&self) -> Result<Channel, AmqpError> {
-        let conn = self
-            .inner
-            .pool
-            .get()
-            .await
-            .map_err(|e| AmqpError::Connect {
-                endpoint: self.endpoint(),
-                reason: e.to_string(),
-            })?;
+        self.open_on(&self.inner.pool).await
+    }
+
+    /// Opens a channel on a pooled *publishing* connection: one attempt.
+    pub async fn publish_channel(&self) -> Result<Channel, AmqpError> {
+        self.open_on(&self.inner.publish_pool).await
+    }
+
+    async fn open_on(&self, pool: &deadpool_lapin::Pool) -> Result<Channel, AmqpError> {
+        let conn = pool.get().await.map_err(|e| AmqpError::Connect {
+            endpoint: self.endpoint(),
+            reason: e.to_string(),
+        })?;
         let channel = conn.create_channel().await;
         match channel {
             Ok(c) => Ok(c),
@@ -192,12 +194,32 @@ impl Amqp {
         &self,
         give_up_after: Option<Duration>,
     ) -> Result<Channel, AmqpError> {
+        self.retry(give_up_after, || self.channel()).await
+    }
+
+    /// [`publish_channel`](Amqp::publish_channel) with retries, like
+    /// [`channel_with_retry`](Amqp::channel_with_retry).
+    pub async fn publish_channel_with_retry(
+        &self,
+        give_up_after: Option<Duration>,
+    ) -> Result<Channel, AmqpError> {
+        self.retry(give_up_after, || self.publish_channel()).await
+    }
+
+    async fn retry<F, Fut>(
+        &self,
+        give_up_after: Option<Duration>,
+        open: F,
+    ) -> Result<Channel, AmqpError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Channel, AmqpError>>,
+    {
         let backoff = self
             .reconnect_backoff()
             .without_max_times()
             .with_total_delay(give_up_after);
-        (|| self.channel())
-            .retry(backoff)
+        open.retry(backoff)
             .when(AmqpError::is_transient)
             .notify(|e, delay| {
                 tracing::warn!(error = %e, ?delay, connection = %self.inner.name, "RabbitMQ unavailable; retrying");
@@ -233,10 +255,34 @@ impl Amqp {
         Ok(q.message_count())
     }
 
-    /// Closes the pool: idle connections are closed, and no new ones are made.
+    /// Closes the pools: idle connections are closed, and no new ones are made.
     pub fn close(&self) {
         self.inner.pool.close();
+        self.inner.publish_pool.close();
     }
+}
+
+/// A pool whose connections are named `<name>#<tag><n>`.
+fn make_pool(
+    config: &deadpool_lapin::Config,
+    name: &str,
+    tag: char,
+) -> Result<deadpool_lapin::Pool, AmqpError> {
+    let counter = Arc::new(AtomicU32::new(0));
+    let name = name.to_owned();
+    config
+        .create_pool(
+            move || {
+                let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                ConnectionProperties::default()
+                    .with_connection_name(format!("{name}#{tag}{n}").into())
+                    .with_client_property("product".into(), "sandfleet".into())
+                    .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into())
+                    .with_client_property("pid".into(), std::process::id().to_string().into())
+            },
+            Runtime::Tokio1,
+        )
+        .map_err(|e| AmqpError::InvalidUrl(e.to_string()))
 }
 
 /// See [`Amqp::reconnect_backoff`].

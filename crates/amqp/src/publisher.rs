@@ -339,12 +339,12 @@ impl Publisher {
 }
 
 async fn open(amqp: &Amqp) -> Result<Active, AmqpError> {
-    let channel = amqp.channel().await?;
+    let channel = amqp.publish_channel().await?;
     activate(channel).await
 }
 
 async fn open_with_retry(amqp: &Amqp, within: Duration) -> Result<Active, AmqpError> {
-    let channel = amqp.channel_with_retry(Some(within)).await?;
+    let channel = amqp.publish_channel_with_retry(Some(within)).await?;
     activate(channel).await
 }
 

@@ -468,3 +468,18 @@ async fn retry_ladder_delays_then_returns_the_task_to_the_work_queue() {
     assert_eq!(back.routing_key(), TASK_ROUTING_KEY);
     back.ack().await.unwrap();
 }
+
+#[tokio::test]
+async fn publishing_and_consuming_use_separate_named_connections() {
+    let p = unique("names");
+    let amqp = connect(&p).await;
+    let (t, _cleanup) = applied(&amqp, &p, topology_settings(&p)).await;
+    let publisher = Publisher::new(&amqp).await.unwrap();
+    publisher.publish(&task_message(&t, "x")).await.unwrap();
+    let _consumer = Consumer::start(&amqp, ConsumerOptions::new(&t.tasks_queue, 1))
+        .await
+        .unwrap();
+    // A blocked publishing connection must not hold up consumers' acks.
+    wait_visible(&amqp, &format!("{p}-conn#p")).await;
+    wait_visible(&amqp, &format!("{p}-conn#c")).await;
+}
