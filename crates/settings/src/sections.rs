@@ -7,7 +7,9 @@ use sandfleet_proto::Step;
 use serde::{Deserialize, Serialize};
 
 /// Connection to RabbitMQ (section `amqp`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// `Debug` hides the password in `url`, so settings can be logged.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
     /// `amqp://` or `amqps://` URL, credentials included.
@@ -25,6 +27,36 @@ pub struct AmqpSettings {
     pub max_outstanding_confirms: usize,
     /// Cap on the reconnect backoff, in seconds.
     pub reconnect_max_delay_secs: u64,
+}
+
+impl std::fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("heartbeat_secs", &self.heartbeat_secs)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("connection_name", &self.connection_name)
+            .field("max_outstanding_confirms", &self.max_outstanding_confirms)
+            .field("reconnect_max_delay_secs", &self.reconnect_max_delay_secs)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host/...` → `scheme://user:***@host/...`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 impl Default for AmqpSettings {
@@ -332,12 +364,14 @@ impl Default for FixTemplate {
                 step(
                     "checkout",
                     "git clone --filter=blob:none \"$SANDFLEET_CLONE_URL\" src && git -C src checkout \"$SANDFLEET_COMMIT\"",
-                    300,
+                    120,
                 ),
-                step("build", "cd src && make", 1200),
-                step("test", "cd src && make test", 1800),
+                step("build", "cd src && make", 600),
+                step("test", "cd src && make test", 780),
             ],
-            deadline_secs: 3600,
+            // Inside RabbitMQ's default consumer_timeout (30 min) with a margin:
+            // the worker holds the delivery unacked while the sandbox runs.
+            deadline_secs: 1500,
             max_attempts: 3,
         }
     }
@@ -381,4 +415,21 @@ pub enum LogFormat {
 /// Seconds as a [`Duration`]; helper for the `*_secs` fields.
 pub fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_broker_password() {
+        let settings = AmqpSettings {
+            url: "amqps://worker:s3cr3t@rabbit.internal:5671/prod".to_owned(),
+            ..AmqpSettings::default()
+        };
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("s3cr3t"), "{printed}");
+        assert!(printed.contains("amqps://worker:***@rabbit.internal:5671/prod"));
+        assert_eq!(redact_url("amqp://localhost"), "amqp://localhost");
+    }
 }
