@@ -1,0 +1,338 @@
+//! The command line, as clap derive types. Every subcommand's `--help` ends
+//! with examples.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// sandfleet: run fix-attempt sandboxes from a RabbitMQ queue.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sandfleet",
+    version,
+    about = "Run fix-attempt sandboxes from a RabbitMQ queue: workers, webhook gateway, and the tools operators use.",
+    long_about = None,
+    after_help = "\
+Try it first (needs nothing installed):
+  sandfleet demo
+
+Everyday use:
+  sandfleet topology apply                      # declare exchanges and queues
+  sandfleet worker                              # run a worker (Ctrl-C drains)
+  sandfleet enqueue task.json                   # enqueue a task from a file
+  sandfleet results tail --follow               # watch results arrive
+  sandfleet dlq list                            # what was dead-lettered, and why
+  sandfleet replay --from-dlq --dry-run         # what a replay would send
+
+Configuration: defaults, then the file (--config, or ./sandfleet.toml when it
+exists), then SANDFLEET__SECTION__KEY environment variables (for example
+SANDFLEET__AMQP__URL), then flags. Flags win.
+
+Exit codes: 0 ok, 1 failure, 2 usage or configuration error,
+3 broker unavailable, 4 partial failure (some items failed), 130 interrupted."
+)]
+pub struct Cli {
+    /// Options every subcommand takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Configuration file (TOML). Default: ./sandfleet.toml when it exists.
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output: one JSON object per line on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// RabbitMQ URL; overrides `amqp.url` (e.g. amqp://guest:guest@127.0.0.1:5672/%2f).
+    #[arg(long, global = true, value_name = "URL")]
+    pub amqp_url: Option<String>,
+    /// Prefix of exchange and queue names; overrides `topology.prefix`.
+    #[arg(long, global = true, value_name = "PREFIX")]
+    pub prefix: Option<String>,
+    /// Log filter (tracing env-filter syntax); overrides `telemetry.log_filter`.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a worker: consume tasks, run sandboxes, publish results.
+    #[command(after_help = "\
+Examples:
+  sandfleet worker
+  SANDFLEET__WORKER__EXECUTOR=kubernetes sandfleet worker --concurrency 8
+
+The first SIGTERM or Ctrl-C drains (in-flight tasks finish, up to
+worker.drain_timeout_secs); a second one exits at once.")]
+    Worker(WorkerArgs),
+    /// Run the webhook gateway (GitHub, GitLab, and the bearer-token task API).
+    #[command(after_help = "\
+Examples:
+  SANDFLEET__GATEWAY__GITHUB_SECRET=... sandfleet gateway --listen 0.0.0.0:8080
+
+Routes: POST /webhooks/github, POST /webhooks/gitlab, POST /v1/tasks,
+GET /healthz, /readyz, /metrics.")]
+    Gateway(GatewayArgs),
+    /// Enqueue one task and print its id once the broker confirmed it.
+    #[command(after_help = "\
+Examples:
+  sandfleet enqueue task.json
+  cat task.json | sandfleet enqueue -
+  sandfleet enqueue --repo octo-org/octo-repo --commit 3484a3fb \\
+      --image alpine:3.20 --step 'build=make' --step 'test=make test'
+
+Values given with --repo, --commit and --ref reach the sandbox as the env vars
+SANDFLEET_REPOSITORY, SANDFLEET_COMMIT and SANDFLEET_REF.")]
+    Enqueue(EnqueueArgs),
+    /// Re-enqueue failed builds from the dead-letter queue, the results stream or a file.
+    #[command(after_help = "\
+Examples:
+  sandfleet replay --from-dlq --dry-run
+  sandfleet replay --from-results --since 2h --repo 'octo-org/*' --outcome failed --rate 5
+  sandfleet replay --from-file failed.jsonl --batch incident-42
+
+Each replayed task gets a new id, `replay_of` set to the original, and the
+idempotency key replay:<original id>:<batch>. Keys already in the replay ledger
+(the stream queue <prefix>.replays) are skipped, so running the same replay
+twice sends nothing; pass a new --batch, or --force, to replay again.")]
+    Replay(ReplayArgs),
+    /// Read the results stream.
+    #[command(subcommand)]
+    Results(ResultsCommand),
+    /// Inspect and manage the dead-letter queue.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Declare (apply) or verify (check) exchanges and queues.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Run three sample fix attempts through the whole pipeline in one process.
+    #[command(after_help = "\
+Examples:
+  sandfleet demo                 # in-memory broker, local executor: needs only /bin/sh
+  sandfleet demo --amqp-url amqp://guest:guest@127.0.0.1:5672/%2f
+
+The three tasks: one that passes, one whose tests fail, one that times out.")]
+    Demo(DemoArgs),
+}
+
+/// `sandfleet worker`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Tasks run at once; overrides `worker.concurrency`.
+    #[arg(long)]
+    pub concurrency: Option<u16>,
+    /// `local` or `kubernetes`; overrides `worker.executor`.
+    #[arg(long)]
+    pub executor: Option<String>,
+    /// Address of /healthz, /readyz, /metrics; overrides `worker.http_addr`.
+    #[arg(long, value_name = "ADDR")]
+    pub http_addr: Option<String>,
+}
+
+/// `sandfleet gateway`.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Listen address; overrides `gateway.listen_addr`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+}
+
+/// `sandfleet enqueue`.
+#[derive(Debug, Clone, Args)]
+pub struct EnqueueArgs {
+    /// A task JSON file, or `-` for stdin. Omit it to build a task from flags.
+    #[arg(value_name = "FILE", conflicts_with_all = ["repo", "commit", "image", "steps"])]
+    pub file: Option<PathBuf>,
+    /// Repository (`owner/name`) for a task built from flags.
+    #[arg(long, requires_all = ["commit", "steps"])]
+    pub repo: Option<String>,
+    /// Commit SHA for a task built from flags.
+    #[arg(long)]
+    pub commit: Option<String>,
+    /// Branch or tag.
+    #[arg(long = "ref", value_name = "REF")]
+    pub git_ref: Option<String>,
+    /// Sandbox image (default: the gateway template's image).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// A step as NAME=COMMAND; repeat for several, they run in order.
+    #[arg(long = "step", value_name = "NAME=COMMAND")]
+    pub steps: Vec<String>,
+    /// Timeout of each step built from flags, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub step_timeout: u64,
+    /// Extra env var for the sandbox as KEY=VALUE; repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Overall deadline, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub deadline: u64,
+    /// Idempotency key (default: the task id).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+/// `sandfleet replay`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["from_dlq", "from_results", "from_file"])))]
+pub struct ReplayArgs {
+    /// Replay tasks from the dead-letter queue (replayed messages are removed from it).
+    #[arg(long)]
+    pub from_dlq: bool,
+    /// Replay failed builds found in the results stream.
+    #[arg(long)]
+    pub from_results: bool,
+    /// Replay tasks (or results carrying a task) from a JSON-lines file, `-` for stdin.
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<PathBuf>,
+    /// Only results finished at or after this time: RFC 3339, or an age like 90m, 2h, 7d.
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Only results finished before this time: RFC 3339, or an age like 30m.
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Only these repositories: `owner/name` or `owner/*`; repeatable.
+    #[arg(long = "repo", value_name = "PATTERN")]
+    pub repos: Vec<String>,
+    /// Only these final outcomes (default: every outcome but succeeded); repeatable or comma-separated.
+    #[arg(long = "outcome", value_name = "OUTCOME", value_delimiter = ',')]
+    pub outcomes: Vec<String>,
+    /// Only these task ids; repeatable or comma-separated.
+    #[arg(long = "task", value_name = "ID", value_delimiter = ',')]
+    pub tasks: Vec<uuid::Uuid>,
+    /// Replay batch key: part of each replayed task's idempotency key.
+    #[arg(long, default_value = "default")]
+    pub batch: String,
+    /// Replay even when the ledger says this batch already replayed a task.
+    #[arg(long)]
+    pub force: bool,
+    /// List what would be sent; send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Tasks per second at most (0: no limit).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Stop after this many tasks.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// When reading a stream or queue, stop after this long without a message (e.g. 2s).
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub idle_timeout: String,
+}
+
+/// `sandfleet results ...`.
+#[derive(Debug, Subcommand)]
+pub enum ResultsCommand {
+    /// Print results from the results stream, optionally following new ones.
+    #[command(after_help = "\
+Examples:
+  sandfleet results tail                       # the last results, then stop
+  sandfleet results tail --follow              # and keep printing new ones
+  sandfleet results tail --since 1h --outcome failed --repo 'octo-org/*'
+  sandfleet results tail --from first --json | jq .outcome")]
+    Tail(TailArgs),
+}
+
+/// `sandfleet results tail`.
+#[derive(Debug, Clone, Args)]
+pub struct TailArgs {
+    /// Where to start: `first`, `last`, `next`, or a numeric stream offset.
+    #[arg(long, default_value = "last", conflicts_with = "since")]
+    pub from: String,
+    /// Start at this time: RFC 3339, or an age like 90m, 2h, 7d.
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Keep printing new results until interrupted.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only these outcomes; repeatable or comma-separated.
+    #[arg(long = "outcome", value_delimiter = ',')]
+    pub outcomes: Vec<String>,
+    /// Only these repositories (`owner/name` or `owner/*`); repeatable.
+    #[arg(long = "repo", value_name = "PATTERN")]
+    pub repos: Vec<String>,
+    /// Only final results (no `retrying` attempts).
+    #[arg(long)]
+    pub final_only: bool,
+    /// Stop after this many results.
+    #[arg(long, short = 'n')]
+    pub limit: Option<usize>,
+    /// Without --follow: stop after this long without a message.
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub idle_timeout: String,
+}
+
+/// `sandfleet dlq ...`.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Show dead-lettered tasks with their reasons.
+    #[command(after_help = "\
+Examples:
+  sandfleet dlq list
+  sandfleet dlq list --json | jq -r .reason")]
+    List(DlqListArgs),
+    /// Move dead-lettered tasks back to the task queue (same id, attempt reset).
+    #[command(after_help = "\
+Examples:
+  sandfleet dlq requeue --task 0192f0c4-...
+  sandfleet dlq requeue --all")]
+    Requeue(DlqRequeueArgs),
+    /// Delete every message in the dead-letter queue.
+    #[command(after_help = "\
+Examples:
+  sandfleet dlq purge            # asks for confirmation
+  sandfleet dlq purge --yes")]
+    Purge(DlqPurgeArgs),
+}
+
+/// `sandfleet dlq list`.
+#[derive(Debug, Clone, Args)]
+pub struct DlqListArgs {
+    /// Show at most this many messages.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    pub limit: usize,
+}
+
+/// `sandfleet dlq requeue`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("selection").required(true).args(["tasks", "all"])))]
+pub struct DlqRequeueArgs {
+    /// Task ids to requeue; repeatable or comma-separated.
+    #[arg(long = "task", value_name = "ID", value_delimiter = ',')]
+    pub tasks: Vec<uuid::Uuid>,
+    /// Requeue every dead-lettered task.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `sandfleet dlq purge`.
+#[derive(Debug, Clone, Args)]
+pub struct DlqPurgeArgs {
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+/// `sandfleet topology ...`.
+#[derive(Debug, Subcommand)]
+pub enum TopologyCommand {
+    /// Declare every exchange, queue and binding (idempotent).
+    Apply,
+    /// Verify that they exist with the expected arguments; exit 1 when not.
+    Check,
+}
+
+/// `sandfleet demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Seconds the "times out" sample's step may run before it is killed.
+    #[arg(long, default_value_t = 2)]
+    pub timeout_secs: u64,
+}

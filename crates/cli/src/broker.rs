@@ -1,0 +1,47 @@
+//! Connecting to RabbitMQ for a command, with errors mapped to exit codes.
+
+use sandfleet_amqp::{Amqp, AmqpError, PublishError, Topology, TopologyError};
+use sandfleet_settings::Settings;
+
+use crate::exit::CliError;
+
+/// Maps a broker error: transient ones mean "broker unavailable" (exit 3),
+/// the rest are failures (exit 1), an invalid URL is a configuration error.
+pub fn amqp_error(e: AmqpError) -> CliError {
+    if matches!(e, AmqpError::InvalidUrl(_)) {
+        CliError::Usage(format!("amqp.url: {e}"))
+    } else if e.is_transient() {
+        CliError::Broker(e.to_string())
+    } else {
+        CliError::Failed(e.to_string())
+    }
+}
+
+/// Maps a publish error the same way.
+pub fn publish_error(e: PublishError) -> CliError {
+    if e.is_transient() {
+        CliError::Broker(e.to_string())
+    } else {
+        CliError::Failed(e.to_string())
+    }
+}
+
+/// Maps a topology error.
+pub fn topology_error(e: TopologyError) -> CliError {
+    match e {
+        TopologyError::Amqp(e) => amqp_error(e),
+        other => CliError::Failed(other.to_string()),
+    }
+}
+
+/// Connects (one attempt, bounded by `amqp.connect_timeout_secs`).
+pub async fn connect(settings: &Settings, component: &str) -> Result<Amqp, CliError> {
+    Amqp::connect(&settings.amqp, component)
+        .await
+        .map_err(amqp_error)
+}
+
+/// The topology names for these settings.
+pub fn topology(settings: &Settings) -> Topology {
+    Topology::new(&settings.topology)
+}

@@ -1,0 +1,333 @@
+//! `sandfleet replay`: re-enqueue failed builds as new tasks.
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use sandfleet_amqp::{Amqp, StreamOffset};
+use sandfleet_gateway::TaskSink;
+use sandfleet_proto::Task;
+use sandfleet_settings::Settings;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::ReplayArgs;
+use crate::broker;
+use crate::commands::dlq;
+use crate::commands::results::{parse_outcomes, read_stream};
+use crate::exit::{CliError, CliResult, Exit};
+use crate::ledger::ReplayLedger;
+use crate::output::Output;
+use crate::replay::{
+    Candidate, ItemStatus, ReplayFilter, SeenOriginals, Summary, parse_jsonl, replayed_task,
+};
+use crate::timearg;
+
+/// Builds the filter from the flags.
+pub fn filter(a: &ReplayArgs) -> CliResult<ReplayFilter> {
+    let now = Utc::now();
+    Ok(ReplayFilter {
+        since: a
+            .since
+            .as_deref()
+            .map(|s| timearg::parse_time(s, now))
+            .transpose()?,
+        until: a
+            .until
+            .as_deref()
+            .map(|s| timearg::parse_time(s, now))
+            .transpose()?,
+        repos: a.repos.clone(),
+        outcomes: parse_outcomes(&a.outcomes)?,
+        tasks: a.tasks.clone(),
+    })
+}
+
+/// Paces sends to `rate` per second (0: unpaced).
+struct Pacer {
+    interval: Option<tokio::time::Interval>,
+}
+
+impl Pacer {
+    fn new(rate: f64) -> Pacer {
+        let interval = (rate > 0.0).then(|| {
+            let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        Pacer { interval }
+    }
+
+    async fn wait(&mut self) {
+        if let Some(i) = &mut self.interval {
+            i.tick().await;
+        }
+    }
+}
+
+/// Runs `replay` with `sink` as the task producer.
+pub async fn run(
+    a: &ReplayArgs,
+    settings: &Settings,
+    sink: Arc<dyn TaskSink>,
+    out: Output,
+    shutdown: CancellationToken,
+) -> CliResult<Exit> {
+    if a.rate < 0.0 || !a.rate.is_finite() {
+        return Err(CliError::Usage(
+            "--rate must be a positive number of tasks per second (0: unlimited)".to_owned(),
+        ));
+    }
+    if a.batch.is_empty() || a.batch.contains(char::is_whitespace) {
+        return Err(CliError::Usage(
+            "--batch must be a non-empty key without spaces".to_owned(),
+        ));
+    }
+    let filter = filter(a)?;
+    let idle = timearg::parse_duration(&a.idle_timeout)?;
+    let amqp = broker::connect(settings, "cli-replay").await?;
+    let topology = broker::topology(settings);
+    let ledger = ReplayLedger::open(
+        &amqp,
+        &settings.topology.prefix,
+        &settings.topology.results_max_age,
+    )
+    .await?;
+    let done = if a.force {
+        HashSet::new()
+    } else {
+        ledger.keys().await?
+    };
+
+    let mut summary = Summary::default();
+    let mut run = Run {
+        a,
+        out,
+        sink,
+        ledger: &ledger,
+        done,
+        pacer: Pacer::new(a.rate),
+        seen: SeenOriginals::default(),
+        progress: progress_bar(out),
+    };
+
+    if a.from_dlq {
+        run.replay_dlq(
+            &amqp,
+            &topology.dead_queue,
+            &filter,
+            &mut summary,
+            &shutdown,
+        )
+        .await?;
+    } else if a.from_results {
+        let start = match filter.since {
+            Some(s) => StreamOffset::Timestamp(s.timestamp()),
+            None => StreamOffset::First,
+        };
+        let mut candidates = Vec::new();
+        read_stream(
+            &amqp,
+            &topology.results_stream,
+            start,
+            Some(idle),
+            &shutdown,
+            |r| {
+                // Results after --until end the scan: the stream is in time order.
+                if filter
+                    .until
+                    .is_some_and(|u| r.finished_at >= u + chrono::Duration::minutes(5))
+                {
+                    return false;
+                }
+                candidates.push(Candidate::Result(Box::new(r)));
+                true
+            },
+        )
+        .await?;
+        run.candidates(candidates, &filter, &mut summary, &shutdown)
+            .await;
+    } else if let Some(path) = &a.from_file {
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+                .map_err(|e| CliError::Usage(format!("stdin: {e}")))?
+        } else {
+            std::fs::read_to_string(path)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?
+        };
+        let candidates =
+            parse_jsonl(&text).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        run.candidates(candidates, &filter, &mut summary, &shutdown)
+            .await;
+    }
+    if let Some(pb) = &run.progress {
+        pb.finish_and_clear();
+    }
+    let verb = if a.dry_run { "dry run: " } else { "" };
+    out.emit(
+        format!(
+            "{verb}{} read, {} matched, {} sent, {} would be sent, {} already replayed (batch {:?}), {} failed",
+            summary.read, summary.matched, summary.sent, summary.would_send, summary.already_replayed, a.batch, summary.failed
+        ),
+        &json!({ "summary": summary, "batch": a.batch, "dry_run": a.dry_run }),
+    );
+    Ok(match (summary.sent + summary.would_send, summary.failed) {
+        (_, 0) => Exit::Ok,
+        (0, _) => Exit::Failure,
+        _ => Exit::Partial,
+    })
+}
+
+fn progress_bar(out: Output) -> Option<indicatif::ProgressBar> {
+    if out.json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} {pos} replayed {msg} [{elapsed}]")
+    {
+        pb.set_style(style);
+    }
+    pb.enable_steady_tick(Duration::from_millis(120));
+    Some(pb)
+}
+
+struct Run<'a> {
+    a: &'a ReplayArgs,
+    out: Output,
+    sink: Arc<dyn TaskSink>,
+    ledger: &'a ReplayLedger,
+    done: HashSet<String>,
+    pacer: Pacer,
+    seen: SeenOriginals,
+    progress: Option<indicatif::ProgressBar>,
+}
+
+impl Run<'_> {
+    fn at_limit(&self, s: &Summary) -> bool {
+        self.a.limit.is_some_and(|l| s.sent + s.would_send >= l)
+    }
+
+    /// Replays one selected original; returns what happened.
+    async fn one(&mut self, original: &Task) -> ItemStatus {
+        let task = replayed_task(original, &self.a.batch, Utc::now());
+        let status = if self.done.contains(&task.idempotency_key) {
+            ItemStatus::AlreadyReplayed
+        } else if self.a.dry_run {
+            ItemStatus::WouldSend
+        } else {
+            self.pacer.wait().await;
+            match self.sink.enqueue(&task).await {
+                Ok(()) => {
+                    if let Err(e) = self.ledger.record(&task, &self.a.batch).await {
+                        eprintln!(
+                            "sandfleet: task {} was enqueued but not recorded in {}: {e}",
+                            task.id,
+                            self.ledger.queue()
+                        );
+                    }
+                    self.done.insert(task.idempotency_key.clone());
+                    ItemStatus::Sent
+                }
+                Err(e) => {
+                    eprintln!("sandfleet: replay of {} failed: {e}", original.id);
+                    ItemStatus::Failed
+                }
+            }
+        };
+        let line = match status {
+            ItemStatus::Sent => format!(
+                "sent     {} (replay of {}) {}",
+                task.id, original.id, original.source.repository
+            ),
+            ItemStatus::WouldSend => format!(
+                "would send  replay of {} {} {}",
+                original.id, original.source.repository, original.source.commit
+            ),
+            ItemStatus::AlreadyReplayed => format!(
+                "skipped  {} already replayed in batch {:?}",
+                original.id, self.a.batch
+            ),
+            ItemStatus::Failed => format!("failed   replay of {}", original.id),
+        };
+        let task_id = (status == ItemStatus::Sent).then_some(task.id);
+        let json = json!({
+            "status": status.as_str(), "replay_of": original.id, "task_id": task_id,
+            "idempotency_key": task.idempotency_key, "repository": original.source.repository,
+        });
+        match &self.progress {
+            Some(pb) => {
+                pb.suspend(|| self.out.emit(&line, &json));
+                if status == ItemStatus::Sent {
+                    pb.inc(1);
+                }
+            }
+            None => self.out.emit(&line, &json),
+        }
+        status
+    }
+
+    async fn candidates(
+        &mut self,
+        cands: Vec<Candidate>,
+        filter: &ReplayFilter,
+        s: &mut Summary,
+        shutdown: &CancellationToken,
+    ) {
+        for c in &cands {
+            if shutdown.is_cancelled() || self.at_limit(s) {
+                break;
+            }
+            s.read += 1;
+            let Some(task) = c.selected(filter) else {
+                continue;
+            };
+            if !self.seen.first(task.id) {
+                continue;
+            }
+            s.matched += 1;
+            let st = self.one(task).await;
+            s.count(st);
+        }
+    }
+
+    async fn replay_dlq(
+        &mut self,
+        amqp: &Amqp,
+        queue: &str,
+        filter: &ReplayFilter,
+        s: &mut Summary,
+        shutdown: &CancellationToken,
+    ) -> CliResult<()> {
+        let deliveries = dlq::read(amqp, queue, usize::MAX).await?;
+        let mut keep = Vec::new();
+        for d in deliveries {
+            if shutdown.is_cancelled() || self.at_limit(s) {
+                keep.push(d);
+                continue;
+            }
+            s.read += 1;
+            let task: Option<Task> = serde_json::from_slice(d.body()).ok();
+            let Some(task) = task.filter(|t| filter.matches_task(t) && self.seen.first(t.id))
+            else {
+                keep.push(d);
+                continue;
+            };
+            s.matched += 1;
+            let st = self.one(&task).await;
+            s.count(st);
+            if st == ItemStatus::Sent {
+                // The replay stands in for the dead letter now.
+                if let Err(e) = d.ack().await {
+                    tracing::warn!(error = %e, task = %task.id, "could not remove a replayed dead letter");
+                }
+            } else {
+                keep.push(d);
+            }
+        }
+        dlq::give_back(&keep).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,77 @@
+//! enqueue, dlq requeue/purge, topology and exit codes against the real RabbitMQ.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Env, task};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enqueue_prints_the_id_once_confirmed() {
+    let env = Env::new().await;
+    let t = task("octo-org/octo-repo");
+    let file = env.dir.path().join("task.json");
+    std::fs::write(&file, serde_json::to_vec(&t).unwrap()).unwrap();
+    let run = env.sandfleet(&["enqueue", file.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.lines[0]["task_id"], t.id.to_string());
+    let tasks = env.take_tasks().await;
+    assert_eq!(tasks, [t]);
+
+    let bad = env.dir.path().join("bad.json");
+    std::fs::write(&bad, b"{\"schema_version\": 1}").unwrap();
+    let run = env.sandfleet(&["enqueue", bad.to_str().unwrap()]);
+    assert_eq!(run.code, 2, "an invalid task is a usage error: {run:?}");
+
+    let down = env.sandfleet(&[
+        "--amqp-url",
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        "enqueue",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(down.code, 3, "broker unavailable: {down:?}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_requeue_moves_the_selection_and_purge_needs_confirmation() {
+    let env = Env::new().await;
+    let a = task("octo-org/one");
+    let b = task("octo-org/two");
+    let c = task("octo-org/three");
+    for t in [&a, &b, &c] {
+        env.dead_letter(t, "retries_exhausted", "node lost three times")
+            .await;
+    }
+    let run = env.sandfleet(&["dlq", "requeue", "--task", &a.id.to_string()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(env.settled_depth(&env.topology.dead_queue, 2).await, 2);
+    let tasks = env.take_tasks().await;
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0].id, a.id, "requeue keeps the task id");
+
+    let run = env.sandfleet(&["dlq", "purge"]);
+    assert_eq!(run.code, 2, "no --yes and no terminal: refused: {run:?}");
+    assert_eq!(env.settled_depth(&env.topology.dead_queue, 2).await, 2);
+    let run = env.sandfleet(&["dlq", "purge", "--yes"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.lines[0]["purged"], 2);
+    assert_eq!(env.settled_depth(&env.topology.dead_queue, 0).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topology_check_reports_a_missing_topology() {
+    let env = Env::new().await;
+    let run = env.sandfleet(&["topology", "check"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let missing = env.sandfleet_prefixed("sf-clitest-never-applied", &["topology", "check"]);
+    assert_eq!(missing.code, 1, "{missing:?}");
+    assert!(
+        missing
+            .lines
+            .iter()
+            .any(|l| l["finding"].as_str().is_some_and(|f| f.contains("missing"))),
+        "{missing:?}"
+    );
+    env.cleanup().await;
+}
