@@ -270,7 +270,14 @@ pub fn kubernetes(
     if job.deleted {
         return Some(infra("the Job was deleted before it finished"));
     }
-    let pod = pod?;
+    let Some(pod) = pod else {
+        return (pending_for >= pending_timeout).then(|| {
+            infra(format!(
+                "no pod was created for the Job within {}s",
+                pending_timeout.as_secs()
+            ))
+        });
+    };
     if pod.deleted && pod.terminated.is_none() {
         // The Job controller would replace it; with backoffLimit 0 the Job fails next.
         return None;

@@ -7,8 +7,8 @@
 //!
 //! - [`LocalExecutor`]: a child process in a temp directory (the embedded
 //!   default, and the fast way to test the script for real);
-//! - `KubeExecutor`: one Kubernetes Job per attempt, built by the pure
-//!   `job` module, watched by one shared watcher, its API calls passing an
+//! - [`KubeExecutor`]: one Kubernetes Job per attempt, built by the pure
+//!   [`job`] module, watched by one shared watcher, its API calls passing an
 //!   [`ApiGate`] (the worker's circuit breaker).
 //!
 //! What an attempt did is decided by the pure [`classify`] module; whether
@@ -18,12 +18,12 @@
 pub mod classify;
 mod executor;
 pub mod gate;
-// KUBE pub mod kubernetes;
+pub mod kubernetes;
 pub mod local;
 pub mod report;
 pub mod script;
 
 pub use executor::{ExecError, Execution, Executor, RunContext};
 pub use gate::{ApiGate, CallClass, GateClosed, NoGate, RecordingGate};
-// KUBE pub use kubernetes::{KubeApi, KubeExecutor, job};
+pub use kubernetes::{ApiRetry, KubeApi, KubeExecutor, job};
 pub use local::LocalExecutor;

@@ -1,0 +1,310 @@
+//! [`KubeApi`]: the one type every Kubernetes call of the executor goes through.
+//!
+//! Each call asks the [`ApiGate`] for permission, records its [`CallClass`]
+//! and duration, and is retried in place (bounded exponential backoff with
+//! jitter, from backon; 429 waits at least the server's Retry-After) when the
+//! error is transient. kube's own retry layer is turned off
+//! (`Config::default_retry = false`) so the gate sees every failure.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::AsyncReadExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::{Client, Config};
+use sandfleet_settings::{KubernetesSettings, RetrySettings};
+
+use crate::executor::ExecError;
+use crate::gate::{ApiGate, CallClass};
+
+/// In-place retries of transient API errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiRetry {
+    /// Retries after the first try.
+    pub retries: u32,
+    /// First backoff delay; doubles per retry (with jitter), capped at 10 s.
+    pub base: Duration,
+}
+
+impl Default for ApiRetry {
+    fn default() -> Self {
+        ApiRetry::from(&RetrySettings::default())
+    }
+}
+
+impl From<&RetrySettings> for ApiRetry {
+    fn from(r: &RetrySettings) -> Self {
+        ApiRetry {
+            retries: r.api_retries,
+            base: Duration::from_millis(r.api_retry_base_ms),
+        }
+    }
+}
+
+/// The Kubernetes API, as the executor uses it: Jobs and Pods in one namespace.
+#[derive(Clone)]
+pub struct KubeApi {
+    client: Client,
+    namespace: String,
+    jobs: Api<Job>,
+    pods: Api<Pod>,
+    gate: Arc<dyn ApiGate>,
+    retry: ApiRetry,
+}
+
+impl std::fmt::Debug for KubeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeApi")
+            .field("namespace", &self.namespace)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Prepares a kube `Config`: our own retries instead of kube's, and the
+/// request timeout from the settings.
+pub fn tune_config(mut config: Config, settings: &KubernetesSettings) -> Config {
+    config.default_retry = false;
+    let timeout = Duration::from_secs(settings.request_timeout_secs.max(1));
+    config.connect_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    // Reads include watches, which kube keeps open for up to ~5 minutes
+    // (`timeoutSeconds=290`); a shorter read timeout would cut them.
+    config.read_timeout = Some(Duration::from_secs(295).max(timeout));
+    config
+}
+
+impl KubeApi {
+    /// Connects with the ambient configuration (in-cluster service account, or
+    /// `KUBECONFIG` / `~/.kube/config`), in `settings.namespace`.
+    pub async fn infer(
+        settings: &KubernetesSettings,
+        gate: Arc<dyn ApiGate>,
+        retry: ApiRetry,
+    ) -> Result<KubeApi, ExecError> {
+        let config = Config::infer()
+            .await
+            .map_err(|e| ExecError::Config(format!("kubernetes configuration: {e}")))?;
+        KubeApi::from_config(config, settings, gate, retry)
+    }
+
+    /// Connects with a kubeconfig document (tests point it at kube-sim).
+    pub async fn from_kubeconfig_yaml(
+        yaml: &str,
+        settings: &KubernetesSettings,
+        gate: Arc<dyn ApiGate>,
+        retry: ApiRetry,
+    ) -> Result<KubeApi, ExecError> {
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(yaml)
+            .map_err(|e| ExecError::Config(format!("kubeconfig: {e}")))?;
+        let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .map_err(|e| ExecError::Config(format!("kubeconfig: {e}")))?;
+        KubeApi::from_config(config, settings, gate, retry)
+    }
+
+    /// Builds the client from `config` (tuned by [`tune_config`]).
+    pub fn from_config(
+        config: Config,
+        settings: &KubernetesSettings,
+        gate: Arc<dyn ApiGate>,
+        retry: ApiRetry,
+    ) -> Result<KubeApi, ExecError> {
+        let config = tune_config(config, settings);
+        let client = Client::try_from(config)
+            .map_err(|e| ExecError::Config(format!("kubernetes client: {e}")))?;
+        let namespace = settings.namespace.clone();
+        Ok(KubeApi {
+            jobs: Api::namespaced(client.clone(), &namespace),
+            pods: Api::namespaced(client.clone(), &namespace),
+            client,
+            namespace,
+            gate,
+            retry,
+        })
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The Job API, for the shared watcher (whose list/watch traffic is not gated).
+    pub(crate) fn jobs_api(&self) -> Api<Job> {
+        self.jobs.clone()
+    }
+
+    /// The Pod API, for the shared watcher.
+    pub(crate) fn pods_api(&self) -> Api<Pod> {
+        self.pods.clone()
+    }
+
+    /// The kube client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Runs `call` through the gate, retrying transient failures in place.
+    async fn call<T, F, Fut>(&self, verb: &'static str, call: F) -> Result<T, ExecError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry.base)
+            .with_max_delay(Duration::from_secs(10))
+            .with_max_times(self.retry.retries as usize)
+            .with_jitter()
+            .build();
+        loop {
+            self.gate.permit().map_err(|_| ExecError::Unavailable)?;
+            let start = Instant::now();
+            let result = call().await;
+            let err = match result {
+                Ok(v) => {
+                    self.gate.record(verb, CallClass::Success, start.elapsed());
+                    return Ok(v);
+                }
+                Err(e) => e,
+            };
+            self.gate.record(verb, class_of(&err), start.elapsed());
+            let err = to_exec_error(verb, err);
+            if !err.is_transient() {
+                return Err(err);
+            }
+            match backoff.next() {
+                Some(delay) => {
+                    let delay = err.retry_after().map_or(delay, |ra| ra.max(delay));
+                    tracing::debug!(verb, error = %err, ?delay, "retrying kubernetes call");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(err),
+            }
+        }
+    }
+
+    /// Creates a Job. A 409 comes back as `ExecError::Api { status: Some(409) }`.
+    pub async fn create_job(&self, job: &Job) -> Result<Job, ExecError> {
+        let pp = PostParams::default();
+        self.call("create", || self.jobs.create(&pp, job)).await
+    }
+
+    /// Reads a Job; `None` when it does not exist.
+    pub async fn get_job(&self, name: &str) -> Result<Option<Job>, ExecError> {
+        self.call("get", || self.jobs.get_opt(name)).await
+    }
+
+    /// Deletes a Job with `propagationPolicy: Background` (its pods go too);
+    /// deleting a Job that is already gone is not an error.
+    pub async fn delete_job(&self, name: &str) -> Result<(), ExecError> {
+        let dp = DeleteParams::background();
+        match self.call("delete", || self.jobs.delete(name, &dp)).await {
+            Ok(_) => Ok(()),
+            Err(ExecError::Api {
+                status: Some(404), ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Lists Jobs matching a label selector.
+    pub async fn list_jobs(&self, selector: &str) -> Result<Vec<Job>, ExecError> {
+        let lp = ListParams::default().labels(selector);
+        self.call("list", || self.jobs.list(&lp))
+            .await
+            .map(|l| l.items)
+    }
+
+    /// Lists Pods matching a label selector.
+    pub async fn list_pods(&self, selector: &str) -> Result<Vec<Pod>, ExecError> {
+        let lp = ListParams::default().labels(selector);
+        self.call("list", || self.pods.list(&lp))
+            .await
+            .map(|l| l.items)
+    }
+
+    /// Reads at most `limit_bytes` of a pod's log, as bytes (the log may not
+    /// be UTF-8). `None` when the pod or its log is gone.
+    pub async fn pod_log(&self, pod: &str, limit_bytes: i64) -> Result<Option<Vec<u8>>, ExecError> {
+        let lp = LogParams {
+            limit_bytes: Some(limit_bytes),
+            container: Some(super::job::CONTAINER.to_owned()),
+            ..LogParams::default()
+        };
+        let read = || async {
+            let mut stream = self.pods.log_stream(pod, &lp).await?;
+            let mut buf = Vec::new();
+            stream
+                .read_to_end(&mut buf)
+                .await
+                .map_err(kube::Error::ReadEvents)?;
+            Ok(buf)
+        };
+        match self.call("logs", read).await {
+            Ok(b) => Ok(Some(b)),
+            Err(ExecError::Api {
+                status: Some(404), ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The breaker's view of a failed call: the server's status, or a
+/// transport failure (connect, timeout, reset, unreadable body).
+pub(crate) fn class_of(e: &kube::Error) -> CallClass {
+    match e {
+        kube::Error::Api(status) => {
+            let retry_after = status
+                .details
+                .as_ref()
+                .map(|d| d.retry_after_seconds)
+                .filter(|s| *s > 0)
+                .map(|s| Duration::from_secs(u64::from(s)));
+            CallClass::from_status(status.code, retry_after)
+        }
+        _ => CallClass::Failure,
+    }
+}
+
+/// Maps a kube error to an [`ExecError`] with its status and Retry-After.
+pub(crate) fn to_exec_error(verb: &'static str, e: kube::Error) -> ExecError {
+    match e {
+        kube::Error::Api(status) => {
+            let retry_after = status
+                .details
+                .as_ref()
+                .map(|d| d.retry_after_seconds)
+                .filter(|s| *s > 0)
+                .map(|s| Duration::from_secs(u64::from(s)));
+            let code = status.code;
+            let message = if status.message.is_empty() {
+                status.reason.clone()
+            } else {
+                status.message.clone()
+            };
+            if (code == 400 || code == 422) && verb == "create" {
+                return ExecError::Rejected(format!("the API refused the Job: {message}"));
+            }
+            ExecError::Api {
+                verb,
+                status: Some(code),
+                message,
+                retry_after: if code == 429 {
+                    retry_after.or(Some(Duration::from_secs(1)))
+                } else {
+                    retry_after
+                },
+            }
+        }
+        other => ExecError::Api {
+            verb,
+            status: None,
+            message: other.to_string(),
+            retry_after: None,
+        },
+    }
+}

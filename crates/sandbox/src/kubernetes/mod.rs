@@ -1,0 +1,451 @@
+//! The Kubernetes executor: one Job per attempt.
+//!
+//! [`KubeExecutor::run`] builds the Job ([`job::build`], pure), creates it —
+//! or, on 409, adopts the existing Job when its task-id annotation says it is
+//! ours — then waits on the shared watcher ([`watch`]) until
+//! [`classify::kubernetes`](crate::classify::kubernetes) decides, reads the
+//! pod log once (`limitBytes`), and deletes the Job with Background
+//! propagation. The steady-state cost is three API requests per task
+//! (create, log, delete) plus the shared watch.
+//!
+//! Every request goes through [`KubeApi`] and so through the worker's
+//! [`ApiGate`](crate::ApiGate).
+
+mod api;
+pub mod gc;
+pub mod job;
+mod watch;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use sandfleet_proto::{Outcome, Task, TaskId};
+use sandfleet_settings::KubernetesSettings;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+pub use api::{ApiRetry, KubeApi, tune_config};
+pub use watch::Observed;
+
+use crate::classify::{self, JobView, PodView, Terminated, Verdict};
+use crate::executor::{ExecError, Execution, Executor, RunContext};
+use crate::report;
+use crate::script::{self, Summary};
+use job::{LABEL_TASK_ID, MANAGED_SELECTOR, job_name};
+
+/// How long past its deadline an attempt may stay silent on the watch
+/// before the executor asks the API directly (a watch that stopped
+/// delivering without an error).
+const SILENT_WATCH_SLACK: Duration = Duration::from_secs(30);
+
+/// Runs attempts as Kubernetes Jobs.
+#[derive(Clone)]
+pub struct KubeExecutor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    api: KubeApi,
+    settings: KubernetesSettings,
+    hub: Arc<watch::Hub>,
+    cancelled: Mutex<HashSet<String>>,
+    _stop: DropGuard,
+}
+
+impl std::fmt::Debug for KubeExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeExecutor")
+            .field("api", &self.inner.api)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeExecutor {
+    /// Starts the shared watchers (needs a tokio runtime). They stop when the
+    /// last clone of the executor is dropped.
+    pub fn new(api: KubeApi, settings: KubernetesSettings) -> KubeExecutor {
+        let stop = CancellationToken::new();
+        let hub = watch::start(&api, stop.clone());
+        KubeExecutor {
+            inner: Arc::new(Inner {
+                api,
+                settings,
+                hub,
+                cancelled: Mutex::default(),
+                _stop: stop.drop_guard(),
+            }),
+        }
+    }
+
+    /// The API wrapper (for the worker's own calls and for tests).
+    pub fn api(&self) -> &KubeApi {
+        &self.inner.api
+    }
+
+    /// Deletes orphaned sandfleet Jobs: finished ones not in flight here (after
+    /// a grace of `gc_interval_secs`, so their own worker has read the log) and
+    /// any older than `orphan_max_age_secs`. Returns the deleted names. The
+    /// worker calls it every `gc_interval_secs`.
+    pub async fn collect_garbage(&self) -> Result<Vec<String>, ExecError> {
+        let jobs = self.inner.api.list_jobs(MANAGED_SELECTOR).await?;
+        let facts: Vec<_> = jobs.iter().filter_map(gc::JobFacts::of).collect();
+        let s = &self.inner.settings;
+        let doomed = gc::orphans(
+            &facts,
+            &self.inner.hub.in_flight(),
+            Utc::now(),
+            Duration::from_secs(s.gc_interval_secs),
+            Duration::from_secs(s.orphan_max_age_secs),
+        );
+        for name in &doomed {
+            self.inner.api.delete_job(name).await?;
+        }
+        if !doomed.is_empty() {
+            tracing::info!(count = doomed.len(), "deleted orphaned sandbox jobs");
+        }
+        Ok(doomed)
+    }
+
+    fn is_cancelled(&self, name: &str) -> bool {
+        self.inner.cancelled.lock().is_ok_and(|c| c.contains(name))
+    }
+
+    /// Creates the Job, or adopts the one a previous delivery created.
+    async fn create_or_adopt(&self, job: &Job, task: &Task) -> Result<(Job, bool), ExecError> {
+        let name = job.metadata.name.clone().unwrap_or_default();
+        match self.inner.api.create_job(job).await {
+            Ok(created) => Ok((created, false)),
+            Err(ExecError::Api {
+                status: Some(409), ..
+            }) => {
+                let existing = self.inner.api.get_job(&name).await?.ok_or_else(|| ExecError::Api {
+                    verb: "get",
+                    status: Some(404),
+                    message: format!("job {name} conflicted on create and vanished before it could be adopted"),
+                    retry_after: None,
+                })?;
+                let owner = existing
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(LABEL_TASK_ID))
+                    .cloned()
+                    .unwrap_or_default();
+                if owner == task.id.to_string() {
+                    tracing::info!(job = %name, "adopting the existing job of this attempt");
+                    Ok((existing, true))
+                } else {
+                    Err(ExecError::Conflict { name, other: owner })
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the Job and its pods from the API instead of the watch.
+    async fn read_directly(&self, name: &str, known: &Observed) -> Result<Observed, ExecError> {
+        let job = self.inner.api.get_job(name).await?;
+        let selector = format!("{}={name}", job::LABEL_JOB);
+        let pod = self
+            .inner
+            .api
+            .list_pods(&selector)
+            .await?
+            .into_iter()
+            .max_by_key(|p| p.metadata.creation_timestamp.clone());
+        Ok(Observed {
+            job_gone: job.is_none(),
+            job: job.or_else(|| known.job.clone()),
+            pod_gone: pod.is_none() && known.pod.is_some(),
+            pod: pod.or_else(|| known.pod.clone()),
+        })
+    }
+
+    /// Waits until the attempt's fate is decided.
+    async fn wait(
+        &self,
+        task: &Task,
+        name: &str,
+        mut sub: watch::Subscription,
+        created_at: DateTime<Utc>,
+    ) -> Result<(Verdict, Observed), ExecError> {
+        self.inner.hub.wait_synced().await;
+        let pending_timeout = classify::pending_deadline(task);
+        let since_created = (Utc::now() - created_at).to_std().unwrap_or_default();
+        let base = Instant::now() - since_created.min(Duration::from_secs(86_400 * 365));
+        let pending_at = base + pending_timeout;
+        let mut silent_at = base
+            + Duration::from_secs(task.sandbox.deadline_secs)
+            + pending_timeout
+            + SILENT_WATCH_SLACK;
+        let mut extra: Option<Observed> = None;
+        let mut confirmed = false;
+        loop {
+            let mut obs = sub.rx.borrow_and_update().clone();
+            if let Some(polled) = extra.take() {
+                obs = polled;
+            }
+            if self.is_cancelled(name) {
+                let v = Verdict {
+                    outcome: Outcome::Cancelled,
+                    exit_code: None,
+                    error: Some("the attempt was cancelled".into()),
+                };
+                return Ok((v, obs));
+            }
+            let job = view_job(&obs);
+            let pod = view_pod(&obs);
+            let summary = summary_of(obs.pod.as_ref());
+            let pending_for = base.elapsed();
+            if let Some(v) = classify::kubernetes(task, &job, pod.as_ref(), &summary, pending_for) {
+                let terminal = job.complete || job.failed.is_some() || job.deleted;
+                // A finished Job whose pod the (lagging) pod watch has not shown
+                // ended yet: the pod carries the summary and names the log.
+                let pod_known = pod
+                    .as_ref()
+                    .is_some_and(|p| p.terminated.is_some() || p.deleted);
+                if confirmed || (terminal && (pod_known || job.deleted)) {
+                    return Ok((v, obs));
+                }
+                // Giving up on a pending pod is decided from the watch, which may
+                // lag (a re-list after an error): confirm with a direct read first.
+                // Only in these cases: the steady state stays create, log, delete.
+                extra = Some(self.read_directly(name, &obs).await?);
+                confirmed = true;
+                continue;
+            }
+            confirmed = false;
+            let pending_timer = pending_at > Instant::now();
+            tokio::select! {
+                changed = sub.rx.changed() => {
+                    if changed.is_err() {
+                        return Err(ExecError::Config("the kubernetes watcher stopped".into()));
+                    }
+                }
+                () = tokio::time::sleep_until(pending_at), if pending_timer => {}
+                () = tokio::time::sleep_until(silent_at) => {
+                    // The watch said nothing for too long: ask directly.
+                    tracing::warn!(job = %name, "no watch event past the deadline; reading the job directly");
+                    extra = Some(self.read_directly(name, &obs).await?);
+                    silent_at = Instant::now() + SILENT_WATCH_SLACK;
+                }
+            }
+        }
+    }
+}
+
+/// jiff → chrono.
+pub(crate) fn to_chrono(t: &k8s_openapi::jiff::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(
+        t.as_second(),
+        u32::try_from(t.subsec_nanosecond()).unwrap_or(0),
+    )
+}
+
+fn view_job(obs: &Observed) -> JobView {
+    let conditions = obs
+        .job
+        .as_ref()
+        .and_then(|j| j.status.as_ref())
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default();
+    let is_true = |t: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == t && c.status == "True")
+    };
+    JobView {
+        complete: is_true("Complete").is_some(),
+        failed: is_true("Failed").map(|c| c.reason.clone().unwrap_or_else(|| "Failed".into())),
+        deleted: obs.job_gone,
+    }
+}
+
+fn view_pod(obs: &Observed) -> Option<PodView> {
+    let pod = obs.pod.as_ref()?;
+    let status = pod.status.as_ref();
+    let conditions = status
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default();
+    let container = status
+        .and_then(|s| s.container_statuses.as_deref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref());
+    let waiting = container.and_then(|s| s.waiting.as_ref());
+    let terminated = container.and_then(|s| s.terminated.as_ref());
+    Some(PodView {
+        phase: status.and_then(|s| s.phase.clone()),
+        reason: status.and_then(|s| s.reason.clone()),
+        message: status.and_then(|s| s.message.clone()),
+        disruption: conditions
+            .iter()
+            .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+            .map(|c| {
+                c.reason
+                    .clone()
+                    .unwrap_or_else(|| "DisruptionTarget".into())
+            }),
+        waiting_reason: waiting.and_then(|w| w.reason.clone()),
+        waiting_message: waiting.and_then(|w| w.message.clone()),
+        unschedulable: conditions
+            .iter()
+            .find(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            })
+            .map(|c| c.message.clone().unwrap_or_else(|| "unschedulable".into())),
+        terminated: terminated.map(|t| Terminated {
+            exit_code: t.exit_code,
+            reason: t.reason.clone(),
+        }),
+        deleted: obs.pod_gone,
+    })
+}
+
+/// The script's summary, from the container's termination message.
+fn summary_of(pod: Option<&Pod>) -> Summary {
+    let message = pod
+        .and_then(|p| p.status.as_ref())
+        .and_then(|s| s.container_statuses.as_deref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref())
+        .and_then(|t| t.message.as_deref())
+        .unwrap_or_default();
+    script::parse_summary(message)
+}
+
+fn started_at(obs: &Observed) -> Option<DateTime<Utc>> {
+    let pod_start = obs
+        .pod
+        .as_ref()
+        .and_then(|p| p.status.as_ref())
+        .and_then(|s| s.start_time.as_ref())
+        .and_then(|t| to_chrono(&t.0));
+    pod_start.or_else(|| {
+        obs.job
+            .as_ref()
+            .and_then(|j| j.status.as_ref())
+            .and_then(|s| s.start_time.as_ref())
+            .and_then(|t| to_chrono(&t.0))
+    })
+}
+
+/// Whether the pod's container ran, so that it has a log worth reading.
+fn container_ran(obs: &Observed) -> bool {
+    obs.pod
+        .as_ref()
+        .and_then(|p| p.status.as_ref())
+        .and_then(|s| s.container_statuses.as_deref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref())
+        .is_some_and(|s| s.terminated.is_some() || s.running.is_some())
+}
+
+#[async_trait]
+impl Executor for KubeExecutor {
+    async fn run(
+        &self,
+        task: &Task,
+        attempt: u32,
+        ctx: &RunContext,
+    ) -> Result<Execution, ExecError> {
+        let settings = &self.inner.settings;
+        let manifest = job::build(task, attempt, ctx, settings).map_err(|e| match e {
+            job::BuildError::Script(s) => ExecError::from(s),
+            e @ job::BuildError::Quantity { .. } => ExecError::Rejected(e.to_string()),
+            other => ExecError::Config(other.to_string()),
+        })?;
+        let name = job_name(task.id, attempt);
+        // Subscribe before creating, so no event about the new Job is missed.
+        let sub = self.inner.hub.subscribe(&name);
+        let (created, adopted) = self.create_or_adopt(&manifest, task).await?;
+        let before_create = Utc::now();
+        // Our own clock for a Job we created (API timestamps have whole seconds,
+        // and in-place retries of the create must not eat the pending allowance);
+        // the Job's for one we adopted, whose pending time began earlier.
+        let created_at = if adopted {
+            created
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| to_chrono(&t.0))
+                .unwrap_or(before_create)
+        } else {
+            before_create
+        };
+        tracing::debug!(job = %name, adopted, "waiting for sandbox job");
+
+        let waited = self.wait(task, &name, sub, created_at).await;
+        let (verdict, obs) = match waited {
+            Ok(v) => v,
+            Err(e) => {
+                if let Ok(mut c) = self.inner.cancelled.lock() {
+                    c.remove(&name);
+                }
+                return Err(e);
+            }
+        };
+
+        // One log read, before the delete (which takes the pod with it).
+        let limit = settings.log_limit_bytes.max(1024);
+        let pod_name = obs.pod.as_ref().and_then(|p| p.metadata.name.clone());
+        let (log, log_note) = match pod_name.filter(|_| container_ran(&obs)) {
+            Some(pod) => match self.inner.api.pod_log(&pod, limit).await {
+                Ok(Some(bytes)) => (bytes, None),
+                Ok(None) => (
+                    Vec::new(),
+                    Some("the pod's log was gone before it could be read"),
+                ),
+                Err(e) => {
+                    tracing::warn!(job = %name, error = %e, "could not read the sandbox log");
+                    (Vec::new(), Some("the pod's log could not be read"))
+                }
+            },
+            None => (Vec::new(), None),
+        };
+        if let Err(e) = self.inner.api.delete_job(&name).await {
+            // The garbage collector (and the Job's TTL) will get it.
+            tracing::warn!(job = %name, error = %e, "could not delete the sandbox job");
+        }
+        if let Ok(mut c) = self.inner.cancelled.lock() {
+            c.remove(&name);
+        }
+
+        let log_cut = log.len() as u64 >= u64::try_from(limit).unwrap_or(u64::MAX);
+        let summary = summary_of(obs.pod.as_ref());
+        let parsed = script::parse_log(&log);
+        let mut report = report::assemble(task, &summary, &parsed, log_cut || log_note.is_some());
+        if let Some(note) = log_note {
+            report.log_tail = format!("[sandfleet: {note}]\n{}", report.log_tail);
+        }
+        Ok(Execution {
+            outcome: verdict.outcome,
+            exit_code: verdict.exit_code,
+            steps: report.steps,
+            log_tail: report.log_tail,
+            log_truncated: report.log_truncated,
+            artifacts: report.artifacts,
+            started_at: started_at(&obs),
+            finished_at: Utc::now(),
+            sandbox: name,
+            error: verdict.error,
+            adopted,
+        })
+    }
+
+    async fn cancel(&self, task_id: TaskId, attempt: u32) -> Result<(), ExecError> {
+        let name = job_name(task_id, attempt);
+        let in_flight = self.inner.hub.in_flight().contains(&name);
+        if in_flight && let Ok(mut c) = self.inner.cancelled.lock() {
+            c.insert(name.clone());
+        }
+        self.inner.api.delete_job(&name).await
+    }
+}

@@ -1,0 +1,120 @@
+//! The Job manifest, against a committed snapshot.
+//!
+//! After an intended change: `SANDFLEET_BLESS=1 cargo nextest run -p
+//! sandfleet-sandbox --test job_manifest` rewrites `tests/snapshots/job.json`;
+//! review the diff before committing it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sandfleet_proto::Task;
+use sandfleet_sandbox::RunContext;
+use sandfleet_sandbox::job::{self, COMMAND};
+use sandfleet_settings::KubernetesSettings;
+use serde_json::{Value, json};
+
+fn task() -> Task {
+    // The example has a fixed id, so the manifest is deterministic.
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tasks/python-fix-attempt.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn settings() -> KubernetesSettings {
+    KubernetesSettings {
+        namespace: "sandfleet-sandboxes".into(),
+        node_selector: BTreeMap::from([("sandfleet.dev/pool".into(), "sandbox".into())]),
+        tolerations: vec![json!({"key": "sandbox", "operator": "Exists", "effect": "NoSchedule"})],
+        runtime_class: Some("gvisor".into()),
+        image_pull_secrets: vec!["registry-creds".into()],
+        ..KubernetesSettings::default()
+    }
+}
+
+fn ctx() -> RunContext {
+    RunContext {
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        worker: "sandfleet-worker-0".into(),
+    }
+}
+
+fn manifest() -> Value {
+    serde_json::to_value(job::build(&task(), 2, &ctx(), &settings()).unwrap()).unwrap()
+}
+
+#[test]
+fn manifest_matches_the_snapshot() {
+    let actual = serde_json::to_string_pretty(&manifest()).unwrap() + "\n";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/job.json");
+    if std::env::var_os("SANDFLEET_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with SANDFLEET_BLESS=1 to create it)",
+            path.display()
+        )
+    });
+    assert!(
+        expected == actual,
+        "the Job manifest changed; if intended, rerun with SANDFLEET_BLESS=1 and review the diff of {}",
+        path.display()
+    );
+}
+
+#[test]
+fn manifest_is_locked_down() {
+    let m = manifest();
+    let spec = &m["spec"];
+    assert_eq!(
+        m["metadata"]["name"],
+        "sf-0193a6d29c447e11b8d051f2a3b4c5d6-a2"
+    );
+    assert_eq!(
+        m["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "sandfleet"
+    );
+    assert_eq!(
+        m["metadata"]["annotations"]["sandfleet.dev/task-id"],
+        "0193a6d2-9c44-7e11-b8d0-51f2a3b4c5d6"
+    );
+    assert_eq!(spec["backoffLimit"], 0);
+    assert_eq!(spec["activeDeadlineSeconds"], 600 + 300);
+    assert_eq!(spec["ttlSecondsAfterFinished"], 600);
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["restartPolicy"], "Never");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(pod["runtimeClassName"], "gvisor");
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(c["resources"]["limits"]["memory"], "512Mi");
+    assert_eq!(c["command"], json!(COMMAND));
+    assert!(c.get("args").is_none());
+    // The command holds no task value; every step command is an env value.
+    let env: BTreeMap<String, String> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(env["SANDFLEET_STEP_1_RUN"].starts_with("python3 -m unittest"));
+    // `$` is doubled so Kubernetes' $(VAR) expansion leaves values intact.
+    assert!(env["SANDFLEET_STEP_1_RUN"].contains("status=$$?"));
+    assert!(!env["SANDFLEET_SCRIPT"].contains("unittest"));
+    assert_eq!(env["SANDFLEET_WORKSPACE"], "/workspace");
+    assert_eq!(env["SANDFLEET_TERMINATION_LOG"], "/dev/termination-log");
+}
