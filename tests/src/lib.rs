@@ -372,12 +372,18 @@ impl Env {
 
     /// Closes the broker connections of `worker` (management API), as a
     /// network fault or a broker restart would.
+    /// The management API lists new connections only after its next stats
+    /// collection (about 5 s), so this waits up to 15 s for them to appear.
     pub async fn close_connections_of(&self, worker: &WorkerProc) -> Result<usize> {
-        Ok(self
-            .amqp
-            .management()
-            .close_connections_named(&worker.connection_name)
-            .await?)
+        let m = self.amqp.management();
+        let start = Instant::now();
+        loop {
+            let n = m.close_connections_named(&worker.connection_name).await?;
+            if n > 0 || start.elapsed() > Duration::from_secs(15) {
+                return Ok(n);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Waits until `cond` holds, polling every 100 ms; fails after `timeout`.

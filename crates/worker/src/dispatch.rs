@@ -20,7 +20,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sandfleet_proto::{Limits, Outcome, Task, TaskResult, decode_task};
+use std::collections::HashMap;
+
+use sandfleet_proto::{Limits, Outcome, Task, TaskId, TaskResult, decode_task};
 use sandfleet_sandbox::{ExecError, Execution, Executor, RunContext};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -98,7 +100,15 @@ pub struct Dispatcher<B, E, S> {
     inner: Arc<Inner<B, E, S>>,
 }
 
+/// One lock per (task, attempt) this process is working on.
+type AttemptLocks = std::sync::Mutex<HashMap<(TaskId, u32), Arc<tokio::sync::Mutex<()>>>>;
+
 struct Inner<B, E, S> {
+    /// Serialises work on the same attempt inside this process. A redelivery
+    /// can arrive before the worker has noticed that the channel of the first
+    /// delivery died (or a producer published a task twice); the second
+    /// handler waits for the first to finish or be forgotten, then adopts.
+    attempts: AttemptLocks,
     broker: Arc<B>,
     executor: Arc<E>,
     sink: S,
@@ -124,6 +134,7 @@ where
     ) -> Self {
         Dispatcher {
             inner: Arc::new(Inner {
+                attempts: AttemptLocks::default(),
                 broker,
                 executor,
                 sink,
@@ -289,6 +300,55 @@ where
                 .await;
         }
 
+        // Another handler in this process works on the same attempt (see
+        // `Inner::attempts`): wait for it, unless this delivery is lost or
+        // abandoned meanwhile.
+        let key = (task.id, attempt);
+        let lock = self.attempt_lock(key);
+        let lost = delivery.lost();
+        let _attempt_guard = tokio::select! {
+            biased;
+            _ = lost.cancelled() => {
+                self.forget_attempt_lock(key, lock);
+                return Handled::Lost;
+            }
+            _ = abandon.cancelled() => {
+                self.forget_attempt_lock(key, lock);
+                return release(delivery).await;
+            }
+            g = lock.clone().lock_owned() => g,
+        };
+        let handled = self
+            .run_attempt(delivery, task, attempt, traceparent, abandon, span)
+            .await;
+        drop(_attempt_guard);
+        self.forget_attempt_lock(key, lock);
+        handled
+    }
+
+    fn attempt_lock(&self, key: (TaskId, u32)) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key).or_default().clone()
+    }
+
+    fn forget_attempt_lock(&self, key: (TaskId, u32), lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        drop(lock);
+        // Only the map holds it: nobody else works on or waits for this attempt.
+        if map.get(&key).is_some_and(|l| Arc::strong_count(l) == 1) {
+            map.remove(&key);
+        }
+    }
+
+    async fn run_attempt(
+        &self,
+        delivery: B::Delivery,
+        task: Task,
+        attempt: u32,
+        traceparent: Option<String>,
+        abandon: CancellationToken,
+        span: tracing::Span,
+    ) -> Handled {
         let ctx = RunContext {
             traceparent: traceparent.clone(),
             worker: self.config.worker.clone(),

@@ -618,3 +618,30 @@ async fn an_open_breaker_releases_the_task_without_spending_an_attempt() {
     assert_eq!(h.finals(t.id)[0].attempt, 1);
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn two_deliveries_of_one_attempt_run_one_after_the_other_and_adopt() {
+    let h = Harness::start(config(4), InMemoryBroker::default());
+    let t = task();
+    h.exec
+        .script(t.id, vec![Act::Finish(10, Outcome::Succeeded)]);
+    // A producer retry published it twice (or a redelivery raced the
+    // worker noticing its channel died).
+    publish(&h.broker, &t);
+    publish(&h.broker, &t);
+    h.until("2 acks", |h| h.broker.acked_count() == 2).await;
+    assert_eq!(h.exec.runs(), vec![(t.id, 1, false), (t.id, 1, true)]);
+    assert_eq!(
+        h.exec.max_running.load(Ordering::SeqCst),
+        1,
+        "never two handlers on one attempt at once"
+    );
+    let finals = h.finals(t.id);
+    assert_eq!(finals.len(), 2, "a duplicate of the same final result");
+    assert!(
+        finals
+            .iter()
+            .all(|r| r.attempt == 1 && r.outcome == Outcome::Succeeded)
+    );
+    h.stop().await;
+}
