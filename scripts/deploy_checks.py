@@ -59,16 +59,17 @@ CRD_KINDS = {
     "RabbitmqCluster": "rabbitmq.com/v1beta1",
 }
 
-# The Kubernetes calls the worker makes, as (API group, resource, verb).
-# This mirrors the interface contract (`sandfleet_sandbox::REQUIRED_PERMISSIONS`);
-# `rbac --observed` checks it against what the code actually sent.
+# The Kubernetes calls the worker makes, as (API group, resource, verb): the
+# calls in crates/sandbox/src/kubernetes/api.rs and its watchers (jobs:
+# create, get_opt, delete, list, watch; pods: list, watch; pods/log). `rbac`
+# also compares the Role with `sandfleet_sandbox::REQUIRED_PERMISSIONS` and
+# with what the code was observed sending (`--observed`).
 WORKER_PERMISSIONS = {
     ("batch", "jobs", "create"),
     ("batch", "jobs", "get"),
     ("batch", "jobs", "list"),
     ("batch", "jobs", "watch"),
     ("batch", "jobs", "delete"),
-    ("", "pods", "get"),
     ("", "pods", "list"),
     ("", "pods", "watch"),
     ("", "pods/log", "get"),
@@ -246,6 +247,11 @@ def check_k8s(name: str, objs: list[dict], rep: Report, settings: SettingsSchema
     where = name
     ns_names = {o["metadata"]["name"] for o in find(objs, "Namespace")}
     rep.check({WORKER_NS, SANDBOX_NS} <= ns_names, where, f"namespaces {WORKER_NS} and {SANDBOX_NS} must be defined")
+    for ns in find(objs, "Namespace"):
+        labels = ns["metadata"].get("labels", {})
+        want = "restricted" if ns["metadata"]["name"] == SANDBOX_NS else "baseline"
+        rep.check(labels.get("pod-security.kubernetes.io/enforce") == want, obj_id(ns),
+                  f"Pod Security Admission must enforce `{want}`")
     for o in objs:
         if o["kind"] in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             rep.check(o["kind"] == "Namespace", obj_id(o), "no cluster-scoped RBAC: the worker's Role is namespaced")
@@ -958,7 +964,7 @@ def cmd_selftest(rendered: Path, settings: SettingsSchema) -> int:
     # The observed-calls comparison, both directions.
     role = role_permissions(find(base, "Role", "sandfleet-worker")[0])
     for used, label in ((WORKER_PERMISSIONS | {("batch", "jobs", "patch")}, "worker calls a verb the Role lacks"),
-                        (WORKER_PERMISSIONS - {("", "pods", "get")}, "Role allows a call never observed")):
+                        (WORKER_PERMISSIONS - {("", "pods", "list")}, "Role allows a call never observed")):
         problems = rbac_problems(role, used, exact=True)
         print(f"  {'ok  ' if problems else 'FAIL'} selftest: {label} -> {problems[0] if problems else 'NOT caught'}")
         ok = ok and bool(problems)
