@@ -34,6 +34,14 @@ pub fn topology_error(e: TopologyError) -> CliError {
     }
 }
 
+/// Maps a producer start-up error.
+pub fn producer_error(e: sandfleet_producer::ProducerError) -> CliError {
+    match e {
+        sandfleet_producer::ProducerError::Connect(e) => amqp_error(e),
+        sandfleet_producer::ProducerError::Topology(e) => topology_error(e),
+    }
+}
+
 /// Connects (one attempt, bounded by `amqp.connect_timeout_secs`).
 pub async fn connect(settings: &Settings, component: &str) -> Result<Amqp, CliError> {
     Amqp::connect(&settings.amqp, component)

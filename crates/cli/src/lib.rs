@@ -25,6 +25,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use sandfleet_telemetry::TelemetryGuard;
 
 use crate::args::{Cli, Command};
 use crate::exit::{CliError, CliResult, Exit};
@@ -75,19 +76,34 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str, long_running: bool) {
-    // Short commands log warnings only unless asked; long-running ones info.
-    let filter = if !long_running && filter == "info" {
-        "warn"
-    } else {
-        filter
-    };
-    let env_filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+/// Logging and tracing. Long-running processes get the full telemetry
+/// (structured logs, OTLP export when `telemetry.otlp_endpoint` is set);
+/// short commands log warnings only to stderr, unless `--log` asks for more.
+fn init_telemetry(
+    settings: &sandfleet_settings::Settings,
+    long_running: bool,
+) -> CliResult<Option<TelemetryGuard>> {
+    let mut telemetry = settings.telemetry.clone();
+    let default_filter = sandfleet_settings::TelemetrySettings::default().log_filter;
+    if !long_running && telemetry.log_filter == default_filter {
+        telemetry.log_filter = "warn".to_owned();
+    }
+    if long_running {
+        return sandfleet_telemetry::init(&telemetry)
+            .map(Some)
+            .map_err(|e| CliError::Usage(format!("telemetry: {e}")));
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&telemetry.log_filter).map_err(|e| {
+        CliError::Usage(format!(
+            "telemetry.log_filter {:?}: {e}",
+            telemetry.log_filter
+        ))
+    })?;
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(env_filter)
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+    Ok(None)
 }
 
 /// Runs a parsed command line with the given environment map.
@@ -97,11 +113,26 @@ pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
         .validate()
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let long_running = matches!(cli.command, Command::Worker(_) | Command::Gateway(_));
-    init_logging(&settings.telemetry.log_filter, long_running);
+    let telemetry = init_telemetry(&settings, long_running)?;
     let out = Output {
         json: cli.global.json,
     };
     let shutdown = signals::shutdown_token();
+    let result = dispatch(&cli, settings, out, shutdown).await;
+    if let Some(guard) = telemetry
+        && let Err(e) = guard.shutdown().await
+    {
+        eprintln!("sandfleet: flushing traces failed: {e}");
+    }
+    result
+}
+
+async fn dispatch(
+    cli: &Cli,
+    settings: sandfleet_settings::Settings,
+    out: Output,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> CliResult<Exit> {
     match &cli.command {
         Command::Worker(a) => commands::worker::run(a, settings, shutdown).await,
         Command::Gateway(a) => commands::gateway::run(a, settings, shutdown).await,
@@ -126,5 +157,5 @@ async fn connect_sink(settings: &sandfleet_settings::Settings) -> CliResult<Brok
     let amqp = broker::connect(settings, "cli").await?;
     BrokerSink::new(&amqp, &broker::topology(settings), settings.limits.clone())
         .await
-        .map_err(broker::amqp_error)
+        .map_err(broker::producer_error)
 }

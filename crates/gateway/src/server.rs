@@ -15,6 +15,7 @@ use sandfleet_settings::GatewaySettings;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::allowlist::Allowlist;
 use crate::dedup::{Claim, DeliveryDedup};
@@ -326,7 +327,10 @@ async fn enqueue_once(gw: &Gateway, key: &str, task: Task, provider: Provider) -
         key,
         armed: true,
     };
-    let result = gw.inner.sink.enqueue(&task).await;
+    // The span whose trace context travels with the task (traceparent header
+    // → Job annotation → result).
+    let span = tracing::info_span!("gateway.enqueue", task_id = %task.id, idempotency_key = key);
+    let result = gw.inner.sink.enqueue(&task).instrument(span).await;
     match result {
         Ok(()) => {
             guard.disarm();

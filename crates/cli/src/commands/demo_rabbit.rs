@@ -48,7 +48,7 @@ pub async fn run(
         let sink = Arc::new(
             BrokerSink::new(&amqp, &topology, settings.limits.clone())
                 .await
-                .map_err(broker::amqp_error)?,
+                .map_err(broker::producer_error)?,
         );
         for s in samples {
             sink.enqueue(&s.task)

@@ -28,7 +28,7 @@ pub async fn run(
             let amqp = broker::connect(&settings, "gateway").await?;
             BrokerSink::new(&amqp, &topology, settings.limits.clone())
                 .await
-                .map_err(broker::amqp_error)
+                .map_err(broker::producer_error)
         };
         match attempt.await {
             Ok(s) => break s,
