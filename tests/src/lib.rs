@@ -432,6 +432,57 @@ impl Env {
         }
     }
 
+    /// The kube-sim (panics when the test did not ask for one).
+    pub fn kube(&self) -> &Sim {
+        self.sim.as_ref().expect("this test has no kube-sim")
+    }
+
+    /// API requests for Job `name`: (method, status), in order. Creates are
+    /// `POST .../jobs` whose body names the Job.
+    pub fn job_requests(&self, name: &str) -> Vec<(String, u16)> {
+        self.kube()
+            .sim
+            .request_log()
+            .into_iter()
+            .filter(|r| {
+                r.path.ends_with(&format!("/jobs/{name}"))
+                    || (r.method == "POST"
+                        && r.path.ends_with("/jobs")
+                        && r.body.as_ref().and_then(|b| b.pointer("/metadata/name"))
+                            == Some(&serde_json::Value::String(name.to_owned())))
+            })
+            .map(|r| (r.method, r.status))
+            .collect()
+    }
+
+    /// Times Job `name` was created (201).
+    pub fn job_created(&self, name: &str) -> usize {
+        self.job_requests(name)
+            .iter()
+            .filter(|(m, s)| m == "POST" && *s == 201)
+            .count()
+    }
+
+    /// True while Job `name` exists in the simulated cluster.
+    pub fn job_exists(&self, name: &str) -> bool {
+        let sim = self.kube();
+        sim.sim
+            .jobs(&sim.namespace)
+            .iter()
+            .any(|j| j.pointer("/metadata/name").and_then(|n| n.as_str()) == Some(name))
+    }
+
+    /// True while a pod of Job `name` is running.
+    pub fn job_running(&self, name: &str) -> bool {
+        let sim = self.kube();
+        sim.sim.pods(&sim.namespace).iter().any(|p| {
+            p.pointer("/metadata/labels/sandfleet.dev~1job")
+                .and_then(|n| n.as_str())
+                == Some(name)
+                && p.pointer("/status/phase").and_then(|n| n.as_str()) == Some("Running")
+        })
+    }
+
     /// Stops the logs, deletes the topology and stops the kube-sim.
     pub async fn cleanup(self) -> Result<()> {
         self.stop.cancel();

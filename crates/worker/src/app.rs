@@ -214,17 +214,26 @@ async fn run_with_http(
             info!(worker = %config.worker, "worker running with the local executor");
             dispatch(broker, executor, results, config, metrics, health, shutdown).await
         }
-        ExecutorKind::Kubernetes => Err(WorkerError::Config(
-            "worker.executor = kubernetes: the Kubernetes executor is not available in this build yet"
-                .to_owned(),
-        )),
+        ExecutorKind::Kubernetes => {
+            crate::kube::run_kubernetes(
+                settings,
+                broker,
+                results,
+                config,
+                metrics,
+                health,
+                shutdown,
+                &background,
+            )
+            .await
+        }
     };
     background.cancel();
     amqp.close();
     outcome
 }
 
-async fn dispatch<B: Broker, E: Executor, S: ResultSink>(
+pub(crate) async fn dispatch<B: Broker, E: Executor, S: ResultSink>(
     broker: Arc<B>,
     executor: Arc<E>,
     sink: S,

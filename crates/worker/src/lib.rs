@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod flow;
 pub mod gate;
 pub mod health;
+pub mod kube;
 pub mod memory;
 pub mod metrics;
 pub mod rabbit;
