@@ -13,6 +13,10 @@
 //! outcome or a dead letter; **D** at most one Job per (task, attempt);
 //! **R** no two different final results for one task.
 
+// A test harness: a misused fixture is a bug in the test, and a panic is
+// the clearest report of it.
+#![allow(clippy::expect_used)]
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
