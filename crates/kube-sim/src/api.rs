@@ -31,6 +31,10 @@ type ApiResult = Result<Response, ApiError>;
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/version", get(version))
+        .route("/api", get(discovery_core_versions))
+        .route("/apis", get(discovery_groups))
+        .route("/api/v1", get(discovery_core_v1))
+        .route("/apis/batch/v1", get(discovery_batch_v1))
         .route("/apis/batch/v1/jobs", get(list_all_jobs))
         .route("/api/v1/pods", get(list_all_pods))
         .route(
@@ -83,6 +87,78 @@ async fn version() -> Json<Value> {
         "compiler": "gc",
         "platform": "linux/amd64",
     }))
+}
+
+// Discovery, so `kubectl get jobs` works against the sim (debugging aid).
+
+async fn discovery_core_versions() -> Json<Value> {
+    Json(json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}))
+}
+
+async fn discovery_groups() -> Json<Value> {
+    let batch = json!({"groupVersion": "batch/v1", "version": "v1"});
+    Json(json!({
+        "kind": "APIGroupList",
+        "apiVersion": "v1",
+        "groups": [{"name": "batch", "versions": [batch], "preferredVersion": batch}],
+    }))
+}
+
+fn resource(name: &str, singular: &str, kind: &str, verbs: &[&str], short: &[&str]) -> Value {
+    let mut r = json!({
+        "name": name,
+        "singularName": singular,
+        "namespaced": true,
+        "kind": kind,
+        "verbs": verbs,
+    });
+    if !short.is_empty() {
+        r["shortNames"] = json!(short);
+    }
+    r
+}
+
+async fn discovery_core_v1() -> Json<Value> {
+    Json(json!({
+        "kind": "APIResourceList",
+        "groupVersion": "v1",
+        "resources": [
+            resource("pods", "pod", "Pod", &["delete", "get", "list", "patch", "watch"], &["po"]),
+            resource("pods/log", "", "Pod", &["get"], &[]),
+            resource("pods/status", "", "Pod", &["get"], &[]),
+        ],
+    }))
+}
+
+async fn discovery_batch_v1() -> Json<Value> {
+    Json(json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": "batch/v1",
+        "resources": [
+            resource(
+                "jobs",
+                "job",
+                "Job",
+                &["create", "delete", "get", "list", "patch", "update", "watch"],
+                &[],
+            ),
+            resource("jobs/status", "", "Job", &["get", "patch", "update"], &[]),
+        ],
+    }))
+}
+
+/// Writes must be JSON (a real server also speaks protobuf and YAML).
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    if ct.starts_with("application/json") || ct.contains("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(ct))
+    }
 }
 
 fn parse_query(raw: Option<String>) -> Query {
@@ -265,8 +341,10 @@ async fn create_job(
     State(s): S,
     Path(ns): Path<String>,
     RawQuery(q): RawQuery,
+    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
+    require_json(&headers)?;
     let q = parse_query(q);
     let input = parse_json(&body)?;
     let generated = input
@@ -427,16 +505,20 @@ fn patch(
 async fn replace_job(
     State(s): S,
     Path((ns, name)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
+    require_json(&headers)?;
     replace(&s, Kind::Job, &ns, &name, &body, false)
 }
 
 async fn replace_job_status(
     State(s): S,
     Path((ns, name)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
+    require_json(&headers)?;
     replace(&s, Kind::Job, &ns, &name, &body, true)
 }
 
