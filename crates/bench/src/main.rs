@@ -1,10 +1,11 @@
 //! sandfleet's benchmarks: commands that print figures.
 //!
 //! Each subcommand prints human-readable rates and, as its last line, one
-//! JSON object for scripts. `producer` lives in `producer.rs`.
+//! JSON object for scripts. `producer` lives in `producer.rs`, `kube` in `kube.rs`.
 // A benchmark's output is its figures on stdout.
 #![allow(clippy::print_stdout)]
 
+mod kube;
 mod producer;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Enqueue rate of the producer library vs a raw lapin pipelined publisher.
     Producer(producer::ProducerArgs),
+    /// Tasks/s and API requests per task of the Kubernetes executor on kube-sim.
+    Kube(kube::KubeArgs),
 }
 
 #[tokio::main]
@@ -31,5 +34,6 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Producer(args) => producer::run(args).await,
+        Command::Kube(args) => kube::run(args).await,
     }
 }

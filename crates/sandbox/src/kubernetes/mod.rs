@@ -43,6 +43,10 @@ use job::{LABEL_TASK_ID, MANAGED_SELECTOR, job_name};
 /// delivering without an error).
 const SILENT_WATCH_SLACK: Duration = Duration::from_secs(30);
 
+/// How long a finished Job waits for the pod watch to show its pod's final
+/// state before the executor reads the pod directly.
+const POD_WATCH_LAG: Duration = Duration::from_secs(2);
+
 /// Runs attempts as Kubernetes Jobs.
 #[derive(Clone)]
 pub struct KubeExecutor {
@@ -185,6 +189,7 @@ impl KubeExecutor {
             + SILENT_WATCH_SLACK;
         let mut extra: Option<Observed> = None;
         let mut confirmed = false;
+        let mut lag_until: Option<Instant> = None;
         loop {
             let mut obs = sub.rx.borrow_and_update().clone();
             if let Some(polled) = extra.take() {
@@ -212,14 +217,26 @@ impl KubeExecutor {
                 if confirmed || (terminal && (pod_known || job.deleted)) {
                     return Ok((v, obs));
                 }
-                // Giving up on a pending pod is decided from the watch, which may
-                // lag (a re-list after an error): confirm with a direct read first.
-                // Only in these cases: the steady state stays create, log, delete.
-                extra = Some(self.read_directly(name, &obs).await?);
-                confirmed = true;
-                continue;
+                let now = Instant::now();
+                let read_now = if terminal {
+                    // The two watches are independent: give the pod's a moment
+                    // to deliver its final state before asking the API.
+                    let until = *lag_until.get_or_insert(now + POD_WATCH_LAG);
+                    now >= until
+                } else {
+                    // Giving up on a pending pod is decided from the watch, which
+                    // may lag (a re-list after an error): confirm it first.
+                    true
+                };
+                if read_now {
+                    // Only in these cases: the steady state stays create, log, delete.
+                    extra = Some(self.read_directly(name, &obs).await?);
+                    confirmed = true;
+                    continue;
+                }
+            } else {
+                confirmed = false;
             }
-            confirmed = false;
             let pending_timer = pending_at > Instant::now();
             tokio::select! {
                 changed = sub.rx.changed() => {
@@ -228,6 +245,7 @@ impl KubeExecutor {
                     }
                 }
                 () = tokio::time::sleep_until(pending_at), if pending_timer => {}
+                () = tokio::time::sleep_until(lag_until.unwrap_or(silent_at)), if lag_until.is_some() => {}
                 () = tokio::time::sleep_until(silent_at) => {
                     // The watch said nothing for too long: ask directly.
                     tracing::warn!(job = %name, "no watch event past the deadline; reading the job directly");
