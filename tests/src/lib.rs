@@ -324,15 +324,12 @@ impl Env {
         snapshot(&self.dead)
     }
 
-    /// Ready messages in the task queue (management API).
+    /// Ready messages in the task queue (a passive declare: exact, unlike
+    /// the management API's statistics, which lag by seconds).
     pub async fn ready_tasks(&self) -> Result<u64> {
-        let q = self
-            .amqp
-            .management()
-            .queue(&self.topology.tasks_queue)
-            .await?
-            .context("task queue missing")?;
-        Ok(q.messages_ready.unwrap_or(0))
+        Ok(u64::from(
+            self.amqp.queue_depth(&self.topology.tasks_queue).await?,
+        ))
     }
 
     /// Starts a worker process named `name` with this test's settings,

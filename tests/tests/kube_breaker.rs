@@ -1,0 +1,174 @@
+//! The circuit breaker end to end: a burst of API 500s opens it, the worker
+//! stops consuming (the queue holds its tasks) and reports not ready; once the
+//! API recovers a probe closes it and the backlog drains. A 429 with
+//! Retry-After is honoured without tripping it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use sandfleet_e2e::{Env, task};
+use sandfleet_kube_sim::{FaultAction, FaultRule};
+use sandfleet_proto::Outcome;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sandfleet-test-worker");
+
+fn job_posts(env: &Env) -> usize {
+    env.kube()
+        .sim
+        .request_log()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_500s_open_the_breaker_pause_consumption_and_a_probe_resumes_it() {
+    let env = Env::new("breaker", BIN, true, |s| {
+        s.breaker.consecutive_failures = 3;
+        s.breaker.min_calls = 10;
+        s.breaker.window = 20;
+        s.breaker.cooldown_secs = 3;
+        s.breaker.half_open_probes = 2;
+        s.retry.api_retries = 0;
+        s.worker.concurrency = 2;
+    })
+    .await
+    .unwrap();
+    let w = env.spawn_worker("w1", |_| {}).unwrap();
+    w.wait_ready(200, Duration::from_secs(30)).await.unwrap();
+    env.kube().sim.faults().inject(FaultRule::new(
+        "*",
+        "/jobs",
+        FaultAction::Status {
+            code: 500,
+            retry_after_secs: None,
+        },
+    ));
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let mut t = task(&format!("echo {i}"));
+            t.retry.max_attempts = 6;
+            t
+        })
+        .collect();
+    for t in &tasks {
+        env.publish(t).await.unwrap();
+    }
+    w.wait_ready(503, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(w.metric("sandfleet_breaker_state").await, Some(2.0));
+    let (_, why) = w.get("/readyz").await.unwrap();
+    assert!(why.contains("circuit breaker open"), "{why}");
+    // Opened within its threshold: 3 failed creates, plus at most the calls
+    // already under way.
+    let posts_at_open = job_posts(&env);
+    assert!(
+        (3..=4).contains(&posts_at_open),
+        "{posts_at_open} creates before it opened"
+    );
+    // While open: no creates, and the tasks go back to (and stay in) the
+    // queue: the failed attempts come back from the retry ladder, the
+    // deliveries refused by the open gate are released, nothing is taken.
+    let mut last = 0;
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        let depth = env.ready_tasks().await.unwrap();
+        assert!(depth >= last, "consumption paused: {depth} < {last}");
+        last = depth;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last, 6, "the whole backlog waits in the queue");
+    assert_eq!(w.readyz().await, 503);
+    assert_eq!(job_posts(&env), posts_at_open, "no creates while open");
+    assert!(
+        env.results().iter().all(|r| !r.is_final),
+        "nothing given up"
+    );
+
+    // The API recovers: a probe closes the breaker and the backlog drains.
+    env.kube().sim.faults().clear();
+    w.wait_ready(200, Duration::from_secs(20)).await.unwrap();
+    env.until("every task finished", Duration::from_secs(60), |e| {
+        tasks.iter().all(|t| !e.finals(t.id).is_empty())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.log_tail()));
+    for t in &tasks {
+        assert!(
+            env.finals(t.id)
+                .iter()
+                .all(|r| r.outcome == Outcome::Succeeded)
+        );
+    }
+    assert!(
+        env.dead_letters().is_empty(),
+        "none dead-lettered for an API outage"
+    );
+    let probes: Vec<_> = env
+        .kube()
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/jobs") && r.query.contains("limit=1"))
+        .collect();
+    assert!(
+        probes.iter().any(|r| r.status == 200),
+        "a probe (list limit=1) closed the breaker"
+    );
+    assert_eq!(w.metric("sandfleet_breaker_state").await, Some(0.0));
+    assert!(env.history().check().ok());
+    drop(w);
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_is_honoured_and_does_not_trip_the_breaker() {
+    let env = Env::new("throttle", BIN, true, |s| {
+        s.breaker.consecutive_failures = 1;
+    })
+    .await
+    .unwrap();
+    let w = env.spawn_worker("w1", |_| {}).unwrap();
+    w.wait_ready(200, Duration::from_secs(30)).await.unwrap();
+    env.kube().sim.faults().inject(
+        FaultRule::new(
+            "POST",
+            "/jobs",
+            FaultAction::Status {
+                code: 429,
+                retry_after_secs: Some(2),
+            },
+        )
+        .times(1),
+    );
+    let t = task("echo throttled");
+    env.publish(&t).await.unwrap();
+    env.until("the final result", Duration::from_secs(30), |e| {
+        !e.finals(t.id).is_empty()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.log_tail()));
+    let posts: Vec<_> = env
+        .kube()
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs"))
+        .collect();
+    assert_eq!(
+        posts.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![429, 201]
+    );
+    let waited = posts[1].at.duration_since(posts[0].at).unwrap();
+    assert!(waited >= Duration::from_secs(2), "waited {waited:?}");
+    let f = env.finals(t.id);
+    assert_eq!((f[0].attempt, f[0].outcome), (1, Outcome::Succeeded));
+    assert_eq!(w.metric("sandfleet_breaker_state").await, Some(0.0));
+    assert_eq!(
+        w.metric("sandfleet_kube_api_errors_total{verb=\"create\",class=\"throttled\"}")
+            .await,
+        Some(1.0)
+    );
+    drop(w);
+    env.cleanup().await.unwrap();
+}
