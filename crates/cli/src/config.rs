@@ -43,3 +43,68 @@ pub fn load(global: &GlobalArgs, env: &HashMap<String, String>) -> CliResult<Set
     }
     Ok(settings)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn global(config: Option<PathBuf>, prefix: Option<&str>) -> GlobalArgs {
+        GlobalArgs {
+            config,
+            json: false,
+            amqp_url: None,
+            prefix: prefix.map(str::to_owned),
+            log: None,
+        }
+    }
+
+    #[test]
+    fn flags_override_env_which_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sandfleet.toml");
+        std::fs::write(
+            &file,
+            "[topology]\nprefix = \"from-file\"\n[worker]\nconcurrency = 7\n",
+        )
+        .unwrap();
+        let env: HashMap<String, String> = [(
+            "SANDFLEET__TOPOLOGY__PREFIX".to_owned(),
+            "from-env".to_owned(),
+        )]
+        .into_iter()
+        .collect();
+
+        let s = load(&global(Some(file.clone()), None), &HashMap::new()).unwrap();
+        assert_eq!(
+            (s.topology.prefix.as_str(), s.worker.concurrency),
+            ("from-file", 7)
+        );
+        let s = load(&global(Some(file.clone()), None), &env).unwrap();
+        assert_eq!(
+            (s.topology.prefix.as_str(), s.worker.concurrency),
+            ("from-env", 7)
+        );
+        let s = load(&global(Some(file), Some("from-flag")), &env).unwrap();
+        assert_eq!(s.topology.prefix, "from-flag");
+    }
+
+    #[test]
+    fn a_missing_or_invalid_config_is_a_usage_error() {
+        let err = load(
+            &global(Some("/nonexistent/sandfleet.toml".into()), None),
+            &HashMap::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, CliError::Usage(_)), "{err}");
+        let env: HashMap<String, String> = [(
+            "SANDFLEET__WORKER__CONCURRENCY".to_owned(),
+            "many".to_owned(),
+        )]
+        .into_iter()
+        .collect();
+        let err = load(&global(None, None), &env).unwrap_err();
+        assert_eq!(err.exit(), crate::exit::Exit::Usage);
+        assert!(err.to_string().contains("worker.concurrency"), "{err}");
+    }
+}

@@ -80,6 +80,7 @@ impl Proxy {
 }
 
 struct Harness {
+    settings: AmqpSettings,
     url: String,
     http: reqwest::Client,
     amqp: Amqp,
@@ -137,6 +138,7 @@ impl Harness {
         let stop = CancellationToken::new();
         tokio::spawn(Gateway::new(settings, Arc::new(sink)).serve(listener, stop.clone()));
         Harness {
+            settings: direct,
             url,
             http: reqwest::Client::new(),
             amqp,
@@ -224,9 +226,30 @@ impl Harness {
     }
 
     async fn finish(self) {
+        // Cleanup happens in Drop, which also runs when an assertion failed.
+        drop(self);
+    }
+}
+
+impl Drop for Harness {
+    /// Deletes the test's topology, also after a failed assertion: on a
+    /// fresh thread and runtime, since this one may be unwinding.
+    fn drop(&mut self) {
         self.stop.cancel();
-        self.topology.delete(&self.amqp).await.unwrap();
-        self.amqp.close();
+        let settings = self.settings.clone();
+        let topology = self.topology.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Runtime::new() else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(amqp) = Amqp::connect(&settings, "gateway-test-cleanup").await {
+                    let _ = topology.delete(&amqp).await;
+                    amqp.close();
+                }
+            });
+        })
+        .join();
     }
 }
 

@@ -13,6 +13,7 @@ use sandfleet_settings::{AmqpSettings, TopologySettings};
 use serde_json::Value;
 
 pub struct Env {
+    pub settings: AmqpSettings,
     pub prefix: String,
     pub amqp: Amqp,
     pub topology: Topology,
@@ -104,6 +105,7 @@ impl Env {
         topology.apply(&amqp).await.unwrap();
         let publisher = Publisher::new(&amqp).await.unwrap();
         Env {
+            settings,
             prefix,
             amqp,
             topology,
@@ -210,14 +212,34 @@ impl Env {
     }
 
     pub async fn cleanup(self) {
-        let ch = self.amqp.channel().await.unwrap();
-        let _ = ch
-            .queue_delete(
-                format!("{}.replays", self.prefix).as_str().into(),
-                Default::default(),
-            )
-            .await;
-        self.topology.delete(&self.amqp).await.unwrap();
-        self.amqp.close();
+        // Cleanup happens in Drop, which also runs when an assertion failed.
+        drop(self);
+    }
+}
+
+impl Drop for Env {
+    /// Deletes the test's topology and replay ledger, also after a failed
+    /// assertion: on a fresh thread and runtime, since this one may be unwinding.
+    fn drop(&mut self) {
+        let settings = self.settings.clone();
+        let topology = self.topology.clone();
+        let ledger = format!("{}.replays", self.prefix);
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Runtime::new() else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(amqp) = Amqp::connect(&settings, "cli-test-cleanup").await {
+                    if let Ok(ch) = amqp.channel().await {
+                        let _ = ch
+                            .queue_delete(ledger.as_str().into(), Default::default())
+                            .await;
+                    }
+                    let _ = topology.delete(&amqp).await;
+                    amqp.close();
+                }
+            });
+        })
+        .join();
     }
 }
