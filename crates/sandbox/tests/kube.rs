@@ -607,3 +607,53 @@ async fn garbage_collection_deletes_finished_orphans_only() {
         .collect();
     assert_eq!(left, [job_name(hung.id, 1)]);
 }
+
+#[tokio::test]
+async fn a_hung_create_times_out_and_the_retry_adopts() {
+    let env = env_with(KubernetesSettings {
+        request_timeout_secs: 1,
+        ..settings()
+    })
+    .await;
+    let task = one_step("echo once");
+    // The server takes the create but answers only after 3 s.
+    env.sim.faults().inject(
+        FaultRule::new("POST", "/jobs", FaultAction::Delay(Duration::from_secs(3))).times(1),
+    );
+    let exec = env.exec.run(&task, 1, &ctx()).await.unwrap();
+    assert_eq!(exec.outcome, Outcome::Succeeded, "{exec:#?}");
+    assert_eq!(exec.steps[0].output_tail, "once\n");
+    let creates: Vec<_> = env
+        .gate
+        .calls()
+        .into_iter()
+        .filter(|(v, _)| *v == "create")
+        .map(|(_, c)| c)
+        .collect();
+    assert_eq!(creates[0], CallClass::Failure, "{creates:?}");
+    // However the race went, one Job ran once.
+    let pods = env
+        .sim
+        .request_log()
+        .iter()
+        .filter(|r| r.resource() == "pods/log")
+        .count();
+    assert_eq!(pods, 1);
+}
+
+#[tokio::test]
+async fn deadline_with_immediate_ttl_still_reports_timed_out() {
+    // TTL 0: the Job (and its pod and log) may vanish as soon as it fails.
+    let env = env_with(KubernetesSettings {
+        ttl_seconds_after_finished: 0,
+        ..settings()
+    })
+    .await;
+    let mut task = one_step("echo started; sleep 60");
+    task.sandbox.deadline_secs = 1;
+    let exec = tokio::time::timeout(Duration::from_secs(30), env.exec.run(&task, 1, &ctx()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exec.outcome, Outcome::TimedOut, "{exec:#?}");
+}

@@ -53,6 +53,7 @@ pub struct KubeApi {
     pods: Api<Pod>,
     gate: Arc<dyn ApiGate>,
     retry: ApiRetry,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for KubeApi {
@@ -124,6 +125,7 @@ impl KubeApi {
             namespace,
             gate,
             retry,
+            request_timeout: Duration::from_secs(settings.request_timeout_secs.max(1)),
         })
     }
 
@@ -162,7 +164,28 @@ impl KubeApi {
         loop {
             self.gate.permit().map_err(|_| ExecError::Unavailable)?;
             let start = Instant::now();
-            let result = call().await;
+            // A hung request (accepted, never answered) counts as a failure
+            // after the request timeout; the retry then finds the Job (409).
+            let result = match tokio::time::timeout(self.request_timeout, call()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.gate.record(verb, CallClass::Failure, start.elapsed());
+                    let err = ExecError::Api {
+                        verb,
+                        status: None,
+                        message: format!("no response within {:?}", self.request_timeout),
+                        retry_after: None,
+                    };
+                    match backoff.next() {
+                        Some(delay) => {
+                            tracing::debug!(verb, error = %err, ?delay, "retrying kubernetes call");
+                            tokio::time::sleep(delay).await;
+                            continue;
+                        }
+                        None => return Err(err),
+                    }
+                }
+            };
             let err = match result {
                 Ok(v) => {
                     self.gate.record(verb, CallClass::Success, start.elapsed());

@@ -86,6 +86,12 @@ impl KubeExecutor {
         }
     }
 
+    /// Resolves once the shared watchers have listed Jobs and Pods once (for
+    /// a readiness check).
+    pub async fn synced(&self) {
+        self.inner.hub.wait_synced().await;
+    }
+
     /// The API wrapper (for the worker's own calls and for tests).
     pub fn api(&self) -> &KubeApi {
         &self.inner.api
@@ -178,7 +184,8 @@ impl KubeExecutor {
         mut sub: watch::Subscription,
         created_at: DateTime<Utc>,
     ) -> Result<(Verdict, Observed), ExecError> {
-        self.inner.hub.wait_synced().await;
+        // No waiting for the watchers' first list: a broken watch (403, API
+        // down) must not hang the attempt; the direct reads cover for it.
         let pending_timeout = classify::pending_deadline(task);
         let since_created = (Utc::now() - created_at).to_std().unwrap_or_default();
         let base = Instant::now() - since_created.min(Duration::from_secs(86_400 * 365));
