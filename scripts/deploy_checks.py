@@ -20,6 +20,10 @@ kustomize overlays); each subcommand can also be run on its own:
   deploy_checks.py rbac [--observed FILE] [--exact]
       The worker's Role (k8s/base/worker-rbac.yaml) against the Kubernetes
       calls the worker was observed making (see docs/deploy.md, "RBAC").
+  deploy_checks.py sandbox-job RENDERED.yaml
+      The Job the worker creates (crates/sandbox/tests/snapshots/job.json)
+      is schema-valid, meets the sandbox namespace's Pod Security level, runs
+      as its ServiceAccount and is selected by its egress NetworkPolicy.
   deploy_checks.py kustomize-compat NAME A.yaml B.yaml
       Two renders of one overlay (current kustomize, kustomize v2.0.3) hold
       the same objects.
@@ -890,6 +894,67 @@ def cmd_dockerignore(rep: Report) -> None:
 
 
 # --------------------------------------------------------------------------
+# The sandbox Job the worker creates (the sandbox crate's committed snapshot)
+# fits the cluster the manifests build.
+
+SANDBOX_JOB_SNAPSHOT = ROOT / "crates/sandbox/tests/snapshots/job.json"
+
+
+def cmd_sandbox_job(rendered: Path, versions: list[str], rep: Report) -> None:
+    import kubernetes_validate as kv
+
+    if not SANDBOX_JOB_SNAPSHOT.exists():
+        rep.skip(f"sandbox Job: no {SANDBOX_JOB_SNAPSHOT.relative_to(ROOT)} yet")
+        return
+    job = json.loads(SANDBOX_JOB_SNAPSHOT.read_text())
+    failures_before = len(rep.failures)
+    where = f"sandbox Job ({SANDBOX_JOB_SNAPSHOT.relative_to(ROOT)})"
+    for v in versions:
+        try:
+            kv.validate(job, v, strict=True)
+        except kv.ValidationError as e:
+            rep.fail(where, f"Kubernetes {v} schema: {e.message} at {'.'.join(map(str, e.path))}")
+    objs = load_docs(rendered)
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    labels = spec["template"]["metadata"].get("labels", {})
+    rep.check(job["metadata"].get("namespace") in (None, SANDBOX_NS), where, f"namespace must be {SANDBOX_NS}")
+    rep.check(spec.get("backoffLimit") == 0, where, "backoffLimit 0 (retries are the worker's)")
+    rep.check("activeDeadlineSeconds" in spec, where, "activeDeadlineSeconds")
+    # The NetworkPolicy that lets sandboxes reach DNS and the web must select the pod.
+    egress = find(objs, "NetworkPolicy", "sandfleet-sandbox-egress")
+    if rep.check(len(egress) == 1, where, "the sandbox egress NetworkPolicy is rendered"):
+        sel = egress[0]["spec"]["podSelector"].get("matchLabels", {})
+        rep.check(selector_matches(sel, labels), where,
+                  f"pod labels {labels} do not match the egress NetworkPolicy's podSelector {sel}: no DNS, no web")
+    sa = pod.get("serviceAccountName", "default")
+    sas = [o for o in find(objs, "ServiceAccount", sa) if o["metadata"]["namespace"] == SANDBOX_NS]
+    rep.check(len(sas) == 1, where, f"serviceAccountName {sa} is not a ServiceAccount of {SANDBOX_NS}")
+    rep.check(pod.get("automountServiceAccountToken") is False, where, "automountServiceAccountToken: false")
+    # Pod Security `restricted`, which the sandbox namespace enforces.
+    psc = pod.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        rep.check(not pod.get(key), where, f"{key} breaks PSA restricted")
+    rep.check(not any("hostPath" in v for v in pod.get("volumes", [])), where, "hostPath volumes break PSA restricted")
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        csc = c.get("securityContext", {})
+        cw = f"{where} container {c['name']}"
+        rep.check(csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, cw, "runAsNonRoot (PSA restricted)")
+        rep.check(csc.get("runAsUser", psc.get("runAsUser")) != 0, cw, "runAsUser 0 (PSA restricted)")
+        rep.check(csc.get("seccompProfile", psc.get("seccompProfile", {})).get("type") in ("RuntimeDefault", "Localhost"),
+                  cw, "seccompProfile RuntimeDefault (PSA restricted)")
+        rep.check(csc.get("allowPrivilegeEscalation") is False, cw, "allowPrivilegeEscalation: false (PSA restricted)")
+        rep.check(not csc.get("privileged"), cw, "privileged (PSA baseline)")
+        caps = csc.get("capabilities", {})
+        rep.check(caps.get("drop") == ["ALL"] and set(caps.get("add", [])) <= {"NET_BIND_SERVICE"}, cw,
+                  "capabilities: drop ALL, add at most NET_BIND_SERVICE (PSA restricted)")
+        rep.check(bool(c.get("resources", {}).get("limits")), cw, "resource limits")
+    if len(rep.failures) == failures_before:
+        rep.ok(f"sandbox Job snapshot: valid against Kubernetes {', '.join(versions)} (strict), PSA restricted, "
+               "selected by the egress NetworkPolicy, runs as the token-less sandbox ServiceAccount")
+
+
+# --------------------------------------------------------------------------
 # Two kustomize versions must render the same objects.
 
 
@@ -998,6 +1063,9 @@ def main() -> int:
     r.add_argument("--exact", action="store_true", help="also fail on permissions never observed")
     s = sub.add_parser("selftest")
     s.add_argument("rendered")
+    sj = sub.add_parser("sandbox-job")
+    sj.add_argument("rendered", help="a rendered overlay (for the sandbox namespace's objects)")
+    sj.add_argument("--k8s-version", action="append", dest="versions")
     kc = sub.add_parser("kustomize-compat")
     kc.add_argument("name")
     kc.add_argument("render_a")
@@ -1022,6 +1090,8 @@ def main() -> int:
         cmd_grafana(Path(args.file), rep)
     elif args.cmd == "dockerignore":
         cmd_dockerignore(rep)
+    elif args.cmd == "sandbox-job":
+        cmd_sandbox_job(Path(args.rendered), args.versions or ["1.30"], rep)
     elif args.cmd == "kustomize-compat":
         cmd_kustomize_compat(args.name, Path(args.render_a), Path(args.render_b), rep)
     return 1 if rep.failures else 0

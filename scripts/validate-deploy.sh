@@ -150,6 +150,9 @@ for dir in "${OVERLAYS[@]}"; do
   "$PY" scripts/deploy_checks.py k8s "${dir##*/}" "$out" "${version_args[@]}" || fail "checks of $dir"
 done
 
+step "the sandbox Job the worker creates, against the cluster these files build"
+"$PY" scripts/deploy_checks.py sandbox-job "$RENDER_DIR/deploy_overlays_prod.yaml" "${version_args[@]}" || fail "sandbox Job"
+
 step "self-test: the checks catch broken manifests"
 "$PY" scripts/deploy_checks.py selftest "$RENDER_DIR/deploy_overlays_prod.yaml" || fail "self-test"
 
