@@ -331,3 +331,26 @@ impl Run<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_holds_sends_to_the_rate() {
+        let start = tokio::time::Instant::now();
+        let mut pacer = Pacer::new(10.0);
+        for _ in 0..5 {
+            pacer.wait().await;
+        }
+        // The first send goes at once, the next four 100 ms apart.
+        assert_eq!(start.elapsed(), Duration::from_millis(400));
+        let start = tokio::time::Instant::now();
+        let mut unpaced = Pacer::new(0.0);
+        for _ in 0..100 {
+            unpaced.wait().await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+}
