@@ -4,7 +4,7 @@
 #   scripts/test.sh                 # everything, in this order
 #   scripts/test.sh clippy tests    # only some steps
 #
-# Steps: fmt, clippy, tests, doctests, schemas, deny. Tests that need RabbitMQ expect it
+# Steps: fmt, clippy, tests, doctests, schemas, deploy, deny. Tests that need RabbitMQ expect it
 # on 127.0.0.1:5672 (guest/guest) with the management plugin on 15672;
 # `.ci/run` makes sure of that first. NEXTEST_PROFILE picks the nextest
 # profile (.config/nextest.toml), `default` unless set.
@@ -43,6 +43,13 @@ run_schemas() {
   python3 "$repo/scripts/check-schemas.py"
 }
 
+run_deploy() {
+  # Kubernetes manifests, Compose file, Dockerfile, dashboard and RBAC,
+  # validated offline (installs its tools on first use).
+  step "scripts/validate-deploy.sh"
+  "$repo/scripts/validate-deploy.sh"
+}
+
 run_deny() {
   # The shared folder sits beside the clone: ../shared/tools/cargo-deny-offline
   # checks against an advisory-db snapshot without network. Elsewhere, fall
@@ -65,14 +72,14 @@ run_deny() {
   fi
 }
 
-all_steps=(fmt clippy tests doctests schemas deny)
+all_steps=(fmt clippy tests doctests schemas deploy deny)
 steps=("$@")
 if [[ ${#steps[@]} -eq 0 ]]; then
   steps=("${all_steps[@]}")
 fi
 for s in "${steps[@]}"; do
   case "$s" in
-    fmt | clippy | tests | doctests | schemas | deny) "run_$s" ;;
+    fmt | clippy | tests | doctests | schemas | deploy | deny) "run_$s" ;;
     *)
       echo "test.sh: unknown step '$s' (steps: ${all_steps[*]})" >&2
       exit 2
