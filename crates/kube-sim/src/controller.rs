@@ -176,7 +176,139 @@ fn int_at(v: &Value, path: &str) -> Option<i64> {
     v.pointer(path).and_then(Value::as_i64)
 }
 
-/// One reconciliation of a Job with its pods.
+/// What one reconciliation decided, before any of it is written.
+#[derive(Debug, Default, PartialEq)]
+struct Plan {
+    /// Finished pods counted now; their tracking finalizer is removed after the
+    /// status write.
+    counted: Vec<String>,
+    succeeded: i64,
+    failed: i64,
+    active: i64,
+    ready: i64,
+    terminating: i64,
+    /// Set `status.startTime` (the Job starts now).
+    start: bool,
+    /// Conditions to add: (type, reason, message).
+    conditions: Vec<(&'static str, &'static str, &'static str)>,
+    /// Mark the Job finished (`Complete`, or `Failed` with the FailureTarget reason).
+    finish: Option<Finish>,
+    /// Pods to delete (the Job has reached a terminal target).
+    delete: Vec<String>,
+    /// Pods to create.
+    create: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Finish {
+    Complete,
+    Failed { reason: String, message: String },
+}
+
+const COMPLETIONS_REACHED: (&str, &str) = (
+    "CompletionsReached",
+    "Reached expected number of succeeded pods",
+);
+const BACKOFF_LIMIT_EXCEEDED: (&str, &str) = (
+    "BackoffLimitExceeded",
+    "Job has reached the specified backoff limit",
+);
+const DEADLINE_EXCEEDED: (&str, &str) = (
+    "DeadlineExceeded",
+    "Job was active longer than specified deadline",
+);
+
+/// The Job controller's decision for a (not deleting) Job and its pods, given how long
+/// the Job has been active. Pure: [`reconcile`] carries it out.
+fn plan(job: &Value, pods: &[Value], active_for: Duration) -> Plan {
+    let spec = &job["spec"];
+    let status = &job["status"];
+    let completions = int_at(spec, "/completions").unwrap_or(1);
+    let parallelism = int_at(spec, "/parallelism").unwrap_or(1);
+    let backoff_limit = int_at(spec, "/backoffLimit").unwrap_or(6);
+    let suspended = spec.get("suspend").and_then(Value::as_bool) == Some(true);
+    let deadline = int_at(spec, "/activeDeadlineSeconds")
+        .map(|s| Duration::from_secs(s.max(0).unsigned_abs()));
+
+    let mut p = Plan {
+        succeeded: int_at(status, "/succeeded").unwrap_or(0),
+        failed: int_at(status, "/failed").unwrap_or(0),
+        ..Plan::default()
+    };
+    // Each finished pod is counted once: while it still has the tracking finalizer.
+    for pod in pods
+        .iter()
+        .filter(|p| is_terminal(p) && has_tracking_finalizer(p))
+    {
+        if pod.pointer("/status/phase").and_then(Value::as_str) == Some("Succeeded") {
+            p.succeeded += 1;
+        } else {
+            p.failed += 1;
+        }
+        p.counted.push(meta::name(pod).to_owned());
+    }
+    let active: Vec<&Value> = pods
+        .iter()
+        .filter(|p| !is_terminal(p) && !meta::is_deleting(p))
+        .collect();
+    p.terminating = pods
+        .iter()
+        .filter(|p| !is_terminal(p) && meta::is_deleting(p))
+        .count() as i64;
+    p.ready = active.iter().filter(|p| pod_ready(p)).count() as i64;
+    // With restartPolicy OnFailure, container restarts count against backoffLimit.
+    let restarts: i64 = active
+        .iter()
+        .filter_map(|p| int_at(p, "/status/containerStatuses/0/restartCount"))
+        .sum();
+
+    let finished = meta::has_condition(job, "Complete") || meta::has_condition(job, "Failed");
+    p.start = status.get("startTime").is_none_or(Value::is_null) && !suspended && !finished;
+    let mut success = meta::has_condition(job, "SuccessCriteriaMet");
+    let mut failure = failure_target(job);
+    if !finished && !success && failure.is_none() {
+        let target = if p.succeeded >= completions {
+            success = true;
+            Some(("SuccessCriteriaMet", COMPLETIONS_REACHED))
+        } else if p.failed + restarts > backoff_limit {
+            Some(("FailureTarget", BACKOFF_LIMIT_EXCEEDED))
+        } else if deadline.is_some_and(|d| active_for >= d) {
+            Some(("FailureTarget", DEADLINE_EXCEEDED))
+        } else {
+            None
+        };
+        if let Some((ty, (reason, message))) = target {
+            p.conditions.push((ty, reason, message));
+            if ty == "FailureTarget" {
+                failure = Some((reason.to_owned(), message.to_owned()));
+            }
+        }
+    }
+
+    p.active = active.len() as i64;
+    if finished {
+        return p;
+    }
+    if success || failure.is_some() {
+        // Reached a target: stop what runs; finish once nothing runs any more.
+        p.delete = active
+            .iter()
+            .map(|pod| meta::name(pod).to_owned())
+            .collect();
+        if active.is_empty() && p.terminating == 0 {
+            p.finish = Some(match failure {
+                Some((reason, message)) => Finish::Failed { reason, message },
+                None => Finish::Complete,
+            });
+        }
+    } else if !suspended {
+        let remaining = (completions - p.succeeded).max(0);
+        p.create = (parallelism.min(remaining) - p.active).max(0);
+    }
+    p
+}
+
+/// One reconciliation of a Job with its pods: [`plan`], then write.
 fn reconcile(shared: &Arc<Shared>, state: &mut State, tx: &mpsc::UnboundedSender<Key>, key: &Key) {
     let (ns, name) = key;
     let Some(job) = shared.store.get(Kind::Job, ns, name) else {
@@ -201,7 +333,7 @@ fn reconcile(shared: &Arc<Shared>, state: &mut State, tx: &mpsc::UnboundedSender
                 });
             }
         }
-        // Still count pods that finish while the Job is terminating.
+        // Pods that finish while the Job is terminating are released uncounted.
         for p in pods
             .iter()
             .filter(|p| is_terminal(p) && has_tracking_finalizer(p))
@@ -211,74 +343,20 @@ fn reconcile(shared: &Arc<Shared>, state: &mut State, tx: &mpsc::UnboundedSender
         return;
     }
 
-    let spec = &job["spec"];
-    let status = &job["status"];
-    let completions = int_at(spec, "/completions").unwrap_or(1);
-    let parallelism = int_at(spec, "/parallelism").unwrap_or(1);
-    let backoff_limit = int_at(spec, "/backoffLimit").unwrap_or(6);
-    let suspended = spec.get("suspend").and_then(Value::as_bool) == Some(true);
-
-    let mut to_release = Vec::new();
-    let (mut succeeded, mut failed) = (
-        int_at(status, "/succeeded").unwrap_or(0),
-        int_at(status, "/failed").unwrap_or(0),
-    );
-    for p in pods
-        .iter()
-        .filter(|p| is_terminal(p) && has_tracking_finalizer(p))
-    {
-        if p.pointer("/status/phase").and_then(Value::as_str) == Some("Succeeded") {
-            succeeded += 1;
-        } else {
-            failed += 1;
-        }
-        to_release.push(p.clone());
-    }
-    let active: Vec<&Value> = pods
-        .iter()
-        .filter(|p| !is_terminal(p) && !meta::is_deleting(p))
-        .collect();
-    let terminating = pods
-        .iter()
-        .filter(|p| !is_terminal(p) && meta::is_deleting(p))
-        .count();
-    let ready = active.iter().filter(|p| pod_ready(p)).count();
-    // With restartPolicy OnFailure, container restarts count against backoffLimit.
-    let restarts: i64 = active
-        .iter()
-        .filter_map(|p| int_at(p, "/status/containerStatuses/0/restartCount"))
-        .sum();
-
-    let finished = meta::has_condition(&job, "Complete") || meta::has_condition(&job, "Failed");
-    let mut success_target = meta::has_condition(&job, "SuccessCriteriaMet");
-    let mut failure: Option<(String, String)> = failure_target(&job);
-
-    let start_time = status
-        .get("startTime")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let start_time = match start_time {
-        Some(t) => Some(t),
-        None if !suspended && !finished => {
-            state.started.insert(uid.clone(), Instant::now());
-            Some(meta::now())
-        }
-        None => None,
-    };
     let started_at = *state
         .started
         .entry(uid.clone())
         .or_insert_with(Instant::now);
-    let deadline =
-        int_at(spec, "/activeDeadlineSeconds").map(|s| Duration::from_secs(s.max(0) as u64));
-    if let Some(d) = deadline
+    let plan = plan(&job, &pods, started_at.elapsed());
+    let finished = meta::has_condition(&job, "Complete") || meta::has_condition(&job, "Failed");
+    if let Some(secs) = int_at(&job["spec"], "/activeDeadlineSeconds")
         && !finished
         && state.timers.insert((uid.clone(), "deadline"))
     {
-        let tx = tx.clone();
-        let key = key.clone();
-        let wait = d.saturating_sub(started_at.elapsed());
-        let shutdown = shared.shutdown.clone();
+        // Wake up when the deadline passes, even if nothing else happens.
+        let wait =
+            Duration::from_secs(secs.max(0).unsigned_abs()).saturating_sub(started_at.elapsed());
+        let (tx, key, shutdown) = (tx.clone(), key.clone(), shared.shutdown.clone());
         tokio::spawn(async move {
             tokio::select! {
                 () = shutdown.cancelled() => {}
@@ -287,96 +365,61 @@ fn reconcile(shared: &Arc<Shared>, state: &mut State, tx: &mpsc::UnboundedSender
         });
     }
 
-    let mut new_conditions: Vec<(&str, String, String)> = Vec::new();
-    if !finished && !success_target && failure.is_none() {
-        if succeeded >= completions {
-            success_target = true;
-            new_conditions.push((
-                "SuccessCriteriaMet",
-                "CompletionsReached".into(),
-                "Reached expected number of succeeded pods".into(),
-            ));
-        } else if failed + restarts > backoff_limit {
-            let f = (
-                "BackoffLimitExceeded".to_owned(),
-                "Job has reached the specified backoff limit".to_owned(),
-            );
-            new_conditions.push(("FailureTarget", f.0.clone(), f.1.clone()));
-            failure = Some(f);
-        } else if deadline.is_some_and(|d| started_at.elapsed() >= d) {
-            let f = (
-                "DeadlineExceeded".to_owned(),
-                "Job was active longer than specified deadline".to_owned(),
-            );
-            new_conditions.push(("FailureTarget", f.0.clone(), f.1.clone()));
-            failure = Some(f);
-        }
+    let opts = default_delete();
+    for pod in &plan.delete {
+        let _ = deletion::delete_pod(shared, ns, pod, &opts);
     }
-
     let mut created = 0;
-    let mut complete_now = false;
-    if !finished && (success_target || failure.is_some()) {
-        let opts = default_delete();
-        for p in &active {
-            let _ = deletion::delete_pod(shared, ns, meta::name(p), &opts);
-        }
-        if active.is_empty() && terminating == 0 {
-            complete_now = true;
-        }
-    } else if !finished && !suspended {
-        let remaining = (completions - succeeded).max(0);
-        let want = parallelism.min(remaining) - active.len() as i64;
-        for _ in 0..want.max(0) {
-            if create_pod(shared, &job).is_some() {
-                created += 1;
-            }
+    for _ in 0..plan.create {
+        if create_pod(shared, &job).is_some() {
+            created += 1;
         }
     }
-
-    let active_count = if complete_now {
+    let active = if plan.finish.is_some() {
         0
     } else {
-        active.len() as i64 + created
+        plan.active + created
     };
-    let ttl = int_at(spec, "/ttlSecondsAfterFinished");
+    let now = meta::now();
     let result = shared.store.update(Kind::Job, ns, name, |j| {
         let st = &mut j["status"];
         if !st.is_object() {
             *st = json!({});
         }
-        set_count(st, "active", active_count);
-        set_count(st, "succeeded", succeeded);
-        set_count(st, "failed", failed);
-        st["ready"] = json!(ready);
-        st["terminating"] = json!(terminating);
+        set_count(st, "active", active);
+        set_count(st, "succeeded", plan.succeeded);
+        set_count(st, "failed", plan.failed);
+        st["ready"] = json!(plan.ready);
+        st["terminating"] = json!(plan.terminating);
         st["uncountedTerminatedPods"] = json!({});
-        if let Some(t) = &start_time {
-            st["startTime"] = json!(t);
+        if plan.start {
+            st["startTime"] = json!(now);
         }
-        for (ty, reason, message) in &new_conditions {
+        for (ty, reason, message) in &plan.conditions {
             meta::set_condition(j, ty, "True", reason, message);
         }
-        if complete_now {
-            if success_target {
-                meta::set_condition(
-                    j,
-                    "Complete",
-                    "True",
-                    "CompletionsReached",
-                    "Reached expected number of succeeded pods",
-                );
-                j["status"]["completionTime"] = json!(meta::now());
-            } else if let Some((reason, message)) = &failure {
+        match &plan.finish {
+            Some(Finish::Complete) => {
+                let (reason, message) = COMPLETIONS_REACHED;
+                meta::set_condition(j, "Complete", "True", reason, message);
+                j["status"]["completionTime"] = json!(now);
+            }
+            Some(Finish::Failed { reason, message }) => {
                 meta::set_condition(j, "Failed", "True", reason, message);
             }
+            None => {}
         }
         Ok(())
     });
-    for p in &to_release {
-        remove_tracking_finalizer(shared, p);
+    // Only now that the counts are stored may the counted pods go.
+    for pod in pods
+        .iter()
+        .filter(|p| plan.counted.iter().any(|c| c == meta::name(p)))
+    {
+        remove_tracking_finalizer(shared, pod);
     }
-    if complete_now && result.is_ok() {
-        if let Some(ttl) = ttl
+    if plan.finish.is_some() && result.is_ok() {
+        if let Some(ttl) = int_at(&job["spec"], "/ttlSecondsAfterFinished")
             && state.timers.insert((uid.clone(), "ttl"))
         {
             schedule_ttl(
@@ -384,7 +427,7 @@ fn reconcile(shared: &Arc<Shared>, state: &mut State, tx: &mpsc::UnboundedSender
                 ns,
                 name,
                 &uid,
-                Duration::from_secs(ttl.max(0) as u64),
+                Duration::from_secs(ttl.max(0).unsigned_abs()),
             );
         }
         state.started.remove(&uid);
@@ -499,4 +542,127 @@ fn create_pod(shared: &Arc<Shared>, job: &Value) -> Option<Value> {
         }
     }
     None
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn job(extra_spec: Value, status: Value) -> Value {
+        let mut spec = json!({"completions": 1, "parallelism": 1, "backoffLimit": 1});
+        json_patch::merge(&mut spec, &extra_spec);
+        json!({"metadata": {"name": "j"}, "spec": spec, "status": status})
+    }
+
+    fn pod(name: &str, phase: &str, tracked: bool) -> Value {
+        let mut p = json!({"metadata": {"name": name}, "status": {"phase": phase}});
+        if tracked {
+            p["metadata"]["finalizers"] = json!([TRACKING_FINALIZER]);
+        }
+        p
+    }
+
+    #[test]
+    fn a_new_job_starts_and_gets_one_pod() {
+        let p = plan(&job(json!({}), json!({})), &[], Duration::ZERO);
+        assert!(p.start);
+        assert_eq!(p.create, 1);
+        assert!(p.conditions.is_empty() && p.finish.is_none());
+    }
+
+    #[test]
+    fn a_succeeded_pod_is_counted_once_and_completes_the_job() {
+        let p = plan(
+            &job(json!({}), json!({"startTime": "t"})),
+            &[pod("a", "Succeeded", true)],
+            Duration::ZERO,
+        );
+        assert_eq!((p.succeeded, p.counted.clone()), (1, vec!["a".to_owned()]));
+        assert_eq!(p.conditions[0].0, "SuccessCriteriaMet");
+        assert_eq!(p.finish, Some(Finish::Complete));
+        assert_eq!(p.create, 0);
+        // Already counted (finalizer gone, status holds it): not counted again.
+        let p = plan(
+            &job(json!({}), json!({"succeeded": 1})),
+            &[pod("a", "Succeeded", false)],
+            Duration::ZERO,
+        );
+        assert_eq!(p.succeeded, 1);
+        assert!(p.counted.is_empty());
+    }
+
+    #[test]
+    fn failures_within_the_backoff_limit_are_replaced() {
+        let p = plan(
+            &job(json!({}), json!({})),
+            &[pod("a", "Failed", true)],
+            Duration::ZERO,
+        );
+        assert_eq!(p.failed, 1);
+        assert_eq!(p.create, 1);
+        assert!(p.finish.is_none());
+    }
+
+    #[test]
+    fn exceeding_the_backoff_limit_targets_failure_then_fails_when_nothing_runs() {
+        let pods = [
+            pod("a", "Failed", true),
+            pod("b", "Failed", true),
+            pod("c", "Running", true),
+        ];
+        let p = plan(&job(json!({}), json!({})), &pods, Duration::ZERO);
+        assert_eq!(
+            p.conditions,
+            vec![(
+                "FailureTarget",
+                BACKOFF_LIMIT_EXCEEDED.0,
+                BACKOFF_LIMIT_EXCEEDED.1
+            )]
+        );
+        assert_eq!(p.delete, vec!["c".to_owned()]);
+        assert!(p.finish.is_none(), "c still runs");
+        let failing = job(
+            json!({}),
+            json!({"failed": 2, "conditions": [{"type": "FailureTarget", "status": "True",
+                "reason": "BackoffLimitExceeded", "message": "m"}]}),
+        );
+        let p = plan(&failing, &[pod("c", "Failed", true)], Duration::ZERO);
+        assert_eq!(p.failed, 3);
+        assert_eq!(
+            p.finish,
+            Some(Finish::Failed {
+                reason: "BackoffLimitExceeded".into(),
+                message: "m".into()
+            })
+        );
+    }
+
+    #[test]
+    fn the_active_deadline_fails_the_job() {
+        let j = job(
+            json!({"activeDeadlineSeconds": 5}),
+            json!({"startTime": "t"}),
+        );
+        let running = [pod("a", "Running", true)];
+        assert!(
+            plan(&j, &running, Duration::from_secs(4))
+                .conditions
+                .is_empty()
+        );
+        let p = plan(&j, &running, Duration::from_secs(5));
+        assert_eq!(p.conditions[0].1, DEADLINE_EXCEEDED.0);
+        assert_eq!(p.delete, vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn suspended_jobs_get_no_pods() {
+        let p = plan(
+            &job(json!({"suspend": true}), json!({})),
+            &[],
+            Duration::ZERO,
+        );
+        assert_eq!(p.create, 0);
+        assert!(!p.start);
+    }
 }
