@@ -407,29 +407,30 @@ impl Env {
     /// The history of this test, for the invariant checks.
     pub fn history(&self) -> History {
         let published = self.published.lock().map(|p| p.clone()).unwrap_or_default();
-        let job_creates = self
+        let log = self
             .sim
             .as_ref()
-            .map(|s| {
-                s.sim
-                    .request_log()
-                    .into_iter()
-                    .filter(|r| r.method == "POST" && r.path.ends_with("/jobs") && r.status == 201)
-                    .filter_map(|r| {
-                        r.body
-                            .as_ref()?
-                            .pointer("/metadata/name")?
-                            .as_str()
-                            .map(str::to_owned)
-                    })
-                    .collect()
-            })
+            .map(|s| s.sim.request_log())
             .unwrap_or_default();
+        let job_creates: Vec<(String, std::time::SystemTime)> = log
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/jobs") && r.status == 201)
+            .filter_map(|r| {
+                let name = r.body.as_ref()?.pointer("/metadata/name")?.as_str()?;
+                Some((name.to_owned(), r.at))
+            })
+            .collect();
+        let job_deletes: Vec<(String, std::time::SystemTime)> = log
+            .iter()
+            .filter(|r| r.method == "DELETE" && r.path.contains("/jobs/") && r.status < 300)
+            .filter_map(|r| Some((r.path.rsplit('/').next()?.to_owned(), r.at)))
+            .collect();
         History {
             published: published.iter().map(|t| t.id).collect(),
             results: self.results(),
             dead: self.dead_letters(),
             job_creates,
+            job_deletes,
         }
     }
 
@@ -614,8 +615,10 @@ pub struct History {
     pub results: Vec<TaskResult>,
     /// Dead letters.
     pub dead: Vec<DeadLetter>,
-    /// Names of Jobs created (201), in order.
-    pub job_creates: Vec<String>,
+    /// Jobs created (201): name and time, in order.
+    pub job_creates: Vec<(String, std::time::SystemTime)>,
+    /// Jobs deleted: name and time, in order.
+    pub job_deletes: Vec<(String, std::time::SystemTime)>,
 }
 
 /// What [`History::check`] found.
@@ -625,8 +628,13 @@ pub struct Report {
     pub lost: Vec<TaskId>,
     /// Tasks with two final results that differ in attempt or outcome (R).
     pub conflicting_finals: Vec<TaskId>,
-    /// Job names created more than once (D).
-    pub duplicate_jobs: Vec<String>,
+    /// Tasks that had two Jobs at the same time (D): the same attempt's Job
+    /// created again before it was deleted, or two attempts overlapping.
+    pub concurrent_jobs: Vec<String>,
+    /// Job names created more than once one after the other (a finished
+    /// attempt re-run after a crash between its Job's deletion and the ack;
+    /// allowed by D, reported for information).
+    pub recreated_jobs: Vec<String>,
     /// Final results (deduplicated by task).
     pub finished: usize,
     /// Duplicate deliveries of the same final result (allowed; consumers dedup).
@@ -636,7 +644,9 @@ pub struct Report {
 impl Report {
     /// True when L, D and R hold.
     pub fn ok(&self) -> bool {
-        self.lost.is_empty() && self.conflicting_finals.is_empty() && self.duplicate_jobs.is_empty()
+        self.lost.is_empty()
+            && self.conflicting_finals.is_empty()
+            && self.concurrent_jobs.is_empty()
     }
 }
 
@@ -663,10 +673,35 @@ impl History {
             report.duplicate_final_deliveries += rs.len() - 1;
         }
         report.finished = finals.len();
-        let mut seen = HashSet::new();
-        for name in &self.job_creates {
-            if !seen.insert(name) && !report.duplicate_jobs.contains(name) {
-                report.duplicate_jobs.push(name.clone());
+        // Lifetimes of every Job, grouped by task (`sf-<task>-a<attempt>`).
+        let mut lives: HashMap<&str, Vec<(&str, std::time::SystemTime, std::time::SystemTime)>> =
+            HashMap::new();
+        let mut deletes: HashMap<&str, Vec<std::time::SystemTime>> = HashMap::new();
+        for (name, at) in &self.job_deletes {
+            deletes.entry(name.as_str()).or_default().push(*at);
+        }
+        let mut created: HashMap<&str, usize> = HashMap::new();
+        for (name, born) in &self.job_creates {
+            *created.entry(name.as_str()).or_default() += 1;
+            let died = deletes
+                .get(name.as_str())
+                .and_then(|d| d.iter().find(|t| *t >= born).copied())
+                .unwrap_or(std::time::UNIX_EPOCH + Duration::from_secs(u32::MAX as u64));
+            let task = name.rsplit_once("-a").map_or(name.as_str(), |(t, _)| t);
+            lives
+                .entry(task)
+                .or_default()
+                .push((name.as_str(), *born, died));
+        }
+        for (name, n) in created {
+            if n > 1 {
+                report.recreated_jobs.push(name.to_owned());
+            }
+        }
+        for (task, mut l) in lives {
+            l.sort_by_key(|x| x.1);
+            if l.windows(2).any(|w| w[1].1 < w[0].2) {
+                report.concurrent_jobs.push(task.to_owned());
             }
         }
         report
