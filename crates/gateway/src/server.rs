@@ -231,9 +231,11 @@ async fn gitlab(State(gw): State<Gateway>, headers: HeaderMap, body: Bytes) -> R
         Ok(i) => i,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    // GitLab names its delivery id X-Gitlab-Event-UUID (X-Gitlab-Webhook-UUID
-    // identifies the hook, not the delivery).
-    let delivery = header_str(&headers, "x-gitlab-event-uuid").map(str::to_owned);
+    // GitLab 17.4+ sends `Idempotency-Key`, the same on every retry of a
+    // delivery; older versions only `X-Gitlab-Event-UUID` (per event).
+    let delivery = header_str(&headers, "idempotency-key")
+        .or_else(|| header_str(&headers, "x-gitlab-event-uuid"))
+        .map(str::to_owned);
     handle_intake(&gw, intake, "gitlab", delivery, &body).await
 }
 

@@ -187,7 +187,7 @@ impl Harness {
             .post(format!("{}/webhooks/gitlab", self.url))
             .header("X-Gitlab-Event", "Pipeline Hook")
             .header("X-Gitlab-Token", token)
-            .header("X-Gitlab-Event-UUID", uuid::Uuid::new_v4().to_string())
+            .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
             .body(body)
             .send()
             .await
@@ -251,6 +251,29 @@ impl Drop for Harness {
         })
         .join();
     }
+}
+
+/// A valid task for the API, with no event values.
+fn api_task() -> Task {
+    Task::fix_attempt(
+        sandfleet_proto::Source {
+            provider: sandfleet_proto::Provider::Api,
+            repository: "octo-org/octo-repo".to_owned(),
+            commit: "3484a3fb816e0859fd6e1cea078d76385ff50625".to_owned(),
+            git_ref: None,
+            ci_run_id: None,
+            pull_request: None,
+            url: None,
+        },
+        sandfleet_proto::SandboxSpec {
+            image: "docker.io/library/alpine:3.20".to_owned(),
+            resources: Default::default(),
+            env: Default::default(),
+            deadline_secs: 600,
+            pending_timeout_secs: 300,
+        },
+    )
+    .with_step("test", "make test", 300)
 }
 
 fn task_id(body: &Value) -> String {
@@ -527,25 +550,7 @@ async fn oversize_and_malformed_bodies_are_refused_with_a_reason() {
 #[tokio::test]
 async fn task_api_takes_a_task_with_a_bearer_token() {
     let h = Harness::start().await;
-    let task = Task::fix_attempt(
-        sandfleet_proto::Source {
-            provider: sandfleet_proto::Provider::Api,
-            repository: "octo-org/octo-repo".to_owned(),
-            commit: "3484a3fb816e0859fd6e1cea078d76385ff50625".to_owned(),
-            git_ref: None,
-            ci_run_id: None,
-            pull_request: None,
-            url: None,
-        },
-        sandfleet_proto::SandboxSpec {
-            image: "docker.io/library/alpine:3.20".to_owned(),
-            resources: Default::default(),
-            env: Default::default(),
-            deadline_secs: 600,
-            pending_timeout_secs: 300,
-        },
-    )
-    .with_step("test", "make test", 300);
+    let task = api_task();
     let post = |token: &str, body: Vec<u8>| {
         h.http
             .post(format!("{}/v1/tasks", h.url))
@@ -593,6 +598,16 @@ async fn broker_down_answers_503_and_not_ready() {
         .unwrap();
     assert_eq!(ready.status().as_u16(), 200);
     h.proxy.down();
+    let resp = h
+        .http
+        .post(format!("{}/v1/tasks", h.url))
+        .bearer_auth(API_TOKEN)
+        .json(&api_task())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503, "the task API answers 503 too");
+    assert!(resp.headers().contains_key("retry-after"));
     let body = with(
         "github/workflow_run.completed.json",
         "/workflow_run/conclusion",
