@@ -53,11 +53,10 @@ impl TaskSink for BrokerSink {
         };
         match self.producer.enqueue_with(task, &options).await {
             Ok(_) => Ok(()),
-            Err(
-                e @ (EnqueueError::Invalid(_)
-                | EnqueueError::TooLarge { .. }
-                | EnqueueError::Encode(_)),
-            ) => Err(SinkError::Invalid(e.to_string())),
+            Err(EnqueueError::Invalid(errors)) => Err(SinkError::Invalid(errors.to_string())),
+            Err(e @ (EnqueueError::TooLarge { .. } | EnqueueError::Encode(_))) => {
+                Err(SinkError::Invalid(e.to_string()))
+            }
             // Every broker-side failure (down, full, topology missing) may be
             // fixed on that side: the caller retries later.
             Err(e @ EnqueueError::Broker(_)) => Err(SinkError::Unavailable(e.to_string())),
