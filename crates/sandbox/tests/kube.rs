@@ -657,3 +657,40 @@ async fn deadline_with_immediate_ttl_still_reports_timed_out() {
         .unwrap();
     assert_eq!(exec.outcome, Outcome::TimedOut, "{exec:#?}");
 }
+
+#[tokio::test]
+async fn refused_connections_are_transient_failures() {
+    let env = env().await;
+    env.sim.refuse_connections(true).await.unwrap();
+    let err = env
+        .exec
+        .run(&one_step("echo ok"), 1, &ctx())
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    let calls = env.gate.calls();
+    assert_eq!(calls, vec![("create", CallClass::Failure); 4]);
+}
+
+#[tokio::test]
+async fn the_same_attempt_twice_on_one_worker_runs_one_job() {
+    // A redelivery can reach the worker that still runs the first delivery.
+    let env = env().await;
+    let task = one_step("sleep 0.3; echo shared");
+    let ctx = ctx();
+    let (a, b) = tokio::join!(env.exec.run(&task, 1, &ctx), env.exec.run(&task, 1, &ctx));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        (a.outcome, b.outcome),
+        (Outcome::Succeeded, Outcome::Succeeded)
+    );
+    assert!(a.adopted != b.adopted, "one creates, the other adopts");
+    assert_eq!(a.steps[0].output_tail, "shared\n");
+    let creates = env
+        .sim
+        .request_log()
+        .iter()
+        .filter(|r| r.verb() == "create" && r.status == 201)
+        .count();
+    assert_eq!(creates, 1);
+}

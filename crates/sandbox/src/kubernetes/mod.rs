@@ -449,6 +449,10 @@ impl Executor for KubeExecutor {
         let mut report = report::assemble(task, &summary, &parsed, log_cut || log_note.is_some());
         if let Some(note) = log_note {
             report.log_tail = format!("[sandfleet: {note}]\n{}", report.log_tail);
+        } else if log_cut {
+            report
+                .log_tail
+                .push_str(&format!("\n[sandfleet: log truncated at {limit} bytes]\n"));
         }
         Ok(Execution {
             outcome: verdict.outcome,

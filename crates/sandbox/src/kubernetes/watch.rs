@@ -38,7 +38,9 @@ pub struct Observed {
 #[derive(Default)]
 struct State {
     objects: HashMap<String, Observed>,
-    subscribers: HashMap<String, watch::Sender<Observed>>,
+    /// One channel per Job, shared by every attempt future waiting on it (a
+    /// redelivered task can run twice on one worker), with their count.
+    subscribers: HashMap<String, (watch::Sender<Observed>, usize)>,
     jobs_synced: bool,
     pods_synced: bool,
 }
@@ -61,6 +63,12 @@ pub(crate) struct Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut st = self.hub.lock();
+        if let Some((_, count)) = st.subscribers.get_mut(&self.name) {
+            *count -= 1;
+            if *count > 0 {
+                return;
+            }
+        }
         st.subscribers.remove(&self.name);
         // Forget finished business: nothing more will be asked about it.
         if st
@@ -83,8 +91,17 @@ impl Hub {
     pub(crate) fn subscribe(self: &Arc<Self>, name: &str) -> Subscription {
         let mut st = self.lock();
         let current = st.objects.get(name).cloned().unwrap_or_default();
-        let (tx, rx) = watch::channel(current);
-        st.subscribers.insert(name.to_owned(), tx);
+        let rx = match st.subscribers.get_mut(name) {
+            Some((tx, count)) => {
+                *count += 1;
+                tx.subscribe()
+            }
+            None => {
+                let (tx, rx) = watch::channel(current);
+                st.subscribers.insert(name.to_owned(), (tx, 1));
+                rx
+            }
+        };
         Subscription {
             hub: self.clone(),
             name: name.to_owned(),
@@ -111,7 +128,7 @@ impl Hub {
         f(entry);
         let snapshot = entry.clone();
         match st.subscribers.get(name) {
-            Some(tx) => {
+            Some((tx, _)) => {
                 tx.send_replace(snapshot);
             }
             None => {
@@ -159,7 +176,7 @@ impl Hub {
                 obs.pod_gone |= gone;
                 gone
             };
-            if changed && let Some(tx) = subscribers.get(name) {
+            if changed && let Some((tx, _)) = subscribers.get(name) {
                 tx.send_replace(obs.clone());
             }
         }
