@@ -31,6 +31,9 @@ pub enum FaultAction {
     /// Watch requests only: send the initial/replayed events, then end the stream
     /// without an error (kube's watcher re-watches from the last version).
     WatchEndEarly,
+    /// Watch requests only: stream normally, then after this long send an `ERROR`
+    /// event with a 410 `Expired` Status mid-stream and end.
+    WatchGoneAfter(Duration),
 }
 
 /// A fault rule. `method: None` matches any method; `path_contains` is matched
@@ -69,7 +72,7 @@ impl FaultRule {
     fn matches(&self, method: &str, path: &str, is_watch: bool) -> bool {
         let watch_only = matches!(
             self.action,
-            FaultAction::WatchGone | FaultAction::WatchEndEarly
+            FaultAction::WatchGone | FaultAction::WatchEndEarly | FaultAction::WatchGoneAfter(_)
         );
         (!watch_only || is_watch)
             && self

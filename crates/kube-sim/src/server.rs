@@ -185,6 +185,7 @@ impl Server {
             }
             Some(FaultAction::WatchGone) => watch_fault = WatchFault::Gone,
             Some(FaultAction::WatchEndEarly) => watch_fault = WatchFault::EndEarly,
+            Some(FaultAction::WatchGoneAfter(d)) => watch_fault = WatchFault::GoneAfter(d),
             None => {}
         }
 

@@ -43,6 +43,8 @@ pub(crate) enum WatchFault {
     Gone,
     /// End after the initial/replayed events.
     EndEarly,
+    /// Send a 410 ERROR event after this long, then end.
+    GoneAfter(Duration),
 }
 
 impl WatchRequest {
@@ -137,6 +139,10 @@ pub(crate) fn serve(shared: Arc<Shared>, req: WatchRequest, fault: WatchFault) -
         }
         let mut rx = sub.rx;
         let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
+        let gone_at = match fault {
+            WatchFault::GoneAfter(d) => Some(tokio::time::Instant::now() + d),
+            _ => None,
+        };
         let mut ticker = tokio::time::interval(shared.options.bookmark_interval);
         ticker.tick().await;
         loop {
@@ -146,10 +152,20 @@ pub(crate) fn serve(shared: Arc<Shared>, req: WatchRequest, fault: WatchFault) -
                     None => std::future::pending().await,
                 }
             };
+            let gone = async {
+                match gone_at {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = tx.closed() => return,
                 () = shared.shutdown.cancelled() => return,
                 () = timeout => return,
+                () = gone => {
+                    let _ = tx.send(error_line(&ApiError::gone(last_rev))).await;
+                    return;
+                }
                 _ = ticker.tick(), if req.bookmarks => {
                     if tx.send(bookmark(req.kind, last_rev, false)).await.is_err() {
                         return;

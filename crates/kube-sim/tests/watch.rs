@@ -241,3 +241,40 @@ async fn bookmarks_are_sent_when_allowed() {
         .unwrap();
     assert!(!events.iter().any(|e| matches!(e, WatchEvent::Bookmark(_))));
 }
+
+#[tokio::test]
+async fn a_410_error_mid_stream_ends_the_watch() {
+    let sim = start().await;
+    let jobs: Api<Job> = Api::namespaced(client(&sim).await, NS);
+    sim.faults().inject(
+        FaultRule::new(
+            "GET",
+            "/jobs",
+            FaultAction::WatchGoneAfter(Duration::from_millis(300)),
+        )
+        .times(1),
+    );
+    let wp = WatchParams::default().timeout(5);
+    let started = std::time::Instant::now();
+    let mut stream = std::pin::pin!(jobs.watch(&wp, "0").await.unwrap());
+    jobs.create(&PostParams::default(), &shell_job("mid", "true"))
+        .await
+        .unwrap();
+    let mut saw_added = false;
+    let mut saw_gone = false;
+    while let Some(ev) = stream.try_next().await.unwrap() {
+        match ev {
+            WatchEvent::Added(_) => saw_added = true,
+            WatchEvent::Error(e) => {
+                assert_eq!(e.code, 410);
+                saw_gone = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(saw_added && saw_gone, "added {saw_added}, gone {saw_gone}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "ended by the fault, not the timeout"
+    );
+}
