@@ -111,6 +111,7 @@ pub async fn run(
         pacer: Pacer::new(a.rate),
         seen: SeenOriginals::default(),
         progress: progress_bar(out),
+        sent: 0,
     };
 
     if a.from_dlq {
@@ -184,10 +185,12 @@ fn progress_bar(out: Output) -> Option<indicatif::ProgressBar> {
     if out.json || !std::io::stderr().is_terminal() {
         return None;
     }
+    // The length is set once the source is read (every source is read
+    // before anything is sent); until then it spins.
     let pb = indicatif::ProgressBar::new_spinner();
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{spinner} {pos} replayed {msg} [{elapsed}]")
-    {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{bar:30}] {pos}/{len} candidates, {msg} [{elapsed} < {eta}]",
+    ) {
         pb.set_style(style);
     }
     pb.enable_steady_tick(Duration::from_millis(120));
@@ -203,11 +206,24 @@ struct Run<'a> {
     pacer: Pacer,
     seen: SeenOriginals,
     progress: Option<indicatif::ProgressBar>,
+    sent: u64,
 }
 
 impl Run<'_> {
     fn at_limit(&self, s: &Summary) -> bool {
         self.a.limit.is_some_and(|l| s.sent + s.would_send >= l)
+    }
+
+    fn set_total(&self, n: usize) {
+        if let Some(pb) = &self.progress {
+            pb.set_length(n as u64);
+        }
+    }
+
+    fn tick(&self) {
+        if let Some(pb) = &self.progress {
+            pb.inc(1);
+        }
     }
 
     /// Replays one selected original; returns what happened.
@@ -261,7 +277,8 @@ impl Run<'_> {
             Some(pb) => {
                 pb.suspend(|| self.out.emit(&line, &json));
                 if status == ItemStatus::Sent {
-                    pb.inc(1);
+                    self.sent += 1;
+                    pb.set_message(format!("{} sent", self.sent));
                 }
             }
             None => self.out.emit(&line, &json),
@@ -276,11 +293,13 @@ impl Run<'_> {
         s: &mut Summary,
         shutdown: &CancellationToken,
     ) {
+        self.set_total(cands.len());
         for c in &cands {
             if shutdown.is_cancelled() || self.at_limit(s) {
                 break;
             }
             s.read += 1;
+            self.tick();
             let Some(task) = c.selected(filter) else {
                 continue;
             };
@@ -302,6 +321,7 @@ impl Run<'_> {
         shutdown: &CancellationToken,
     ) -> CliResult<()> {
         let deliveries = dlq::read(amqp, queue, usize::MAX).await?;
+        self.set_total(deliveries.len());
         let mut keep = Vec::new();
         for d in deliveries {
             if shutdown.is_cancelled() || self.at_limit(s) {
@@ -309,6 +329,7 @@ impl Run<'_> {
                 continue;
             }
             s.read += 1;
+            self.tick();
             let task: Option<Task> = serde_json::from_slice(d.body()).ok();
             let Some(task) = task.filter(|t| filter.matches_task(t) && self.seen.first(t.id))
             else {
