@@ -282,3 +282,32 @@ async fn bubblewrap_makes_the_host_read_only() {
         .unwrap();
     assert_eq!(ok.outcome, Outcome::Succeeded, "{ok:#?}");
 }
+
+#[tokio::test]
+async fn node_fix_attempt_succeeds_with_a_junit_artifact() {
+    let task = example("node-fix-attempt.json");
+    let exec = executor().run(&task, 1, &ctx()).await.unwrap();
+    assert_eq!(exec.outcome, Outcome::Succeeded, "{exec:#?}");
+    assert!(
+        exec.steps[0].output_tail.starts_with('v'),
+        "node --version: {:?}",
+        exec.steps[0]
+    );
+    assert_eq!(
+        exec.steps.iter().filter(|s| s.exit_code == Some(0)).count(),
+        3
+    );
+    let junit = exec
+        .artifacts
+        .iter()
+        .find(|a| a.path.ends_with(".xml"))
+        .expect("junit artifact");
+    assert!(
+        junit
+            .content
+            .as_deref()
+            .unwrap_or_default()
+            .contains("<testsuites"),
+        "{junit:?}"
+    );
+}

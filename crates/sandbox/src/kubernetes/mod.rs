@@ -187,13 +187,14 @@ impl KubeExecutor {
         // No waiting for the watchers' first list: a broken watch (403, API
         // down) must not hang the attempt; the direct reads cover for it.
         let pending_timeout = classify::pending_deadline(task);
-        let since_created = (Utc::now() - created_at).to_std().unwrap_or_default();
-        let base = Instant::now() - since_created.min(Duration::from_secs(86_400 * 365));
-        let pending_at = base + pending_timeout;
-        let mut silent_at = base
-            + Duration::from_secs(task.sandbox.deadline_secs)
-            + pending_timeout
-            + SILENT_WATCH_SLACK;
+        // An adopted Job may be older than this process's monotonic clock:
+        // keep its age as a duration instead of an Instant in the past.
+        let age = (Utc::now() - created_at).to_std().unwrap_or_default();
+        let start = Instant::now();
+        let pending_at = start + pending_timeout.saturating_sub(age);
+        let silent_after =
+            Duration::from_secs(task.sandbox.deadline_secs) + pending_timeout + SILENT_WATCH_SLACK;
+        let mut silent_at = start + silent_after.saturating_sub(age);
         let mut extra: Option<Observed> = None;
         let mut confirmed = false;
         let mut lag_until: Option<Instant> = None;
@@ -213,7 +214,7 @@ impl KubeExecutor {
             let job = view_job(&obs);
             let pod = view_pod(&obs);
             let summary = summary_of(obs.pod.as_ref());
-            let pending_for = base.elapsed();
+            let pending_for = age + start.elapsed();
             if let Some(v) = classify::kubernetes(task, &job, pod.as_ref(), &summary, pending_for) {
                 let terminal = job.complete || job.failed.is_some() || job.deleted;
                 // A finished Job whose pod the (lagging) pod watch has not shown
