@@ -848,6 +848,8 @@ async fn run_process(
                 Ok(s) => s.ok(),
                 Err(_) => {
                     signal_group(pid, "KILL").await;
+                    // In case `kill` is missing: at least the main process dies.
+                    let _ = child.start_kill();
                     child.wait().await.ok()
                 }
             }
@@ -855,6 +857,7 @@ async fn run_process(
         () = disrupt_sleep => {
             disruption = disrupt.map(|(_, d)| d);
             signal_group(pid, "KILL").await;
+            let _ = child.start_kill();
             child.wait().await.ok()
         }
     };
