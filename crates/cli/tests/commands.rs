@@ -75,3 +75,43 @@ async fn topology_check_reports_a_missing_topology() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_list_reads_the_brokers_x_death_header() {
+    let env = Env::new().await;
+    let t = task("octo-org/octo-repo");
+    let producer = sandfleet_producer::Producer::with_amqp(
+        &env.amqp,
+        env.topology.clone(),
+        sandfleet_proto::Limits::default(),
+        false,
+    )
+    .await
+    .unwrap();
+    producer.enqueue(&t).await.unwrap();
+    // A consumer rejects it: the task queue dead-letters it through the broker.
+    let mut c = sandfleet_amqp::Consumer::start(
+        &env.amqp,
+        sandfleet_amqp::ConsumerOptions::new(&env.topology.tasks_queue, 1),
+    )
+    .await
+    .unwrap();
+    let d = tokio::time::timeout(std::time::Duration::from_secs(5), c.next_delivery())
+        .await
+        .unwrap()
+        .unwrap();
+    d.reject().await.unwrap();
+    c.cancel();
+    assert_eq!(env.settled_depth(&env.topology.dead_queue, 1).await, 1);
+    let list = env.sandfleet(&["dlq", "list"]);
+    assert_eq!(list.code, 0, "{list:?}");
+    let row = &list.lines[0];
+    assert_eq!(row["task_id"], t.id.to_string());
+    assert_eq!(row["death_count"], 1, "{row}");
+    assert_eq!(
+        row["code"], "rejected",
+        "the x-death reason when no sandfleet code: {row}"
+    );
+    assert_eq!(row["from_queue"], env.topology.tasks_queue, "{row}");
+    env.cleanup().await;
+}
