@@ -128,6 +128,14 @@ pub struct KubeSim {
     server: Arc<Server>,
 }
 
+impl std::fmt::Debug for KubeSim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSim")
+            .field("url", &self.url())
+            .finish_non_exhaustive()
+    }
+}
+
 impl KubeSim {
     /// Starts the server, the Job controller and the kubelet.
     pub async fn start(options: SimOptions) -> Result<Self, SimError> {
