@@ -64,6 +64,14 @@ impl TaskSink for BrokerSink {
     }
 
     async fn is_ready(&self) -> bool {
-        self.producer.amqp().channel().await.is_ok()
+        // A channel open proves a live connection; close it again so
+        // readiness probes do not pile up channels.
+        match self.producer.amqp().channel().await {
+            Ok(channel) => {
+                let _ = channel.close(200, "OK".into()).await;
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
