@@ -421,3 +421,36 @@ fn an_unwritable_input_file_is_a_setup_failure() {
         assert!(r.summary.steps.is_empty(), "{name}");
     }
 }
+
+#[test]
+fn a_step_ignoring_term_is_killed_after_the_grace_period() {
+    // `trap '' TERM` is inherited: neither the step's shell nor its sleep die on TERM.
+    let t = task().with_step(
+        "stubborn",
+        "trap '' TERM; sleep 300 & echo $! > grandchild.pid; sleep 300",
+        1,
+    );
+    for (name, argv) in SHELLS {
+        let r = run(argv, &t);
+        let line = r.summary.steps[0];
+        assert_eq!(
+            line.status,
+            StepStatus::Timeout,
+            "{name}: {}",
+            r.summary_text
+        );
+        assert_eq!(line.exit_code, 137, "{name}: KILL after the grace period");
+        // 1 s timeout + 1 s grace (OPTS.kill_grace_secs), with slack for a busy machine.
+        assert!(
+            r.elapsed < Duration::from_secs(6),
+            "{name}: {:?}",
+            r.elapsed
+        );
+        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(wait_dead(gc), "{name}: grandchild survived KILL");
+    }
+}
