@@ -20,7 +20,7 @@ async fn running_job(jobs: &Api<Job>, pods: &Api<Pod>, name: &str) {
     jobs.create(&PostParams::default(), &shell_job(name, "sleep 30"))
         .await
         .unwrap();
-    eventually(5, "pod created", || async {
+    eventually(15, "pod created", || async {
         (pod_count(pods, name).await == 1).then_some(())
     })
     .await;
@@ -42,7 +42,7 @@ async fn background_delete_removes_job_at_once_and_pods_shortly_after() {
         .expect("background delete answers with a Status");
     assert_eq!(status.details.unwrap().name, "bg");
     assert!(jobs.get_opt("bg").await.unwrap().is_none());
-    eventually(10, "pods garbage-collected", || async {
+    eventually(20, "pods garbage-collected", || async {
         (pod_count(&pods, "bg").await == 0).then_some(())
     })
     .await;
@@ -76,7 +76,7 @@ async fn foreground_delete_keeps_the_job_until_its_pods_are_gone() {
             .unwrap()
             .contains(&"foregroundDeletion".to_owned())
     );
-    eventually(10, "job gone after its pods", || async {
+    eventually(20, "job gone after its pods", || async {
         jobs.get_opt("fg").await.unwrap().is_none().then_some(())
     })
     .await;
@@ -129,7 +129,7 @@ async fn ttl_after_finished_deletes_the_job() {
     let mut job = shell_job("ttl", "true");
     job.spec.as_mut().unwrap().ttl_seconds_after_finished = Some(0);
     jobs.create(&PostParams::default(), &job).await.unwrap();
-    eventually(10, "ttl deletion", || async {
+    eventually(20, "ttl deletion", || async {
         jobs.get_opt("ttl").await.unwrap().is_none().then_some(())
     })
     .await;
@@ -145,7 +145,7 @@ async fn deleting_a_running_pod_kills_it_and_counts_as_a_failure() {
     let mut job = shell_job("repl", "sleep 30");
     job.spec.as_mut().unwrap().backoff_limit = Some(0);
     jobs.create(&PostParams::default(), &job).await.unwrap();
-    let first = eventually(5, "running pod", || async {
+    let first = eventually(15, "running pod", || async {
         let p = pods
             .list(&ListParams::default().labels("job-name=repl"))
             .await

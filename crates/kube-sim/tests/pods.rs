@@ -100,7 +100,7 @@ async fn node_loss_fails_and_deletes_the_pod_then_retries() {
         "a replacement pod ran and was lost too"
     );
     // Lost pods are deleted once counted.
-    eventually(5, "lost pods to be removed", || async {
+    eventually(15, "lost pods to be removed", || async {
         pods_of(&pods, "nl").await.is_empty().then_some(())
     })
     .await;
@@ -125,7 +125,7 @@ async fn image_pull_backoff_never_finishes_and_logs_are_refused() {
         .into(),
     );
     jobs.create(&PostParams::default(), &job).await.unwrap();
-    let pod = eventually(5, "ImagePullBackOff", || async {
+    let pod = eventually(15, "ImagePullBackOff", || async {
         let p = pods_of(&pods, "img").await.into_iter().next()?;
         let waiting = p.status.as_ref()?.container_statuses.as_ref()?[0]
             .state
@@ -157,7 +157,7 @@ async fn never_schedule_stays_pending_unschedulable() {
     jobs.create(&PostParams::default(), &shell_job("ns1", "true"))
         .await
         .unwrap();
-    eventually(5, "Unschedulable", || async {
+    eventually(15, "Unschedulable", || async {
         let p = pods_of(&pods, "ns1").await.into_iter().next()?;
         let st = p.status?;
         let c = st
@@ -202,7 +202,7 @@ async fn active_deadline_kills_the_process() {
     );
     // The controller deleted the running pod; the kubelet killed its process.
     assert_eq!(job.status.as_ref().unwrap().failed, Some(1));
-    eventually(5, "deadline pod removed", || async {
+    eventually(15, "deadline pod removed", || async {
         pods_of(&pods, "slow").await.is_empty().then_some(())
     })
     .await;
@@ -300,7 +300,7 @@ async fn follow_streams_log_lines_until_the_container_exits() {
     )
     .await
     .unwrap();
-    let pod = eventually(5, "pod running", || async {
+    let pod = eventually(15, "pod running", || async {
         let p = pods_of(&pods, "follow").await.into_iter().next()?;
         (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(p)
     })
@@ -348,7 +348,7 @@ async fn on_failure_restarts_in_place_and_keeps_the_previous_log() {
     spec.backoff_limit = Some(3);
     spec.template.spec.as_mut().unwrap().restart_policy = Some("OnFailure".into());
     jobs.create(&PostParams::default(), &job).await.unwrap();
-    let pod = eventually(10, "restarted and running", || async {
+    let pod = eventually(20, "restarted and running", || async {
         let p = pods_of(&pods, "onf").await.into_iter().next()?;
         let cs = p.status.as_ref()?.container_statuses.as_ref()?[0].clone();
         (cs.restart_count == 1 && cs.state.as_ref()?.running.is_some()).then_some(p)
@@ -374,7 +374,7 @@ async fn on_failure_restarts_in_place_and_keeps_the_previous_log() {
         .await
         .unwrap();
     assert_eq!(prev, "first\n");
-    let current = eventually(5, "second log", || async {
+    let current = eventually(15, "second log", || async {
         let l = pods.logs(&name, &LogParams::default()).await.ok()?;
         (!l.is_empty()).then_some(l)
     })
@@ -389,7 +389,7 @@ async fn hanging_pod_runs_until_deleted_and_its_log_goes_with_it() {
     jobs.create(&PostParams::default(), &shell_job("hang", "true"))
         .await
         .unwrap();
-    let pod = eventually(5, "running", || async {
+    let pod = eventually(15, "running", || async {
         let p = pods_of(&pods, "hang").await.into_iter().next()?;
         (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(p)
     })
@@ -409,7 +409,7 @@ async fn hanging_pod_runs_until_deleted_and_its_log_goes_with_it() {
     jobs.delete("hang", &kube::api::DeleteParams::background())
         .await
         .unwrap();
-    eventually(10, "pod gone", || async {
+    eventually(20, "pod gone", || async {
         pods.get_opt(&name).await.unwrap().is_none().then_some(())
     })
     .await;

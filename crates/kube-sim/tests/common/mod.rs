@@ -89,7 +89,7 @@ pub fn condition(job: &Job, ty: &str) -> Option<(String, Option<String>)> {
 
 /// Waits until the Job has a `Complete` or `Failed` condition and returns it.
 pub async fn finished(jobs: &kube::Api<Job>, name: &str) -> Job {
-    eventually(20, "job to finish", || async {
+    eventually(30, "job to finish", || async {
         let j = jobs.get(name).await.ok()?;
         let done = condition(&j, "Complete").is_some_and(|c| c.0 == "True")
             || condition(&j, "Failed").is_some_and(|c| c.0 == "True");
