@@ -119,6 +119,7 @@ pub struct Env {
     /// The simulated cluster, when the test uses the Kubernetes executor.
     pub sim: Option<Sim>,
     stop: CancellationToken,
+    cleaned: bool,
     bin: PathBuf,
     log_dir: tempfile::TempDir,
 }
@@ -257,6 +258,7 @@ impl Env {
             published: Mutex::new(Vec::new()),
             sim,
             stop,
+            cleaned: false,
             bin: PathBuf::from(bin),
             log_dir: tempfile::tempdir()?,
         })
@@ -485,15 +487,44 @@ impl Env {
         })
     }
 
-    /// Stops the logs, deletes the topology and stops the kube-sim.
-    pub async fn cleanup(self) -> Result<()> {
+    /// Stops the logs, deletes the topology and stops the kube-sim. A test
+    /// that panics before calling it is cleaned up by `Drop`.
+    pub async fn cleanup(mut self) -> Result<()> {
         self.stop.cancel();
         self.topology.delete(&self.amqp).await?;
+        self.cleaned = true;
         self.amqp.close();
-        if let Some(sim) = self.sim {
+        if let Some(sim) = self.sim.take() {
             sim.sim.stop().await;
         }
         Ok(())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.stop.cancel();
+        // A failed test: delete its queues anyway (the broker is shared), on
+        // a runtime of its own since `Drop` cannot await.
+        let settings = self.settings.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(amqp) = Amqp::connect(&settings.amqp, "e2e-cleanup").await {
+                    let _ = Topology::new(&settings.topology).delete(&amqp).await;
+                    amqp.close();
+                }
+            });
+        })
+        .join();
     }
 }
 

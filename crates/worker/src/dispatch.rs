@@ -182,7 +182,7 @@ where
                     let released = released.clone();
                     tracker.spawn(async move {
                         let _permit = permit;
-                        if inner.handle(delivery, abandon).await == Handled::Released {
+                        if inner.handle(delivery, abandon).await == Handled::Abandoned {
                             released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     });
@@ -235,8 +235,13 @@ where
 /// How the handling of one delivery ended (for the drain report).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handled {
+    /// Acked or dead-lettered.
     Settled,
+    /// Handed back for redelivery (publish failed, API unavailable).
     Released,
+    /// Handed back at the drain deadline with its sandbox still running.
+    Abandoned,
+    /// Lost with its channel; the broker redelivers it.
     Lost,
 }
 
@@ -314,7 +319,10 @@ where
             }
             _ = abandon.cancelled() => {
                 self.forget_attempt_lock(key, lock);
-                return release(delivery).await;
+                return match release(delivery).await {
+                    Handled::Released => Handled::Abandoned,
+                    other => other,
+                };
             }
             g = lock.clone().lock_owned() => g,
         };
@@ -376,7 +384,7 @@ where
             Some(None) => {
                 info!("drain deadline: releasing the task; its sandbox keeps running");
                 return match delivery.release().await {
-                    Ok(()) => Handled::Released,
+                    Ok(()) => Handled::Abandoned,
                     Err(e) => {
                         debug!(error = %e, "release at drain");
                         Handled::Lost
@@ -477,10 +485,11 @@ where
         result: Option<TaskResult>,
     ) -> Handled {
         self.metrics.task_rejected(code);
-        if let Some(result) = result
-            && !self.publish(&result, delivery.traceparent()).await
-        {
-            return release(delivery).await;
+        if let Some(result) = result {
+            if !self.publish(&result, delivery.traceparent()).await {
+                return release(delivery).await;
+            }
+            self.metrics.count_final(Outcome::Rejected);
         }
         self.metrics.task_dead_lettered();
         settle(delivery.dead_letter(code, reason).await)

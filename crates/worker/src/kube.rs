@@ -64,7 +64,9 @@ pub async fn collect_garbage(executor: KubeExecutor, every: Duration, stop: Canc
             _ = tokio::time::sleep(every) => {}
         }
         match executor.collect_garbage().await {
-            Ok(deleted) if !deleted.is_empty() => info!(?deleted, "garbage-collected orphaned jobs"),
+            Ok(deleted) if !deleted.is_empty() => {
+                info!(?deleted, "garbage-collected orphaned jobs")
+            }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "orphan job collection failed"),
         }

@@ -2,7 +2,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `sandfleet_tasks_total` | counter | `outcome` (final results only) |
+//! | `sandfleet_tasks_total` | counter | `outcome` (final results only, `rejected` included) |
 //! | `sandfleet_task_retries_total` | counter | |
 //! | `sandfleet_tasks_rejected_total` | counter | `reason` (`oversize`, `malformed_json`, `unknown_schema_version`, `invalid`, `deadline_exceeds_consumer_timeout`) |
 //! | `sandfleet_tasks_dead_lettered_total` | counter | |
@@ -129,12 +129,17 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// A final result was published.
+    /// A final result of an attempt that ran was published.
     pub fn task_finished(&self, outcome: Outcome, duration: Duration) {
+        self.count_final(outcome);
+        self.observe_duration(outcome, duration);
+    }
+
+    /// A final result was published (also for messages rejected unrun).
+    pub fn count_final(&self, outcome: Outcome) {
         self.tasks
             .get_or_create(&vec![("outcome", outcome.as_str().to_owned())])
             .inc();
-        self.observe_duration(outcome, duration);
     }
 
     /// One attempt's wall-clock time, final or not.

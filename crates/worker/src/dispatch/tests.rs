@@ -468,6 +468,11 @@ async fn bad_messages_are_dead_lettered_with_reasons_and_the_worker_keeps_going(
             .encode()
             .contains("sandfleet_tasks_rejected_total{reason=\"oversize\"} 1")
     );
+    assert!(
+        h.metrics
+            .encode()
+            .contains("sandfleet_tasks_total{outcome=\"rejected\"} 2")
+    );
     h.stop().await;
 }
 
