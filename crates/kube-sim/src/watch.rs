@@ -201,3 +201,80 @@ pub(crate) fn serve(shared: Arc<Shared>, req: WatchRequest, fault: WatchFault) -
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn req(selector: &str) -> WatchRequest {
+        WatchRequest {
+            kind: Kind::Job,
+            namespace: Some("ns".into()),
+            labels: LabelSelector::parse(selector).unwrap(),
+            fields: FieldSelector::default(),
+            since: None,
+            timeout: None,
+            bookmarks: false,
+            send_initial_events: false,
+        }
+    }
+
+    fn job(app: &str) -> Value {
+        json!({"metadata": {"name": "j", "namespace": "ns", "labels": {"app": app}}})
+    }
+
+    fn event(ty: EventType, old: Option<Value>, new: Value) -> Event {
+        Event {
+            rev: 2,
+            kind: Kind::Job,
+            ty,
+            object: new,
+            old,
+        }
+    }
+
+    #[test]
+    fn label_transitions_become_added_and_deleted() {
+        let r = req("app=a");
+        let ty = |e: &Event| r.translate(e).map(|(t, _)| t);
+        assert_eq!(ty(&event(EventType::Added, None, job("a"))), Some("ADDED"));
+        assert_eq!(ty(&event(EventType::Added, None, job("b"))), None);
+        assert_eq!(
+            ty(&event(EventType::Modified, Some(job("a")), job("a"))),
+            Some("MODIFIED")
+        );
+        assert_eq!(
+            ty(&event(EventType::Modified, Some(job("b")), job("a"))),
+            Some("ADDED")
+        );
+        assert_eq!(
+            ty(&event(EventType::Modified, Some(job("a")), job("b"))),
+            Some("DELETED")
+        );
+        assert_eq!(
+            ty(&event(EventType::Modified, Some(job("b")), job("c"))),
+            None
+        );
+        assert_eq!(
+            ty(&event(EventType::Deleted, Some(job("a")), job("a"))),
+            Some("DELETED")
+        );
+    }
+
+    #[test]
+    fn other_namespaces_and_kinds_are_not_seen() {
+        let r = req("");
+        let mut other_ns = job("a");
+        other_ns["metadata"]["namespace"] = json!("elsewhere");
+        assert!(
+            r.translate(&event(EventType::Added, None, other_ns))
+                .is_none()
+        );
+        let pod = Event {
+            kind: Kind::Pod,
+            ..event(EventType::Added, None, job("a"))
+        };
+        assert!(r.translate(&pod).is_none());
+    }
+}
