@@ -233,6 +233,9 @@ fn chunks(s: &str, max: usize) -> Vec<&str> {
 /// The fixed part of every script: helpers and the abort trap.
 const PRELUDE: &str = r#"# sandfleet task script v1 (generated). Task values arrive only as environment variables.
 set -u
+# A task env var must not change how this script splits words.
+IFS=' 	
+'
 sf_ws="${SANDFLEET_WORKSPACE:?SANDFLEET_WORKSPACE is not set}"
 sf_state="${SANDFLEET_STATE_DIR:?SANDFLEET_STATE_DIR is not set}"
 sf_tlog="${SANDFLEET_TERMINATION_LOG:-/dev/null}"

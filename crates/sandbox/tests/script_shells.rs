@@ -454,3 +454,24 @@ fn a_step_ignoring_term_is_killed_after_the_grace_period() {
         assert!(wait_dead(gc), "{name}: grandchild survived KILL");
     }
 }
+
+#[test]
+fn a_task_ifs_does_not_break_the_script() {
+    let mut t = task().with_step("hang", "sleep 300 & echo $! > grandchild.pid; sleep 300", 1);
+    t.sandbox.env.insert("IFS".into(), "0123456789".into());
+    for (name, argv) in SHELLS {
+        let r = run(argv, &t);
+        assert_eq!(
+            r.summary.steps[0].status,
+            StepStatus::Timeout,
+            "{name}: {}",
+            r.raw_log
+        );
+        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(wait_dead(gc), "{name}: grandchild survived");
+    }
+}
