@@ -29,9 +29,8 @@ pub use error::{
 };
 pub use management::Management;
 pub use message::{
-    HEADER_ATTEMPT, HEADER_IDEMPOTENCY_KEY, HEADER_PUBLISH_SEQ, HEADER_PUBLISHED_AT_MS,
-    HEADER_REJECT_CODE, HEADER_REJECT_REASON, HEADER_TRACEPARENT, OutgoingMessage, amqp_int,
-    header_i64, header_str,
+    HEADER_ATTEMPT, HEADER_IDEMPOTENCY_KEY, HEADER_PUBLISHED_AT_MS, HEADER_REJECT_CODE,
+    HEADER_REJECT_REASON, HEADER_TRACEPARENT, OutgoingMessage, amqp_int, header_i64, header_str,
 };
 pub use publisher::{Confirm, PublishError, Publisher, PublisherOptions};
 pub use topology::{

@@ -20,11 +20,9 @@ pub const HEADER_REJECT_REASON: &str = "x-sandfleet-reject-reason";
 /// Header on dead-lettered messages: the machine code of the reason (`oversize`, `invalid`, ...).
 pub const HEADER_REJECT_CODE: &str = "x-sandfleet-reject-code";
 /// Header: publish time in milliseconds since the epoch (the `timestamp`
-/// property has only second resolution).
+/// property has only second resolution). Set when
+/// [`OutgoingMessage::stamp_published_at_ms`] is on (results).
 pub const HEADER_PUBLISHED_AT_MS: &str = "x-sandfleet-published-at-ms";
-/// Header: the publisher's per-channel sequence number, used to match a
-/// `basic.return` to the message it returns.
-pub const HEADER_PUBLISH_SEQ: &str = "x-sandfleet-publish-seq";
 
 /// One message to publish with [`Publisher`](crate::Publisher).
 ///
@@ -58,6 +56,9 @@ pub struct OutgoingMessage {
     pub expiration: Option<Duration>,
     /// Further headers (copied first; the named fields above override them).
     pub headers: FieldTable,
+    /// Adds [`HEADER_PUBLISHED_AT_MS`]. Off by default: the broker parses
+    /// every header of every message, so tasks carry only what they need.
+    pub stamp_published_at_ms: bool,
     /// Persistent (`delivery_mode = 2`). Default true.
     pub persistent: bool,
     /// `mandatory` flag. Default true.
@@ -81,6 +82,7 @@ impl OutgoingMessage {
             traceparent: None,
             expiration: None,
             headers: FieldTable::default(),
+            stamp_published_at_ms: false,
             persistent: true,
             mandatory: true,
         }
@@ -134,13 +136,9 @@ impl OutgoingMessage {
         self
     }
 
-    /// The AMQP properties for this message, with `seq` in
-    /// [`HEADER_PUBLISH_SEQ`]. Fails on a property longer than 255 bytes.
-    pub(crate) fn properties(
-        &self,
-        seq: u64,
-        now: DateTime<Utc>,
-    ) -> Result<BasicProperties, PublishError> {
+    /// The AMQP properties for this message. Fails on a property longer
+    /// than 255 bytes.
+    pub(crate) fn properties(&self, now: DateTime<Utc>) -> Result<BasicProperties, PublishError> {
         let mut headers = self.headers.clone();
         if let Some(a) = self.attempt {
             headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(a)));
@@ -157,19 +155,19 @@ impl OutgoingMessage {
                 AMQPValue::LongString(tp.as_str().into()),
             );
         }
-        headers.insert(
-            HEADER_PUBLISHED_AT_MS.into(),
-            AMQPValue::LongLongInt(now.timestamp_millis()),
-        );
-        headers.insert(
-            HEADER_PUBLISH_SEQ.into(),
-            AMQPValue::LongLongInt(seq as i64),
-        );
+        if self.stamp_published_at_ms {
+            headers.insert(
+                HEADER_PUBLISHED_AT_MS.into(),
+                AMQPValue::LongLongInt(now.timestamp_millis()),
+            );
+        }
         let ts = self.timestamp.unwrap_or(now).timestamp().max(0) as u64;
         let mut props = BasicProperties::default()
-            .with_headers(headers)
             .with_timestamp(ts)
             .with_delivery_mode(if self.persistent { 2 } else { 1 });
+        if !headers.inner().is_empty() {
+            props = props.with_headers(headers);
+        }
         if let Some(v) = &self.message_id {
             props = props.with_message_id(short("message_id", v)?);
         }
@@ -244,7 +242,7 @@ mod tests {
                 "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             ))
             .expiration(Duration::from_secs(10));
-        let p = m.properties(7, now).unwrap();
+        let p = m.properties(now).unwrap();
         assert_eq!(p.message_id().as_ref().unwrap().as_str(), "m-1");
         assert_eq!(p.kind().as_ref().unwrap().as_str(), "sandfleet.task.v1");
         assert_eq!(
@@ -263,9 +261,16 @@ mod tests {
                 .unwrap()
                 .starts_with("00-")
         );
-        assert_eq!(header_i64(h, HEADER_PUBLISH_SEQ), Some(7));
         assert_eq!(
             header_i64(h, HEADER_PUBLISHED_AT_MS),
+            None,
+            "only on request"
+        );
+        let mut stamped = m.clone();
+        stamped.stamp_published_at_ms = true;
+        let p = stamped.properties(now).unwrap();
+        assert_eq!(
+            header_i64(p.headers().as_ref(), HEADER_PUBLISHED_AT_MS),
             Some(now.timestamp_millis())
         );
     }
@@ -273,7 +278,7 @@ mod tests {
     #[test]
     fn overlong_property_is_an_error_not_a_panic() {
         let m = OutgoingMessage::new("", "q", vec![]).message_id("x".repeat(300));
-        let err = m.properties(1, Utc::now()).unwrap_err();
+        let err = m.properties(Utc::now()).unwrap_err();
         assert!(matches!(
             err,
             PublishError::InvalidProperty {

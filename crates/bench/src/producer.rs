@@ -98,6 +98,24 @@ fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
+/// CPU time (user + system) this process used so far, from `/proc/self/stat`
+/// (clock ticks of 10 ms; fine over runs of seconds). Zero where unavailable.
+fn process_cpu() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn per_msg_us(cpu: Duration, n: usize) -> f64 {
+    cpu.as_secs_f64() * 1e6 / n.max(1) as f64
+}
+
 fn bench_topology(prefix: &str) -> TopologySettings {
     TopologySettings {
         prefix: prefix.to_owned(),
@@ -141,19 +159,21 @@ async fn measure(
         for turn in 0..2 {
             if (turn == 0) == lib_first {
                 let tasks = lib_tasks.take().unwrap_or_default();
-                let started = Instant::now();
+                let (started, cpu) = (Instant::now(), process_cpu());
                 let report = producer.enqueue_batch(tasks).await;
                 let took = started.elapsed();
+                let cpu = process_cpu().saturating_sub(cpu);
                 if let Some((id, e)) = report.failed().next() {
                     bail!("the producer failed to enqueue task {id}: {e}");
                 }
                 lib_total += took;
                 eprintln!(
-                    "round {round}: sandfleet producer {:>8.0}/s",
-                    rate(args.tasks, took)
+                    "round {round}: sandfleet producer {:>8.0}/s, client CPU {:>5.1} µs/task",
+                    rate(args.tasks, took),
+                    per_msg_us(cpu, args.tasks)
                 );
             } else {
-                let started = Instant::now();
+                let (started, cpu) = (Instant::now(), process_cpu());
                 raw_publish(
                     &raw_channel,
                     &raw_topology.tasks_exchange,
@@ -162,10 +182,12 @@ async fn measure(
                 )
                 .await?;
                 let took = started.elapsed();
+                let cpu = process_cpu().saturating_sub(cpu);
                 raw_total += took;
                 eprintln!(
-                    "round {round}: raw lapin          {:>8.0}/s",
-                    rate(args.tasks, took)
+                    "round {round}: raw lapin          {:>8.0}/s, client CPU {:>5.1} µs/msg",
+                    rate(args.tasks, took),
+                    per_msg_us(cpu, args.tasks)
                 );
             }
         }

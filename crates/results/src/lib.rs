@@ -155,15 +155,16 @@ impl ResultPublisher {
         traceparent: Option<&str>,
     ) -> Result<OutgoingMessage, ResultsError> {
         let body = serde_json::to_vec(result).map_err(ResultsError::Encode)?;
-        Ok(
-            OutgoingMessage::new(&self.exchange, routing_key(result), body)
-                .message_id(message_id(result))
-                .kind(RESULT_MESSAGE_TYPE)
-                .content_type(CONTENT_TYPE)
-                .correlation_id(result.task_id.to_string())
-                .attempt(result.attempt)
-                .traceparent(traceparent),
-        )
+        let mut m = OutgoingMessage::new(&self.exchange, routing_key(result), body)
+            .message_id(message_id(result))
+            .kind(RESULT_MESSAGE_TYPE)
+            .content_type(CONTENT_TYPE)
+            .correlation_id(result.task_id.to_string())
+            .attempt(result.attempt)
+            .traceparent(traceparent);
+        // Millisecond publish time, for `StartAt::Timestamp` subscriptions.
+        m.stamp_published_at_ms = true;
+        Ok(m)
     }
 
     /// Publishes `result` and waits for the broker's confirm. An unroutable
