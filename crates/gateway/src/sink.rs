@@ -1,6 +1,6 @@
 //! Where accepted tasks go: the [`TaskSink`] the HTTP layer talks to.
 //!
-//! Production uses the confirmed RabbitMQ producer (see [`ProducerSink`]);
+//! Production uses the confirmed RabbitMQ producer (see [`crate::BrokerSink`]);
 //! the trait keeps the HTTP layer testable without a broker and lets the CLI
 //! hand in whatever producer it built.
 
