@@ -1,11 +1,18 @@
-//! The sandfleet worker: dispatch loop, retries, circuit breaker, shutdown, health and metrics.
+//! The sandfleet worker: dispatch loop, retries, circuit breaker, shutdown,
+//! health and metrics.
 //!
-//! Start with [`dispatch`]: the loop that takes a delivery from a [`broker::Broker`],
-//! decodes and validates the task, runs it on a sandbox executor, publishes the
-//! result with a confirm and only then acks. What happens after an attempt is
-//! decided by the pure [`retry::decide`]; the Kubernetes API is guarded by the
-//! [`breaker::CircuitBreaker`] state machine. [`memory::InMemoryBroker`] is the
-//! first-party broker for tests and the one-process demo.
+//! [`run`] is the whole worker process, wired from the settings: RabbitMQ
+//! broker ([`rabbit`]), the executor chosen by `worker.executor` (with the
+//! breaker [`gate`], [`flow`] control and orphan-Job GC for Kubernetes), the
+//! results publisher, and the [`health`] server. Start reading at
+//! [`dispatch`]: the loop that takes a delivery from a [`Broker`], decodes
+//! and validates the task, runs it on a sandbox executor, publishes the result
+//! with a confirm and only then acks. What follows an attempt is decided by
+//! the pure [`retry::decide`]; the Kubernetes API is guarded by the
+//! [`breaker::CircuitBreaker`] state machine, which takes the clock as an
+//! argument. [`InMemoryBroker`] and [`MemoryResults`] are real in-memory
+//! implementations for tests and the one-process demo. `docs/worker.md` has
+//! the guarantees, metrics and the test matrix.
 
 mod app;
 pub mod breaker;
