@@ -30,7 +30,10 @@ pub use result::{Artifact, StepResult, TaskResult};
 pub use task::{
     InputFile, Provider, Resources, RetryPolicy, SandboxSpec, Source, Step, Task, TaskId, TaskKind,
 };
-pub use validate::{FieldError, RESERVED_ENV_PREFIX, ValidationErrors, validate};
+pub use validate::{
+    FieldError, RESERVED_ENV_NAMES, RESERVED_ENV_PREFIX, RESERVED_ENV_PREFIXES, ValidationErrors,
+    is_reserved_env, validate,
+};
 
 /// The schema version this crate reads and writes. Messages carry it in
 /// `schema_version`; any other value is rejected with a clear reason.

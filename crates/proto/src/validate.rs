@@ -15,9 +15,34 @@ use crate::image::ImageRef;
 use crate::quantity::Quantity;
 use crate::{Limits, SCHEMA_VERSION, Task};
 
-/// Environment variable prefix reserved for the values sandfleet itself sets
-/// (`SANDFLEET_WORKSPACE`, `SANDFLEET_TERMINATION_LOG`, ...).
+/// Prefix of the environment variables sandfleet itself sets in a sandbox.
+///
+/// Not every such name is reserved: producers may pass event values under it
+/// (`SANDFLEET_REPOSITORY`, `SANDFLEET_COMMIT`, ... as the gateway does). Only
+/// the names the generated script depends on are refused; see
+/// [`is_reserved_env`].
 pub const RESERVED_ENV_PREFIX: &str = "SANDFLEET_";
+
+/// Names the executors set for the script and a task must not override.
+pub const RESERVED_ENV_NAMES: &[&str] = &[
+    "SANDFLEET_WORKSPACE",
+    "SANDFLEET_TERMINATION_LOG",
+    "SANDFLEET_STATE_DIR",
+    "SANDFLEET_SCRIPT",
+    "SANDFLEET_TASK_ID",
+    "SANDFLEET_ATTEMPT",
+];
+
+/// Prefixes the generated script uses for its own variables (files, steps,
+/// artifacts); a task must not set names under them.
+pub const RESERVED_ENV_PREFIXES: &[&str] =
+    &["SANDFLEET_FILE_", "SANDFLEET_STEP_", "SANDFLEET_ARTIFACT_"];
+
+/// True for an environment variable name a task may not set, because the
+/// executors or the generated script own it.
+pub fn is_reserved_env(name: &str) -> bool {
+    RESERVED_ENV_NAMES.contains(&name) || RESERVED_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+}
 
 /// One violated rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -435,11 +460,11 @@ impl Validator {
                     "env_name",
                     "variable names must match [A-Za-z_][A-Za-z0-9_]*",
                 );
-            } else if name.starts_with(RESERVED_ENV_PREFIX) {
+            } else if is_reserved_env(name) {
                 self.fail(
                     &path,
                     "reserved_env",
-                    format!("the {RESERVED_ENV_PREFIX} prefix is reserved for sandfleet"),
+                    "this name is set by sandfleet for the sandbox script",
                 );
             }
             if value.contains('\0') {
@@ -688,6 +713,13 @@ mod tests {
                 .env
                 .insert("SANDFLEET_WORKSPACE".into(), "/".into());
             t.sandbox.env.insert("_ok9".into(), "x".into());
+            // Event values under the prefix are allowed (the gateway sets them).
+            t.sandbox
+                .env
+                .insert("SANDFLEET_REPOSITORY".into(), "acme/app".into());
+            t.steps[0]
+                .env
+                .insert("SANDFLEET_STEP_0_RUN".into(), "x".into());
             t.steps[0].env.insert("".into(), "x".into());
             t.steps[0].env.insert("NUL".into(), "a\0b".into());
         });
@@ -699,6 +731,7 @@ mod tests {
                 ("sandbox.env[\"WITH-DASH\"]".into(), "env_name"),
                 ("steps[0].env[\"\"]".into(), "env_name"),
                 ("steps[0].env.NUL".into(), "no_nul"),
+                ("steps[0].env.SANDFLEET_STEP_0_RUN".into(), "reserved_env"),
             ]
         );
     }
