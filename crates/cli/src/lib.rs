@@ -117,7 +117,7 @@ pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
     let out = Output {
         json: cli.global.json,
     };
-    let shutdown = signals::shutdown_token();
+    let shutdown = signals::shutdown_token(if long_running { "draining" } else { "stopping" });
     let result = dispatch(&cli, settings, out, shutdown).await;
     if let Some(guard) = telemetry
         && let Err(e) = guard.shutdown().await

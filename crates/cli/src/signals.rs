@@ -9,13 +9,15 @@ use tokio_util::sync::CancellationToken;
 use crate::exit::Exit;
 
 /// Spawns the signal watcher and returns the token it cancels on the first
-/// signal. Must be called inside a tokio runtime.
-pub fn shutdown_token() -> CancellationToken {
+/// signal; `what` names what the first signal starts (`draining` for the
+/// long-running processes, `stopping` otherwise). Must be called inside a
+/// tokio runtime.
+pub fn shutdown_token(what: &'static str) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
         let first = next_signal().await;
-        eprintln!("sandfleet: received {first}; draining (send it again to exit at once)");
+        eprintln!("sandfleet: received {first}; {what} (send it again to exit at once)");
         t.cancel();
         let second = next_signal().await;
         eprintln!("sandfleet: received {second} again; exiting now without draining");
