@@ -443,7 +443,7 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
         check_path(format!("files[{i}].path"), &file.path)?;
         check_value(|| format!("files[{i}].content"), &file.content)?;
         env.push((format!("SANDFLEET_FILE_{i}_PATH"), file.path.clone()));
-        let mut args = String::new();
+        let mut names = Vec::new();
         for (k, piece) in chunks(&file.content, ENV_CHUNK_BYTES)
             .into_iter()
             .enumerate()
@@ -453,9 +453,11 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
             } else {
                 format!("SANDFLEET_FILE_{i}_CONTENT_{k}")
             };
-            let _ = write!(args, " \"${name}\"");
-            env.push((name, piece.to_owned()));
+            env.push((name.clone(), piece.to_owned()));
+            names.push(name);
         }
+        // `printf '%s' "$A" "$B"` repeats the format: the chunks are concatenated.
+        let args: String = names.iter().map(|n| format!(" \"${n}\"")).collect();
         let _ = writeln!(text, "sf_p=\"$sf_ws/$SANDFLEET_FILE_{i}_PATH\"");
         let _ = writeln!(
             text,
@@ -465,7 +467,7 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
             let _ = writeln!(text, "chmod +x \"$sf_p\" || sf_setup_fail \"file {i}\"");
         }
         // Large contents need not stay in every step's environment.
-        let _ = writeln!(text, "unset{}", args.replace(" \"$", " ").replace('"', ""));
+        let _ = writeln!(text, "unset {}", names.join(" "));
     }
 
     for (i, step) in task.steps.iter().enumerate() {

@@ -475,3 +475,26 @@ fn a_task_ifs_does_not_break_the_script() {
         assert!(wait_dead(gc), "{name}: grandchild survived");
     }
 }
+
+#[test]
+fn large_input_files_arrive_whole() {
+    // Over the kernel's 128 KiB per-string limit: written from several chunks.
+    let content: String = (0..40_000).map(|i| format!("{i:07}\n")).collect();
+    let t = task()
+        .with_file("data/big.txt", &content)
+        .with_step("size", "wc -c < data/big.txt", 5);
+    for (name, argv) in SHELLS {
+        let r = run(argv, &t);
+        assert_eq!(
+            r.log.steps[&0].text.trim(),
+            "320000",
+            "{name}: {}",
+            r.raw_log
+        );
+        assert_eq!(
+            std::fs::read_to_string(r.ws().join("data/big.txt")).unwrap(),
+            content,
+            "{name}"
+        );
+    }
+}
