@@ -27,7 +27,12 @@ run_clippy() {
 
 run_tests() {
   step "cargo nextest run --workspace (profile ${NEXTEST_PROFILE:-default})"
-  cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}"
+  # kube-sim records every Kubernetes call the tests make; the deploy step
+  # checks them against the worker's Role (scripts/deploy_checks.py rbac).
+  mkdir -p target
+  : >target/rbac-observed.jsonl
+  SANDFLEET_RBAC_OBSERVED="$repo/target/rbac-observed.jsonl" \
+    cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}"
 }
 
 run_doctests() {

@@ -60,7 +60,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 pub use faults::{FaultAction, FaultRule, Faults};
-pub use request_log::RequestRecord;
+pub use request_log::{OBSERVED_ENV, RequestRecord};
 pub use script::{AFTER_MS_ANNOTATION, EXIT_CODE_ANNOTATION, PodScript, SCRIPT_ANNOTATION};
 pub use selector::{LabelSelector, SelectorError};
 

@@ -2,7 +2,9 @@
 //! resource it maps to, so tests can assert how a client talked to the API (which
 //! propagation policy a delete used, which (verb, resource) pairs an RBAC Role needs).
 
-use std::sync::Mutex;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
 use serde_json::Value;
@@ -155,6 +157,7 @@ pub(crate) struct RequestLog {
 impl RequestLog {
     /// Appends a record and returns its index (to fill in the status later).
     pub(crate) fn push(&self, record: RequestRecord) -> usize {
+        observe(&record);
         let mut r = self.lock();
         r.push(record);
         r.len() - 1
@@ -176,6 +179,40 @@ impl RequestLog {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RequestRecord>> {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Environment variable naming a file that collects every resource request any
+/// sim in this process serves, across a whole test run: one JSON line
+/// `{"verb","resource","namespace","package"}` per request. `package` is the
+/// Cargo package whose tests ran the sim (`CARGO_PKG_NAME`), so a checker can
+/// tell the worker's calls from the sim's own tests. The RBAC check compares
+/// these (verb, resource) pairs with the worker's Role.
+pub const OBSERVED_ENV: &str = "SANDFLEET_RBAC_OBSERVED";
+
+fn observe(record: &RequestRecord) {
+    static PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let Some(path) = PATH.get_or_init(|| std::env::var_os(OBSERVED_ENV).map(PathBuf::from)) else {
+        return;
+    };
+    if record.verb.is_empty() {
+        return;
+    }
+    let line = serde_json::json!({
+        "verb": record.verb,
+        "resource": record.resource,
+        "namespace": record.namespace,
+        "package": std::env::var("CARGO_PKG_NAME").unwrap_or_default(),
+    });
+    // One write_all of a short line on an O_APPEND file: lines from parallel
+    // test processes do not interleave.
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record the request for {OBSERVED_ENV}");
     }
 }
 
