@@ -109,6 +109,10 @@ struct Inner<B, E, S> {
     /// delivery died (or a producer published a task twice); the second
     /// handler waits for the first to finish or be forgotten, then adopts.
     attempts: AttemptLocks,
+    /// Delete each attempt's sandbox (`Executor::cancel`) once its delivery
+    /// is settled, for executors that keep finished sandboxes so that a
+    /// redelivery adopts the finished one instead of running it again.
+    delete_after_settle: bool,
     broker: Arc<B>,
     executor: Arc<E>,
     sink: S,
@@ -135,6 +139,7 @@ where
         Dispatcher {
             inner: Arc::new(Inner {
                 attempts: AttemptLocks::default(),
+                delete_after_settle: false,
                 broker,
                 executor,
                 sink,
@@ -143,6 +148,20 @@ where
                 health,
             }),
         }
+    }
+
+    /// With `true`, the sandbox of an attempt is deleted (through
+    /// `Executor::cancel`) only after its delivery was acked or
+    /// dead-lettered — for an executor that keeps finished sandboxes, so a
+    /// worker that dies between publishing a result and acking leaves the
+    /// finished sandbox for the redelivery to adopt instead of re-running the
+    /// attempt. Skipped while another delivery of the same attempt waits in
+    /// this process (it adopts, then deletes).
+    pub fn delete_sandboxes_after_settle(mut self, on: bool) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.delete_after_settle = on;
+        }
+        self
     }
 
     /// Consumes until `shutdown` fires, then drains: no new deliveries,
@@ -329,6 +348,16 @@ where
         let handled = self
             .run_attempt(delivery, task, attempt, traceparent, abandon, span)
             .await;
+        // The map, this handler and its guard hold the lock; more means a
+        // duplicate waits and will adopt the sandbox, so it must stay.
+        if handled == Handled::Settled
+            && self.delete_after_settle
+            && Arc::strong_count(&lock) <= 3
+            && let Err(e) = self.executor.cancel(key.0, key.1).await
+        {
+            // The Job's TTL and the orphan GC remove it later.
+            warn!(error = %e, "could not delete the finished sandbox");
+        }
         drop(_attempt_guard);
         self.forget_attempt_lock(key, lock);
         handled

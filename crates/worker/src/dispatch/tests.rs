@@ -146,19 +146,24 @@ impl Executor for Scripted {
         }
     }
 
-    async fn cancel(&self, _task_id: TaskId, _attempt: u32) -> Result<(), ExecError> {
+    async fn cancel(&self, task_id: TaskId, attempt: u32) -> Result<(), ExecError> {
         self.cancels.fetch_add(1, Ordering::SeqCst);
+        self.jobs.lock().unwrap().remove(&(task_id, attempt));
         Ok(())
     }
 }
 
 // -------------------------------------------------------------------- sink
 
-/// The in-memory results log, with the next `fail` publishes refused.
+/// The in-memory results log, with the next `fail` publishes refused, and
+/// the next `crash_after` publishes followed by the channel closing (a
+/// worker that dies between the result's confirm and the ack).
 #[derive(Default, Clone)]
 struct FlakySink {
     inner: MemoryResults,
     fail: Arc<AtomicU32>,
+    crash_after: Arc<AtomicU32>,
+    broker: Option<InMemoryBroker>,
 }
 
 #[async_trait]
@@ -175,7 +180,16 @@ impl ResultSink for FlakySink {
         {
             return Err(SinkError::new("nack"));
         }
-        self.inner.publish(result, traceparent).await
+        self.inner.publish(result, traceparent).await?;
+        if self
+            .crash_after
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+            && let Some(b) = &self.broker
+        {
+            b.close_channel();
+        }
+        Ok(())
     }
 }
 
@@ -238,8 +252,15 @@ struct Harness {
 
 impl Harness {
     fn start(config: DispatchConfig, broker: InMemoryBroker) -> Harness {
+        Harness::start_with(config, broker, false)
+    }
+
+    fn start_with(config: DispatchConfig, broker: InMemoryBroker, delete_after: bool) -> Harness {
         let exec = Arc::new(Scripted::default());
-        let sink = FlakySink::default();
+        let sink = FlakySink {
+            broker: Some(broker.clone()),
+            ..FlakySink::default()
+        };
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new());
         let shutdown = CancellationToken::new();
@@ -250,7 +271,8 @@ impl Harness {
             config,
             metrics.clone(),
             health,
-        );
+        )
+        .delete_sandboxes_after_settle(delete_after);
         let handle = tokio::spawn(d.run(shutdown.clone()));
         Harness {
             broker,
@@ -647,6 +669,55 @@ async fn two_deliveries_of_one_attempt_run_one_after_the_other_and_adopt() {
         finals
             .iter()
             .all(|r| r.attempt == 1 && r.outcome == Outcome::Succeeded)
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_between_result_and_ack_adopts_the_kept_sandbox_instead_of_rerunning() {
+    let h = Harness::start_with(config(2), InMemoryBroker::default(), true);
+    h.sink.crash_after.store(1, Ordering::SeqCst);
+    let t = task();
+    h.exec.script(t.id, vec![Act::Finish(30, Outcome::Failed)]);
+    publish(&h.broker, &t);
+    h.until("ack", |h| h.broker.acked_count() == 1).await;
+    // The first run published its result, then its channel died before the
+    // ack. The redelivery found the finished sandbox and adopted it.
+    assert_eq!(h.exec.runs(), vec![(t.id, 1, false), (t.id, 1, true)]);
+    assert_eq!(h.exec.creates(t.id, 1), 1, "not run a second time");
+    let finals = h.finals(t.id);
+    assert_eq!(finals.len(), 2);
+    assert!(
+        finals
+            .iter()
+            .all(|r| r.attempt == 1 && r.outcome == Outcome::Failed)
+    );
+    // Deleted once, after the ack.
+    h.until("the delete", |h| h.exec.cancels.load(Ordering::SeqCst) >= 1)
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.exec.cancels.load(Ordering::SeqCst), 1);
+    assert!(h.exec.jobs.lock().unwrap().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_duplicate_keeps_the_sandbox_until_it_has_adopted_it() {
+    let h = Harness::start_with(config(4), InMemoryBroker::default(), true);
+    let t = task();
+    h.exec
+        .script(t.id, vec![Act::Finish(10, Outcome::Succeeded)]);
+    publish(&h.broker, &t);
+    publish(&h.broker, &t);
+    h.until("2 acks", |h| h.broker.acked_count() == 2).await;
+    h.until("the delete", |h| h.exec.cancels.load(Ordering::SeqCst) >= 1)
+        .await;
+    assert_eq!(h.exec.runs(), vec![(t.id, 1, false), (t.id, 1, true)]);
+    assert_eq!(h.exec.creates(t.id, 1), 1);
+    assert_eq!(
+        h.exec.cancels.load(Ordering::SeqCst),
+        1,
+        "deleted once, by the last"
     );
     h.stop().await;
 }
