@@ -483,3 +483,20 @@ async fn publishing_and_consuming_use_separate_named_connections() {
     wait_visible(&amqp, &format!("{p}-conn#p")).await;
     wait_visible(&amqp, &format!("{p}-conn#c")).await;
 }
+
+#[tokio::test]
+async fn per_message_expiration_dead_letters_an_unconsumed_task() {
+    let p = unique("expire");
+    let amqp = connect(&p).await;
+    let (t, _cleanup) = applied(&amqp, &p, topology_settings(&p)).await;
+    let publisher = Publisher::new(&amqp).await.unwrap();
+    let m = task_message(&t, "short-lived").expiration(Duration::from_millis(200));
+    publisher.publish(&m).await.unwrap();
+    let mut dead = Consumer::start(&amqp, ConsumerOptions::new(&t.dead_queue, 1))
+        .await
+        .unwrap();
+    let d = next(&mut dead, Duration::from_secs(10)).await;
+    assert_eq!(d.message_id(), Some("short-lived"));
+    d.ack().await.unwrap();
+    assert_eq!(amqp.queue_depth(&t.tasks_queue).await.unwrap(), 0);
+}

@@ -327,3 +327,43 @@ async fn an_unroutable_result_is_an_error() {
     );
     assert!(!err.is_transient());
 }
+
+#[tokio::test]
+async fn subscription_resumes_after_its_last_offset_when_the_connection_drops() {
+    let e = env("resume").await;
+    let publisher = ResultPublisher::new(&e.amqp, &e.topology).await.unwrap();
+    for n in [1, 2] {
+        publisher
+            .publish(&result(n, Outcome::Succeeded), None)
+            .await
+            .unwrap();
+    }
+    let mut s = ResultSubscriber::new(&e.amqp, &e.topology)
+        .subscribe(StartAt::First)
+        .await
+        .unwrap();
+    assert_eq!(next(&mut s).await.result.attempt, 1);
+    assert_eq!(next(&mut s).await.result.attempt, 2);
+
+    // Drop the subscriber's (consuming) connection; the publisher's stays.
+    let mgmt = e.amqp.management();
+    let consuming = format!("{}-conn#c", e.prefix);
+    let mut closed = 0;
+    for _ in 0..200 {
+        closed = mgmt.close_connections_named(&consuming).await.unwrap();
+        if closed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed > 0, "the subscriber's connection never showed up");
+    publisher
+        .publish(&result(3, Outcome::Succeeded), None)
+        .await
+        .unwrap();
+
+    // It resubscribes after offset of result 2: no replay of 1 and 2.
+    assert_eq!(next(&mut s).await.result.attempt, 3);
+    nothing_more(&mut s).await;
+    assert!(s.is_connected());
+}
