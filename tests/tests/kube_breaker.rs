@@ -70,14 +70,24 @@ async fn api_500s_open_the_breaker_pause_consumption_and_a_probe_resumes_it() {
     // queue: the failed attempts come back from the retry ladder, the
     // deliveries refused by the open gate are released, nothing is taken.
     let mut last = 0;
-    let until = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < until {
+    let until = Instant::now() + Duration::from_secs(15);
+    while last < 6 {
+        assert!(
+            Instant::now() < until,
+            "only {last} of 6 tasks back in the queue"
+        );
         let depth = env.ready_tasks().await.unwrap();
         assert!(depth >= last, "consumption paused: {depth} < {last}");
         last = depth;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(last, 6, "the whole backlog waits in the queue");
+    // And they stay there: nothing is consumed while the API is down.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        env.ready_tasks().await.unwrap(),
+        6,
+        "the whole backlog waits"
+    );
     assert_eq!(w.readyz().await, 503);
     assert_eq!(job_posts(&env), posts_at_open, "no creates while open");
     assert!(
