@@ -12,6 +12,38 @@
 //!
 //! Everything here talks to a real broker; the worker's in-memory broker for
 //! unit tests lives in the worker crate.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use sandfleet_amqp::{Amqp, Consumer, ConsumerOptions, OutgoingMessage, Publisher, Topology, TASK_ROUTING_KEY};
+//! use sandfleet_settings::{AmqpSettings, TopologySettings};
+//!
+//! let settings = AmqpSettings {
+//!     url: std::env::var("AMQP_ADDR")
+//!         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+//!     ..AmqpSettings::default()
+//! };
+//! let amqp = Amqp::connect(&settings, "example").await?;
+//! # let prefix = format!("doctest-amqp-{}", uuid::Uuid::new_v4().simple());
+//! let topology = Topology::new(&TopologySettings { prefix, ..TopologySettings::default() });
+//! topology.apply(&amqp).await?; // idempotent
+//!
+//! let publisher = Publisher::new(&amqp).await?;
+//! let message = OutgoingMessage::new(&topology.tasks_exchange, TASK_ROUTING_KEY, b"{}".to_vec())
+//!     .message_id("task-1")
+//!     .attempt(1);
+//! publisher.publish(&message).await?; // Ok only after the broker's ack, with no return
+//!
+//! let mut consumer = Consumer::start(&amqp, ConsumerOptions::new(&topology.tasks_queue, 4)).await?;
+//! let delivery = consumer.next_delivery().await.expect("a delivery");
+//! assert_eq!(delivery.message_id(), Some("task-1"));
+//! assert_eq!(delivery.attempt(), Some(1));
+//! delivery.ack().await?;
+//! # topology.delete(&amqp).await?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod connection;
 mod consumer;

@@ -479,3 +479,78 @@ fn settle(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn ack() -> lapin::Result<Confirmation> {
+        Ok(Confirmation::Ack(None))
+    }
+
+    #[test]
+    fn a_return_fails_its_own_message_even_if_another_confirm_carried_it() {
+        let mut returned = Returned::new();
+        let a = fingerprint("ex", "task", Some("a"), 10);
+        let b = fingerprint("ex", "nowhere", Some("b"), 10);
+        // lapin attached b's return to a's confirm; the driver noted it.
+        returned
+            .entry(b)
+            .or_default()
+            .push_back((312, "NO_ROUTE".into()));
+        assert!(settle(&mut returned, a, Some("a".into()), ack()).is_ok());
+        let err = settle(&mut returned, b, Some("b".into()), ack()).unwrap_err();
+        assert!(matches!(
+            err,
+            PublishError::Returned {
+                reply_code: 312,
+                ..
+            }
+        ));
+        assert!(returned.is_empty());
+    }
+
+    #[test]
+    fn nacks_and_lost_channels_are_errors_never_successes() {
+        let mut returned = Returned::new();
+        let fp = fingerprint("ex", "task", None, 1);
+        let nack = settle(&mut returned, fp, None, Ok(Confirmation::Nack(None))).unwrap_err();
+        assert!(matches!(nack, PublishError::Nacked { .. }) && nack.is_transient());
+        let io: lapin::Error = std::io::Error::from(std::io::ErrorKind::ConnectionReset).into();
+        let lost = settle(&mut returned, fp, None, Err(io)).unwrap_err();
+        assert!(matches!(
+            lost,
+            PublishError::Unconfirmed {
+                transient: true,
+                ..
+            }
+        ));
+        assert!(!lost.surely_not_enqueued());
+        let none = settle(&mut returned, fp, None, Ok(Confirmation::NotRequested)).unwrap_err();
+        assert!(!none.is_transient());
+    }
+
+    #[test]
+    fn identical_messages_take_returns_oldest_first() {
+        let mut returned = Returned::new();
+        let fp = fingerprint("ex", "nowhere", None, 3);
+        returned
+            .entry(fp)
+            .or_default()
+            .push_back((312, "first".into()));
+        returned
+            .entry(fp)
+            .or_default()
+            .push_back((312, "second".into()));
+        let e1 = settle(&mut returned, fp, None, ack()).unwrap_err();
+        let e2 = settle(&mut returned, fp, None, ack()).unwrap_err();
+        assert!(
+            matches!(e1, PublishError::Returned { ref reply_text, .. } if reply_text == "first")
+        );
+        assert!(
+            matches!(e2, PublishError::Returned { ref reply_text, .. } if reply_text == "second")
+        );
+        assert!(settle(&mut returned, fp, None, ack()).is_ok());
+    }
+}
