@@ -53,6 +53,11 @@ pub const CONSUMER_TIMEOUT_MARGIN: Duration = Duration::from_secs(60);
 /// unavailable; keeps a paused-too-late consumer from spinning on it.
 const UNAVAILABLE_HOLD: Duration = Duration::from_secs(1);
 
+/// How long a delivery is held after a failed publish before it is
+/// released: the redelivery would likely come straight back to this worker,
+/// and an unroutable or refused result must not turn into a hot loop.
+const PUBLISH_FAILURE_HOLD: Duration = Duration::from_secs(2);
+
 /// The dispatch loop's settings.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
@@ -466,6 +471,7 @@ where
                 };
                 if let Err(e) = self.broker.publish_retry(msg).await {
                     warn!(error = %e, "retry not published; releasing the delivery");
+                    tokio::time::sleep(PUBLISH_FAILURE_HOLD).await;
                     return release(delivery).await;
                 }
                 // The next attempt is safely queued; a lost non-final result
@@ -553,6 +559,7 @@ where
             Ok(()) => true,
             Err(e) => {
                 error!(error = %e, "result publish failed; the delivery will be released");
+                tokio::time::sleep(PUBLISH_FAILURE_HOLD).await;
                 false
             }
         }
