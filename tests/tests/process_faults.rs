@@ -167,3 +167,57 @@ async fn a_broker_down_at_start_up_means_not_ready_then_consuming_once_it_is_up(
     drop(w);
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_result_keeps_the_task_unacked_until_results_can_be_delivered() {
+    use sandfleet_amqp::lapin::options::QueueBindOptions;
+    use sandfleet_amqp::lapin::types::FieldTable;
+
+    let env = Env::new("unroutable", BIN, false, |_| {}).await.unwrap();
+    let ch = env.amqp.channel().await.unwrap();
+    let (queue, exchange) = (
+        env.topology.results_stream.clone(),
+        env.topology.results_exchange.clone(),
+    );
+    let w = env.spawn_worker("w1", |_| {}).unwrap();
+    w.wait_ready(200, Duration::from_secs(30)).await.unwrap();
+    // After the worker declared its topology: an operator's mistake.
+    ch.queue_unbind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "#".into(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let t = task("echo hi");
+    env.publish(&t).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(env.results().is_empty(), "nowhere to route results");
+    assert!(env.dead_letters().is_empty(), "not dead-lettered for it");
+    assert_eq!(
+        w.metric("sandfleet_tasks_total{outcome=\"succeeded\"}")
+            .await,
+        None,
+        "not counted as done"
+    );
+    // Results can be routed again: the task completes.
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    env.until("the final result", Duration::from_secs(30), |e| {
+        !e.finals(t.id).is_empty()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.log_tail()));
+    assert_eq!(env.finals(t.id)[0].outcome, Outcome::Succeeded);
+    assert_eq!(env.ready_tasks().await.unwrap(), 0);
+    drop(w);
+    env.cleanup().await.unwrap();
+}
