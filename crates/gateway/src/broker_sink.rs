@@ -75,3 +75,89 @@ impl TaskSink for BrokerSink {
         }
     }
 }
+
+/// A [`TaskSink`] whose broker connection is made in the background, so the
+/// gateway listens (and answers `/healthz`) while RabbitMQ is still down at
+/// start-up: until connected, `/readyz` and every enqueue answer 503. Once
+/// connected, the pool reconnects by itself after later losses.
+pub struct ConnectingSink {
+    sink: tokio::sync::OnceCell<BrokerSink>,
+}
+
+impl std::fmt::Debug for ConnectingSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectingSink")
+            .field("connected", &self.sink.initialized())
+            .finish()
+    }
+}
+
+impl ConnectingSink {
+    /// Starts connecting (component name `gateway`), retrying transient
+    /// failures with doubling delays up to `amqp.reconnect_max_delay_secs`,
+    /// until connected or `shutdown` fires. A permanent failure (bad URL,
+    /// refused credentials) is logged and retried at the longest delay, since
+    /// the process has nothing else to do.
+    pub fn connect_in_background(
+        amqp: sandfleet_settings::AmqpSettings,
+        topology: Topology,
+        limits: Limits,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::sync::Arc<ConnectingSink> {
+        let this = std::sync::Arc::new(ConnectingSink {
+            sink: tokio::sync::OnceCell::new(),
+        });
+        let weak = std::sync::Arc::downgrade(&this);
+        tokio::spawn(async move {
+            let max = std::time::Duration::from_secs(amqp.reconnect_max_delay_secs.max(1));
+            let mut delay = std::time::Duration::from_millis(250);
+            loop {
+                let attempt = async {
+                    let conn = Amqp::connect(&amqp, "gateway")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    BrokerSink::new(&conn, &topology, limits.clone())
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                match attempt.await {
+                    Ok(sink) => {
+                        if let Some(this) = weak.upgrade() {
+                            let _ = this.sink.set(sink);
+                            tracing::info!("gateway connected to RabbitMQ");
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?delay, "RabbitMQ unavailable; the gateway answers 503 until it connects")
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(max);
+            }
+        });
+        this
+    }
+}
+
+#[async_trait]
+impl TaskSink for ConnectingSink {
+    async fn enqueue(&self, task: &Task) -> Result<(), SinkError> {
+        match self.sink.get() {
+            Some(sink) => sink.enqueue(task).await,
+            None => Err(SinkError::Unavailable(
+                "not connected to RabbitMQ yet".to_owned(),
+            )),
+        }
+    }
+
+    async fn is_ready(&self) -> bool {
+        match self.sink.get() {
+            Some(sink) => sink.is_ready().await,
+            None => false,
+        }
+    }
+}

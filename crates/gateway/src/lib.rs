@@ -23,6 +23,6 @@ pub mod signature;
 pub mod sink;
 pub mod template;
 
-pub use broker_sink::BrokerSink;
+pub use broker_sink::{BrokerSink, ConnectingSink};
 pub use server::{DEDUP_MAX_ENTRIES, DEDUP_TTL, Gateway, GatewayError};
 pub use sink::{SinkError, TaskSink};

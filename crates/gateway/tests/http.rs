@@ -43,9 +43,13 @@ struct Proxy {
 
 impl Proxy {
     async fn start() -> Proxy {
+        Proxy::start_with(true).await
+    }
+
+    async fn start_with(up: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(AtomicBool::new(true));
+        let up = Arc::new(AtomicBool::new(up));
         let cut = CancellationToken::new();
         let (up2, cut2) = (up.clone(), cut.clone());
         tokio::spawn(async move {
@@ -70,6 +74,11 @@ impl Proxy {
             }
         });
         Proxy { port, up, cut }
+    }
+
+    /// Lets new connections through (after `start` with `up = false`).
+    fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
     }
 
     /// Drops every proxied connection and refuses new ones.
@@ -639,5 +648,70 @@ async fn broker_down_answers_503_and_not_ready() {
         "{metrics}"
     );
     assert!(metrics.contains("status=\"503\""), "{metrics}");
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn gateway_serves_before_the_broker_is_up_and_connects_later() {
+    let h = Harness::start().await;
+    let proxy = Proxy::start_with(false).await;
+    let amqp = AmqpSettings {
+        url: format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port),
+        connection_name: Some(format!(
+            "{}-late",
+            h.settings.connection_name.clone().unwrap()
+        )),
+        ..h.settings.clone()
+    };
+    let stop = CancellationToken::new();
+    let sink = sandfleet_gateway::ConnectingSink::connect_in_background(
+        amqp,
+        h.topology.clone(),
+        Limits::default(),
+        stop.clone(),
+    );
+    let settings = GatewaySettings {
+        api_tokens: vec![API_TOKEN.to_owned()],
+        ..GatewaySettings::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(Gateway::new(settings, sink).serve(listener, stop.clone()));
+    let get = |path: &'static str| {
+        let (http, url) = (h.http.clone(), url.clone());
+        async move {
+            http.get(format!("{url}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let post = || {
+        let (http, url) = (h.http.clone(), url.clone());
+        async move {
+            http.post(format!("{url}/v1/tasks"))
+                .bearer_auth(API_TOKEN)
+                .json(&api_task())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(get("/healthz").await, 200, "alive without a broker");
+    assert_eq!(get("/readyz").await, 503);
+    assert_eq!(post().await, 503);
+    proxy.up();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while get("/readyz").await != 200 {
+        assert!(std::time::Instant::now() < deadline, "never connected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(post().await, 202);
+    assert_eq!(h.drain_tasks().await.len(), 1);
+    stop.cancel();
     h.finish().await;
 }
