@@ -212,7 +212,12 @@ async fn run_with_http(
         ExecutorKind::Local => {
             let executor = Arc::new(LocalExecutor::new(settings.sandbox.local.clone())?);
             info!(worker = %config.worker, "worker running with the local executor");
-            dispatch(broker, executor, results, config, metrics, health, shutdown).await
+            let choice = ExecutorChoice {
+                executor,
+                // A local sandbox dies with its worker; nothing to adopt.
+                delete_after_settle: false,
+            };
+            dispatch(broker, choice, results, config, metrics, health, shutdown).await
         }
         ExecutorKind::Kubernetes => {
             crate::kube::run_kubernetes(
@@ -233,16 +238,24 @@ async fn run_with_http(
     outcome
 }
 
+/// The executor a dispatch loop runs on, and whether it keeps finished
+/// sandboxes for the worker to delete once a delivery is settled.
+pub(crate) struct ExecutorChoice<E> {
+    pub(crate) executor: Arc<E>,
+    pub(crate) delete_after_settle: bool,
+}
+
 pub(crate) async fn dispatch<B: Broker, E: Executor, S: ResultSink>(
     broker: Arc<B>,
-    executor: Arc<E>,
+    choice: ExecutorChoice<E>,
     sink: S,
     config: DispatchConfig,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let report = Dispatcher::new(broker, executor, sink, config, metrics, health)
+    let report = Dispatcher::new(broker, choice.executor, sink, config, metrics, health)
+        .delete_sandboxes_after_settle(choice.delete_after_settle)
         .run(shutdown)
         .await?;
     info!(

@@ -12,7 +12,7 @@ use sandfleet_settings::Settings;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::app::{WorkerError, dispatch};
+use crate::app::{ExecutorChoice, WorkerError, dispatch};
 use crate::breaker::BreakerConfig;
 use crate::broker::Broker;
 use crate::dispatch::DispatchConfig;
@@ -111,14 +111,9 @@ pub(crate) async fn run_kubernetes<B: Broker, S: ResultSink>(
         Duration::from_secs(k.gc_interval_secs.max(1)),
         background.clone(),
     ));
-    dispatch(
-        broker,
-        Arc::new(executor),
-        sink,
-        config,
-        metrics,
-        health,
-        shutdown,
-    )
-    .await
+    let choice = ExecutorChoice {
+        executor: Arc::new(executor),
+        delete_after_settle: false,
+    };
+    dispatch(broker, choice, sink, config, metrics, health, shutdown).await
 }
