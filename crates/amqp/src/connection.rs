@@ -47,6 +47,8 @@ struct Inner {
     settings: AmqpSettings,
     name: String,
     uri: AMQPUri,
+    /// Overrides the management API base URL derived from the AMQP URL.
+    management_url: Option<String>,
 }
 
 impl std::fmt::Debug for Amqp {
@@ -109,6 +111,7 @@ impl Amqp {
                 settings: settings.clone(),
                 name,
                 uri,
+                management_url: None,
             }),
         })
     }
@@ -140,16 +143,39 @@ impl Amqp {
     }
 
     /// A client for the management HTTP API of the same broker
-    /// (`http://<host>:15672`, same credentials), used to read queue arguments.
+    /// (`http://<host>:15672`, same credentials, unless overridden with
+    /// [`with_management_url`](Amqp::with_management_url)), used to read
+    /// queue arguments and bindings.
     pub fn management(&self) -> Management {
         let a = &self.inner.uri.authority;
         let scheme = if self.is_tls() { "https" } else { "http" };
+        let base = self
+            .inner
+            .management_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{}:15672", a.host));
         Management::new(
-            format!("{scheme}://{}:15672", a.host),
+            base,
             &a.userinfo.username,
             &a.userinfo.password,
             &self.inner.uri.vhost,
         )
+    }
+
+    /// The same pools, with the management API at `url` (e.g.
+    /// `https://rabbit.example:443`) instead of `<host>:15672`.
+    pub fn with_management_url(&self, url: impl Into<String>) -> Amqp {
+        let i = &self.inner;
+        Amqp {
+            inner: Arc::new(Inner {
+                pool: i.pool.clone(),
+                publish_pool: i.publish_pool.clone(),
+                settings: i.settings.clone(),
+                name: i.name.clone(),
+                uri: i.uri.clone(),
+                management_url: Some(url.into()),
+            }),
+        }
     }
 
     /// Opens a channel on a pooled consumer/admin connection: one attempt.

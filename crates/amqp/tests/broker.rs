@@ -500,3 +500,36 @@ async fn per_message_expiration_dead_letters_an_unconsumed_task() {
     d.ack().await.unwrap();
     assert_eq!(amqp.queue_depth(&t.tasks_queue).await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn without_the_management_api_a_conflict_quotes_the_broker() {
+    let p = unique("nomgmt");
+    let amqp = connect(&p).await;
+    let (_t, _cleanup) = applied(&amqp, &p, topology_settings(&p)).await;
+    let blind = amqp.with_management_url("http://127.0.0.1:1");
+    let changed = Topology::new(&sandfleet_settings::TopologySettings {
+        delivery_limit: 7,
+        ..topology_settings(&p)
+    });
+    let err = changed.apply(&blind).await.unwrap_err();
+    match &err {
+        TopologyError::Conflict {
+            differences,
+            broker_message,
+            ..
+        } => {
+            assert_eq!(differences.len(), 1, "{differences:?}");
+            assert_eq!(differences[0].0, "x-delivery-limit");
+            assert_eq!(differences[0].1, "7");
+            assert!(
+                broker_message.contains("inequivalent arg 'x-delivery-limit'"),
+                "{broker_message}"
+            );
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // check() still reports existence, and says what it could not verify.
+    let report = changed.check(&blind).await.unwrap();
+    assert!(report.is_ok(), "{:?}", report.findings);
+    assert!(!report.fully_verified());
+}
