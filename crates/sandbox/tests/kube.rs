@@ -694,3 +694,42 @@ async fn the_same_attempt_twice_on_one_worker_runs_one_job() {
         .count();
     assert_eq!(creates, 1);
 }
+
+#[tokio::test]
+async fn kept_finished_jobs_are_adopted_by_a_redelivery_instead_of_rerun() {
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let api = KubeApi::from_kubeconfig_yaml(
+        &sim.kubeconfig_yaml(NS),
+        &settings(),
+        Arc::new(RecordingGate::default()),
+        ApiRetry::default(),
+    )
+    .await
+    .unwrap();
+    let exec = KubeExecutor::new(api, settings()).keep_finished_jobs(true);
+    assert!(exec.keeps_finished_jobs());
+    let task = one_step("date +%s%N; echo ran");
+    let first = exec.run(&task, 1, &ctx()).await.unwrap();
+    assert_eq!(first.outcome, Outcome::Succeeded);
+    assert!(
+        !sim.request_log().iter().any(|r| r.verb() == "delete"),
+        "a kept job was deleted"
+    );
+    // The worker crashed before acking: the redelivery adopts the finished Job.
+    let second = exec.run(&task, 1, &ctx()).await.unwrap();
+    assert!(second.adopted);
+    assert_eq!(second.outcome, Outcome::Succeeded);
+    assert_eq!(
+        second.steps[0].output_tail, first.steps[0].output_tail,
+        "the task ran twice"
+    );
+    // Settled: the worker deletes it.
+    exec.cancel(task.id, 1).await.unwrap();
+    assert_deleted_in_background(&sim, &job_name(task.id, 1));
+    // Pending-timeout verdicts still delete at once.
+    let stuck = one_step("echo never");
+    sim.script_pods(&selector(&stuck), PodScript::NeverSchedule);
+    let r = exec.run(&stuck, 1, &ctx()).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Unschedulable);
+    assert_deleted_in_background(&sim, &r.sandbox);
+}

@@ -17,6 +17,7 @@ pub mod job;
 mod watch;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +59,7 @@ struct Inner {
     settings: KubernetesSettings,
     hub: Arc<watch::Hub>,
     cancelled: Mutex<HashSet<String>>,
+    keep_finished: AtomicBool,
     _stop: DropGuard,
 }
 
@@ -81,9 +83,26 @@ impl KubeExecutor {
                 settings,
                 hub,
                 cancelled: Mutex::default(),
+                keep_finished: AtomicBool::new(false),
                 _stop: stop.drop_guard(),
             }),
         }
+    }
+
+    /// With `true`, `run` leaves the finished Job in place (its log already
+    /// read) instead of deleting it, and the worker deletes it with
+    /// [`Executor::cancel`] once the delivery is settled: a worker crash
+    /// between publishing the result and acking then makes the redelivery
+    /// adopt the finished Job and report it again, instead of running the
+    /// task a second time. The Job's TTL removes it if nobody does.
+    pub fn keep_finished_jobs(self, keep: bool) -> KubeExecutor {
+        self.inner.keep_finished.store(keep, Ordering::Relaxed);
+        self
+    }
+
+    /// Whether finished Jobs are kept (see [`KubeExecutor::keep_finished_jobs`]).
+    pub fn keeps_finished_jobs(&self) -> bool {
+        self.inner.keep_finished.load(Ordering::Relaxed)
     }
 
     /// Resolves once the shared watchers have listed Jobs and Pods once (for
@@ -436,7 +455,16 @@ impl Executor for KubeExecutor {
             },
             None => (Vec::new(), None),
         };
-        if let Err(e) = self.inner.api.delete_job(&name).await {
+        // A kept Job is deleted by `cancel` once the worker settled the
+        // delivery; one that never ran to its end (pending timeout, lost) is
+        // deleted now whatever the mode, so it stops waiting for a node.
+        let ran_to_end = matches!(
+            verdict.outcome,
+            Outcome::Succeeded | Outcome::Failed | Outcome::TimedOut | Outcome::OomKilled
+        ) && !obs.job_gone;
+        if (!self.keeps_finished_jobs() || !ran_to_end)
+            && let Err(e) = self.inner.api.delete_job(&name).await
+        {
             // The garbage collector (and the Job's TTL) will get it.
             tracing::warn!(job = %name, error = %e, "could not delete the sandbox job");
         }
