@@ -256,6 +256,16 @@ where
     }
 }
 
+/// How waiting for the executor ended.
+enum RunEnd {
+    /// The delivery's channel closed.
+    Lost,
+    /// The drain deadline passed.
+    Abandoned,
+    /// The executor returned.
+    Done(Result<Execution, ExecError>),
+}
+
 /// How the handling of one delivery ended (for the drain report).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handled {
@@ -403,19 +413,19 @@ where
         // the point — the redelivery adopts it.
         let run = tokio::select! {
             biased;
-            _ = lost.cancelled() => None,
-            _ = abandon.cancelled() => Some(None),
-            r = self.executor.run(&task, attempt, &ctx) => Some(Some(r)),
+            _ = lost.cancelled() => RunEnd::Lost,
+            _ = abandon.cancelled() => RunEnd::Abandoned,
+            r = self.executor.run(&task, attempt, &ctx) => RunEnd::Done(r),
         };
         self.metrics.in_flight().dec();
         let run = match run {
-            None => {
+            RunEnd::Lost => {
                 info!(
                     "delivery lost (channel closed); forgetting it, the sandbox stays for the redelivery"
                 );
                 return Handled::Lost;
             }
-            Some(None) => {
+            RunEnd::Abandoned => {
                 info!("drain deadline: releasing the task; its sandbox keeps running");
                 return match delivery.release().await {
                     Ok(()) => Handled::Abandoned,
@@ -425,7 +435,7 @@ where
                     }
                 };
             }
-            Some(Some(run)) => run,
+            RunEnd::Done(run) => run,
         };
         let elapsed = started.elapsed();
 
