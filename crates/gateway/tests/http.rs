@@ -329,6 +329,25 @@ async fn failed_workflow_run_becomes_one_confirmed_task_with_event_values_in_env
             step.run
         );
     }
+    let metrics = h
+        .http
+        .get(format!("{}/metrics", h.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sandfleet_gateway_tasks_enqueued_total{provider=\"github\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "sandfleet_gateway_requests_total{route=\"/webhooks/github\",status=\"202\"} 1"
+        ),
+        "{metrics}"
+    );
     h.finish().await;
 }
 
