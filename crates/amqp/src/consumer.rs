@@ -412,7 +412,21 @@ impl Delivery {
         m.timestamp = p
             .timestamp()
             .and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0));
-        m.headers = p.headers().clone().unwrap_or_default();
+        // Keep the headers (x-death included: the broker maintains it), but
+        // not the per-delivery ones the broker sets, which would be stale.
+        let mut headers = FieldTable::default();
+        for (k, v) in p
+            .headers()
+            .as_ref()
+            .map(|h| h.inner().iter())
+            .into_iter()
+            .flatten()
+        {
+            if !matches!(k.as_str(), "x-delivery-count" | "x-stream-offset") {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+        m.headers = headers;
         m.persistent = p.delivery_mode().is_none_or(|d| d == 2);
         m
     }

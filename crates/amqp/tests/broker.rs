@@ -450,7 +450,15 @@ async fn retry_ladder_delays_then_returns_the_task_to_the_work_queue() {
     let mut consumer = Consumer::start(&amqp, ConsumerOptions::new(&t.tasks_queue, 1))
         .await
         .unwrap();
+    let first = next(&mut consumer, Duration::from_secs(5)).await;
+    first.nack(true).await.unwrap();
     let d = next(&mut consumer, Duration::from_secs(5)).await;
+    assert!(d.redelivered());
+    assert_eq!(
+        d.delivery_count(),
+        Some(1),
+        "quorum queues count deliveries"
+    );
     let tier = t.retry_tier(1).unwrap();
     assert_eq!(tier.delay, Duration::from_secs(1));
     let mut retry = d.to_outgoing("", &tier.queue);
@@ -466,6 +474,12 @@ async fn retry_ladder_delays_then_returns_the_task_to_the_work_queue() {
     assert_eq!(back.message_id(), Some("flaky"));
     assert_eq!(back.attempt(), Some(2));
     assert_eq!(back.routing_key(), TASK_ROUTING_KEY);
+    assert_eq!(
+        back.delivery_count(),
+        None,
+        "a new attempt starts with a fresh count"
+    );
+    assert!(!back.redelivered());
     back.ack().await.unwrap();
 }
 
