@@ -154,14 +154,10 @@ pub enum ScriptError {
     Nul(String),
 }
 
-/// True for the names the script reserves for itself.
+/// True for the names the script reserves for itself; the contract's
+/// validation refuses the same names, so one list serves both.
 fn is_reserved(name: &str) -> bool {
-    matches!(
-        name,
-        ENV_WORKSPACE | ENV_TERMINATION_LOG | ENV_STATE_DIR | ENV_SCRIPT
-    ) || ["SANDFLEET_FILE_", "SANDFLEET_STEP_", "SANDFLEET_ARTIFACT_"]
-        .iter()
-        .any(|p| name.starts_with(p))
+    sandfleet_proto::is_reserved_env(name)
 }
 
 /// True for a POSIX shell identifier.
