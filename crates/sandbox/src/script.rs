@@ -718,6 +718,19 @@ mod tests {
     use super::*;
     use sandfleet_proto::{Provider, SandboxSpec, Source};
 
+    #[test]
+    fn the_contract_reserves_every_name_the_script_sets_itself() {
+        for name in [
+            ENV_WORKSPACE,
+            ENV_TERMINATION_LOG,
+            ENV_STATE_DIR,
+            ENV_SCRIPT,
+        ] {
+            assert!(is_reserved(name), "{name}");
+        }
+        assert!(!is_reserved("SANDFLEET_REPOSITORY"));
+    }
+
     fn task() -> Task {
         Task::fix_attempt(
             Source {
