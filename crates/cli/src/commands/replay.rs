@@ -128,7 +128,10 @@ pub async fn run(
             Some(s) => StreamOffset::Timestamp(s.timestamp()),
             None => StreamOffset::First,
         };
+        // Keep only the selected results (with their task): a week of
+        // results is large, the failures to replay are few.
         let mut candidates = Vec::new();
+        let mut read = 0usize;
         read_stream(
             &amqp,
             &topology.results_stream,
@@ -136,18 +139,24 @@ pub async fn run(
             Some(idle),
             &shutdown,
             |r| {
-                // Results after --until end the scan: the stream is in time order.
+                // Results are published when they finish, so the stream is
+                // in finish-time order give or take clock skew between
+                // workers: well past --until, the scan can stop.
                 if filter
                     .until
                     .is_some_and(|u| r.finished_at >= u + chrono::Duration::minutes(5))
                 {
                     return false;
                 }
-                candidates.push(Candidate::Result(Box::new(r)));
+                read += 1;
+                if filter.matches_result(&r) {
+                    candidates.push(Candidate::Result(Box::new(r)));
+                }
                 true
             },
         )
         .await?;
+        summary.read += read - candidates.len();
         run.candidates(candidates, &filter, &mut summary, &shutdown)
             .await;
     } else if let Some(path) = &a.from_file {
