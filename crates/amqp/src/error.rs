@@ -137,7 +137,7 @@ pub(crate) fn lapin_is_transient(e: &lapin::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::protocol::{AMQPError as ProtoError, AMQPSoftError};
+    use lapin::protocol::AMQPError as ProtoError;
 
     fn protocol(id: u16, text: &str) -> lapin::Error {
         let e = ProtoError::from_id(id, text.into()).map(ErrorKind::ProtocolError);
@@ -161,7 +161,7 @@ mod tests {
         );
         let e = AmqpError::broker("basic.consume", protocol(404, "NOT_FOUND - no queue"));
         assert!(!e.is_transient());
-        let _ = AMQPSoftError::NOTFOUND;
+        assert_eq!(e.reply_code(), Some(REPLY_NOT_FOUND));
     }
 
     #[test]

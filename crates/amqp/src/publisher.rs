@@ -252,20 +252,17 @@ impl Publisher {
             })?;
         let now = Utc::now();
         let mut guard = self.inner.active.lock().await;
-        let reusable = guard
-            .as_ref()
-            .is_some_and(|a| a.channel.status().connected());
-        if !reusable {
-            // Dropping the old Active closes its pending queue; its driver
-            // settles what it holds (the confirms fail with the channel error).
-            *guard = None;
-            let active = open_with_retry(&self.inner.amqp, self.inner.options.reopen_timeout)
-                .await
-                .map_err(|e| PublishError::Unavailable(Box::new(e)))?;
-            *guard = Some(active);
-        }
-        let Some(active) = guard.as_mut() else {
-            unreachable!("set just above")
+        let active: &mut Active = match guard.take() {
+            Some(a) if a.channel.status().connected() => guard.insert(a),
+            // No channel yet, or it died: dropping the old Active closes its
+            // pending queue; its driver settles what it holds (those
+            // confirms fail with the channel's error).
+            _ => {
+                let a = open_with_retry(&self.inner.amqp, self.inner.options.reopen_timeout)
+                    .await
+                    .map_err(|e| PublishError::Unavailable(Box::new(e)))?;
+                guard.insert(a)
+            }
         };
         let props = message.properties(now)?;
         let published = active
