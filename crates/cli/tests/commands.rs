@@ -115,3 +115,50 @@ async fn dlq_list_reads_the_brokers_x_death_header() {
     assert_eq!(row["from_queue"], env.topology.tasks_queue, "{row}");
     env.cleanup().await;
 }
+
+/// Runs `sandfleet <args>` on a pseudo-terminal (util-linux `script`), typing `input`.
+fn on_a_terminal(env: &Env, args: &str, input: &str) -> (i32, String) {
+    use std::io::Write;
+    let cmd = format!(
+        "{} --prefix {} {args}",
+        env!("CARGO_BIN_EXE_sandfleet"),
+        env.prefix
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(env.dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("util-linux `script` runs the CLI on a pseudo-terminal");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_purge_asks_on_a_terminal() {
+    let env = Env::new().await;
+    env.dead_letter(&task("octo-org/one"), "invalid", "bad")
+        .await;
+    let (code, screen) = on_a_terminal(&env, "dlq purge", "no\n");
+    assert_eq!(code, 1, "{screen}");
+    assert!(
+        screen.contains("Type 'purge' to confirm") && screen.contains("not purged"),
+        "{screen}"
+    );
+    assert_eq!(env.settled_depth(&env.topology.dead_queue, 1).await, 1);
+    let (code, screen) = on_a_terminal(&env, "dlq purge", "purge\n");
+    assert_eq!(code, 0, "{screen}");
+    assert!(screen.contains("purged 1 messages"), "{screen}");
+    assert_eq!(env.settled_depth(&env.topology.dead_queue, 0).await, 0);
+    env.cleanup().await;
+}
