@@ -1,6 +1,7 @@
 //! Connecting to RabbitMQ for a command, with errors mapped to exit codes.
 
 use sandfleet_amqp::{Amqp, AmqpError, PublishError, Topology, TopologyError};
+use sandfleet_gateway::BrokerSink;
 use sandfleet_settings::Settings;
 
 use crate::exit::CliError;
@@ -52,4 +53,12 @@ pub async fn connect(settings: &Settings, component: &str) -> Result<Amqp, CliEr
 /// The topology names for these settings.
 pub fn topology(settings: &Settings) -> Topology {
     Topology::new(&settings.topology)
+}
+
+/// Connects and opens the confirmed task producer.
+pub async fn connect_sink(settings: &Settings) -> Result<BrokerSink, CliError> {
+    let amqp = connect(settings, "cli").await?;
+    BrokerSink::new(&amqp, &topology(settings), settings.limits.clone())
+        .await
+        .map_err(producer_error)
 }

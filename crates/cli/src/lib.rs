@@ -17,7 +17,6 @@ pub mod ledger;
 pub mod output;
 pub mod replay;
 pub mod signals;
-
 pub mod timearg;
 
 use std::collections::HashMap;
@@ -30,7 +29,6 @@ use sandfleet_telemetry::TelemetryGuard;
 use crate::args::{Cli, Command};
 use crate::exit::{CliError, CliResult, Exit};
 use crate::output::Output;
-use sandfleet_gateway::BrokerSink;
 
 /// Parses the process's arguments and environment, runs the command, and
 /// returns its exit code. Errors are printed to stderr (or as JSON with `--json`).
@@ -136,12 +134,9 @@ async fn dispatch(
     match &cli.command {
         Command::Worker(a) => commands::worker::run(a, settings, shutdown).await,
         Command::Gateway(a) => commands::gateway::run(a, settings, shutdown).await,
-        Command::Enqueue(a) => {
-            let sink = connect_sink(&settings).await?;
-            commands::enqueue::run(a, &settings, &sink, out).await
-        }
+        Command::Enqueue(a) => commands::enqueue::run(a, &settings, out).await,
         Command::Replay(a) => {
-            let sink = Arc::new(connect_sink(&settings).await?);
+            let sink = Arc::new(broker::connect_sink(&settings).await?);
             commands::replay::run(a, &settings, sink, out, shutdown).await
         }
         Command::Results(c) => commands::results::run(c, &settings, out, shutdown).await,
@@ -151,11 +146,4 @@ async fn dispatch(
             commands::demo::run(a, &settings, cli.global.amqp_url.is_some(), out).await
         }
     }
-}
-
-async fn connect_sink(settings: &sandfleet_settings::Settings) -> CliResult<BrokerSink> {
-    let amqp = broker::connect(settings, "cli").await?;
-    BrokerSink::new(&amqp, &broker::topology(settings), settings.limits.clone())
-        .await
-        .map_err(broker::producer_error)
 }

@@ -29,6 +29,16 @@ async fn enqueue_prints_the_id_once_confirmed() {
         file.to_str().unwrap(),
     ]);
     assert_eq!(down.code, 3, "broker unavailable: {down:?}");
+    let bad_and_down = env.sandfleet(&[
+        "--amqp-url",
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        "enqueue",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        bad_and_down.code, 2,
+        "a bad task is reported before connecting: {bad_and_down:?}"
+    );
     env.cleanup().await;
 }
 

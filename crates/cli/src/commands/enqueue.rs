@@ -97,16 +97,13 @@ pub fn build(a: &EnqueueArgs, settings: &Settings) -> CliResult<Task> {
     Ok(task)
 }
 
-/// Enqueues the task and prints its id once the broker confirmed it.
-pub async fn run(
-    a: &EnqueueArgs,
-    settings: &Settings,
-    sink: &dyn TaskSink,
-    out: Output,
-) -> CliResult<Exit> {
+/// Builds and validates the task, then enqueues it and prints its id once the
+/// broker confirmed it. A bad task is reported (exit 2) before connecting.
+pub async fn run(a: &EnqueueArgs, settings: &Settings, out: Output) -> CliResult<Exit> {
     let task = build(a, settings)?;
     sandfleet_proto::validate(&task, &settings.limits)
         .map_err(|e| CliError::Usage(format!("invalid task: {e}")))?;
+    let sink = crate::broker::connect_sink(settings).await?;
     match sink.enqueue(&task).await {
         Ok(()) => {
             out.emit(
