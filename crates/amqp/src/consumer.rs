@@ -122,7 +122,9 @@ impl Consumer {
     /// broker down) are returned; later losses are recovered in the background.
     pub async fn start(amqp: &Amqp, options: ConsumerOptions) -> Result<Consumer, AmqpError> {
         let (channel, lapin_consumer) = subscribe(amqp, &options, None).await?;
-        let (tx, rx) = mpsc::channel(usize::from(options.prefetch.max(1)));
+        // A hand-over buffer of one: prefetched messages wait in lapin's
+        // buffer, from where a cancel can give them back to the broker.
+        let (tx, rx) = mpsc::channel(1);
         let stop = CancellationToken::new();
         let connected = Arc::new(AtomicBool::new(true));
         tokio::spawn(pump(
@@ -151,8 +153,11 @@ impl Consumer {
         self.connected.load(Ordering::Relaxed)
     }
 
-    /// Stops receiving new deliveries (`basic.cancel`). Deliveries already
-    /// received stay ackable.
+    /// Stops receiving new deliveries (`basic.cancel`); prefetched messages
+    /// not yet handed over are requeued at once, so other consumers get
+    /// them. Deliveries already handed over stay ackable; those still in the
+    /// hand-over buffer are yielded by [`next_delivery`](Consumer::next_delivery)
+    /// (then `None`): settle them (e.g. `nack(true)` to give them back).
     pub fn cancel(&self) {
         self.stop.cancel();
     }
@@ -224,7 +229,7 @@ async fn pump(
     loop {
         let item = tokio::select! {
             _ = stop.cancelled() => {
-                let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                stop_consuming(&channel, &mut consumer).await;
                 break;
             }
             item = consumer.next() => item,
@@ -238,11 +243,24 @@ async fn pump(
                     inner: d,
                     channel: channel.clone(),
                 };
-                // Not raced against `stop`: the delivery is unacked, and
-                // handing it over (or dropping it with the channel) is the
-                // only way to keep it from being stranded.
-                if tx.send(delivery).await.is_err() {
-                    break;
+                // Wait for room in the hand-over buffer, but not past a
+                // cancel: a consumer paused by its owner (e.g. the worker's
+                // breaker opened) must give its prefetched work back at once
+                // so healthy consumers get it.
+                tokio::select! {
+                    permit = tx.reserve() => match permit {
+                        Ok(permit) => permit.send(delivery),
+                        Err(_) => {
+                            let _ = delivery.nack(true).await;
+                            stop_consuming(&channel, &mut consumer).await;
+                            break;
+                        }
+                    },
+                    _ = stop.cancelled() => {
+                        let _ = delivery.nack(true).await;
+                        stop_consuming(&channel, &mut consumer).await;
+                        break;
+                    }
                 }
             }
             other => {
@@ -279,6 +297,28 @@ async fn pump(
         }
     }
     connected.store(false, Ordering::Relaxed);
+}
+
+/// Cancels the subscription (`basic.cancel`) and returns (requeues) what
+/// the broker already sent but was not handed over yet.
+async fn stop_consuming(channel: &Channel, consumer: &mut lapin::Consumer) {
+    let _ = channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await;
+    // After cancel-ok the stream yields what is buffered, then ends; bound
+    // the wait in case the channel is already gone.
+    let drain = async {
+        while let Some(Ok(d)) = consumer.next().await {
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
 }
 
 /// One message received from a queue. Settle it exactly once with

@@ -547,3 +547,46 @@ async fn without_the_management_api_a_conflict_quotes_the_broker() {
     assert!(report.is_ok(), "{:?}", report.findings);
     assert!(!report.fully_verified());
 }
+
+#[tokio::test]
+async fn cancelling_a_consumer_gives_its_prefetched_work_back_at_once() {
+    let p = unique("cancel");
+    let amqp = connect(&p).await;
+    let (t, _cleanup) = applied(&amqp, &p, topology_settings(&p)).await;
+    let publisher = Publisher::new(&amqp).await.unwrap();
+    let messages: Vec<_> = (0..5).map(|i| task_message(&t, &format!("m{i}"))).collect();
+    assert!(
+        publisher
+            .publish_all(&messages)
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+
+    let mut paused = Consumer::start(&amqp, ConsumerOptions::new(&t.tasks_queue, 5))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // the broker sends all 5
+    paused.cancel();
+
+    // Another consumer gets the four that were prefetched but never handed over.
+    let other_amqp = connect(&format!("{p}-other")).await;
+    let mut other = Consumer::start(&other_amqp, ConsumerOptions::new(&t.tasks_queue, 10))
+        .await
+        .unwrap();
+    let mut got = HashSet::new();
+    for _ in 0..4 {
+        let d = next(&mut other, Duration::from_secs(5)).await;
+        got.insert(d.message_id().unwrap().to_owned());
+        d.ack().await.unwrap();
+    }
+    // The one already handed over is still ours, then the stream ends.
+    let mine = next(&mut paused, Duration::from_secs(5)).await;
+    assert!(!got.contains(mine.message_id().unwrap()));
+    mine.ack().await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), paused.next_delivery())
+        .await
+        .unwrap();
+    assert!(end.is_none());
+    assert_eq!(got.len(), 4);
+}
