@@ -21,7 +21,6 @@ pub mod timearg;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use sandfleet_telemetry::TelemetryGuard;
@@ -135,10 +134,7 @@ async fn dispatch(
         Command::Worker(a) => commands::worker::run(a, settings, shutdown).await,
         Command::Gateway(a) => commands::gateway::run(a, settings, shutdown).await,
         Command::Enqueue(a) => commands::enqueue::run(a, &settings, out).await,
-        Command::Replay(a) => {
-            let sink = Arc::new(broker::connect_sink(&settings).await?);
-            commands::replay::run(a, &settings, sink, out, shutdown).await
-        }
+        Command::Replay(a) => commands::replay::run(a, &settings, out, shutdown).await,
         Command::Results(c) => commands::results::run(c, &settings, out, shutdown).await,
         Command::Dlq(c) => commands::dlq::run(c, &settings, out).await,
         Command::Topology(c) => commands::topology::run(c, &settings, out).await,

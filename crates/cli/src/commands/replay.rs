@@ -67,11 +67,10 @@ impl Pacer {
     }
 }
 
-/// Runs `replay` with `sink` as the task producer.
+/// Runs `replay`: checks the arguments, connects, reads the source, sends.
 pub async fn run(
     a: &ReplayArgs,
     settings: &Settings,
-    sink: Arc<dyn TaskSink>,
     out: Output,
     shutdown: CancellationToken,
 ) -> CliResult<Exit> {
@@ -87,7 +86,9 @@ pub async fn run(
     }
     let filter = filter(a)?;
     let idle = timearg::parse_duration(&a.idle_timeout)?;
-    let amqp = broker::connect(settings, "cli-replay").await?;
+    let producer = broker::connect_sink(settings).await?;
+    let amqp = producer.producer().amqp().clone();
+    let sink: Arc<dyn TaskSink> = Arc::new(producer);
     let topology = broker::topology(settings);
     let ledger = ReplayLedger::open(
         &amqp,
