@@ -193,7 +193,14 @@ async fn metrics(State(gw): State<Gateway>) -> Response {
 }
 
 async fn github(State(gw): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(secret) = gw.inner.settings.github_secret.as_deref() else {
+    // An empty secret would let anyone sign: treated as not configured.
+    let Some(secret) = gw
+        .inner
+        .settings
+        .github_secret
+        .as_deref()
+        .filter(|s| !s.is_empty())
+    else {
         return error(
             StatusCode::NOT_FOUND,
             "GitHub intake is disabled (gateway.github_secret is not set)",
@@ -218,7 +225,13 @@ async fn github(State(gw): State<Gateway>, headers: HeaderMap, body: Bytes) -> R
 }
 
 async fn gitlab(State(gw): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(token) = gw.inner.settings.gitlab_token.as_deref() else {
+    let Some(token) = gw
+        .inner
+        .settings
+        .gitlab_token
+        .as_deref()
+        .filter(|s| !s.is_empty())
+    else {
         return error(
             StatusCode::NOT_FOUND,
             "GitLab intake is disabled (gateway.gitlab_token is not set)",

@@ -86,7 +86,7 @@ pub fn verify_bearer(tokens: &[String], header: Option<&str>) -> Result<(), Sign
     for t in tokens {
         ok |= got.as_bytes().ct_eq(t.as_bytes());
     }
-    if bool::from(ok) && !tokens.is_empty() {
+    if bool::from(ok) && !got.is_empty() {
         Ok(())
     } else {
         Err(SignatureError::Mismatch)
