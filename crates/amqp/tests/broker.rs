@@ -590,3 +590,39 @@ async fn cancelling_a_consumer_gives_its_prefetched_work_back_at_once() {
     assert!(end.is_none());
     assert_eq!(got.len(), 4);
 }
+
+#[tokio::test]
+async fn connections_negotiate_the_configured_heartbeat() {
+    let p = unique("heartbeat");
+    let settings = sandfleet_settings::AmqpSettings {
+        heartbeat_secs: 7,
+        ..settings(&p)
+    };
+    let amqp = match sandfleet_amqp::Amqp::connect(&settings, "test").await {
+        Ok(a) => a,
+        Err(e) => panic!("RabbitMQ is not reachable ({e}); this test needs it"),
+    };
+    wait_visible(&amqp, &format!("{p}-conn")).await;
+    let all: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!("{}/api/connections", amqp.management().base_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ours: Vec<_> = all
+        .iter()
+        .filter(|c| {
+            c["client_properties"]["connection_name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(&format!("{p}-conn")))
+        })
+        .collect();
+    assert!(!ours.is_empty());
+    for c in ours {
+        assert_eq!(c["timeout"], 7, "heartbeat of {}", c["name"]);
+        assert_eq!(c["client_properties"]["product"], "sandfleet");
+    }
+}
