@@ -133,3 +133,63 @@ async fn worker_drains_on_the_first_sigterm_and_exits_at_once_on_the_second() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn results_tail_follow_prints_new_results_until_interrupted() {
+    use std::io::BufRead;
+    let env = Env::new().await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sandfleet"))
+        .args([
+            "--prefix",
+            &env.prefix,
+            "--json",
+            "results",
+            "tail",
+            "--follow",
+            "--from",
+            "first",
+        ])
+        .current_dir(env.dir.path())
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let _ = tx.send(line);
+        }
+    });
+    // The stream is empty: whatever it prints was published after it started
+    // (from `first`, so there is no race with its subscription).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = task("octo-org/octo-repo");
+    let r = common::result(
+        &t,
+        sandfleet_proto::Outcome::Failed,
+        true,
+        chrono::Utc::now(),
+    );
+    env.publish_result(&r).await;
+    let line = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the new result is printed");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["task_id"], t.id.to_string());
+    assert_eq!(v["outcome"], "failed");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_millis(500)),
+        None,
+        "--follow keeps going"
+    );
+    term(&child);
+    let code = wait_exit(&mut child, Duration::from_secs(5));
+    let err = stderr(&mut child);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("stopping"), "{err}");
+    env.cleanup().await;
+}
