@@ -269,8 +269,12 @@ enum RunEnd {
 /// How the handling of one delivery ended (for the drain report).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handled {
-    /// Acked or dead-lettered.
-    Settled,
+    /// Acked or dead-lettered; `sandbox` when the executor ran (or adopted)
+    /// a sandbox that ended, which may now be deleted.
+    Settled {
+        /// A finished sandbox exists for this attempt.
+        sandbox: bool,
+    },
     /// Handed back for redelivery (publish failed, API unavailable).
     Released,
     /// Handed back at the drain deadline with its sandbox still running.
@@ -365,7 +369,7 @@ where
             .await;
         // The map, this handler and its guard hold the lock; more means a
         // duplicate waits and will adopt the sandbox, so it must stay.
-        if handled == Handled::Settled
+        if handled == (Handled::Settled { sandbox: true })
             && self.delete_after_settle
             && Arc::strong_count(&lock) <= 3
             && let Err(e) = self.executor.cancel(key.0, key.1).await
@@ -455,7 +459,8 @@ where
         };
         let mut result = build_result(&task, attempt, &run, &self.config.worker);
         span.record("outcome", result.outcome.as_str());
-        match decision {
+        let had_sandbox = run.is_ok();
+        let handled = match decision {
             Decision::PublishFinal => {
                 result.is_final = true;
                 if !self.publish(&result, traceparent.as_deref()).await {
@@ -517,6 +522,12 @@ where
                 tokio::time::sleep(UNAVAILABLE_HOLD).await;
                 release(delivery).await
             }
+        };
+        match handled {
+            Handled::Settled { .. } => Handled::Settled {
+                sandbox: had_sandbox,
+            },
+            other => other,
         }
     }
 
@@ -588,7 +599,7 @@ async fn release<D: Delivery>(delivery: D) -> Handled {
 
 fn settle(r: Result<(), BrokerError>) -> Handled {
     match r {
-        Ok(()) => Handled::Settled,
+        Ok(()) => Handled::Settled { sandbox: false },
         Err(e) => {
             // The channel closed after the result was confirmed: the broker
             // redelivers, the redelivery adopts the finished Job and

@@ -97,7 +97,10 @@ pub(crate) async fn run_kubernetes<B: Broker, S: ResultSink>(
         ApiRetry::from(&settings.retry),
     )
     .await?;
-    let executor = KubeExecutor::new(api.clone(), k.clone());
+    // Finished Jobs stay until the delivery is settled, then the dispatch
+    // loop deletes them: a crash between the result and the ack leaves the
+    // finished Job for the redelivery to adopt instead of re-running it.
+    let executor = KubeExecutor::new(api.clone(), k.clone()).keep_finished_jobs(true);
     info!(namespace = api.namespace(), worker = %config.worker, "worker running with the kubernetes executor");
     tokio::spawn(run_flow_control(
         gate.clone(),
@@ -113,7 +116,7 @@ pub(crate) async fn run_kubernetes<B: Broker, S: ResultSink>(
     ));
     let choice = ExecutorChoice {
         executor: Arc::new(executor),
-        delete_after_settle: false,
+        delete_after_settle: true,
     };
     dispatch(broker, choice, sink, config, metrics, health, shutdown).await
 }
