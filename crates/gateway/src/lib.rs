@@ -3,7 +3,8 @@
 //!
 //! Start with [`Gateway`]: give it the `gateway` settings section and a
 //! [`TaskSink`] (in production [`BrokerSink`], the confirmed RabbitMQ
-//! publisher), then [`Gateway::run`] or [`Gateway::serve`] it. A request is
+//! producer, or [`ConnectingSink`], which connects in the background so the
+//! gateway serves before the broker is up), then [`Gateway::run`] or [`Gateway::serve`] it. A request is
 //! answered 202 with the task id only after the broker confirmed the task, and
 //! 503 when it could not (so the CI provider retries).
 //!
