@@ -26,6 +26,7 @@ pub struct Health {
     broker_connected: AtomicBool,
     breaker_open: AtomicBool,
     draining: AtomicBool,
+    executor_syncing: AtomicBool,
 }
 
 impl Health {
@@ -44,6 +45,12 @@ impl Health {
         self.breaker_open.store(open, Ordering::Relaxed);
     }
 
+    /// Records whether the executor is still starting (the Kubernetes
+    /// executor's watchers have not listed Jobs and Pods yet).
+    pub fn set_executor_syncing(&self, syncing: bool) {
+        self.executor_syncing.store(syncing, Ordering::Relaxed);
+    }
+
     /// Records that shutdown has begun.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
@@ -57,6 +64,9 @@ impl Health {
         }
         if self.breaker_open.load(Ordering::Relaxed) {
             why.push("kubernetes API circuit breaker open");
+        }
+        if self.executor_syncing.load(Ordering::Relaxed) {
+            why.push("executor watchers not synced yet");
         }
         if self.draining.load(Ordering::Relaxed) {
             why.push("draining for shutdown");

@@ -102,6 +102,16 @@ pub(crate) async fn run_kubernetes<B: Broker, S: ResultSink>(
     // finished Job for the redelivery to adopt instead of re-running it.
     let executor = KubeExecutor::new(api.clone(), k.clone()).keep_finished_jobs(true);
     info!(namespace = api.namespace(), worker = %config.worker, "worker running with the kubernetes executor");
+    health.set_executor_syncing(true);
+    {
+        let (executor, health, stop) = (executor.clone(), health.clone(), background.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = executor.synced() => health.set_executor_syncing(false),
+            }
+        });
+    }
     tokio::spawn(run_flow_control(
         gate.clone(),
         broker.clone(),
