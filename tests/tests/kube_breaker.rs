@@ -89,6 +89,20 @@ async fn api_500s_open_the_breaker_pause_consumption_and_a_probe_resumes_it() {
         "the whole backlog waits"
     );
     assert_eq!(w.readyz().await, 503);
+    // The autoscaling signal sees the backlog (polled every second).
+    let gauge = format!(
+        "sandfleet_queue_ready_messages{{queue=\"{}\"}}",
+        env.topology.tasks_queue
+    );
+    let mut seen = None;
+    for _ in 0..30 {
+        seen = w.metric(&gauge).await;
+        if seen == Some(6.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, Some(6.0), "{gauge}");
     assert_eq!(job_posts(&env), posts_at_open, "no creates while open");
     assert!(
         env.results().iter().all(|r| !r.is_final),
