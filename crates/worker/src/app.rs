@@ -292,3 +292,66 @@ pub async fn poll_queue_depth<B: Broker>(
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::memory::{InMemoryBroker, StoredMessage};
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_depth_is_polled_into_the_gauge() {
+        let broker = Arc::new(InMemoryBroker::default());
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::new());
+        let stop = CancellationToken::new();
+        let poller = tokio::spawn(poll_queue_depth(
+            broker.clone(),
+            metrics.clone(),
+            health.clone(),
+            Duration::from_secs(10),
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            metrics
+                .encode()
+                .contains("sandfleet_queue_ready_messages{queue=\"memory.tasks\"} 0")
+        );
+        assert!(
+            health.readiness().is_ok(),
+            "a successful poll means connected"
+        );
+        for _ in 0..3 {
+            broker.publish(StoredMessage::new(b"t".to_vec()));
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            metrics
+                .encode()
+                .contains("sandfleet_queue_ready_messages{queue=\"memory.tasks\"} 3")
+        );
+        stop.cancel();
+        poller.await.unwrap();
+    }
+
+    #[test]
+    fn dispatch_settings_come_from_the_worker_sections() {
+        let mut s = Settings::default();
+        s.worker.concurrency = 0;
+        s.worker.name = Some("w-7".into());
+        s.worker.broker_consumer_timeout_secs = 7200;
+        s.worker.drain_timeout_secs = 45;
+        s.topology.retry_delays_secs = vec![60, 10];
+        let c = dispatch_config(&s);
+        assert_eq!(c.concurrency, 1, "at least one task at a time");
+        assert_eq!(c.worker, "w-7");
+        assert_eq!(c.consumer_timeout, Duration::from_secs(7200));
+        assert_eq!(c.drain_timeout, Duration::from_secs(45));
+        assert_eq!(
+            c.retry.ladder,
+            vec![Duration::from_secs(10), Duration::from_secs(60)]
+        );
+        assert!(!worker_name(&Settings::default()).is_empty());
+    }
+}
