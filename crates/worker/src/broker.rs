@@ -12,7 +12,10 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use futures::Stream;
 use sandfleet_proto::TaskId;
 use tokio_util::sync::CancellationToken;
 
@@ -136,4 +139,18 @@ pub trait Delivery: Send + Sync + 'static {
 
     /// Hands the message back for redelivery.
     async fn release(self) -> Result<(), BrokerError>;
+}
+
+/// The broker's deliveries as a [`Stream`], ending when the broker is closed
+/// (for callers that prefer combinators to [`Broker::next_delivery`]).
+/// Transient errors are yielded and the stream goes on.
+pub fn deliveries<B: Broker>(
+    broker: Arc<B>,
+) -> impl Stream<Item = Result<B::Delivery, BrokerError>> {
+    futures::stream::unfold(broker, |broker| async move {
+        match broker.next_delivery().await {
+            Err(BrokerError::Closed) => None,
+            other => Some((other, broker)),
+        }
+    })
 }

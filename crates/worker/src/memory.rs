@@ -499,6 +499,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn deliveries_form_a_stream_that_ends_with_the_broker() {
+        use futures::StreamExt;
+        let b = Arc::new(InMemoryBroker::default());
+        b.publish(msg("a"));
+        b.publish(msg("b"));
+        let stream = crate::broker::deliveries(b.clone());
+        tokio::pin!(stream);
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.body(), b"a");
+        first.ack().await.unwrap();
+        let second = stream.next().await.unwrap().unwrap();
+        assert_eq!(second.body(), b"b");
+        b.shutdown();
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
     async fn pause_holds_messages_until_resume() {
         let b = InMemoryBroker::default();
         b.pause().await.unwrap();
