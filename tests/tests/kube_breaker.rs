@@ -193,6 +193,12 @@ async fn a_429_with_retry_after_is_honoured_and_does_not_trip_the_breaker() {
             .await,
         Some(1.0)
     );
+    assert_eq!(
+        w.metric("sandfleet_kube_api_request_duration_seconds_count{verb=\"create\"}")
+            .await,
+        Some(2.0),
+        "both creates timed"
+    );
     drop(w);
     env.cleanup().await.unwrap();
 }
