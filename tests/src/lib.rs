@@ -556,8 +556,9 @@ impl WorkerProc {
 
     /// SIGTERM: the start of a graceful shutdown.
     pub fn term(&self) -> Result<()> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+        // The shell's builtin `kill`: no procps needed.
+        let status = Command::new("/bin/sh")
+            .args(["-c", &format!("kill -TERM {}", self.child.id())])
             .status()?;
         if !status.success() {
             bail!("kill -TERM failed");
