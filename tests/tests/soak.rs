@@ -1,5 +1,6 @@
 //! Chaos soak: 1,000 tasks through two worker processes on kube-sim while one
-//! of them is SIGKILLed and restarted every few seconds. A checker over every
+//! of them is stopped (mostly SIGKILL, sometimes SIGTERM) and restarted every
+//! 2.5 s, and the other one's broker connections are cut now and then. A checker over every
 //! published task, every result on the results stream, every dead letter and
 //! kube-sim's request log asserts: 0 lost, 0 tasks with two different final
 //! outcomes, 0 tasks with two Jobs alive at once, and no attempt whose Job
@@ -59,10 +60,22 @@ async fn soak_1000_tasks_two_workers_one_killed_every_few_seconds() {
     };
     let mut kills = 0;
     let deadline = Instant::now() + Duration::from_secs(100);
+    let (mut terms, mut cuts) = (0, 0);
     while done(&env) < TASKS && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        victim.kill9().unwrap();
+        if kills % 3 == 2 {
+            // Now and then a graceful stop (drain 1 s, then hand back)...
+            victim.term().unwrap();
+            let _ = victim.wait_exit(Duration::from_secs(10)).await;
+            terms += 1;
+        } else {
+            victim.kill9().unwrap();
+        }
         kills += 1;
+        if kills % 4 == 1 {
+            // ...and the stable worker's broker connections cut under it.
+            cuts += env.close_connections_of(&stable).await.unwrap().min(1);
+        }
         victim = env
             .spawn_worker(&format!("victim-{kills}"), |_| {})
             .unwrap();
@@ -78,7 +91,7 @@ async fn soak_1000_tasks_two_workers_one_killed_every_few_seconds() {
     let history = env.history();
     let report = history.check();
     eprintln!(
-        "soak: {TASKS} tasks, {kills} kills, {} results ({} duplicate final deliveries), {} job creates, {} recreated after a crash, {:?} elapsed",
+        "soak: {TASKS} tasks, {kills} stops ({terms} SIGTERM), {cuts} connection cuts, {} results ({} duplicate final deliveries), {} job creates, {} recreated after a crash, {:?} elapsed",
         history.results.len(),
         report.duplicate_final_deliveries,
         history.job_creates.len(),
