@@ -253,7 +253,7 @@ fn the_gateway_template_is_checked_with_the_task_rules() {
         max_attempts = 50
         steps = [
           { name = "build", run = "make", timeout_secs = 0 },
-          { name = "build", run = "make test", timeout_secs = 60, env = { SANDFLEET_X = "1" } },
+          { name = "build", run = "make test", timeout_secs = 60, env = { SANDFLEET_STEP_X = "1" } },
         ]
         "#,
     );
@@ -265,7 +265,7 @@ fn the_gateway_template_is_checked_with_the_task_rules() {
             "gateway.template.image",
             "gateway.template.steps[0].timeout_secs",
             "gateway.template.steps[1].name",
-            "gateway.template.steps[1].env.SANDFLEET_X",
+            "gateway.template.steps[1].env.SANDFLEET_STEP_X",
             "gateway.template.max_attempts",
         ],
         "{err}"
