@@ -25,5 +25,5 @@ pub mod script;
 
 pub use executor::{ExecError, Execution, Executor, RunContext};
 pub use gate::{ApiGate, CallClass, GateClosed, NoGate, RecordingGate};
-pub use kubernetes::{ApiRetry, KubeApi, KubeExecutor, job};
+pub use kubernetes::{ApiRetry, KubeApi, KubeExecutor, REQUIRED_PERMISSIONS, job};
 pub use local::LocalExecutor;

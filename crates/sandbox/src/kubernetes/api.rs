@@ -18,6 +18,22 @@ use kube::{Client, Config};
 use sandfleet_settings::{KubernetesSettings, RetrySettings};
 
 use crate::executor::ExecError;
+
+/// Every (API group, resource, verb) the Kubernetes executor calls, through
+/// [`KubeApi`] and the shared watchers. The worker's Role
+/// (`k8s/base/worker-rbac.yaml`) must grant exactly these:
+/// `scripts/deploy_checks.py rbac` compares the two, and the test suite records
+/// the calls really made against kube-sim and compares those too.
+pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
+    ("batch", "jobs", "create"),
+    ("batch", "jobs", "get"),
+    ("batch", "jobs", "list"),
+    ("batch", "jobs", "watch"),
+    ("batch", "jobs", "delete"),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("", "pods/log", "get"),
+];
 use crate::gate::{ApiGate, CallClass};
 
 /// In-place retries of transient API errors.

@@ -30,7 +30,7 @@ use sandfleet_settings::KubernetesSettings;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-pub use api::{ApiRetry, KubeApi, tune_config};
+pub use api::{ApiRetry, KubeApi, REQUIRED_PERMISSIONS, tune_config};
 pub use watch::Observed;
 
 use crate::classify::{self, JobView, PodView, Terminated, Verdict};
