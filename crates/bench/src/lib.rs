@@ -1,1 +1,0 @@
-//! sandfleet's benchmarks: commands that print figures.
