@@ -130,24 +130,10 @@ impl TaskResult {
     ) -> TaskResult {
         let is_final = !outcome.is_retryable() || attempt >= task.retry.max_attempts;
         TaskResult {
-            schema_version: crate::SCHEMA_VERSION,
-            task_id: task.id,
-            attempt,
-            outcome,
-            is_final,
-            exit_code: None,
-            steps: Vec::new(),
-            log_tail: String::new(),
-            log_truncated: false,
-            artifacts: Vec::new(),
-            started_at: None,
-            finished_at: Utc::now(),
-            worker: worker.into(),
-            sandbox: None,
-            error: None,
             source: Some(task.source.clone()),
             labels: task.labels.clone(),
             task: Some(Box::new(task.clone())),
+            ..TaskResult::bare(task.id, attempt, outcome, is_final, worker.into())
         }
     }
 
@@ -161,11 +147,26 @@ impl TaskResult {
         worker: impl Into<String>,
     ) -> TaskResult {
         TaskResult {
+            error: Some(format!("{}: {reason}", reason.code())),
+            ..TaskResult::bare(task_id, 1, Outcome::Rejected, true, worker.into())
+        }
+    }
+
+    /// A result with nothing but its identity, outcome and worker filled in;
+    /// finished now.
+    fn bare(
+        task_id: TaskId,
+        attempt: u32,
+        outcome: Outcome,
+        is_final: bool,
+        worker: String,
+    ) -> TaskResult {
+        TaskResult {
             schema_version: crate::SCHEMA_VERSION,
             task_id,
-            attempt: 1,
-            outcome: Outcome::Rejected,
-            is_final: true,
+            attempt,
+            outcome,
+            is_final,
             exit_code: None,
             steps: Vec::new(),
             log_tail: String::new(),
@@ -173,9 +174,9 @@ impl TaskResult {
             artifacts: Vec::new(),
             started_at: None,
             finished_at: Utc::now(),
-            worker: worker.into(),
+            worker,
             sandbox: None,
-            error: Some(format!("{}: {reason}", reason.code())),
+            error: None,
             source: None,
             labels: BTreeMap::new(),
             task: None,
