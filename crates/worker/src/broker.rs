@@ -130,7 +130,9 @@ pub trait Delivery: Send + Sync + 'static {
     /// and forgets it, leaving its sandbox for the redelivery to adopt.
     fn lost(&self) -> CancellationToken;
 
-    /// Acknowledges: the broker forgets the message.
+    /// Acknowledges: the broker forgets the message. `Ok` means the broker
+    /// has processed the ack (not merely that it was sent), so the worker may
+    /// clean up after the attempt; an error means the message may come back.
     async fn ack(self) -> Result<(), BrokerError>;
 
     /// Sends the message to the dead-letter queue with a reason

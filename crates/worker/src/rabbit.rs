@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sandfleet_amqp::lapin::options::BasicQosOptions;
 use sandfleet_amqp::{
     Amqp, AmqpError, Consumer, ConsumerOptions, OutgoingMessage, Publisher, TASK_ROUTING_KEY,
     Topology,
@@ -104,6 +105,7 @@ impl RabbitBroker {
             }
         });
         RabbitDelivery {
+            prefetch: self.prefetch,
             attempt: inner.attempt().unwrap_or(1).max(1),
             inner,
             publisher: self.publisher.clone(),
@@ -262,6 +264,7 @@ impl Broker for RabbitBroker {
 /// A task delivery from RabbitMQ.
 pub struct RabbitDelivery {
     inner: sandfleet_amqp::Delivery,
+    prefetch: u16,
     attempt: u32,
     publisher: Publisher,
     dead_exchange: String,
@@ -276,6 +279,23 @@ impl std::fmt::Debug for RabbitDelivery {
             .field("inner", &self.inner)
             .field("attempt", &self.attempt)
             .finish()
+    }
+}
+
+impl RabbitDelivery {
+    /// `basic.ack` has no reply: written to a socket that dies a moment
+    /// later it may never reach the broker, which then redelivers. A
+    /// synchronous round trip on the same channel afterwards proves it
+    /// arrived, since the broker handles a channel's frames in order (a
+    /// `basic.qos` with the prefetch already in force changes nothing). Only
+    /// then may the worker delete the attempt's finished sandbox; otherwise
+    /// the delivery counts as lost and its redelivery adopts the sandbox.
+    async fn confirm_settled(&self) -> Result<(), BrokerError> {
+        self.inner
+            .channel()
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|_| BrokerError::DeliveryLost)
     }
 }
 
@@ -302,14 +322,16 @@ impl Delivery for RabbitDelivery {
     }
 
     async fn ack(self) -> Result<(), BrokerError> {
-        self.inner.ack().await.map_err(broker_error)
+        self.inner.ack().await.map_err(broker_error)?;
+        self.confirm_settled().await
     }
 
     async fn dead_letter(self, code: &str, reason: &str) -> Result<(), BrokerError> {
         self.inner
             .dead_letter(&self.publisher, &self.dead_exchange, code, reason)
             .await
-            .map_err(broker_error)
+            .map_err(broker_error)?;
+        self.confirm_settled().await
     }
 
     async fn release(self) -> Result<(), BrokerError> {
