@@ -739,3 +739,85 @@ impl History {
         report
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn result(t: &Task, attempt: u32, outcome: Outcome, is_final: bool) -> TaskResult {
+        let mut r = TaskResult::from_task(t, attempt, outcome, "w");
+        r.is_final = is_final;
+        r
+    }
+
+    fn at(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s)
+    }
+
+    #[test]
+    fn the_checker_finds_lost_conflicting_and_concurrent() {
+        let (a, b, c, d) = (task("true"), task("true"), task("true"), task("true"));
+        let job = |t: &Task, n: u32| format!("sf-{}-a{n}", t.id.simple());
+        let history = History {
+            published: vec![a.id, b.id, c.id, d.id],
+            results: vec![
+                // a: a non-final attempt, then a final one delivered twice.
+                result(&a, 1, Outcome::Evicted, false),
+                result(&a, 2, Outcome::Succeeded, true),
+                result(&a, 2, Outcome::Succeeded, true),
+                // b: two different final outcomes.
+                result(&b, 1, Outcome::Succeeded, true),
+                result(&b, 1, Outcome::Failed, true),
+                // c: nothing final, and not dead-lettered either → lost.
+                result(&c, 1, Outcome::Evicted, false),
+            ],
+            dead: vec![DeadLetter {
+                body: Vec::new(),
+                code: Some("max_attempts".into()),
+                reason: None,
+                death_reason: None,
+                task_id: Some(d.id),
+            }],
+            job_creates: vec![
+                (job(&a, 1), at(0)),
+                (job(&a, 2), at(10)),
+                (job(&b, 1), at(0)),
+                (job(&b, 1), at(20)),
+                (job(&c, 1), at(0)),
+                (job(&c, 2), at(5)),
+            ],
+            job_deletes: vec![
+                (job(&a, 1), at(5)),
+                (job(&a, 2), at(15)),
+                (job(&b, 1), at(10)),
+                // c's attempt 1 is still alive when attempt 2 is created.
+                (job(&c, 1), at(8)),
+            ],
+        };
+        let r = history.check();
+        assert_eq!(r.lost, vec![c.id]);
+        assert_eq!(r.conflicting_finals, vec![b.id]);
+        assert_eq!(r.duplicate_final_deliveries, 2);
+        assert_eq!(r.concurrent_jobs, vec![format!("sf-{}", c.id.simple())]);
+        assert_eq!(r.recreated_jobs, vec![job(&b, 1)]);
+        assert_eq!(r.finished, 2);
+        assert!(!r.ok());
+    }
+
+    #[test]
+    fn a_clean_history_passes() {
+        let t = task("true");
+        let name = format!("sf-{}-a1", t.id.simple());
+        let h = History {
+            published: vec![t.id],
+            results: vec![result(&t, 1, Outcome::Succeeded, true)],
+            dead: Vec::new(),
+            job_creates: vec![(name.clone(), at(0))],
+            job_deletes: vec![(name, at(3))],
+        };
+        assert!(h.check().ok());
+    }
+}
