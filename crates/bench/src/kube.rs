@@ -138,7 +138,7 @@ pub(crate) async fn run(args: KubeArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "benchmark": "kube",
+            "bench": "kube",
             "tasks": args.tasks,
             "concurrency": args.concurrency,
             "succeeded": succeeded,
