@@ -179,9 +179,36 @@ struct Active {
 struct Pending {
     fingerprint: u64,
     message_id: Option<String>,
-    confirm: PublisherConfirm,
+    stage: Stage,
     done: oneshot::Sender<Result<(), PublishError>>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// `basic_publish` of one message, whose frames are queued; resolves to its
+/// confirm once lapin wrote them.
+type WriteFuture = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
+
+/// Where an unsettled publish is: frames queued, or written and awaiting
+/// the broker's confirm.
+enum Stage {
+    Writing(WriteFuture),
+    Confirming(PublisherConfirm),
+}
+
+impl Pending {
+    /// Polls the write, then the confirm.
+    fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<lapin::Result<Confirmation>> {
+        loop {
+            match &mut self.stage {
+                Stage::Writing(write) => match write.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(confirm)) => self.stage = Stage::Confirming(confirm),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                },
+                Stage::Confirming(confirm) => return confirm.poll_unpin(cx),
+            }
+        }
+    }
 }
 
 /// The broker's verdict on one published message; resolves once the broker
@@ -236,7 +263,8 @@ impl Publisher {
     }
 
     /// Publishes without waiting for the confirm: returns once the message is
-    /// written, with the [`Confirm`] to await. Waits first while
+    /// queued for writing (in call order), with the [`Confirm`] to await; a
+    /// failed write fails the [`Confirm`]. Waits first while
     /// `max_outstanding_confirms` publishes are unconfirmed.
     pub async fn send(&self, message: &OutgoingMessage) -> Result<Confirm, PublishError> {
         let permit = self
@@ -265,22 +293,29 @@ impl Publisher {
             }
         };
         let props = message.properties(now)?;
-        let published = active
-            .channel
-            .basic_publish(
-                message.exchange.as_str().into(),
-                message.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: message.mandatory,
-                    immediate: false,
-                },
-                &message.body,
-                props,
-            )
-            .await;
-        let confirm = match published {
-            Ok(c) => c,
-            Err(e) => {
+        let channel = active.channel.clone();
+        let exchange = message.exchange.as_str().into();
+        let routing_key = message.routing_key.as_str().into();
+        let options = BasicPublishOptions {
+            mandatory: message.mandatory,
+            immediate: false,
+        };
+        let body = message.body.clone();
+        let mut write: WriteFuture = Box::pin(async move {
+            channel
+                .basic_publish(exchange, routing_key, options, &body, props)
+                .await
+        });
+        // The first poll registers the confirm and queues the frames, in
+        // publish order (we hold the lock). The frame write is not awaited
+        // here: lapin's IO thread writes queued frames of many publishes in
+        // one go, and the driver awaits the write before the confirm (a
+        // failed write settles the Confirm as Unconfirmed).
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let stage = match write.as_mut().poll(&mut cx) {
+            Poll::Pending => Stage::Writing(write),
+            Poll::Ready(Ok(confirm)) => Stage::Confirming(confirm),
+            Poll::Ready(Err(e)) => {
                 return Err(PublishError::Unconfirmed {
                     message_id: message.message_id.clone(),
                     reason: format!("basic.publish failed: {e}"),
@@ -297,7 +332,7 @@ impl Publisher {
                 message.body.len(),
             ),
             message_id: message.message_id.clone(),
-            confirm,
+            stage,
             done,
             _permit: permit,
         };
@@ -396,7 +431,7 @@ async fn drive(channel: Channel, mut rx: mpsc::UnboundedReceiver<Pending>) {
                 None => break,
             },
         };
-        let outcome = (&mut first.confirm).await;
+        let outcome = std::future::poll_fn(|cx| first.poll_outcome(cx)).await;
         // lapin resolves all confirms of one (multiple) ack frame while
         // holding the channel's acknowledgement lock, and attaches a pending
         // basic.return to any one of them. `wait_for_confirms` takes that lock
@@ -405,7 +440,7 @@ async fn drive(channel: Channel, mut rx: mpsc::UnboundedReceiver<Pending>) {
         let _ = channel.wait_for_confirms().now_or_never();
         let mut batch = vec![(first, outcome)];
         while let Ok(mut next) = rx.try_recv() {
-            match (&mut next.confirm).now_or_never() {
+            match std::future::poll_fn(|cx| next.poll_outcome(cx)).now_or_never() {
                 Some(outcome) => batch.push((next, outcome)),
                 None => {
                     head = Some(next);
