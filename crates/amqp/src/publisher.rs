@@ -1,16 +1,19 @@
 //! The confirmed publisher: every publish ends in a broker ack, or in an error
 //! the caller sees.
 //!
-//! One channel in confirm mode, pipelined: [`Publisher::send`] writes the
-//! message and returns a [`Confirm`] future at once, so many publishes can be
-//! in flight; a semaphore bounds them (`amqp.max_outstanding_confirms`). A
-//! driver task per channel awaits the broker's confirms in publish order and
-//! settles each [`Confirm`]:
+//! One channel in confirm mode, pipelined: [`Publisher::send`] queues the
+//! message's frames and returns a [`Confirm`] future at once, so many
+//! publishes can be in flight (lapin's IO thread writes the queued frames of
+//! many publishes in one go); a semaphore bounds them
+//! (`amqp.max_outstanding_confirms`). A driver task per channel awaits each
+//! message's write, then the broker's confirms in publish order, and settles
+//! each [`Confirm`]:
 //!
 //! - ack, and no `basic.return` for the message → `Ok(())`;
 //! - ack after a `basic.return` (unroutable, `mandatory`) → [`PublishError::Returned`];
 //! - nack (e.g. the queue is full with `x-overflow: reject-publish`) → [`PublishError::Nacked`];
-//! - the channel or connection died before the confirm → [`PublishError::Unconfirmed`]:
+//! - the write failed, or the channel or connection died before the confirm →
+//!   [`PublishError::Unconfirmed`]:
 //!   the message may or may not have reached the queue; publish it again
 //!   (consumers deduplicate).
 //!
