@@ -296,29 +296,26 @@ impl KubeApi {
 /// transport failure (connect, timeout, reset, unreadable body).
 pub(crate) fn class_of(e: &kube::Error) -> CallClass {
     match e {
-        kube::Error::Api(status) => {
-            let retry_after = status
-                .details
-                .as_ref()
-                .map(|d| d.retry_after_seconds)
-                .filter(|s| *s > 0)
-                .map(|s| Duration::from_secs(u64::from(s)));
-            CallClass::from_status(status.code, retry_after)
-        }
+        kube::Error::Api(status) => CallClass::from_status(status.code, retry_after(status)),
         _ => CallClass::Failure,
     }
+}
+
+/// The server's `details.retryAfterSeconds` (429, some 5xx), when set.
+fn retry_after(status: &kube::core::Status) -> Option<Duration> {
+    status
+        .details
+        .as_ref()
+        .map(|d| d.retry_after_seconds)
+        .filter(|s| *s > 0)
+        .map(|s| Duration::from_secs(u64::from(s)))
 }
 
 /// Maps a kube error to an [`ExecError`] with its status and Retry-After.
 pub(crate) fn to_exec_error(verb: &'static str, e: kube::Error) -> ExecError {
     match e {
         kube::Error::Api(status) => {
-            let retry_after = status
-                .details
-                .as_ref()
-                .map(|d| d.retry_after_seconds)
-                .filter(|s| *s > 0)
-                .map(|s| Duration::from_secs(u64::from(s)));
+            let retry_after = retry_after(&status);
             let code = status.code;
             let message = if status.message.is_empty() {
                 status.reason.clone()
