@@ -184,3 +184,36 @@ fn every_broker_consumer_timeout_matches_the_worker_and_outlasts_every_deadline(
         );
     }
 }
+
+/// With every default, the fix attempt the gateway builds fits a default
+/// worker's consumer-timeout budget: a fleet left at its defaults never
+/// refuses the tasks its own gateway sends.
+#[test]
+fn default_gateway_tasks_fit_a_default_workers_consumer_timeout() {
+    use sandfleet_gateway::event::CiFailure;
+    use sandfleet_worker::dispatch::CONSUMER_TIMEOUT_MARGIN;
+
+    let settings = Settings::default();
+    let failure = CiFailure {
+        provider: sandfleet_proto::Provider::Github,
+        event: "workflow_run".into(),
+        repository: "octo-org/octo-repo".into(),
+        commit: "3484a3fb3484a3fb3484a3fb3484a3fb3484a3fb".into(),
+        git_ref: Some("main".into()),
+        clone_url: Some("https://github.com/octo-org/octo-repo.git".into()),
+        ci_run_id: Some("1".into()),
+        pull_request: None,
+        url: None,
+        conclusion: "failure".into(),
+    };
+    let task =
+        sandfleet_gateway::template::build_task(&settings.gateway.template, &failure, "k".into());
+    let needed = task.sandbox.deadline_secs + task.sandbox.pending_timeout_secs;
+    let budget = settings.worker.broker_consumer_timeout_secs - CONSUMER_TIMEOUT_MARGIN.as_secs();
+    assert!(
+        needed <= budget,
+        "default template: deadline {} s + pending {} s exceeds the default worker's budget of {budget} s",
+        task.sandbox.deadline_secs,
+        task.sandbox.pending_timeout_secs
+    );
+}

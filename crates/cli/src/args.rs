@@ -171,8 +171,9 @@ pub struct EnqueueArgs {
     /// Extra env var for the sandbox as KEY=VALUE; repeatable.
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Overall deadline, in seconds.
-    #[arg(long, default_value_t = 3600)]
+    /// Overall deadline, in seconds (with the 300 s pending timeout it must
+    /// fit the workers' `worker.broker_consumer_timeout_secs`).
+    #[arg(long, default_value_t = 1200)]
     pub deadline: u64,
     /// Idempotency key (default: the task id).
     #[arg(long)]

@@ -366,12 +366,13 @@ impl Default for FixTemplate {
                     "git clone --filter=blob:none \"$SANDFLEET_CLONE_URL\" src && git -C src checkout \"$SANDFLEET_COMMIT\"",
                     120,
                 ),
-                step("build", "cd src && make", 600),
-                step("test", "cd src && make test", 780),
+                step("build", "cd src && make", 480),
+                step("test", "cd src && make test", 600),
             ],
-            // Inside RabbitMQ's default consumer_timeout (30 min) with a margin:
-            // the worker holds the delivery unacked while the sandbox runs.
-            deadline_secs: 1500,
+            // The worker holds the delivery unacked while the sandbox runs, so
+            // deadline + pending timeout (300 s) must fit RabbitMQ's default
+            // consumer_timeout (30 min) less the worker's 60 s margin.
+            deadline_secs: 1200,
             max_attempts: 3,
         }
     }
