@@ -4,16 +4,22 @@
 #   scripts/test.sh                 # everything, in this order
 #   scripts/test.sh clippy tests    # only some steps
 #
-# Steps: fmt, clippy, tests, doctests, schemas, deploy, deny. Tests that need RabbitMQ expect it
-# on 127.0.0.1:5672 (guest/guest) with the management plugin on 15672;
-# `.ci/run` makes sure of that first. NEXTEST_PROFILE picks the nextest
-# profile (.config/nextest.toml), `default` unless set.
+# Steps: setup, fmt, clippy, tests, doctests, schemas, deploy, deny. `setup`
+# (scripts/setup.sh) installs what the tests need when it is missing and starts
+# RabbitMQ (127.0.0.1:5672, guest/guest, management API on 15672); it also runs
+# before `tests` or `schemas` when only some steps are named. NEXTEST_PROFILE
+# picks the nextest profile (.config/nextest.toml), `default` unless set.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 step() { printf '\n==> %s\n' "$*" >&2; }
+
+run_setup() {
+  step "scripts/setup.sh"
+  "$repo/scripts/setup.sh"
+}
 
 run_fmt() {
   step "cargo fmt --all --check"
@@ -77,14 +83,16 @@ run_deny() {
   fi
 }
 
-all_steps=(fmt clippy tests doctests schemas deploy deny)
+all_steps=(setup fmt clippy tests doctests schemas deploy deny)
 steps=("$@")
 if [[ ${#steps[@]} -eq 0 ]]; then
   steps=("${all_steps[@]}")
+elif [[ " ${steps[*]} " =~ \ (tests|schemas)\  && ! " ${steps[*]} " =~ \ setup\  ]]; then
+  steps=(setup "${steps[@]}")
 fi
 for s in "${steps[@]}"; do
   case "$s" in
-    fmt | clippy | tests | doctests | schemas | deploy | deny) "run_$s" ;;
+    setup | fmt | clippy | tests | doctests | schemas | deploy | deny) "run_$s" ;;
     *)
       echo "test.sh: unknown step '$s' (steps: ${all_steps[*]})" >&2
       exit 2
