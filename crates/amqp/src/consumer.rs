@@ -226,10 +226,11 @@ async fn pump(
     connected: Arc<AtomicBool>,
 ) {
     let mut last_offset: Option<u64> = None;
+    let stream = options.stream_offset.is_some();
     loop {
         let item = tokio::select! {
             _ = stop.cancelled() => {
-                stop_consuming(&channel, &mut consumer).await;
+                stop_consuming(&channel, &mut consumer, stream).await;
                 break;
             }
             item = consumer.next() => item,
@@ -251,14 +252,14 @@ async fn pump(
                     permit = tx.reserve() => match permit {
                         Ok(permit) => permit.send(delivery),
                         Err(_) => {
-                            let _ = delivery.nack(true).await;
-                            stop_consuming(&channel, &mut consumer).await;
+                            give_back(&delivery, stream).await;
+                            stop_consuming(&channel, &mut consumer, stream).await;
                             break;
                         }
                     },
                     _ = stop.cancelled() => {
-                        let _ = delivery.nack(true).await;
-                        stop_consuming(&channel, &mut consumer).await;
+                        give_back(&delivery, stream).await;
+                        stop_consuming(&channel, &mut consumer, stream).await;
                         break;
                     }
                 }
@@ -299,9 +300,25 @@ async fn pump(
     connected.store(false, Ordering::Relaxed);
 }
 
+/// Gives a delivery that was not handed over back to the broker. A stream
+/// queue keeps every message whatever its readers do and answers a nack or
+/// reject by closing the connection (`NOT_IMPLEMENTED - basic.nack and
+/// basic.reject not supported by stream queues`): there, it is left alone.
+async fn give_back(delivery: &Delivery, stream: bool) {
+    if !stream {
+        let _ = delivery.nack(true).await;
+    }
+}
+
 /// Cancels the subscription (`basic.cancel`) and returns (requeues) what
-/// the broker already sent but was not handed over yet.
-async fn stop_consuming(channel: &Channel, consumer: &mut lapin::Consumer) {
+/// the broker already sent but was not handed over yet. On a stream queue
+/// nothing is returned (see [`give_back`]): closing the channel ends the
+/// subscription and drops what was sent ahead.
+async fn stop_consuming(channel: &Channel, consumer: &mut lapin::Consumer, stream: bool) {
+    if stream {
+        let _ = channel.close(200, "OK".into()).await;
+        return;
+    }
     let _ = channel
         .basic_cancel(consumer.tag(), BasicCancelOptions::default())
         .await;
