@@ -245,12 +245,25 @@ impl Amqp {
             .reconnect_backoff()
             .without_max_times()
             .with_total_delay(give_up_after);
-        open.retry(backoff)
+        let log = std::sync::Mutex::new(OutageLog::default());
+        let result = open
+            .retry(backoff)
             .when(AmqpError::is_transient)
             .notify(|e, delay| {
-                tracing::warn!(error = %e, ?delay, connection = %self.inner.name, "RabbitMQ unavailable; retrying");
+                let said = log
+                    .lock()
+                    .map(|mut l| l.failed(&e.to_string(), std::time::Instant::now()));
+                if let Ok(Some(said)) = said {
+                    tracing::warn!(error = %e, ?delay, connection = %self.inner.name, failed_attempts = said.attempts, "RabbitMQ unavailable; retrying{}", said.suffix());
+                }
             })
-            .await
+            .await;
+        if result.is_ok()
+            && let Ok(Some(attempts)) = log.lock().map(|mut l| l.recovered())
+        {
+            tracing::info!(connection = %self.inner.name, failed_attempts = attempts, "RabbitMQ reachable again");
+        }
+        result
     }
 
     /// Ready messages in `queue` (a passive declare). For the worker's queue
@@ -285,6 +298,73 @@ impl Amqp {
     pub fn close(&self) {
         self.inner.pool.close();
         self.inner.publish_pool.close();
+    }
+}
+
+/// Decides which failures of a retry loop are worth a log line, so that a
+/// broker that stays away (wrong credentials, a long outage) is reported
+/// once per [`OUTAGE_LOG_INTERVAL`], not on every attempt: the first failure,
+/// then a line when the interval has passed or the error changed (say, from
+/// "connection refused" to "access refused"). Pure: the clock comes in.
+#[derive(Debug, Default)]
+pub struct OutageLog {
+    attempts: u32,
+    /// When the last line was written, and the error it quoted.
+    last: Option<(std::time::Instant, String)>,
+}
+
+/// How often a continuing outage is reported.
+pub const OUTAGE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A failure worth a line: how many attempts have failed so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutageLine {
+    /// Failed attempts in this outage, this one included.
+    pub attempts: u32,
+    /// True when earlier failures were not logged.
+    pub summarises: bool,
+}
+
+impl OutageLine {
+    /// Text appended to the log message.
+    pub fn suffix(&self) -> String {
+        if self.summarises {
+            format!(
+                " (still; {} attempts so far, said once per {}s)",
+                self.attempts,
+                OUTAGE_LOG_INTERVAL.as_secs()
+            )
+        } else {
+            String::new()
+        }
+    }
+}
+
+impl OutageLog {
+    /// Records a failed attempt with `error` at `now`; returns the line to log, if any.
+    pub fn failed(&mut self, error: &str, now: std::time::Instant) -> Option<OutageLine> {
+        self.attempts = self.attempts.saturating_add(1);
+        let due = match &self.last {
+            None => true,
+            Some((at, said)) => {
+                now.saturating_duration_since(*at) >= OUTAGE_LOG_INTERVAL || said != error
+            }
+        };
+        if !due {
+            return None;
+        }
+        self.last = Some((now, error.to_owned()));
+        Some(OutageLine {
+            attempts: self.attempts,
+            summarises: self.attempts > 1,
+        })
+    }
+
+    /// Records success; the number of failed attempts when there were any.
+    pub fn recovered(&mut self) -> Option<u32> {
+        let attempts = std::mem::take(&mut self.attempts);
+        self.last = None;
+        (attempts > 0).then_some(attempts)
     }
 }
 
@@ -353,6 +433,33 @@ mod tests {
         assert_eq!(amqp.endpoint(), "broker.example:5671/prod");
         assert!(!format!("{amqp:?}").contains("secret"));
         assert_eq!(amqp.inner.uri.query.heartbeat, Some(15));
+    }
+
+    #[test]
+    fn an_outage_is_reported_once_per_interval_and_when_its_error_changes() {
+        let t0 = std::time::Instant::now();
+        let mut log = OutageLog::default();
+        let refused = "ACCESS_REFUSED - Login was refused";
+        let first = log.failed(refused, t0).unwrap();
+        assert_eq!((first.attempts, first.suffix()), (1, String::new()));
+        // Retries every few seconds for most of a minute: quiet.
+        for s in [1, 3, 7, 15, 30, 59] {
+            assert_eq!(log.failed(refused, t0 + Duration::from_secs(s)), None);
+        }
+        let again = log.failed(refused, t0 + Duration::from_secs(60)).unwrap();
+        assert_eq!(again.attempts, 8);
+        assert!(again.suffix().contains("8 attempts"), "{}", again.suffix());
+        // A different error is news at once.
+        let down = log.failed("connection refused", t0 + Duration::from_secs(61));
+        assert!(down.is_some());
+        assert_eq!(log.recovered(), Some(9));
+        assert_eq!(log.recovered(), None, "a new outage starts from zero");
+        assert_eq!(
+            log.failed(refused, t0 + Duration::from_secs(62))
+                .unwrap()
+                .attempts,
+            1
+        );
     }
 
     #[tokio::test]

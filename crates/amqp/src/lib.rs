@@ -53,7 +53,7 @@ mod message;
 mod publisher;
 pub mod topology;
 
-pub use connection::Amqp;
+pub use connection::{Amqp, OUTAGE_LOG_INTERVAL, OutageLine, OutageLog};
 pub use consumer::{Consumer, ConsumerOptions, Delivery, StreamOffset};
 pub use error::{
     AmqpError, REPLY_ACCESS_REFUSED, REPLY_CONNECTION_FORCED, REPLY_NO_ROUTE, REPLY_NOT_FOUND,

@@ -36,6 +36,15 @@ pub struct QueueInfo {
     /// Ready messages (absent right after declaration).
     #[serde(default)]
     pub messages_ready: Option<u64>,
+    /// Messages delivered and not yet acknowledged (absent right after declaration).
+    #[serde(default)]
+    pub messages_unacknowledged: Option<u64>,
+    /// Messages in the queue, ready or not; for a stream, those retained.
+    #[serde(default)]
+    pub messages: Option<u64>,
+    /// Subscribed consumers (absent right after declaration).
+    #[serde(default)]
+    pub consumers: Option<u64>,
 }
 
 /// An exchange as the management API reports it.
@@ -118,6 +127,19 @@ impl Management {
     pub async fn queue(&self, name: &str) -> Result<Option<QueueInfo>, AmqpError> {
         self.get(&format!("queues/{}/{}", enc(&self.vhost), enc(name)))
             .await
+    }
+
+    /// Every queue of the vhost whose name starts with `prefix`, by name.
+    /// The figures are the management API's (refreshed every few seconds).
+    pub async fn queues_with_prefix(&self, prefix: &str) -> Result<Vec<QueueInfo>, AmqpError> {
+        let all: Option<Vec<QueueInfo>> = self.get(&format!("queues/{}", enc(&self.vhost))).await?;
+        let mut queues: Vec<QueueInfo> = all
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|q| q.name.starts_with(prefix))
+            .collect();
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(queues)
     }
 
     /// An exchange, or `None` if it does not exist.

@@ -51,7 +51,9 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("sandfleet: cannot start the async runtime: {e}");
+            output::diag(format_args!(
+                "sandfleet: cannot start the async runtime: {e}"
+            ));
             return Exit::Failure.into();
         }
     };
@@ -67,7 +69,7 @@ pub fn main() -> ExitCode {
                     &serde_json::json!({ "error": e.to_string(), "exit_code": e.exit().code() }),
                 );
             }
-            eprintln!("sandfleet: {e}");
+            output::diag(format_args!("sandfleet: {e}"));
             e.exit().into()
         }
     }
@@ -82,26 +84,28 @@ fn init_telemetry(
 ) -> CliResult<Option<TelemetryGuard>> {
     let mut telemetry = settings.telemetry.clone();
     let default_filter = sandfleet_settings::TelemetrySettings::default().log_filter;
-    if !long_running && telemetry.log_filter == default_filter {
-        telemetry.log_filter = "warn".to_owned();
-    }
     if long_running {
         return sandfleet_telemetry::init(&telemetry)
             .map(Some)
             .map_err(|e| CliError::Usage(format!("telemetry: {e}")));
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&telemetry.log_filter).map_err(|e| {
+    if telemetry.log_filter == default_filter {
+        telemetry.log_filter = SHORT_COMMAND_LOG_FILTER.to_owned();
+    }
+    sandfleet_telemetry::init_console(&telemetry.log_filter).map_err(|e| {
         CliError::Usage(format!(
             "telemetry.log_filter {:?}: {e}",
             telemetry.log_filter
         ))
     })?;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
     Ok(None)
 }
+
+/// The log filter of short commands unless `--log` or `telemetry.log_filter`
+/// says otherwise: warnings only. (lapin's own lines, among them an ERROR for
+/// each expected 404 of `topology check`, are off unless the filter names
+/// lapin: see [`sandfleet_telemetry::with_library_defaults`].)
+pub const SHORT_COMMAND_LOG_FILTER: &str = "warn";
 
 /// Runs a parsed command line with the given environment map.
 pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
@@ -115,11 +119,23 @@ pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
         json: cli.global.json,
     };
     let shutdown = signals::shutdown_token(if long_running { "draining" } else { "stopping" });
+    if !long_running {
+        // A short command whose reader went away (`| head -1`) stops as if
+        // interrupted, quietly. The long-running processes log to stderr and
+        // own their lifetime; their stdout is not watched.
+        output::watch_stdout();
+        let closed = output::stdout_closed();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            closed.cancelled().await;
+            stop.cancel();
+        });
+    }
     let result = dispatch(&cli, settings, out, shutdown).await;
     if let Some(guard) = telemetry
         && let Err(e) = guard.shutdown().await
     {
-        eprintln!("sandfleet: flushing traces failed: {e}");
+        output::diag(format_args!("sandfleet: flushing traces failed: {e}"));
     }
     result
 }

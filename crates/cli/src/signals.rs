@@ -2,7 +2,9 @@
 //!
 //! The first SIGTERM or SIGINT cancels the returned token: the process drains
 //! (stops taking work, finishes what it holds). A second one exits at once
-//! with status 130, saying so on stderr.
+//! with status 130, saying so on stderr. Those messages are written so that
+//! a closed stderr cannot stop the watcher (a panic here would leave the
+//! process deaf to signals).
 
 use tokio_util::sync::CancellationToken;
 
@@ -17,10 +19,14 @@ pub fn shutdown_token(what: &'static str) -> CancellationToken {
     let t = token.clone();
     tokio::spawn(async move {
         let first = next_signal().await;
-        eprintln!("sandfleet: received {first}; {what} (send it again to exit at once)");
+        crate::output::diag(format_args!(
+            "sandfleet: received {first}; {what} (send it again to exit at once)"
+        ));
         t.cancel();
         let second = next_signal().await;
-        eprintln!("sandfleet: received {second} again; exiting now without draining");
+        crate::output::diag(format_args!(
+            "sandfleet: received {second} again; exiting now without draining"
+        ));
         std::process::exit(i32::from(Exit::Interrupted.code()));
     });
     token

@@ -1,7 +1,5 @@
 //! Building and installing the subscriber; flushing on the way out.
 
-use std::io::IsTerminal;
-
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
@@ -15,6 +13,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::TelemetryError;
+use crate::console::{QuietStderr, use_colour};
 
 /// Keeps the tracer provider alive; flushes buffered spans when dropped.
 ///
@@ -79,14 +78,16 @@ impl Drop for TelemetryGuard {
 pub fn subscriber(
     settings: &TelemetrySettings,
 ) -> Result<(impl Subscriber + Send + Sync + 'static, TelemetryGuard), TelemetryError> {
-    let filter = EnvFilter::try_new(&settings.log_filter)
+    let filter = EnvFilter::try_new(with_library_defaults(&settings.log_filter))
         .map_err(|e| TelemetryError::Filter(e.to_string()))?;
     // Colours only for a person at a terminal, not in collected pod logs.
-    let ansi = std::io::stderr().is_terminal();
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(QuietStderr)
+        .log_internal_errors(false);
     let fmt = match settings.log_format {
-        LogFormat::Human => fmt.with_ansi(ansi).boxed(),
+        LogFormat::Human => fmt.with_ansi(use_colour()).boxed(),
         LogFormat::Json => fmt
+            .with_ansi(false)
             .json()
             .with_current_span(true)
             .with_span_list(false)
@@ -145,6 +146,36 @@ pub fn init(settings: &TelemetrySettings) -> Result<TelemetryGuard, TelemetryErr
     Ok(guard)
 }
 
+/// Installs a plain log subscriber for a short command: `filter` (env-filter
+/// syntax), human lines on stderr, coloured only on a terminal, no span
+/// export. Installing twice is not an error (the first one stays).
+pub fn init_console(filter: &str) -> Result<(), TelemetryError> {
+    let filter = EnvFilter::try_new(with_library_defaults(filter))
+        .map_err(|e| TelemetryError::Filter(e.to_string()))?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(QuietStderr)
+        .with_ansi(use_colour())
+        .log_internal_errors(false)
+        .try_init();
+    Ok(())
+}
+
+/// `filter` plus `lapin=off` unless it names lapin itself.
+///
+/// lapin logs every connection or channel the broker closes at ERROR level
+/// (three lines per refused login, one per expected 404 of a passive
+/// declare), and sandfleet gets each of those errors as a value, which it
+/// reports with what it means (once per outage interval while retrying, or
+/// as the command's own answer). `--log info,lapin=debug` brings them back.
+pub fn with_library_defaults(filter: &str) -> String {
+    if filter.contains("lapin") {
+        filter.to_owned()
+    } else {
+        format!("{filter},lapin=off")
+    }
+}
+
 /// The OTLP/HTTP traces URL: `http://collector:4318` becomes
 /// `http://collector:4318/v1/traces`; a URL with a path is used as given.
 fn traces_url(endpoint: &str) -> String {
@@ -159,7 +190,16 @@ fn traces_url(endpoint: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::traces_url;
+    use super::{traces_url, with_library_defaults};
+
+    #[test]
+    fn lapin_is_quiet_unless_the_filter_asks_for_it() {
+        assert_eq!(with_library_defaults("info"), "info,lapin=off");
+        assert_eq!(
+            with_library_defaults("info,lapin=debug"),
+            "info,lapin=debug"
+        );
+    }
 
     #[test]
     fn a_bare_collector_address_gets_the_traces_path() {

@@ -10,14 +10,21 @@
 //! alive for the life of the process: dropping it (or better, awaiting
 //! [`TelemetryGuard::shutdown`]) flushes the spans still buffered.
 //!
+//! Short commands use [`init_console`] instead: the same log lines, no export.
+//! Log lines go through [`QuietStderr`], which drops what a closed stderr
+//! cannot take instead of panicking, and are coloured only on a terminal
+//! without `NO_COLOR` ([`use_colour`]).
+//!
 //! [`inject_traceparent`] and [`set_parent_from_traceparent`] move a span's
 //! context in and out of a `traceparent` string (start with those when you
 //! publish or consume a message).
 
+mod console;
 mod init;
 mod propagation;
 
-pub use init::{TelemetryGuard, init, subscriber};
+pub use console::{QuietStderr, colour_wanted, eprint_line, use_colour};
+pub use init::{TelemetryGuard, init, init_console, subscriber, with_library_defaults};
 pub use propagation::{
     TRACEPARENT_ANNOTATION, TRACEPARENT_HEADER, inject_traceparent, set_parent_from_traceparent,
     trace_id,
