@@ -117,12 +117,21 @@ where
     E: std::fmt::Display,
 {
     let mut delays = amqp.reconnect_backoff().without_max_times().build();
+    // Wrong credentials retry forever: say so once per interval, not per attempt.
+    let mut outage = sandfleet_amqp::OutageLog::default();
     loop {
         match op().await {
-            Ok(v) => return Ok(Some(v)),
+            Ok(v) => {
+                if let Some(failed) = outage.recovered() {
+                    info!(failed_attempts = failed, "{what}: broker reachable again");
+                }
+                return Ok(Some(v));
+            }
             Err(e) if transient(&e) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(1));
-                warn!(error = %e, ?delay, "{what}: broker unavailable; retrying");
+                if let Some(line) = outage.failed(&e.to_string(), std::time::Instant::now()) {
+                    warn!(error = %e, ?delay, failed_attempts = line.attempts, "{what}: broker unavailable; retrying{}", line.suffix());
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}
