@@ -165,12 +165,12 @@ fn every_broker_consumer_timeout_matches_the_worker_and_outlasts_every_deadline(
         ),
     ] {
         let s = load(config, &[]);
-        let broker_secs = s.worker.broker_consumer_timeout_secs;
+        let broker_secs = s.limits.broker_consumer_timeout_secs;
         for broker in brokers {
             assert_eq!(
                 consumer_timeout_ms(&read(broker)),
                 broker_secs * 1000,
-                "{broker}: consumer_timeout must equal worker.broker_consumer_timeout_secs of {config}"
+                "{broker}: consumer_timeout must equal limits.broker_consumer_timeout_secs of {config}"
             );
         }
         assert!(
@@ -209,7 +209,7 @@ fn default_gateway_tasks_fit_a_default_workers_consumer_timeout() {
     let task =
         sandfleet_gateway::template::build_task(&settings.gateway.template, &failure, "k".into());
     let needed = task.sandbox.deadline_secs + task.sandbox.pending_timeout_secs;
-    let budget = settings.worker.broker_consumer_timeout_secs - CONSUMER_TIMEOUT_MARGIN.as_secs();
+    let budget = settings.limits.broker_consumer_timeout_secs - CONSUMER_TIMEOUT_MARGIN.as_secs();
     assert!(
         needed <= budget,
         "default template: deadline {} s + pending {} s exceeds the default worker's budget of {budget} s",

@@ -74,7 +74,7 @@ pub fn build_task(template: &FixTemplate, failure: &CiFailure, idempotency_key: 
         resources: Default::default(),
         env,
         deadline_secs: template.deadline_secs,
-        pending_timeout_secs: 300,
+        pending_timeout_secs: template.pending_timeout_secs,
     };
     let mut task = Task::fix_attempt(source, sandbox);
     task.idempotency_key = idempotency_key;

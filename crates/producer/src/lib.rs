@@ -294,7 +294,10 @@ impl Producer {
         task: &Task,
         options: &EnqueueOptions,
     ) -> Result<(OutgoingMessage, Receipt), EnqueueError> {
-        task.validate(&self.limits).map_err(EnqueueError::Invalid)?;
+        // The intake checks (consumer-timeout budget included): a task every
+        // worker would refuse is refused here, before it is published.
+        task.validate_intake(&self.limits)
+            .map_err(EnqueueError::Invalid)?;
         let body = serde_json::to_vec(task).map_err(EnqueueError::Encode)?;
         if body.len() > self.limits.max_message_bytes {
             return Err(EnqueueError::TooLarge {

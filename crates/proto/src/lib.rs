@@ -8,9 +8,12 @@
 //! JSON Schema in `schemas/`) can depend on it.
 //!
 //! Start with [`Task`] and [`TaskResult`]; [`validate()`] checks a task against
-//! the [`Limits`] that protect the fleet; [`decode_task`] turns raw message
-//! bytes into a validated task or a [`RejectReason`].
+//! the [`Limits`] that protect the fleet, and [`validate_intake`] adds the
+//! consumer-timeout [`budget`] every intake checks before it publishes;
+//! [`decode_task`] turns raw message bytes into a validated task or a
+//! [`RejectReason`].
 
+pub mod budget;
 pub mod decode;
 pub mod image;
 pub mod limits;
@@ -21,6 +24,9 @@ pub mod schema;
 pub mod task;
 pub mod validate;
 
+pub use budget::{
+    CONSUMER_TIMEOUT_MARGIN, DEADLINE_TOO_LONG_CODE, DeadlineTooLong, check_consumer_timeout,
+};
 pub use decode::{RejectReason, decode_task, encode_task};
 pub use image::ImageRef;
 pub use limits::Limits;
@@ -32,7 +38,7 @@ pub use task::{
 };
 pub use validate::{
     FieldError, RESERVED_ENV_NAMES, RESERVED_ENV_PREFIX, RESERVED_ENV_PREFIXES, ValidationErrors,
-    is_reserved_env, validate,
+    is_reserved_env, validate, validate_intake,
 };
 
 /// The schema version this crate reads and writes. Messages carry it in

@@ -50,6 +50,12 @@ pub struct Limits {
     pub max_idempotency_key_bytes: usize,
     /// Largest `retry.max_attempts`.
     pub max_attempts: u32,
+    /// The broker's `consumer_timeout`, in seconds: a worker holds a task's
+    /// delivery while its sandbox runs, so `deadline_secs +
+    /// pending_timeout_secs` must fit in it less a 60 s margin (see
+    /// [`crate::budget`]). Checked by every intake ([`crate::validate_intake`])
+    /// and by the worker; not by [`crate::validate()`].
+    pub broker_consumer_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -73,6 +79,8 @@ impl Default for Limits {
             max_label_value_bytes: 256,
             max_idempotency_key_bytes: 256,
             max_attempts: 10,
+            // RabbitMQ's own default consumer_timeout (30 min).
+            broker_consumer_timeout_secs: 1800,
         }
     }
 }

@@ -110,7 +110,39 @@ pub fn validate(task: &Task, limits: &Limits) -> Result<(), ValidationErrors> {
     }
 }
 
+/// What every intake checks before it publishes: [`validate`], and that the
+/// task fits the broker's consumer timeout
+/// (`limits.broker_consumer_timeout_secs`, see [`crate::budget`]), which a
+/// worker would otherwise refuse after the task was accepted. The budget
+/// violation is reported at `sandbox.deadline_secs` with the rule
+/// [`crate::DEADLINE_TOO_LONG_CODE`] and the worker's own reason.
+pub fn validate_intake(task: &Task, limits: &Limits) -> Result<(), ValidationErrors> {
+    let mut errors = match validate(task, limits) {
+        Ok(()) => Vec::new(),
+        Err(ValidationErrors(errors)) => errors,
+    };
+    let timeout = std::time::Duration::from_secs(limits.broker_consumer_timeout_secs);
+    if let Err(e) = crate::check_consumer_timeout(task, timeout) {
+        errors.push(FieldError {
+            path: "sandbox.deadline_secs".to_owned(),
+            rule: crate::DEADLINE_TOO_LONG_CODE,
+            message: e.to_string(),
+        });
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors(errors))
+    }
+}
+
 impl Task {
+    /// Shorthand for [`validate_intake`]`(self, limits)`: what a producer
+    /// checks before publishing.
+    pub fn validate_intake(&self, limits: &Limits) -> Result<(), ValidationErrors> {
+        validate_intake(self, limits)
+    }
+
     /// Shorthand for [`validate`]`(self, limits)`.
     pub fn validate(&self, limits: &Limits) -> Result<(), ValidationErrors> {
         validate(self, limits)
@@ -946,5 +978,31 @@ mod tests {
             text.starts_with("4 invalid fields: source.commit: "),
             "{text}"
         );
+    }
+
+    #[test]
+    fn intake_also_checks_the_consumer_timeout_budget_with_the_workers_reason() {
+        let limits = Limits {
+            broker_consumer_timeout_secs: 600,
+            ..Limits::default()
+        };
+        // 600 + 120 > 600 - 60: fine for validate(), refused at intake.
+        let t = task();
+        validate(&t, &limits).unwrap();
+        let err = validate_intake(&t, &limits).unwrap_err();
+        assert_eq!(err.paths(), ["sandbox.deadline_secs"]);
+        assert_eq!(err.errors()[0].rule, crate::DEADLINE_TOO_LONG_CODE);
+        let reason = crate::check_consumer_timeout(&t, std::time::Duration::from_secs(600))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err.errors()[0].message, reason);
+        // Other violations are reported in the same round.
+        let mut bad = task();
+        bad.schema_version = 2;
+        assert_eq!(
+            validate_intake(&bad, &limits).unwrap_err().paths(),
+            ["schema_version", "sandbox.deadline_secs"]
+        );
+        validate_intake(&t, &Limits::default()).unwrap();
     }
 }

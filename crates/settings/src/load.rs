@@ -40,6 +40,13 @@ pub const LIST_KEYS: &[&str] = &[
     "sandbox.kubernetes.image_pull_secrets",
 ];
 
+/// Keys that moved: `(old, new)`. Loading a configuration that still sets
+/// the old key fails with a message naming the new one.
+pub const MOVED_KEYS: &[(&str, &str)] = &[(
+    "worker.broker_consumer_timeout_secs",
+    "limits.broker_consumer_timeout_secs",
+)];
+
 /// The choices of enum-valued keys, for error messages.
 const ENUM_CHOICES: &[(&str, &str)] = &[
     ("worker.executor", "local, kubernetes"),
@@ -217,6 +224,16 @@ fn describe(key: String, error: config::ConfigError) -> SettingError {
         let reason = format!("{reason}; expected one of: {choices}");
         return SettingError { key, reason };
     }
+    if let Some((_, new)) = MOVED_KEYS.iter().find(|(old, _)| *old == key) {
+        return SettingError {
+            key,
+            reason: format!(
+                "moved to {new} (the gateway and `sandfleet enqueue` check tasks against it too): \
+                 rename the key, or SANDFLEET__{} in the environment",
+                new.replace('.', "__").to_uppercase()
+            ),
+        };
+    }
     // serde_path_to_error's path of an unknown field already ends with it.
     if reason.starts_with("unknown field `") {
         return SettingError {
@@ -377,11 +394,6 @@ impl Settings {
             c.fail("worker.name", "must not be empty when set");
         }
         c.at_least("worker.queue_depth_poll_secs", w.queue_depth_poll_secs, 1);
-        c.at_least(
-            "worker.broker_consumer_timeout_secs",
-            w.broker_consumer_timeout_secs,
-            60,
-        );
     }
 
     fn check_breaker(&self, c: &mut Check) {
@@ -536,15 +548,20 @@ impl Settings {
             resources: Default::default(),
             env: Default::default(),
             deadline_secs: t.deadline_secs,
-            pending_timeout_secs: self.limits.min_pending_timeout_secs.max(1),
+            pending_timeout_secs: t.pending_timeout_secs,
         };
         let mut task = sandfleet_proto::Task::fix_attempt(source, sandbox);
         task.steps = t.steps.clone();
         task.retry.max_attempts = t.max_attempts;
-        if let Err(errors) = task.validate(&self.limits) {
+        // The intake's checks, consumer-timeout budget included: a template
+        // every worker refuses is a configuration error, found at start-up.
+        if let Err(errors) = task.validate_intake(&self.limits) {
             for e in errors.0 {
                 let key = match e.path.as_str() {
                     "sandbox.deadline_secs" => "gateway.template.deadline_secs".to_owned(),
+                    "sandbox.pending_timeout_secs" => {
+                        "gateway.template.pending_timeout_secs".to_owned()
+                    }
                     "retry.max_attempts" => "gateway.template.max_attempts".to_owned(),
                     p if p.starts_with("steps") => format!("gateway.template.{p}"),
                     // The stand-in fields above are valid by construction.
@@ -589,6 +606,12 @@ impl Settings {
             1,
         );
         c.at_least("limits.max_attempts", l.max_attempts, 1);
+        // Below the margin no task could ever fit.
+        c.at_least(
+            "limits.broker_consumer_timeout_secs",
+            l.broker_consumer_timeout_secs,
+            sandfleet_proto::CONSUMER_TIMEOUT_MARGIN.as_secs() + 1,
+        );
         if l.min_pending_timeout_secs > l.max_pending_timeout_secs {
             c.fail(
                 "limits.min_pending_timeout_secs",

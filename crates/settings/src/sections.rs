@@ -121,9 +121,8 @@ pub struct WorkerSettings {
     pub name: Option<String>,
     /// How often the task queue's depth is polled for metrics, in seconds.
     pub queue_depth_poll_secs: u64,
-    /// The broker's `consumer_timeout`, in seconds. Tasks whose deadline does
-    /// not fit inside it are refused with a clear reason.
-    pub broker_consumer_timeout_secs: u64,
+    // The broker's consumer_timeout moved to `limits.broker_consumer_timeout_secs`,
+    // where the intakes read it too; `load` names the new key for the old one.
 }
 
 impl Default for WorkerSettings {
@@ -135,7 +134,6 @@ impl Default for WorkerSettings {
             http_addr: "0.0.0.0:9090".to_owned(),
             name: None,
             queue_depth_poll_secs: 10,
-            broker_consumer_timeout_secs: 1800,
         }
     }
 }
@@ -345,6 +343,10 @@ pub struct FixTemplate {
     pub steps: Vec<Step>,
     /// Overall deadline, in seconds.
     pub deadline_secs: u64,
+    /// How long the sandbox may wait to start (image pull, scheduling), in
+    /// seconds. With `deadline_secs` it must fit the broker's consumer
+    /// timeout (`limits.broker_consumer_timeout_secs`) less 60 s.
+    pub pending_timeout_secs: u64,
     /// Attempts for infrastructure failures.
     pub max_attempts: u32,
 }
@@ -370,9 +372,10 @@ impl Default for FixTemplate {
                 step("test", "cd src && make test", 600),
             ],
             // The worker holds the delivery unacked while the sandbox runs, so
-            // deadline + pending timeout (300 s) must fit RabbitMQ's default
+            // deadline + pending timeout must fit RabbitMQ's default
             // consumer_timeout (30 min) less the worker's 60 s margin.
             deadline_secs: 1200,
+            pending_timeout_secs: 300,
             max_attempts: 3,
         }
     }

@@ -170,6 +170,61 @@ fn unknown_keys_are_errors_naming_the_key() {
 }
 
 #[test]
+fn the_moved_consumer_timeout_key_names_its_new_place() {
+    let file = toml("[worker]\nbroker_consumer_timeout_secs = 7200\n");
+    let err = load(Some(file.path()), &env(&[])).unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.errors()[0].key, "worker.broker_consumer_timeout_secs");
+    assert!(
+        text.contains("moved to limits.broker_consumer_timeout_secs")
+            && text.contains("SANDFLEET__LIMITS__BROKER_CONSUMER_TIMEOUT_SECS"),
+        "{text}"
+    );
+    let err = load(
+        None,
+        &env(&[("SANDFLEET__WORKER__BROKER_CONSUMER_TIMEOUT_SECS", "7200")]),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("moved to limits."), "{err}");
+
+    let s = load(
+        None,
+        &env(&[("SANDFLEET__LIMITS__BROKER_CONSUMER_TIMEOUT_SECS", "7200")]),
+    )
+    .unwrap();
+    assert_eq!(s.limits.broker_consumer_timeout_secs, 7200);
+}
+
+#[test]
+fn a_gateway_template_no_worker_would_run_is_a_configuration_error() {
+    // 1500 + 300 s does not fit the default 1800 s less the 60 s margin.
+    let err = load(
+        None,
+        &env(&[("SANDFLEET__GATEWAY__TEMPLATE__DEADLINE_SECS", "1500")]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.errors()[0].key,
+        "gateway.template.deadline_secs",
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("deadline_secs 1500 + pending_timeout_secs 300 exceed the broker consumer timeout (1800 s"),
+        "{err}"
+    );
+    // Raising the broker's timeout makes it fit.
+    load(
+        None,
+        &env(&[
+            ("SANDFLEET__GATEWAY__TEMPLATE__DEADLINE_SECS", "1500"),
+            ("SANDFLEET__LIMITS__BROKER_CONSUMER_TIMEOUT_SECS", "3600"),
+        ]),
+    )
+    .unwrap();
+}
+
+#[test]
 fn list_valued_env_vars_split_on_commas() {
     let s = load(
         None,

@@ -95,7 +95,7 @@ pub fn dispatch_config(settings: &Settings) -> DispatchConfig {
     DispatchConfig {
         concurrency: usize::from(settings.worker.concurrency.max(1)),
         limits: settings.limits.clone(),
-        consumer_timeout: Duration::from_secs(settings.worker.broker_consumer_timeout_secs),
+        consumer_timeout: Duration::from_secs(settings.limits.broker_consumer_timeout_secs),
         drain_timeout: Duration::from_secs(settings.worker.drain_timeout_secs),
         worker: worker_name(settings),
         retry: RetryConfig::new(&settings.retry, &settings.topology),
@@ -349,7 +349,7 @@ mod tests {
         let mut s = Settings::default();
         s.worker.concurrency = 0;
         s.worker.name = Some("w-7".into());
-        s.worker.broker_consumer_timeout_secs = 7200;
+        s.limits.broker_consumer_timeout_secs = 7200;
         s.worker.drain_timeout_secs = 45;
         s.topology.retry_delays_secs = vec![60, 10];
         let c = dispatch_config(&s);

@@ -38,8 +38,8 @@ use crate::sink::ResultSink;
 use crate::trace;
 
 /// Reason code of a task whose deadline does not fit in the broker's
-/// consumer timeout.
-pub const DEADLINE_TOO_LONG_CODE: &str = "deadline_exceeds_consumer_timeout";
+/// consumer timeout (shared with the intakes, which refuse such a task first).
+pub use sandfleet_proto::DEADLINE_TOO_LONG_CODE;
 /// Reason code of a task dead-lettered after its last allowed attempt.
 pub const MAX_ATTEMPTS_CODE: &str = "max_attempts";
 /// Reason code of a task the sandbox refused (invalid spec).
@@ -47,7 +47,7 @@ pub const SANDBOX_REJECTED_CODE: &str = "sandbox_rejected";
 
 /// Time kept free inside the broker's consumer timeout for what follows the
 /// sandbox: reading logs, publishing the result, acking.
-pub const CONSUMER_TIMEOUT_MARGIN: Duration = Duration::from_secs(60);
+pub use sandfleet_proto::CONSUMER_TIMEOUT_MARGIN;
 
 /// How long a delivery is held before it is released because the API is
 /// unavailable; keeps a paused-too-late consumer from spinning on it.
@@ -551,28 +551,12 @@ where
         settle(delivery.dead_letter(code, reason).await)
     }
 
+    /// The shared budget check (the intakes run the same one), so the
+    /// worker and the gateway give the same reason.
     fn deadline_refusal(&self, task: &Task) -> Option<String> {
-        let needed = Duration::from_secs(
-            task.sandbox
-                .deadline_secs
-                .saturating_add(task.sandbox.pending_timeout_secs),
-        );
-        let budget = self
-            .config
-            .consumer_timeout
-            .saturating_sub(CONSUMER_TIMEOUT_MARGIN);
-        (needed > budget).then(|| {
-            format!(
-                "deadline_secs {} + pending_timeout_secs {} exceed the broker consumer timeout \
-                 ({} s, minus a {} s margin); the broker would take the delivery away mid-run. \
-                 Shorten the task or raise worker.broker_consumer_timeout_secs together with \
-                 RabbitMQ's consumer_timeout",
-                task.sandbox.deadline_secs,
-                task.sandbox.pending_timeout_secs,
-                self.config.consumer_timeout.as_secs(),
-                CONSUMER_TIMEOUT_MARGIN.as_secs()
-            )
-        })
+        sandfleet_proto::check_consumer_timeout(task, self.config.consumer_timeout)
+            .err()
+            .map(|e| e.to_string())
     }
 
     async fn publish(&self, result: &TaskResult, traceparent: Option<&str>) -> bool {

@@ -144,7 +144,7 @@ async fn embedded(
     let config = DispatchConfig {
         concurrency: 3,
         limits: settings.limits.clone(),
-        consumer_timeout: Duration::from_secs(settings.worker.broker_consumer_timeout_secs),
+        consumer_timeout: Duration::from_secs(settings.limits.broker_consumer_timeout_secs),
         drain_timeout: Duration::from_secs(5),
         worker: "demo".to_owned(),
         retry: RetryConfig::new(&settings.retry, &settings.topology),
