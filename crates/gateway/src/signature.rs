@@ -1,5 +1,7 @@
-//! Authenticating webhook deliveries: GitHub's `X-Hub-Signature-256` HMAC and
-//! GitLab's `X-Gitlab-Token` shared secret, both compared in constant time.
+//! Authenticating requests: GitHub's `X-Hub-Signature-256` HMAC, GitLab's
+//! `X-Gitlab-Token` shared secret and the task API's bearer tokens, all
+//! compared in constant time. Each refusal names the credential it is about,
+//! so a caller who sent the wrong kind learns which one the route expects.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -16,9 +18,21 @@ pub enum SignatureError {
     /// The header is not `sha256=<64 hex digits>`.
     #[error("malformed X-Hub-Signature-256 header (expected sha256=<hex>)")]
     Malformed,
-    /// The signature or token does not match the configured secret.
-    #[error("signature does not match")]
+    /// The GitHub signature does not match the body signed with the secret.
+    #[error("X-Hub-Signature-256 does not match the body signed with the webhook secret")]
     Mismatch,
+    /// The GitLab token is not the configured one.
+    #[error("X-Gitlab-Token does not match the webhook token")]
+    TokenMismatch,
+    /// `Authorization` carries another scheme (`Basic`, ...) or no token.
+    #[error(
+        "the task API takes `Authorization: Bearer <token>` with one of gateway.api_tokens, \
+         not {0}"
+    )]
+    NotBearer(String),
+    /// The bearer token is not one of the accepted tokens.
+    #[error("the bearer token is not one of gateway.api_tokens")]
+    UnknownToken,
 }
 
 /// The `X-Hub-Signature-256` value GitHub sends for `body` signed with `secret`:
@@ -68,7 +82,7 @@ pub fn verify_gitlab(token: &str, header: Option<&str>) -> Result<(), SignatureE
     if bool::from(got.as_bytes().ct_eq(token.as_bytes())) {
         Ok(())
     } else {
-        Err(SignatureError::Mismatch)
+        Err(SignatureError::TokenMismatch)
     }
 }
 
@@ -76,20 +90,30 @@ pub fn verify_gitlab(token: &str, header: Option<&str>) -> Result<(), SignatureE
 /// tokens, each compared in constant time.
 pub fn verify_bearer(tokens: &[String], header: Option<&str>) -> Result<(), SignatureError> {
     let header = header.ok_or(SignatureError::Missing("Authorization"))?;
-    let got = header
-        .strip_prefix("Bearer ")
-        .or_else(|| header.strip_prefix("bearer "))
-        .ok_or(SignatureError::Malformed)?
-        .trim();
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        // Name the scheme only: the credentials themselves are never echoed.
+        let what = if scheme.is_empty() {
+            "an empty header".to_owned()
+        } else {
+            format!("a {scheme:?} credential")
+        };
+        return Err(SignatureError::NotBearer(what));
+    }
+    let got = rest.trim();
+    if got.is_empty() {
+        return Err(SignatureError::NotBearer("an empty token".to_owned()));
+    }
     // Check every token (no early exit), so timing does not tell which matched.
     let mut ok = subtle::Choice::from(0);
     for t in tokens {
         ok |= got.as_bytes().ct_eq(t.as_bytes());
     }
-    if bool::from(ok) && !got.is_empty() {
+    if bool::from(ok) {
         Ok(())
     } else {
-        Err(SignatureError::Mismatch)
+        Err(SignatureError::UnknownToken)
     }
 }
 
@@ -146,11 +170,11 @@ mod tests {
         verify_gitlab("s3cret", Some("s3cret")).unwrap();
         assert_eq!(
             verify_gitlab("s3cret", Some("s3cre")),
-            Err(SignatureError::Mismatch)
+            Err(SignatureError::TokenMismatch)
         );
         assert_eq!(
             verify_gitlab("s3cret", Some("s3cret ")),
-            Err(SignatureError::Mismatch)
+            Err(SignatureError::TokenMismatch)
         );
         assert_eq!(
             verify_gitlab("s3cret", None),
@@ -162,17 +186,34 @@ mod tests {
     fn bearer_accepts_any_configured_token_only() {
         let tokens = vec!["alpha".to_owned(), "beta".to_owned()];
         verify_bearer(&tokens, Some("Bearer beta")).unwrap();
+        verify_bearer(&tokens, Some("bearer alpha")).unwrap();
+        let unknown = verify_bearer(&tokens, Some("Bearer gamma")).unwrap_err();
+        assert_eq!(unknown, SignatureError::UnknownToken);
         assert_eq!(
-            verify_bearer(&tokens, Some("Bearer gamma")),
-            Err(SignatureError::Mismatch)
+            unknown.to_string(),
+            "the bearer token is not one of gateway.api_tokens"
         );
+        let basic = verify_bearer(&tokens, Some("Basic YWxwaGE=")).unwrap_err();
         assert_eq!(
-            verify_bearer(&tokens, Some("Basic YWxwaGE=")),
-            Err(SignatureError::Malformed)
+            basic,
+            SignatureError::NotBearer("a \"Basic\" credential".into())
+        );
+        let text = basic.to_string();
+        assert!(
+            text.contains("Bearer <token>") && text.contains("Basic"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("X-Hub-Signature-256") && !text.contains("YWxwaGE="),
+            "{text}"
         );
         assert_eq!(
             verify_bearer(&[], Some("Bearer ")),
-            Err(SignatureError::Mismatch)
+            Err(SignatureError::NotBearer("an empty token".into()))
+        );
+        assert_eq!(
+            verify_bearer(&tokens, None),
+            Err(SignatureError::Missing("Authorization"))
         );
     }
 }

@@ -615,6 +615,80 @@ async fn task_api_takes_a_task_with_a_bearer_token() {
     h.finish().await;
 }
 
+/// The wrong kind of credential, or a wrong token, gets an error that says
+/// what the task API takes, never one about webhook signatures.
+#[tokio::test]
+async fn task_api_credential_errors_name_the_bearer_token() {
+    let h = Harness::start().await;
+    let body = serde_json::to_vec(&api_task()).unwrap();
+    let send = |auth: Option<&str>| {
+        let mut req = h
+            .http
+            .post(format!("{}/v1/tasks", h.url))
+            .header("Content-Type", "application/json")
+            .body(body.clone());
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        req.send()
+    };
+    for (auth, expect) in [
+        (
+            Some("Basic YWRtaW46c2VjcmV0"),
+            "the task API takes `Authorization: Bearer <token>` with one of gateway.api_tokens, not a \"Basic\" credential",
+        ),
+        (
+            Some("Bearer not-a-configured-token"),
+            "the bearer token is not one of gateway.api_tokens",
+        ),
+        (None, "missing Authorization header"),
+    ] {
+        let resp = send(auth).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 401, "{auth:?}");
+        assert_eq!(
+            resp.headers()["www-authenticate"].to_str().unwrap(),
+            "Bearer"
+        );
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"], expect, "{auth:?}");
+    }
+    assert!(h.drain_tasks().await.is_empty(), "nothing was enqueued");
+    h.finish().await;
+}
+
+/// A task whose deadline no default worker would run is refused at intake
+/// with the reason the worker would give, and never reaches the queue.
+#[tokio::test]
+async fn task_api_refuses_a_deadline_no_worker_would_run_with_the_workers_reason() {
+    let h = Harness::start().await;
+    let mut task = api_task();
+    task.sandbox.deadline_secs = 3600; // + 300 s pending > 1800 s - 60 s
+    task.steps[0].timeout_secs = 3000;
+    let resp = h
+        .http
+        .post(format!("{}/v1/tasks", h.url))
+        .bearer_auth(API_TOKEN)
+        .json(&task)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let v: Value = resp.json().await.unwrap();
+    let error = v["error"].as_str().unwrap();
+    let worker_reason = sandfleet_proto::check_consumer_timeout(
+        &task,
+        std::time::Duration::from_secs(Limits::default().broker_consumer_timeout_secs),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains(&worker_reason) && error.contains(sandfleet_proto::DEADLINE_TOO_LONG_CODE),
+        "{error}"
+    );
+    assert!(h.drain_tasks().await.is_empty(), "nothing was enqueued");
+    h.finish().await;
+}
+
 #[tokio::test]
 async fn broker_down_answers_503_and_not_ready() {
     let h = Harness::start().await;
