@@ -22,6 +22,7 @@ pub mod kubernetes;
 pub mod local;
 pub mod report;
 pub mod script;
+pub mod session;
 
 pub use executor::{ExecError, Execution, Executor, RunContext};
 pub use gate::{ApiGate, CallClass, GateClosed, NoGate, RecordingGate};
