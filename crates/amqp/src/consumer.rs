@@ -34,6 +34,10 @@ use crate::message::{
 };
 use crate::{Amqp, AmqpError, OutgoingMessage, Publisher};
 
+/// Header on a message released by [`Delivery::requeue_fresh`]: the returns
+/// (`x-delivery-count`) its earlier copies had accumulated.
+pub const HEADER_RETURNS: &str = "x-sandfleet-returns";
+
 /// Where a stream-queue consumer starts (`x-stream-offset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamOffset {
@@ -441,8 +445,11 @@ impl Delivery {
             "basic.reject",
         )
     }
-    /// Negative ack; `requeue` puts it back at the head of the queue. Note
-    /// that a requeueing nack does not count toward the delivery limit.
+    /// Negative ack; `requeue` puts it back at the head of the queue. A
+    /// quorum queue counts a requeue toward `x-delivery-limit` (measured on
+    /// RabbitMQ 3.10: `x-delivery-count` goes 0, 1, 2, ... with each
+    /// requeueing nack), so "try again later" must use
+    /// [`requeue_fresh`](Delivery::requeue_fresh) instead.
     pub async fn nack(&self, requeue: bool) -> Result<(), AmqpError> {
         settled(
             self.inner
@@ -499,6 +506,39 @@ impl Delivery {
     ) -> Result<(), AmqpError> {
         publisher.publish(message).await?;
         self.ack().await
+    }
+
+    /// Hands the message back to `queue` without spending its delivery
+    /// budget: publishes a copy (body, properties, headers: attempt, message
+    /// id, traceparent) to `queue` through the default exchange, waits for the
+    /// confirm, then acks this delivery. The copy is a new message, so the
+    /// broker's `x-delivery-count` starts again from zero on every RabbitMQ
+    /// version, whatever it counts as a failed delivery.
+    ///
+    /// At least once: if the process dies between the confirm and the ack,
+    /// the broker redelivers the original too and the message exists twice;
+    /// both carry the same task and attempt, so the second adopts the first's
+    /// sandbox by its deterministic name.
+    ///
+    /// The copy carries the returns counted so far in [`HEADER_RETURNS`], so
+    /// [`returns`](Delivery::returns) keeps counting crashes across releases
+    /// (a release itself adds nothing).
+    pub async fn requeue_fresh(&self, publisher: &Publisher, queue: &str) -> Result<(), AmqpError> {
+        let mut m = self.to_outgoing("", queue);
+        m.headers.insert(
+            HEADER_RETURNS.into(),
+            AMQPValue::LongLongInt(i64::from(self.returns())),
+        );
+        self.forward(publisher, &m).await
+    }
+
+    /// Times this message went back to its queue unsettled (a consumer died
+    /// or its channel closed while holding it): the broker's
+    /// `x-delivery-count` plus what earlier copies counted
+    /// ([`requeue_fresh`](Delivery::requeue_fresh)).
+    pub fn returns(&self) -> u32 {
+        let count = |v: Option<i64>| v.and_then(|c| u32::try_from(c).ok()).unwrap_or(0);
+        count(self.delivery_count()).saturating_add(count(self.header_i64(HEADER_RETURNS)))
     }
 
     /// Dead-letters this delivery *with a reason*: publishes a copy to

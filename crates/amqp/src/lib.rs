@@ -54,7 +54,7 @@ mod publisher;
 pub mod topology;
 
 pub use connection::{Amqp, OUTAGE_LOG_INTERVAL, OutageLine, OutageLog};
-pub use consumer::{Consumer, ConsumerOptions, Delivery, StreamOffset};
+pub use consumer::{Consumer, ConsumerOptions, Delivery, HEADER_RETURNS, StreamOffset};
 pub use error::{
     AmqpError, REPLY_ACCESS_REFUSED, REPLY_CONNECTION_FORCED, REPLY_NO_ROUTE, REPLY_NOT_FOUND,
     REPLY_PRECONDITION_FAILED, REPLY_RESOURCE_LOCKED,

@@ -5,10 +5,95 @@ use std::time::Duration;
 
 /// Lets calls through (or not) and hears how each one went.
 pub trait ApiGate: Send + Sync {
-    /// Asks for permission to send one call; `Err` while the breaker is open.
-    fn permit(&self) -> Result<(), GateClosed>;
+    /// Asks for permission to send one `verb` call (`create`, `get`, `list`,
+    /// `delete`, `logs`); `Err` while the breaker refuses that verb.
+    fn permit(&self, verb: &'static str) -> Result<(), GateClosed>;
     /// Records the class and duration of a finished call.
     fn record(&self, verb: &'static str, class: CallClass, elapsed: Duration);
+    /// The API answered 401 or 403: the worker lacks `permission` (a Role
+    /// missing a verb, a revoked token). A fleet problem, not a task's; the
+    /// worker pauses and reports it until a probe shows the permission back.
+    fn denied(&self, permission: Permission, message: &str) {
+        let _ = (permission, message);
+    }
+}
+
+/// One Kubernetes API call the executor makes, with what RBAC must allow
+/// for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ApiOp {
+    /// `create jobs`.
+    CreateJob,
+    /// `get jobs`.
+    GetJob,
+    /// `delete jobs`.
+    DeleteJob,
+    /// `list jobs`.
+    ListJobs,
+    /// `list pods`.
+    ListPods,
+    /// `get pods/log`.
+    ReadLog,
+}
+
+impl ApiOp {
+    /// The verb label of metrics and of the breaker (`create`, `get`,
+    /// `delete`, `list`, `logs`).
+    pub fn verb(self) -> &'static str {
+        match self {
+            ApiOp::CreateJob => "create",
+            ApiOp::GetJob => "get",
+            ApiOp::DeleteJob => "delete",
+            ApiOp::ListJobs | ApiOp::ListPods => "list",
+            ApiOp::ReadLog => "logs",
+        }
+    }
+
+    /// `(API group, resource, RBAC verb)`, as a Role grants it.
+    pub fn rbac(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            ApiOp::CreateJob => ("batch", "jobs", "create"),
+            ApiOp::GetJob => ("batch", "jobs", "get"),
+            ApiOp::DeleteJob => ("batch", "jobs", "delete"),
+            ApiOp::ListJobs => ("batch", "jobs", "list"),
+            ApiOp::ListPods => ("", "pods", "list"),
+            ApiOp::ReadLog => ("", "pods/log", "get"),
+        }
+    }
+
+    /// The operation a breaker verb label stands for, to probe it.
+    pub fn for_verb(verb: &str) -> Option<ApiOp> {
+        Some(match verb {
+            "create" => ApiOp::CreateJob,
+            "get" => ApiOp::GetJob,
+            "delete" => ApiOp::DeleteJob,
+            "list" => ApiOp::ListJobs,
+            "logs" => ApiOp::ReadLog,
+            _ => return None,
+        })
+    }
+}
+
+/// A permission the API refused: an operation in a namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Permission {
+    /// The refused operation.
+    pub op: ApiOp,
+    /// The namespace it was refused in.
+    pub namespace: String,
+}
+
+impl std::fmt::Display for Permission {
+    /// `create jobs.batch in namespace "sandboxes"`, as `kubectl auth can-i` spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (group, resource, verb) = self.op.rbac();
+        if group.is_empty() {
+            write!(f, "{verb} {resource}")?;
+        } else {
+            write!(f, "{verb} {resource}.{group}")?;
+        }
+        write!(f, " in namespace \"{}\"", self.namespace)
+    }
 }
 
 /// The gate refused the call (the breaker is open).
@@ -23,7 +108,8 @@ pub enum CallClass {
     Success,
     /// 5xx, timeouts, connection errors: counts against the API's health.
     Failure,
-    /// 4xx and 409: the caller's problem (or adoption), not the API's.
+    /// 4xx and 409: the caller's problem (or adoption), not the API's. (A
+    /// 401/403 is ignored by the breaker too; [`ApiGate::denied`] hears it.)
     Ignored,
     /// 429: back off for `retry_after`, but do not trip.
     Throttled {
@@ -59,7 +145,7 @@ impl CallClass {
 pub struct NoGate;
 
 impl ApiGate for NoGate {
-    fn permit(&self) -> Result<(), GateClosed> {
+    fn permit(&self, _verb: &'static str) -> Result<(), GateClosed> {
         Ok(())
     }
     fn record(&self, _verb: &'static str, _class: CallClass, _elapsed: Duration) {}
@@ -85,7 +171,7 @@ impl RecordingGate {
 }
 
 impl ApiGate for RecordingGate {
-    fn permit(&self) -> Result<(), GateClosed> {
+    fn permit(&self, _verb: &'static str) -> Result<(), GateClosed> {
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
             Err(GateClosed)
         } else {
@@ -95,6 +181,45 @@ impl ApiGate for RecordingGate {
     fn record(&self, verb: &'static str, class: CallClass, _elapsed: Duration) {
         if let Ok(mut c) = self.calls.lock() {
             c.push((verb, class));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_permission_reads_like_kubectl_auth_can_i() {
+        let p = Permission {
+            op: ApiOp::CreateJob,
+            namespace: "sandboxes".into(),
+        };
+        assert_eq!(
+            p.to_string(),
+            "create jobs.batch in namespace \"sandboxes\""
+        );
+        let p = Permission {
+            op: ApiOp::ReadLog,
+            namespace: "x".into(),
+        };
+        assert_eq!(p.to_string(), "get pods/log in namespace \"x\"");
+    }
+
+    #[test]
+    fn every_op_is_a_required_permission() {
+        for op in [
+            ApiOp::CreateJob,
+            ApiOp::GetJob,
+            ApiOp::DeleteJob,
+            ApiOp::ListJobs,
+            ApiOp::ListPods,
+            ApiOp::ReadLog,
+        ] {
+            assert!(
+                crate::REQUIRED_PERMISSIONS.contains(&op.rbac()),
+                "{op:?} is not in REQUIRED_PERMISSIONS"
+            );
         }
     }
 }

@@ -101,6 +101,11 @@ pub trait Broker: Send + Sync + 'static {
     /// Name of the task queue, for the metrics label.
     fn queue_name(&self) -> String;
 
+    /// The task queue's delivery limit (`x-delivery-limit`), when it has one:
+    /// a delivery whose [`Delivery::delivery_count`] has reached it is the
+    /// last one the broker hands out before dead-lettering it on its own.
+    fn delivery_limit(&self) -> Option<u32>;
+
     /// True while connected to the broker (readiness).
     fn is_connected(&self) -> bool;
 
@@ -125,6 +130,11 @@ pub trait Delivery: Send + Sync + 'static {
     /// a channel closed holding it).
     fn redelivered(&self) -> bool;
 
+    /// How often the broker handed this message out before without it being
+    /// settled (a worker died or a channel closed holding it): RabbitMQ's
+    /// `x-delivery-count`, 0 when absent. Releases do not count.
+    fn delivery_count(&self) -> u32;
+
     /// Cancelled when the delivery is lost (its channel or connection
     /// closed): the broker has requeued it, so the worker stops working on it
     /// and forgets it, leaving its sandbox for the redelivery to adopt.
@@ -139,7 +149,11 @@ pub trait Delivery: Send + Sync + 'static {
     /// ([`REJECT_CODE_HEADER`], [`REJECT_REASON_HEADER`]).
     async fn dead_letter(self, code: &str, reason: &str) -> Result<(), BrokerError>;
 
-    /// Hands the message back for redelivery.
+    /// Hands the message back for redelivery ("try again later") without
+    /// spending its delivery budget (design decision 13): the message goes
+    /// back to the task queue as a fresh copy with the same body, attempt and
+    /// trace context, and this delivery is settled. A requeueing nack would
+    /// not do: a quorum queue counts it toward `x-delivery-limit`.
     async fn release(self) -> Result<(), BrokerError>;
 }
 

@@ -4,10 +4,15 @@
 //! the [`ResultSink`], so the same loop runs against RabbitMQ and Kubernetes in
 //! production and against [`crate::InMemoryBroker`] in tests and the demo.
 //!
-//! Invariants it keeps (see `reference/reliability.md`):
+//! Invariants it keeps (the guarantees table of `docs/worker.md`):
 //! - A delivery is acked only after the attempt's result (and, for a retry,
 //!   the next attempt's message) was confirmed by the broker. If a publish
 //!   fails, the delivery is released for redelivery instead.
+//! - "Try again later" (API unavailable, 401/403, a failed publish) releases
+//!   the delivery without spending its delivery budget ([`Delivery::release`]),
+//!   and nothing reaches the dead-letter queue without a final result that
+//!   says why: the last delivery the broker's limit allows is dead-lettered
+//!   by the worker itself, with a result, instead of being run.
 //! - The sandbox of an attempt is never deleted because the worker lost the
 //!   delivery or is shutting down: the run is dropped (not cancelled) and the
 //!   redelivery adopts the Job by its deterministic name.
@@ -44,6 +49,10 @@ pub use sandfleet_proto::DEADLINE_TOO_LONG_CODE;
 pub const MAX_ATTEMPTS_CODE: &str = "max_attempts";
 /// Reason code of a task the sandbox refused (invalid spec).
 pub const SANDBOX_REJECTED_CODE: &str = "sandbox_rejected";
+/// Reason code of a task whose deliveries kept ending without being settled
+/// (workers crashing or losing their connection while holding it) until the
+/// queue's delivery limit: RabbitMQ's own death reason for the same case.
+pub const DELIVERY_LIMIT_CODE: &str = "delivery_limit";
 
 /// Time kept free inside the broker's consumer timeout for what follows the
 /// sandbox: reading logs, publishing the result, acking.
@@ -343,6 +352,33 @@ where
                 .await;
         }
 
+        if let Some(limit) = self.broker.delivery_limit()
+            && delivery.delivery_count() >= limit
+        {
+            // The broker dead-letters this message, without a word, the next
+            // time a delivery of it ends unsettled: it has killed (or lost)
+            // `limit` workers already. Running it once more would most likely
+            // end the same way, so end it here, with a result that says why.
+            let reason = format!(
+                "the task was delivered {} times without finishing: the workers holding it \
+                 crashed or lost their broker connection each time (delivery limit {limit}); \
+                 not run again",
+                delivery.delivery_count() + 1
+            );
+            warn!(%reason, "dead-lettering a crash-looping task");
+            let mut result = TaskResult::from_task(
+                &task,
+                attempt,
+                Outcome::InfraError,
+                self.config.worker.clone(),
+            );
+            result.is_final = true;
+            result.error = Some(format!("{DELIVERY_LIMIT_CODE}: {reason}"));
+            return self
+                .reject(delivery, DELIVERY_LIMIT_CODE, &reason, Some(result))
+                .await;
+        }
+
         // Another handler in this process works on the same attempt (see
         // `Inner::attempts`): wait for it, unless this delivery is lost or
         // abandoned meanwhile.
@@ -367,6 +403,9 @@ where
         let handled = self
             .run_attempt(delivery, task, attempt, traceparent, abandon, span)
             .await;
+        if matches!(handled, Handled::Released | Handled::Abandoned) {
+            self.metrics.task_released();
+        }
         // The map, this handler and its guard hold the lock; more means a
         // duplicate waits and will adopt the sandbox, so it must stay.
         if handled == (Handled::Settled { sandbox: true })
@@ -545,7 +584,7 @@ where
             if !self.publish(&result, delivery.traceparent()).await {
                 return release(delivery).await;
             }
-            self.metrics.count_final(Outcome::Rejected);
+            self.metrics.count_final(result.outcome);
         }
         self.metrics.task_dead_lettered();
         settle(delivery.dead_letter(code, reason).await)

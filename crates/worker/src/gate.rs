@@ -7,9 +7,11 @@
 //! broadcasts state changes to the flow controller ([`crate::flow`]), which
 //! pauses consumption while the breaker is open.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use sandfleet_sandbox::gate::Permission;
 use sandfleet_sandbox::{ApiGate, CallClass, GateClosed};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -23,6 +25,9 @@ pub struct BreakerGate {
     breaker: Mutex<CircuitBreaker>,
     metrics: Arc<Metrics>,
     state: watch::Sender<BreakerState>,
+    /// Permissions the API refused (401/403), with its message; the flow
+    /// controller pauses while any is missing and probes them.
+    denied: watch::Sender<BTreeMap<Permission, String>>,
 }
 
 fn now() -> Instant {
@@ -37,7 +42,39 @@ impl BreakerGate {
             breaker: Mutex::new(CircuitBreaker::new(config)),
             metrics,
             state: watch::channel(BreakerState::Closed).0,
+            denied: watch::channel(BTreeMap::new()).0,
         }
+    }
+
+    /// The permissions the API refused and no probe has shown back yet.
+    pub fn denied_permissions(&self) -> BTreeMap<Permission, String> {
+        self.denied.borrow().clone()
+    }
+
+    /// Changes of [`BreakerGate::denied_permissions`].
+    pub fn subscribe_denied(&self) -> watch::Receiver<BTreeMap<Permission, String>> {
+        self.denied.subscribe()
+    }
+
+    /// A probe showed `permission` granted again.
+    pub fn granted(&self, permission: &Permission) {
+        self.denied.send_if_modified(|d| {
+            let removed = d.remove(permission).is_some();
+            if removed {
+                info!(%permission, "kubernetes API permission granted again");
+            }
+            removed
+        });
+    }
+
+    /// The verbs the breaker refuses while it is not closed.
+    pub fn failing_verbs(&self) -> Vec<&'static str> {
+        self.lock().failing_verbs()
+    }
+
+    /// Times the breaker went from closed to open.
+    pub fn times_tripped(&self) -> u64 {
+        self.lock().times_tripped()
     }
 
     fn lock(&self) -> MutexGuard<'_, CircuitBreaker> {
@@ -97,11 +134,11 @@ fn verdict(class: CallClass) -> (CallVerdict, Option<&'static str>) {
 }
 
 impl ApiGate for BreakerGate {
-    fn permit(&self) -> Result<(), GateClosed> {
+    fn permit(&self, verb: &'static str) -> Result<(), GateClosed> {
         let t = now();
         let (r, state) = {
             let mut b = self.lock();
-            (b.try_acquire(t), b.state(t))
+            (b.try_acquire(t, verb), b.state(t))
         };
         self.publish(state);
         r.map_err(|_| {
@@ -112,9 +149,28 @@ impl ApiGate for BreakerGate {
 
     fn record(&self, verb: &'static str, class: CallClass, elapsed: Duration) {
         let (v, label) = verdict(class);
-        let state = self.lock().on_result(now(), v);
+        let (state, tripped) = {
+            let mut b = self.lock();
+            let before = b.times_tripped();
+            let state = b.on_result(now(), verb, v);
+            (state, b.times_tripped() > before)
+        };
         self.metrics.kube_request(verb, label, elapsed);
+        if tripped {
+            self.metrics.breaker_tripped();
+        }
         self.publish(state);
+    }
+
+    fn denied(&self, permission: Permission, message: &str) {
+        self.denied.send_if_modified(|d| {
+            let new = !d.contains_key(&permission);
+            if new {
+                warn!(%permission, %message, "the kubernetes API refused a permission the worker needs; pausing");
+            }
+            d.insert(permission, message.to_owned());
+            new
+        });
     }
 }
 
@@ -131,6 +187,7 @@ mod tests {
                 window: 10,
                 min_calls: 10,
                 cooldown: Duration::from_secs(30),
+                max_cooldown: Duration::from_secs(120),
                 half_open_probes: 2,
             },
             Arc::new(Metrics::new()),
@@ -142,18 +199,18 @@ mod tests {
         let g = gate();
         let mut rx = g.subscribe();
         for _ in 0..5 {
-            g.permit().unwrap();
+            g.permit("create").unwrap();
             g.record("create", CallClass::from_status(409, None), Duration::ZERO);
         }
         assert_eq!(g.state(), BreakerState::Closed);
         for _ in 0..3 {
-            g.permit().unwrap();
+            g.permit("create").unwrap();
             g.record("create", CallClass::from_status(500, None), Duration::ZERO);
         }
         assert_eq!(g.state(), BreakerState::Open);
         assert!(rx.has_changed().unwrap());
         assert_eq!(*rx.borrow_and_update(), BreakerState::Open);
-        assert_eq!(g.permit(), Err(GateClosed));
+        assert_eq!(g.permit("create"), Err(GateClosed));
         let text = g.metrics.encode();
         assert!(text.contains("sandfleet_breaker_state 2"));
         assert!(
@@ -165,27 +222,52 @@ mod tests {
         // After the cooldown two good probes close it.
         tokio::time::advance(Duration::from_secs(30)).await;
         for _ in 0..2 {
-            g.permit().unwrap();
-            g.record("list", CallClass::Success, Duration::from_millis(3));
+            g.permit("create").unwrap();
+            g.record("create", CallClass::Success, Duration::from_millis(3));
         }
         assert_eq!(g.state(), BreakerState::Closed);
-        assert!(g.metrics.encode().contains("sandfleet_breaker_state 0"));
+        let text = g.metrics.encode();
+        assert!(text.contains("sandfleet_breaker_state 0"));
+        assert!(text.contains("sandfleet_breaker_trips_total 1"), "{text}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn retry_after_is_honoured_by_the_gate() {
         let g = gate();
-        g.permit().unwrap();
+        g.permit("create").unwrap();
         g.record(
             "create",
             CallClass::from_status(429, Some(Duration::from_secs(3))),
             Duration::ZERO,
         );
-        assert_eq!(g.permit(), Err(GateClosed));
+        assert_eq!(g.permit("create"), Err(GateClosed));
         tokio::time::advance(Duration::from_millis(2900)).await;
-        assert_eq!(g.permit(), Err(GateClosed));
+        assert_eq!(g.permit("create"), Err(GateClosed));
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(g.permit().is_ok());
+        assert!(g.permit("create").is_ok());
         assert_eq!(g.state(), BreakerState::Closed, "429 does not trip");
+    }
+
+    #[test]
+    fn a_denied_permission_is_kept_until_granted() {
+        use sandfleet_sandbox::gate::ApiOp;
+        let g = gate();
+        let mut rx = g.subscribe_denied();
+        let p = Permission {
+            op: ApiOp::CreateJob,
+            namespace: "ns".into(),
+        };
+        g.denied(p.clone(), "jobs.batch is forbidden");
+        g.denied(p.clone(), "jobs.batch is forbidden");
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().len(), 1);
+        assert!(
+            !rx.has_changed().unwrap(),
+            "the same denial twice is one change"
+        );
+        // A 403 is the caller's problem for the breaker: it stays closed.
+        assert_eq!(g.state(), BreakerState::Closed);
+        g.granted(&p);
+        assert!(g.denied_permissions().is_empty());
     }
 }

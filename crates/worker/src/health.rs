@@ -2,13 +2,13 @@
 //!
 //! `/healthz` answers 200 while the process serves HTTP at all. `/readyz`
 //! answers 200 only while the broker is connected, the circuit breaker is not
-//! open and the worker is not draining; otherwise 503 with the reasons, one per
-//! line. Kubernetes takes a not-ready worker out of nothing (it has no Service
+//! open, the Kubernetes API grants every permission the worker needs and the
+//! worker is not draining; otherwise 503 with the reasons, one per line. Kubernetes takes a not-ready worker out of nothing (it has no Service
 //! traffic), but the signal shows up in dashboards and rollouts.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -27,6 +27,8 @@ pub struct Health {
     breaker_open: AtomicBool,
     draining: AtomicBool,
     executor_syncing: AtomicBool,
+    /// One line per permission the API refused.
+    denied: Mutex<Vec<String>>,
 }
 
 impl Health {
@@ -51,25 +53,38 @@ impl Health {
         self.executor_syncing.store(syncing, Ordering::Relaxed);
     }
 
+    /// Records the permissions the Kubernetes API refuses (empty: none), as
+    /// lines for `/readyz`.
+    pub fn set_denied(&self, lines: Vec<String>) {
+        *self.denied.lock().unwrap_or_else(|p| p.into_inner()) = lines;
+    }
+
     /// Records that shutdown has begun.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
     /// `Ok` when ready, or the reasons it is not.
-    pub fn readiness(&self) -> Result<(), Vec<&'static str>> {
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
         let mut why = Vec::new();
         if !self.broker_connected.load(Ordering::Relaxed) {
-            why.push("broker not connected");
+            why.push("broker not connected".to_owned());
         }
         if self.breaker_open.load(Ordering::Relaxed) {
-            why.push("kubernetes API circuit breaker open");
+            why.push("kubernetes API circuit breaker open".to_owned());
         }
+        why.extend(
+            self.denied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
         if self.executor_syncing.load(Ordering::Relaxed) {
-            why.push("executor watchers not synced yet");
+            why.push("executor watchers not synced yet".to_owned());
         }
         if self.draining.load(Ordering::Relaxed) {
-            why.push("draining for shutdown");
+            why.push("draining for shutdown".to_owned());
         }
         if why.is_empty() { Ok(()) } else { Err(why) }
     }
@@ -167,6 +182,18 @@ mod tests {
         let (code, body) = get(addr, "/readyz").await;
         assert_eq!(code, 503);
         assert!(body.contains("circuit breaker open"));
+        health.set_breaker_open(false);
+        health.set_denied(vec![
+            "forbidden: create jobs.batch in namespace \"x\"".into(),
+        ]);
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(
+            body.contains("forbidden: create jobs.batch in namespace \"x\""),
+            "{body}"
+        );
+        health.set_denied(Vec::new());
+        assert_eq!(get(addr, "/readyz").await.0, 200);
         let (code, body) = get(addr, "/metrics").await;
         assert_eq!(code, 200);
         assert!(body.contains("sandfleet_breaker_state"));

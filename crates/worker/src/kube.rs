@@ -1,13 +1,13 @@
 //! The Kubernetes side of the worker: the breaker-gated executor, the probe
-//! that closes the breaker again, and the orphan-Job garbage collector.
+//! that closes the breaker (and clears a denied permission) again, and the
+//! orphan-Job garbage collector.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use k8s_openapi::api::batch::v1::Job;
-use kube::api::{Api, ListParams};
-use sandfleet_sandbox::{ApiGate, ApiRetry, CallClass, KubeApi, KubeExecutor};
+use sandfleet_sandbox::gate::ApiOp;
+use sandfleet_sandbox::{ApiGate, ApiRetry, KubeApi, KubeExecutor};
 use sandfleet_settings::Settings;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -22,37 +22,24 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::sink::ResultSink;
 
-/// The breaker probe: lists Jobs with `limit=1` through the gate, the
-/// cheapest call that proves the API answers.
-pub struct ListProbe {
-    jobs: Api<Job>,
-    gate: Arc<BreakerGate>,
+/// The flow controller's probe: one harmless call of an operation through
+/// the gate ([`KubeApi::probe`]: a dry-run create, a one-item list, a read
+/// of a missing object).
+pub struct ApiProbe {
+    api: KubeApi,
 }
 
-impl ListProbe {
-    /// A probe on `api`'s namespace through `gate`.
-    pub fn new(api: &KubeApi, gate: Arc<BreakerGate>) -> Self {
-        ListProbe {
-            jobs: Api::namespaced(api.client().clone(), api.namespace()),
-            gate,
-        }
+impl ApiProbe {
+    /// A probe of `api` (its gate and namespace).
+    pub fn new(api: &KubeApi) -> Self {
+        ApiProbe { api: api.clone() }
     }
 }
 
 #[async_trait]
-impl Probe for ListProbe {
-    async fn probe(&self) -> Result<(), String> {
-        self.gate.permit().map_err(|e| e.to_string())?;
-        let start = Instant::now();
-        let r = self.jobs.list(&ListParams::default().limit(1)).await;
-        let class = match &r {
-            Ok(_) => CallClass::Success,
-            Err(kube::Error::Api(status)) => CallClass::from_status(status.code, None),
-            // Connection refused, timeouts, broken bodies: the API's fault.
-            Err(_) => CallClass::Failure,
-        };
-        self.gate.record("list", class, start.elapsed());
-        r.map(|_| ()).map_err(|e| e.to_string())
+impl Probe for ApiProbe {
+    async fn probe(&self, op: ApiOp) -> Result<(), String> {
+        self.api.probe(op).await.map_err(|e| e.to_string())
     }
 }
 
@@ -116,7 +103,9 @@ pub(crate) async fn run_kubernetes<B: Broker, S: ResultSink>(
         gate.clone(),
         broker.clone(),
         health.clone(),
-        Arc::new(ListProbe::new(&api, gate)),
+        Arc::new(ApiProbe::new(&api)),
+        // A fixed Role is noticed within one breaker cooldown.
+        Duration::from_secs(settings.breaker.cooldown_secs.max(1)),
         background.clone(),
     ));
     tokio::spawn(collect_garbage(

@@ -1,8 +1,10 @@
 //! A first-party in-memory [`Broker`]: the dispatch loop's component tests and
 //! the one-process `sandfleet demo` run on it. It is a real queue, not a mock:
 //! ready messages, unacked tracking per "channel", redelivery when a channel
-//! closes or a delivery is released, a delivery limit, a dead-letter queue with
-//! reasons, and delayed retries on tokio time (so paused-time tests work).
+//! closes, a delivery limit counted as a RabbitMQ quorum queue counts it
+//! (every return to the queue), releases that republish a fresh copy (so they
+//! never count, as [`crate::rabbit`] does), a dead-letter queue with reasons,
+//! and delayed retries on tokio time (so paused-time tests work).
 //! It is never the production path: nothing survives the process.
 
 use std::collections::{HashMap, VecDeque};
@@ -30,7 +32,8 @@ pub struct StoredMessage {
     pub traceparent: Option<String>,
     /// True once delivered before.
     pub redelivered: bool,
-    /// Times delivered and returned (crash, release); compared with the limit.
+    /// Times delivered and returned to the queue (crash, channel loss), as
+    /// RabbitMQ's `x-delivery-count`; compared with the limit.
     pub delivery_count: u32,
 }
 
@@ -104,8 +107,9 @@ impl Default for InMemoryBroker {
 
 impl InMemoryBroker {
     /// An empty broker. With `delivery_limit`, a message returned more than
-    /// that many times (crash, channel loss, release) is dead-lettered with
-    /// code [`DELIVERY_LIMIT_CODE`], as a RabbitMQ quorum queue does.
+    /// that many times (crash, channel loss) is dead-lettered with code
+    /// [`DELIVERY_LIMIT_CODE`], as a RabbitMQ quorum queue does: the delivery
+    /// whose count equals the limit is the last one.
     pub fn new(delivery_limit: Option<u32>) -> Self {
         InMemoryBroker {
             shared: Arc::new(Shared {
@@ -225,7 +229,9 @@ fn push_ready(shared: &Shared, message: StoredMessage) {
 fn requeue(st: &mut State, limit: Option<u32>, mut message: StoredMessage, front: bool) {
     message.redelivered = true;
     message.delivery_count += 1;
-    if limit.is_some_and(|l| message.delivery_count >= l) {
+    // RabbitMQ's quorum queue (rabbit_fifo) dead-letters on the return that
+    // takes the count past the limit.
+    if limit.is_some_and(|l| message.delivery_count > l) {
         st.dead.push(DeadLetter {
             message,
             code: DELIVERY_LIMIT_CODE.to_owned(),
@@ -339,6 +345,10 @@ impl Broker for InMemoryBroker {
         self.shared.name.clone()
     }
 
+    fn delivery_limit(&self) -> Option<u32> {
+        self.shared.delivery_limit
+    }
+
     fn is_connected(&self) -> bool {
         !self.state().closed
     }
@@ -387,12 +397,22 @@ impl Delivery for MemoryDelivery {
         Ok(())
     }
 
+    fn delivery_count(&self) -> u32 {
+        self.message.delivery_count
+    }
+
     async fn release(self) -> Result<(), BrokerError> {
         let message = self.settle()?;
-        let mut st = lock(&self.shared);
-        requeue(&mut st, self.shared.delivery_limit, message, false);
-        drop(st);
-        self.shared.changed.notify_waiters();
+        // As the RabbitMQ broker does: a fresh copy at the back of the queue
+        // (same body, attempt and trace context) that keeps the returns
+        // counted so far, so a release never spends the delivery budget.
+        push_ready(
+            &self.shared,
+            StoredMessage {
+                redelivered: false,
+                ..message
+            },
+        );
         Ok(())
     }
 }
@@ -448,8 +468,10 @@ mod tests {
     async fn delivery_limit_dead_letters_a_crash_looping_message() {
         let b = InMemoryBroker::new(Some(3));
         b.publish(msg("poison"));
-        for _ in 0..3 {
-            let _d = b.next_delivery().await.unwrap();
+        // Deliveries with counts 0, 1, 2, 3: the fourth is the last allowed.
+        for count in 0..4 {
+            let d = b.next_delivery().await.unwrap();
+            assert_eq!(d.delivery_count(), count);
             b.close_channel();
         }
         assert_eq!(b.ready_len(), 0);
@@ -471,8 +493,26 @@ mod tests {
         let y = b.next_delivery().await.unwrap();
         y.release().await.unwrap();
         let y2 = b.next_delivery().await.unwrap();
-        assert!(y2.redelivered());
+        assert_eq!(y2.body(), b"y");
         assert_eq!(b.dead_letters()[0].reason, "expected value at line 1");
+    }
+
+    #[tokio::test]
+    async fn releases_never_spend_the_delivery_budget() {
+        let b = InMemoryBroker::new(Some(2));
+        let mut m = msg("later");
+        m.attempt = Some(3);
+        m.traceparent = Some("00-t".into());
+        b.publish(m);
+        // Far more releases than the limit allows returns.
+        for _ in 0..10 {
+            let d = b.next_delivery().await.unwrap();
+            assert_eq!(d.delivery_count(), 0);
+            assert_eq!((d.attempt(), d.traceparent()), (3, Some("00-t")));
+            d.release().await.unwrap();
+        }
+        assert!(b.dead_letters().is_empty());
+        assert_eq!(b.ready_len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,6 +10,8 @@
 //! | `sandfleet_queue_ready_messages` | gauge | `queue` |
 //! | `sandfleet_task_duration_seconds` | histogram | `outcome` |
 //! | `sandfleet_breaker_state` | gauge | 0 closed, 1 half-open, 2 open |
+//! | `sandfleet_breaker_trips_total` | counter | (closed → open transitions) |
+//! | `sandfleet_task_releases_total` | counter | (deliveries handed back for later) |
 //! | `sandfleet_kube_api_request_duration_seconds` | histogram | `verb` |
 //! | `sandfleet_kube_api_errors_total` | counter | `verb`, `class` (`failure`, `ignored`, `throttled`, `refused`) |
 
@@ -49,6 +51,8 @@ pub struct Metrics {
     queue_ready: Family<Labels, Gauge>,
     task_duration: Family<Labels, Histogram, fn() -> Histogram>,
     breaker_state: Gauge,
+    breaker_trips: Counter,
+    releases: Counter,
     kube_latency: Family<Labels, Histogram, fn() -> Histogram>,
     kube_errors: Family<Labels, Counter>,
 }
@@ -72,6 +76,8 @@ impl Metrics {
             queue_ready: Family::default(),
             task_duration: Family::new_with_constructor(task_duration_histogram as fn() -> _),
             breaker_state: Gauge::default(),
+            breaker_trips: Counter::default(),
+            releases: Counter::default(),
             kube_latency: Family::new_with_constructor(api_latency_histogram as fn() -> _),
             kube_errors: Family::default(),
             registry: Registry::default(),
@@ -115,6 +121,17 @@ impl Metrics {
             "sandfleet_breaker_state",
             "Kubernetes API circuit breaker: 0 closed, 1 half-open, 2 open",
             m.breaker_state.clone(),
+        );
+        registry.register(
+            "sandfleet_breaker_trips",
+            "Times the Kubernetes API circuit breaker went from closed to open",
+            m.breaker_trips.clone(),
+        );
+        registry.register(
+            "sandfleet_task_releases",
+            "Deliveries handed back to the queue for later (API unavailable, \
+             permission denied, publish failed, drain), without spending their delivery budget",
+            m.releases.clone(),
         );
         registry.register(
             "sandfleet_kube_api_request_duration_seconds",
@@ -181,6 +198,16 @@ impl Metrics {
     /// Sets the breaker gauge.
     pub fn set_breaker_state(&self, state: BreakerState) {
         self.breaker_state.set(state.as_gauge());
+    }
+
+    /// Counts a closed → open transition of the breaker.
+    pub fn breaker_tripped(&self) {
+        self.breaker_trips.inc();
+    }
+
+    /// Counts a delivery handed back for later.
+    pub fn task_released(&self) {
+        self.releases.inc();
     }
 
     /// Records one Kubernetes API request: its latency and, unless it

@@ -7,8 +7,12 @@
 //!   [`Delivery::lost`] token fires (its channel is watched) so the dispatch
 //!   loop forgets it and leaves its Job for the redelivery to adopt.
 //! - Pausing (breaker open, shutdown) cancels the consumer (`basic.cancel`)
-//!   and hands back, with a requeueing nack, what was prefetched but not yet
-//!   taken; in-flight deliveries stay ackable. Resuming subscribes again.
+//!   and releases what was prefetched but not yet taken; in-flight
+//!   deliveries stay ackable. Resuming subscribes again.
+//! - Releasing ("try again later") republishes a fresh copy of the message
+//!   to the task queue, confirmed, then acks the delivery: a requeueing nack
+//!   would count toward the quorum queue's `x-delivery-limit` on RabbitMQ
+//!   3.10 and later, and "later" must never spend the delivery budget.
 //! - Retries go to the delay queue of their tier through the default
 //!   exchange, with the jittered delay as per-message `expiration`; the queue
 //!   dead-letters them back to the task exchange.
@@ -105,6 +109,7 @@ impl RabbitBroker {
             }
         });
         RabbitDelivery {
+            tasks_queue: self.topology.tasks_queue.clone(),
             prefetch: self.prefetch,
             attempt: inner.attempt().unwrap_or(1).max(1),
             inner,
@@ -115,15 +120,20 @@ impl RabbitBroker {
         }
     }
 
-    /// Cancels the consumer and requeues what it prefetched but nobody took.
-    async fn stop_consumer(consumer: Consumer) {
+    /// Cancels the consumer and releases what it prefetched but nobody took
+    /// (a fresh copy each, so pausing spends no delivery budget either).
+    async fn stop_consumer(&self, consumer: Consumer) {
         consumer.cancel();
         let mut consumer = consumer;
         while let Ok(Some(d)) =
             tokio::time::timeout(Duration::from_millis(50), consumer.next_delivery()).await
         {
-            if let Err(e) = d.nack(true).await {
-                debug!(error = %e, "requeue of a prefetched delivery");
+            if let Err(e) = d
+                .requeue_fresh(&self.publisher, &self.topology.tasks_queue)
+                .await
+            {
+                // Unsettled, it goes back when its channel closes.
+                debug!(error = %e, "release of a prefetched delivery");
             }
         }
     }
@@ -184,7 +194,7 @@ impl Broker for RabbitBroker {
                 ok = async { paused.wait_for(|p| *p).await.is_ok() } => {
                     if !ok { return Err(BrokerError::Closed) }
                     if let Some(c) = slot.take() {
-                        RabbitBroker::stop_consumer(c).await;
+                        self.stop_consumer(c).await;
                     }
                 }
                 _ = self.closed.cancelled() => return Err(BrokerError::Closed),
@@ -222,7 +232,7 @@ impl Broker for RabbitBroker {
         if let Ok(mut slot) = self.consumer.try_lock()
             && let Some(c) = slot.take()
         {
-            RabbitBroker::stop_consumer(c).await;
+            self.stop_consumer(c).await;
         }
         Ok(())
     }
@@ -246,6 +256,10 @@ impl Broker for RabbitBroker {
         self.topology.tasks_queue.clone()
     }
 
+    fn delivery_limit(&self) -> Option<u32> {
+        Some(self.topology.settings().delivery_limit)
+    }
+
     fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
@@ -255,7 +269,7 @@ impl Broker for RabbitBroker {
         self.closed.cancel();
         let mut slot = self.consumer.lock().await;
         if let Some(c) = slot.take() {
-            RabbitBroker::stop_consumer(c).await;
+            self.stop_consumer(c).await;
         }
         Ok(())
     }
@@ -264,6 +278,7 @@ impl Broker for RabbitBroker {
 /// A task delivery from RabbitMQ.
 pub struct RabbitDelivery {
     inner: sandfleet_amqp::Delivery,
+    tasks_queue: String,
     prefetch: u16,
     attempt: u32,
     publisher: Publisher,
@@ -317,6 +332,10 @@ impl Delivery for RabbitDelivery {
         self.inner.redelivered()
     }
 
+    fn delivery_count(&self) -> u32 {
+        self.inner.returns()
+    }
+
     fn lost(&self) -> CancellationToken {
         self.lost.clone()
     }
@@ -335,6 +354,21 @@ impl Delivery for RabbitDelivery {
     }
 
     async fn release(self) -> Result<(), BrokerError> {
-        self.inner.nack(true).await.map_err(broker_error)
+        match self
+            .inner
+            .requeue_fresh(&self.publisher, &self.tasks_queue)
+            .await
+        {
+            Ok(()) => self.confirm_settled().await,
+            Err(AmqpError::DeliveryChannelClosed) => Err(BrokerError::DeliveryLost),
+            Err(e) => {
+                // The copy was refused (queue full under `reject-publish`,
+                // broker trouble) and the delivery is still ours: a requeueing
+                // nack spends one unit of the delivery budget, but strands
+                // nothing.
+                warn!(error = %e, "could not release by republishing; requeueing instead");
+                self.inner.nack(true).await.map_err(broker_error)
+            }
+        }
     }
 }

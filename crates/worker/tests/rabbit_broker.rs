@@ -1,6 +1,7 @@
 //! `RabbitBroker` against the real RabbitMQ (127.0.0.1:5672, `AMQP_ADDR`
 //! overrides): pause holds the queue, retries wait in their delay queue with
-//! the attempt header, dead letters carry their reason, and a delivery whose
+//! the attempt header, dead letters carry their reason, releases never spend
+//! the delivery budget (a requeueing nack does), and a delivery whose
 //! connection is cut is reported lost and redelivered.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -24,6 +25,10 @@ struct Fixture {
 }
 
 async fn fixture(name: &str) -> Fixture {
+    fixture_with(name, TopologySettings::default().delivery_limit).await
+}
+
+async fn fixture_with(name: &str, delivery_limit: u32) -> Fixture {
     let prefix = format!(
         "worker-it-{name}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -42,6 +47,7 @@ async fn fixture(name: &str) -> Fixture {
     let topology = Topology::new(&TopologySettings {
         prefix,
         retry_delays_secs: vec![1, 3],
+        delivery_limit,
         ..TopologySettings::default()
     });
     topology.apply(&amqp).await.unwrap();
@@ -161,7 +167,7 @@ async fn dead_letters_carry_code_and_reason_and_releases_are_redelivered() {
     later.release().await.unwrap();
     let again = next(&f.broker, Duration::from_secs(5)).await.unwrap();
     assert_eq!(again.body(), b"later");
-    assert!(again.redelivered());
+    assert_eq!(again.delivery_count(), 0, "a release is a fresh copy");
     again.ack().await.unwrap();
 
     let mut dlq = Consumer::start(
@@ -214,5 +220,56 @@ async fn a_cut_connection_marks_its_deliveries_lost_and_they_come_back() {
     assert_eq!(again.body(), b"inflight");
     assert!(again.redelivered());
     again.ack().await.unwrap();
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn releases_never_spend_the_delivery_budget_but_requeueing_nacks_do() {
+    let f = fixture_with("budget", 2).await;
+    assert_eq!(f.broker.delivery_limit(), Some(2));
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let m = OutgoingMessage::new(
+        &f.topology.tasks_exchange,
+        TASK_ROUTING_KEY,
+        b"later".to_vec(),
+    )
+    .message_id("t-1")
+    .attempt(3)
+    .traceparent(Some(tp));
+    f.publisher.publish(&m).await.unwrap();
+    // Three times the delivery limit's worth of releases.
+    for i in 0..6 {
+        let d = next(&f.broker, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("release {i}: the message is gone"));
+        assert_eq!(d.body(), b"later");
+        assert_eq!((d.attempt(), d.traceparent()), (3, Some(tp)));
+        assert_eq!(d.delivery_count(), 0, "release {i}");
+        d.release().await.unwrap();
+    }
+    // The same with a requeueing nack: the quorum queue counts each one and
+    // dead-letters the message past the limit (RabbitMQ 3.10 and later).
+    f.broker.close().await.unwrap();
+    let mut raw = Consumer::start(
+        &f.amqp,
+        ConsumerOptions::new(f.topology.tasks_queue.clone(), 1),
+    )
+    .await
+    .unwrap();
+    let mut counts = Vec::new();
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), raw.next_delivery()).await
+    {
+        assert_eq!(d.message_id(), Some("t-1"));
+        counts.push(d.delivery_count().unwrap_or(0));
+        d.nack(true).await.unwrap();
+    }
+    // (Closing the broker's consumer may have returned it once already.)
+    assert_eq!(counts.last(), Some(&2), "{counts:?}");
+    assert!(
+        counts.windows(2).all(|w| w[1] == w[0] + 1),
+        "each requeue counted, then dead-lettered past the limit: {counts:?}"
+    );
+    assert_eq!(f.depth().await, 0);
+    drop(raw);
     f.cleanup().await;
 }

@@ -34,7 +34,7 @@ pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
     ("", "pods", "watch"),
     ("", "pods/log", "get"),
 ];
-use crate::gate::{ApiGate, CallClass};
+use crate::gate::{ApiGate, ApiOp, CallClass, Permission};
 
 /// In-place retries of transient API errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,11 +166,12 @@ impl KubeApi {
     }
 
     /// Runs `call` through the gate, retrying transient failures in place.
-    async fn call<T, F, Fut>(&self, verb: &'static str, call: F) -> Result<T, ExecError>
+    async fn call<T, F, Fut>(&self, op: ApiOp, call: F) -> Result<T, ExecError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
     {
+        let verb = op.verb();
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.base)
             .with_max_delay(Duration::from_secs(10))
@@ -178,7 +179,7 @@ impl KubeApi {
             .with_jitter()
             .build();
         loop {
-            self.gate.permit().map_err(|_| ExecError::Unavailable)?;
+            self.gate.permit(verb).map_err(|_| ExecError::Unavailable)?;
             let start = Instant::now();
             // A hung request (accepted, never answered) counts as a failure
             // after the request timeout; the retry then finds the Job (409).
@@ -211,6 +212,14 @@ impl KubeApi {
             };
             self.gate.record(verb, class_of(&err), start.elapsed());
             let err = to_exec_error(verb, err);
+            if let ExecError::Api {
+                status: Some(401 | 403),
+                message,
+                ..
+            } = &err
+            {
+                self.gate.denied(self.permission(op), message);
+            }
             if !err.is_transient() {
                 return Err(err);
             }
@@ -225,22 +234,112 @@ impl KubeApi {
         }
     }
 
+    /// `op` in this API's namespace.
+    pub fn permission(&self, op: ApiOp) -> Permission {
+        Permission {
+            op,
+            namespace: self.namespace.clone(),
+        }
+    }
+
+    /// Checks that `op` works, with one harmless call through the gate (no
+    /// in-place retries): a server-side dry run (`dryRun=All`) of a Job
+    /// create, a one-item list, or a read or delete of an object that does
+    /// not exist, whose 404 proves the API answered and RBAC allowed it. A
+    /// 404 counts as a success for the breaker; a 401/403 is reported to the
+    /// gate as [`ApiGate::denied`], like any call's.
+    pub async fn probe(&self, op: ApiOp) -> Result<(), ExecError> {
+        let verb = op.verb();
+        self.gate.permit(verb).map_err(|_| ExecError::Unavailable)?;
+        let start = Instant::now();
+        let name = PROBE_NAME;
+        let call = async {
+            match op {
+                ApiOp::CreateJob => {
+                    let pp = PostParams {
+                        dry_run: true,
+                        ..PostParams::default()
+                    };
+                    self.jobs.create(&pp, &probe_job()).await.map(drop)
+                }
+                ApiOp::GetJob => self.jobs.get(name).await.map(drop),
+                ApiOp::DeleteJob => {
+                    let dp = DeleteParams {
+                        dry_run: true,
+                        ..DeleteParams::background()
+                    };
+                    self.jobs.delete(name, &dp).await.map(drop)
+                }
+                ApiOp::ListJobs => self
+                    .jobs
+                    .list(&ListParams::default().limit(1))
+                    .await
+                    .map(drop),
+                ApiOp::ListPods => self
+                    .pods
+                    .list(&ListParams::default().limit(1))
+                    .await
+                    .map(drop),
+                ApiOp::ReadLog => self.pods.logs(name, &LogParams::default()).await.map(drop),
+            }
+        };
+        let result = match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.gate.record(verb, CallClass::Failure, start.elapsed());
+                return Err(ExecError::Api {
+                    verb,
+                    status: None,
+                    message: format!("no response within {:?}", self.request_timeout),
+                    retry_after: None,
+                });
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.gate.record(verb, CallClass::Success, start.elapsed());
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 && op != ApiOp::CreateJob => {
+                self.gate.record(verb, CallClass::Success, start.elapsed());
+                Ok(())
+            }
+            Err(e) => {
+                self.gate.record(verb, class_of(&e), start.elapsed());
+                let err = to_exec_error(verb, e);
+                if let ExecError::Api {
+                    status: Some(401 | 403),
+                    message,
+                    ..
+                } = &err
+                {
+                    self.gate.denied(self.permission(op), message);
+                }
+                Err(err)
+            }
+        }
+    }
+
     /// Creates a Job. A 409 comes back as `ExecError::Api { status: Some(409) }`.
     pub async fn create_job(&self, job: &Job) -> Result<Job, ExecError> {
         let pp = PostParams::default();
-        self.call("create", || self.jobs.create(&pp, job)).await
+        self.call(ApiOp::CreateJob, || self.jobs.create(&pp, job))
+            .await
     }
 
     /// Reads a Job; `None` when it does not exist.
     pub async fn get_job(&self, name: &str) -> Result<Option<Job>, ExecError> {
-        self.call("get", || self.jobs.get_opt(name)).await
+        self.call(ApiOp::GetJob, || self.jobs.get_opt(name)).await
     }
 
     /// Deletes a Job with `propagationPolicy: Background` (its pods go too);
     /// deleting a Job that is already gone is not an error.
     pub async fn delete_job(&self, name: &str) -> Result<(), ExecError> {
         let dp = DeleteParams::background();
-        match self.call("delete", || self.jobs.delete(name, &dp)).await {
+        match self
+            .call(ApiOp::DeleteJob, || self.jobs.delete(name, &dp))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(ExecError::Api {
                 status: Some(404), ..
@@ -252,7 +351,7 @@ impl KubeApi {
     /// Lists Jobs matching a label selector.
     pub async fn list_jobs(&self, selector: &str) -> Result<Vec<Job>, ExecError> {
         let lp = ListParams::default().labels(selector);
-        self.call("list", || self.jobs.list(&lp))
+        self.call(ApiOp::ListJobs, || self.jobs.list(&lp))
             .await
             .map(|l| l.items)
     }
@@ -260,7 +359,7 @@ impl KubeApi {
     /// Lists Pods matching a label selector.
     pub async fn list_pods(&self, selector: &str) -> Result<Vec<Pod>, ExecError> {
         let lp = ListParams::default().labels(selector);
-        self.call("list", || self.pods.list(&lp))
+        self.call(ApiOp::ListPods, || self.pods.list(&lp))
             .await
             .map(|l| l.items)
     }
@@ -282,13 +381,48 @@ impl KubeApi {
                 .map_err(kube::Error::ReadEvents)?;
             Ok(buf)
         };
-        match self.call("logs", read).await {
+        match self.call(ApiOp::ReadLog, read).await {
             Ok(b) => Ok(Some(b)),
             Err(ExecError::Api {
                 status: Some(404), ..
             }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The name probes read and delete: no Job or Pod has it (sandbox Jobs are
+/// `sf-<task>-a<n>`), so a permitted read answers 404.
+const PROBE_NAME: &str = "sandfleet-api-probe";
+
+/// The smallest valid Job, for the dry-run create probe; the server validates
+/// and admits it, then persists nothing.
+fn probe_job() -> Job {
+    use k8s_openapi::api::batch::v1::JobSpec;
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
+    Job {
+        metadata: kube::api::ObjectMeta {
+            name: Some(PROBE_NAME.to_owned()),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            template: PodTemplateSpec {
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_owned()),
+                    containers: vec![Container {
+                        name: "probe".to_owned(),
+                        image: Some("busybox".to_owned()),
+                        command: Some(vec!["/bin/true".to_owned()]),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

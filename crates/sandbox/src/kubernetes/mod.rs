@@ -48,6 +48,12 @@ const SILENT_WATCH_SLACK: Duration = Duration::from_secs(30);
 /// state before the executor reads the pod directly.
 const POD_WATCH_LAG: Duration = Duration::from_secs(2);
 
+/// How long a finished attempt waits for its pod log while the API (or the
+/// worker's breaker, or RBAC) refuses the read, before the result says the
+/// log was unreadable. It fits inside the 60 s the worker keeps free in the
+/// broker's consumer timeout for what follows the sandbox.
+pub const LOG_READ_PATIENCE: Duration = Duration::from_secs(45);
+
 /// Runs attempts as Kubernetes Jobs.
 #[derive(Clone)]
 pub struct KubeExecutor {
@@ -173,6 +179,49 @@ impl KubeExecutor {
                 }
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the pod log, waiting (bounded by `patience`, with backoff) while
+    /// the read is refused for a reason that passes: an open breaker, API
+    /// errors, a missing permission. The finished Job holds the log, so a
+    /// short outage must not turn into a result without it.
+    async fn read_log(
+        &self,
+        pod: &str,
+        limit: i64,
+        patience: Duration,
+    ) -> Result<Option<Vec<u8>>, ExecError> {
+        use backon::{BackoffBuilder, ExponentialBuilder};
+        let give_up = Instant::now() + patience;
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times()
+            .with_jitter()
+            .build();
+        loop {
+            let err = match self.inner.api.pod_log(pod, limit).await {
+                Ok(log) => return Ok(log),
+                Err(e) => e,
+            };
+            let passing = err.is_transient()
+                || matches!(
+                    err,
+                    ExecError::Api {
+                        status: Some(401 | 403),
+                        ..
+                    }
+                );
+            let delay = backoff
+                .next()
+                .unwrap_or(Duration::from_secs(5))
+                .max(err.retry_after().unwrap_or_default());
+            if !passing || Instant::now() + delay > give_up {
+                return Err(err);
+            }
+            tracing::debug!(pod, error = %err, ?delay, "log not readable yet; waiting");
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -442,15 +491,21 @@ impl Executor for KubeExecutor {
         let limit = settings.log_limit_bytes.max(1024);
         let pod_name = obs.pod.as_ref().and_then(|p| p.metadata.name.clone());
         let (log, log_note) = match pod_name.filter(|_| container_ran(&obs)) {
-            Some(pod) => match self.inner.api.pod_log(&pod, limit).await {
+            Some(pod) => match self.read_log(&pod, limit, LOG_READ_PATIENCE).await {
                 Ok(Some(bytes)) => (bytes, None),
                 Ok(None) => (
                     Vec::new(),
-                    Some("the pod's log was gone before it could be read"),
+                    Some("the pod's log was gone before it could be read".to_owned()),
                 ),
                 Err(e) => {
                     tracing::warn!(job = %name, error = %e, "could not read the sandbox log");
-                    (Vec::new(), Some("the pod's log could not be read"))
+                    (
+                        Vec::new(),
+                        Some(format!(
+                            "the pod's log could not be read within {} s: {e}",
+                            LOG_READ_PATIENCE.as_secs()
+                        )),
+                    )
                 }
             },
             None => (Vec::new(), None),
