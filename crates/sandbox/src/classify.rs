@@ -72,6 +72,13 @@ pub fn from_summary(task: &Task, summary: &Summary) -> Option<Verdict> {
                 code,
                 format!("step {name:?} was killed when the task was stopped"),
             ),
+            StepStatus::FileLimit => Verdict::new(
+                Outcome::Failed,
+                code,
+                format!(
+                    "step {name:?} was stopped for writing a file over the sandbox's size limit (its output or a workspace file)"
+                ),
+            ),
             StepStatus::Fail | StepStatus::Ok => Verdict::new(
                 Outcome::Failed,
                 code,
@@ -95,12 +102,35 @@ pub enum LocalEnd {
     Signalled(i32),
     /// The task's overall deadline passed and the executor stopped it.
     DeadlineExceeded,
+    /// The run's disk usage passed its limit and the executor stopped it.
+    DiskLimit {
+        /// Bytes in use when it was measured.
+        used: u64,
+        /// The limit (`sandbox.local.max_workspace_bytes`).
+        limit: u64,
+    },
 }
 
 /// Classifies a local run.
 pub fn local(task: &Task, summary: &Summary, end: LocalEnd) -> Verdict {
     match end {
         LocalEnd::DeadlineExceeded => deadline(task, summary),
+        LocalEnd::DiskLimit { used, limit } => {
+            let killed = summary
+                .steps
+                .iter()
+                .find(|s| s.status == StepStatus::Killed);
+            let during = killed
+                .map(|s| format!(" during step {:?}", step_name(task, s.index)))
+                .unwrap_or_default();
+            Verdict::new(
+                Outcome::Failed,
+                killed.map(|s| s.exit_code),
+                format!(
+                    "the sandbox used {used} bytes of disk{during}, over its limit of {limit} bytes (sandbox.local.max_workspace_bytes)"
+                ),
+            )
+        }
         LocalEnd::Exited(_) | LocalEnd::Signalled(_)
             if summary.exit_code.is_some() || summary.setup_failure.is_some() =>
         {

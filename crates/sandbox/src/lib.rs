@@ -21,6 +21,7 @@ pub mod gate;
 pub mod kubernetes;
 pub mod local;
 pub mod report;
+mod rundir;
 pub mod script;
 pub mod session;
 

@@ -3,10 +3,43 @@
 //! tests; it is *not* an isolation boundary unless bubblewrap is enabled (and
 //! even then only a light one: read-only host, private /tmp, own IPC/UTS).
 //!
-//! Layout of a run's temp dir: `workspace/` (the step's cwd and `$HOME`),
+//! Layout of a run's directory (`<base>/sf-<task>-a<attempt>-<random>/`,
+//! see [`crate::rundir`]): `workspace/` (the step's cwd and `$HOME`),
 //! `state/` (captured step output, the summary, pid files) and `output.log`
 //! (the script's stdout+stderr, bounded by construction: steps write to
 //! their own files and the script prints only their bounded tails).
+//!
+//! ## A sandbox dies with its worker
+//!
+//! The script runs in a process group of its own and each step in a session
+//! of its own, so nothing the kernel does on the worker's death reaches them,
+//! and `kill_on_drop` only runs on a clean drop. So the script's stdin is a
+//! pipe whose write end only the worker holds (close-on-exec, so no other
+//! child inherits it): when the worker dies — SIGKILL, a panic, a forced exit
+//! — the kernel closes it, and a watcher inside the script
+//! ([`ScriptOptions::watch_parent`]) reads end of file, stops the step and the
+//! script, removes the run directory and kills the script's process group.
+//! A pipe works with every shell and needs no `unsafe` `pre_exec`; the usual
+//! alternative, `PR_SET_PDEATHSIG` (bubblewrap's `--die-with-parent`), fires
+//! when the *thread* that spawned the child exits, which in a tokio runtime
+//! is not the worker's death, and reaches only one process, not the step's
+//! session. What the watcher cannot reach is a step that leaves its session on
+//! purpose (a daemon that calls `setsid` again): the Kubernetes executor is
+//! the containment boundary, the local one a convenience.
+//!
+//! Runs whose watcher could not clean up (the whole process tree killed at
+//! once, a reboot) are removed by the next executor that starts on the same
+//! base directory: each run's lock file is held (`flock`) by its worker, and
+//! a free lock means the owner is gone ([`crate::rundir::sweep`]).
+//!
+//! ## Bounds on what a step writes
+//!
+//! `max_file_bytes` caps every file a step writes, its captured output
+//! included (`ulimit -f`, inherited by everything the step starts): a step
+//! that writes forever is stopped at the cap, the step is recorded as
+//! `limit` and the task fails with a reason naming the setting.
+//! `max_workspace_bytes` caps the disk space of the whole run (many files):
+//! the executor measures it every second and stops the run when it passes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,13 +52,16 @@ use chrono::Utc;
 use rustix::process::{Pid, Signal, kill_process, kill_process_group};
 use sandfleet_proto::{Outcome, Task, TaskId};
 use sandfleet_settings::LocalSettings;
-use tokio::process::Command;
+use tokio::process::{ChildStdin, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::classify::{self, LocalEnd};
 use crate::executor::{ExecError, Execution, Executor, RunContext};
 use crate::report;
-use crate::script::{self, ENV_STATE_DIR, ENV_TERMINATION_LOG, ENV_WORKSPACE, ScriptOptions};
+use crate::rundir::{self, RunDir};
+use crate::script::{
+    self, ENV_LOCAL_RUN_DIR, ENV_STATE_DIR, ENV_TERMINATION_LOG, ENV_WORKSPACE, ScriptOptions,
+};
 
 /// `PATH` of the script: fixed, so a worker's own PATH (version-manager shims
 /// and the like) does not leak into sandboxes.
@@ -35,12 +71,16 @@ pub const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// before its whole process group is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
+/// How often a run's disk usage is measured against `max_workspace_bytes`.
+const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 type RunKey = (TaskId, u32);
 
 /// Runs tasks as local child processes.
 #[derive(Debug, Clone)]
 pub struct LocalExecutor {
     settings: LocalSettings,
+    base: PathBuf,
     bwrap: Option<PathBuf>,
     running: Arc<Mutex<HashMap<RunKey, CancellationToken>>>,
 }
@@ -49,6 +89,9 @@ impl LocalExecutor {
     /// A local executor. With `settings.bubblewrap`, `bwrap` must be on the
     /// worker's PATH, else this fails (silently running unisolated would
     /// surprise whoever turned it on).
+    ///
+    /// Runs live under `settings.work_dir` (default `$TMPDIR/sandfleet-<uid>`);
+    /// runs left there by executors that are gone are removed first.
     pub fn new(settings: LocalSettings) -> Result<LocalExecutor, ExecError> {
         let bwrap = if settings.bubblewrap {
             let found = find_in_path("bwrap").ok_or_else(|| {
@@ -66,11 +109,36 @@ impl LocalExecutor {
                 settings.shell
             )));
         }
+        let base = settings
+            .work_dir
+            .as_ref()
+            .map_or_else(rundir::default_base, PathBuf::from);
+        rundir::ensure_base(&base).map_err(|e| {
+            ExecError::Config(format!("sandbox.local.work_dir {}: {e}", base.display()))
+        })?;
+        match rundir::sweep(&base) {
+            Ok(swept) if swept.removed > 0 => tracing::info!(
+                removed = swept.removed,
+                live = swept.live,
+                dir = %base.display(),
+                "removed local sandboxes left by workers that are gone"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(dir = %base.display(), error = %e, "could not sweep old local sandboxes")
+            }
+        }
         Ok(LocalExecutor {
             settings,
+            base,
             bwrap,
             running: Arc::default(),
         })
+    }
+
+    /// The directory runs are created in.
+    pub fn base_dir(&self) -> &Path {
+        &self.base
     }
 
     /// True when runs are wrapped in bubblewrap.
@@ -126,11 +194,17 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 /// Kills what a run may have left behind when it is dropped or finished:
 /// the running step's process group (steps run in sessions of their own)
 /// and the script's process group.
+///
+/// It also holds the write end of the script's stdin: the field is dropped
+/// after `drop` has killed the groups, so the script's parent watcher (which
+/// would remove the run directory on end of file) is dead before the pipe
+/// closes.
 struct ProcessGuard {
     pgid: Option<Pid>,
     state: PathBuf,
     key: RunKey,
     running: Arc<Mutex<HashMap<RunKey, CancellationToken>>>,
+    lifeline: Option<ChildStdin>,
 }
 
 impl ProcessGuard {
@@ -180,19 +254,15 @@ impl Executor for LocalExecutor {
         _ctx: &RunContext,
     ) -> Result<Execution, ExecError> {
         let budget = self.settings.max_output_bytes as u64;
-        let script = script::generate(task, attempt, &ScriptOptions::for_budget(task, budget))?;
+        let opts = ScriptOptions {
+            max_file_bytes: Some(self.settings.max_file_bytes),
+            watch_parent: true,
+            ..ScriptOptions::for_budget(task, budget)
+        };
+        let script = script::generate(task, attempt, &opts)?;
         let key = (task.id, attempt);
 
-        let mut builder = tempfile::Builder::new();
-        let prefix = format!("sandfleet-{}-a{attempt}-", task.id.simple());
-        builder.prefix(&prefix);
-        let dir = match &self.settings.work_dir {
-            Some(base) => {
-                std::fs::create_dir_all(base)?;
-                builder.tempdir_in(base)?
-            }
-            None => builder.tempdir()?,
-        };
+        let dir = RunDir::create(&self.base, &task.id.simple().to_string(), attempt)?;
         let workspace = dir.path().join("workspace");
         let state = dir.path().join("state");
         std::fs::create_dir_all(&workspace)?;
@@ -217,6 +287,7 @@ impl Executor for LocalExecutor {
             state: state.clone(),
             key,
             running: self.running.clone(),
+            lifeline: None,
         };
         let summary_path = state.join("summary");
         let output_path = dir.path().join("output.log");
@@ -230,7 +301,9 @@ impl Executor for LocalExecutor {
             .env(ENV_WORKSPACE, &workspace)
             .env(ENV_STATE_DIR, &state)
             .env(ENV_TERMINATION_LOG, &summary_path)
-            .stdin(Stdio::null())
+            .env(ENV_LOCAL_RUN_DIR, dir.path())
+            // The lifeline: see the module docs.
+            .stdin(Stdio::piped())
             .stdout(Stdio::from(output.try_clone()?))
             .stderr(Stdio::from(output))
             .process_group(0)
@@ -239,18 +312,22 @@ impl Executor for LocalExecutor {
         let started_at = Utc::now();
         let mut child = cmd.spawn()?;
         guard.pgid = child.id().and_then(|id| Pid::from_raw(id as i32));
+        guard.lifeline = child.stdin.take();
         tracing::debug!(task = %task.id, attempt, dir = %dir.path().display(), "local sandbox started");
 
         let deadline = Duration::from_secs(task.sandbox.deadline_secs);
-        // `child.wait()` is cancel-safe: losing the race only drops the future.
-        let end = tokio::select! {
-            status = child.wait() => Some(status?),
-            () = tokio::time::sleep(deadline) => None,
-            () = token.cancelled() => None,
+        let disk_limit = self.settings.max_workspace_bytes;
+        // `child.wait()` is cancel-safe: losing the race only drops the future;
+        // so is the disk watch (a measurement in flight finishes unobserved).
+        let stop = tokio::select! {
+            status = child.wait() => Stop::Exited(status?),
+            () = tokio::time::sleep(deadline) => Stop::Deadline,
+            () = token.cancelled() => Stop::Cancelled,
+            used = disk_over(dir.path().to_owned(), disk_limit) => Stop::Disk(used),
         };
-        let end = match end {
-            Some(status) => exit_of(status),
-            None => {
+        let end = match stop {
+            Stop::Exited(status) => exit_of(status),
+            stop => {
                 // Ask the script to stop its step and write its summary, then make sure.
                 let script_pid = read_pid(&state.join("script.pid")).or(guard.pgid);
                 if let Some(pid) = script_pid {
@@ -259,10 +336,13 @@ impl Executor for LocalExecutor {
                 let _ = tokio::time::timeout(STOP_GRACE, child.wait()).await;
                 guard.kill_all();
                 let _ = child.wait().await;
-                if token.is_cancelled() {
-                    LocalEnd::Signalled(15)
-                } else {
-                    LocalEnd::DeadlineExceeded
+                match stop {
+                    Stop::Disk(used) => LocalEnd::DiskLimit {
+                        used,
+                        limit: disk_limit,
+                    },
+                    Stop::Cancelled => LocalEnd::Signalled(15),
+                    _ => LocalEnd::DeadlineExceeded,
                 }
             }
         };
@@ -286,6 +366,17 @@ impl Executor for LocalExecutor {
         } else {
             classify::local(task, &summary, end)
         };
+        let hit_file_limit = summary
+            .steps
+            .iter()
+            .any(|s| s.status == script::StepStatus::FileLimit);
+        let error = match &verdict.error {
+            Some(e) if hit_file_limit && !cancelled => Some(format!(
+                "{e} of {} bytes (sandbox.local.max_file_bytes)",
+                self.settings.max_file_bytes
+            )),
+            e => e.clone(),
+        };
         Ok(Execution {
             outcome: verdict.outcome,
             exit_code: verdict.exit_code,
@@ -296,10 +387,10 @@ impl Executor for LocalExecutor {
             started_at: Some(started_at),
             finished_at,
             sandbox: dir.path().display().to_string(),
-            error: verdict.error,
+            error,
             adopted: false,
         })
-        // `dir` drops here: the workspace is removed.
+        // `dir` drops here: the run directory is removed, then its lock.
     }
 
     async fn cancel(&self, task_id: TaskId, attempt: u32) -> Result<(), ExecError> {
@@ -309,6 +400,27 @@ impl Executor for LocalExecutor {
             token.cancel();
         }
         Ok(())
+    }
+}
+
+/// Why the wait for the script ended.
+enum Stop {
+    Exited(std::process::ExitStatus),
+    Deadline,
+    Cancelled,
+    Disk(u64),
+}
+
+/// Resolves with the disk usage of `dir` once it passes `limit` (measured
+/// every [`DISK_CHECK_INTERVAL`], off the async threads: a big tree takes a while).
+async fn disk_over(dir: PathBuf, limit: u64) -> u64 {
+    loop {
+        tokio::time::sleep(DISK_CHECK_INTERVAL).await;
+        let d = dir.clone();
+        match tokio::task::spawn_blocking(move || rundir::disk_usage(&d, limit)).await {
+            Ok(used) if used > limit => return used,
+            _ => {}
+        }
     }
 }
 

@@ -26,13 +26,20 @@
 //!    prints its tail between marker lines, with an explicit truncation line
 //!    ([`TRUNCATION_PREFIX`]) when output was dropped.
 //! 4. Records one short line per step in `$SANDFLEET_TERMINATION_LOG`
-//!    (`<index> <exit> <ms> <ok|fail|timeout|killed>`), which always fits the
+//!    (`<index> <exit> <ms> <ok|fail|timeout|killed|limit>`), which always fits the
 //!    kubelet's 4096-byte termination message (at most [`MAX_STEPS`] steps).
 //! 5. Stops at the first failing step unless it continues on error, prints the
 //!    requested artifacts (bounded), and exits with the failing step's code.
 //!
 //! A TERM/INT/HUP to the script (the overall deadline, a cancel) kills the
 //! running step's group, records it as `killed` and exits 143.
+//!
+//! Two options serve the local executor, which has no kubelet around it:
+//! [`ScriptOptions::max_file_bytes`] caps every file a step writes (its
+//! captured output included) with `ulimit -f`, and
+//! [`ScriptOptions::watch_parent`] makes the sandbox die with its executor:
+//! the script's stdin is a pipe only the executor holds, and a watcher in the
+//! script stops everything when it reads end of file.
 //!
 //! [`parse_summary`] and [`parse_log`] read the two channels back.
 
@@ -49,6 +56,11 @@ pub const ENV_TERMINATION_LOG: &str = "SANDFLEET_TERMINATION_LOG";
 pub const ENV_STATE_DIR: &str = "SANDFLEET_STATE_DIR";
 /// Environment variable holding the script itself (pods run `$SANDFLEET_SCRIPT`).
 pub const ENV_SCRIPT: &str = "SANDFLEET_SCRIPT";
+/// Environment variable holding the local executor's run directory, which
+/// the parent watcher removes when the executor is gone
+/// ([`ScriptOptions::watch_parent`]). The executor sets it last, so a task
+/// value of the same name never reaches the script.
+pub const ENV_LOCAL_RUN_DIR: &str = "SANDFLEET_LOCAL_RUN_DIR";
 
 /// Most steps a task may have: keeps the summary inside the kubelet's
 /// 4096-byte termination message (one line of at most ~30 bytes per step).
@@ -66,7 +78,7 @@ pub const MARKER: &str = "::sandfleet::";
 /// split into chunks.
 const ENV_CHUNK_BYTES: usize = 96 * 1024;
 
-/// Bounds on what the script prints.
+/// Bounds on what the script prints and writes, and how it is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScriptOptions {
     /// Tail of each step's output that is printed, in bytes.
@@ -75,6 +87,18 @@ pub struct ScriptOptions {
     pub artifact_bytes: u64,
     /// Seconds between TERM and KILL when a step times out.
     pub kill_grace_secs: u64,
+    /// Largest file a step may write, in bytes (`ulimit -f`): its captured
+    /// output as well as any file in the workspace. A step that reaches it is
+    /// recorded as `limit` and stops the task. `None`: no limit from the
+    /// script (pods are bounded by their ephemeral-storage limit instead).
+    pub max_file_bytes: Option<u64>,
+    /// The script's stdin is a pipe whose write end only the executor holds
+    /// (the local executor). End of file on it means the executor is gone,
+    /// however it died (SIGKILL included): the script's watcher then stops
+    /// the running step and the script, removes `$SANDFLEET_LOCAL_RUN_DIR`
+    /// (and its `.lock`) when set, and kills the script's process group.
+    /// Off in pods, whose stdin is not a pipe and whose life the kubelet owns.
+    pub watch_parent: bool,
 }
 
 impl ScriptOptions {
@@ -95,6 +119,8 @@ impl ScriptOptions {
             step_output_bytes,
             artifact_bytes,
             kill_grace_secs: 2,
+            max_file_bytes: None,
+            watch_parent: false,
         }
     }
 }
@@ -241,6 +267,8 @@ sf_step_idx=
 sf_step_start=0
 sf_wd_pid=
 sf_t=0
+sf_fblocks=
+sf_fcap=
 if command -v setsid >/dev/null 2>&1; then sf_setsid=setsid; else sf_setsid=; fi
 
 # Milliseconds since the epoch in sf_t (seconds * 1000 where date lacks %N).
@@ -347,6 +375,9 @@ sf_stop_watchdog() {
 
 sf_abort() {
   trap '' TERM INT HUP
+  # A TERM that lands between starting a step and recording its pid: $! is
+  # that step (the watchdog starts only after the pid is recorded).
+  if [ -z "$sf_step_pid" ] && [ -n "$sf_step_idx" ]; then sf_step_pid=${!:-}; fi
   sf_kill_step KILL
   sf_stop_watchdog
   if [ -n "$sf_step_idx" ]; then sf_finish "$sf_step_idx" 143 killed; fi
@@ -354,6 +385,45 @@ sf_abort() {
   exit 143
 }
 trap sf_abort TERM INT HUP
+
+# `ulimit -f` counts 512-byte blocks in POSIX shells but 1 KiB blocks in
+# bash outside POSIX mode: measure which, by letting a throw-away subshell
+# write 600 bytes under a limit of one block.
+sf_file_limit() {
+  ( ulimit -f 1 && printf '%0600d' 0 >"$sf_state/fsize.probe" ) 2>/dev/null
+  sf_n=$(wc -c <"$sf_state/fsize.probe" 2>/dev/null) || sf_n=0
+  rm -f "$sf_state/fsize.probe"
+  if [ "$(( $sf_n + 0 ))" -gt 512 ]; then sf_u=1024; else sf_u=512; fi
+  sf_fblocks=$(( ($1 + sf_u - 1) / sf_u ))
+  sf_fcap=$(( sf_fblocks * sf_u ))
+}
+
+# Local executor only: stdin is a pipe whose write end only the executor
+# holds, so end of file on it means the executor is gone, even SIGKILLed.
+# Then: TERM the script (its trap kills the step's group and records it),
+# make sure after the grace period, remove the run directory, and kill this
+# process group, the watcher included. The watcher stays in the group until
+# the executor kills the group, which keeps the group's id from being reused.
+sf_watch_parent() {
+  exec 3<&0
+  # An asynchronous list gets /dev/null as stdin unless it redirects it.
+  (
+    trap '' TERM INT HUP
+    while read -r sf_x; do :; done
+    kill -s TERM "$$" 2>/dev/null
+    sf_i=0
+    while kill -0 "$$" 2>/dev/null && [ "$sf_i" -lt "$sf_grace" ]; do sleep 1; sf_i=$(( sf_i + 1 )); done
+    sf_p=$(cat "$sf_state/step.pid" 2>/dev/null) || sf_p=
+    if kill -0 "$$" 2>/dev/null && [ -n "$sf_p" ]; then
+      kill -s KILL -- "-$sf_p" 2>/dev/null || kill -s KILL "-$sf_p" 2>/dev/null
+    fi
+    if [ -n "${SANDFLEET_LOCAL_RUN_DIR:-}" ]; then
+      rm -rf "$SANDFLEET_LOCAL_RUN_DIR" "$SANDFLEET_LOCAL_RUN_DIR.lock"
+    fi
+    kill -s KILL 0
+  ) <&3 >/dev/null 2>&1 &
+  exec 3<&- </dev/null
+}
 
 # Wait for the step started last ($1 index, $2 timeout, $3 continue on error).
 sf_wait() {
@@ -378,11 +448,18 @@ sf_wait() {
   # Leftovers of the step (background children) die with its group.
   if [ -n "$sf_setsid" ]; then sf_kill_step KILL; fi
   sf_step_pid=
+  sf_n=0
+  if [ -n "$sf_fcap" ]; then
+    sf_n=$(wc -c <"$sf_state/out.$1" 2>/dev/null) || sf_n=0
+    sf_n=$(( $sf_n + 0 ))
+  fi
   if [ "$sf_rc" -eq 0 ]; then sf_status=ok
   elif [ -e "$sf_state/timeout.$1" ]; then sf_status=timeout
+  elif [ -n "$sf_fcap" ] && { [ "$sf_n" -ge "$sf_fcap" ] || [ "$sf_rc" -eq 153 ]; }; then sf_status=limit
   else sf_status=fail
   fi
   sf_finish "$1" "$sf_rc" "$sf_status"
+  if [ "$sf_status" = limit ]; then sf_end "$sf_rc"; fi
   if [ "$sf_status" != ok ] && [ "$3" = 0 ]; then sf_end "$sf_rc"; fi
 }
 "#;
@@ -419,6 +496,9 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
     let _ = writeln!(text, "sf_grace={}", opts.kill_grace_secs.max(1));
     let _ = writeln!(text, "sf_out_limit={}", opts.step_output_bytes.max(1));
     let _ = writeln!(text, "sf_art_limit={}", opts.artifact_bytes.max(1));
+    if opts.watch_parent {
+        text.push_str("sf_watch_parent\n");
+    }
 
     text.push_str("sf_artifacts() {\n  :\n");
     for (i, path) in task.artifacts.iter().enumerate() {
@@ -435,6 +515,9 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
     text.push_str("printf '%s\\n' \"$$\" >\"$sf_state/script.pid\"\n");
     // Job-status chatter of the shell ("Killed", "Terminated") stays out of the log.
     text.push_str("exec 2>>\"$sf_state/script.err\"\n");
+    if let Some(bytes) = opts.max_file_bytes {
+        let _ = writeln!(text, "sf_file_limit {}", bytes.max(1));
+    }
     for (i, file) in task.files.iter().enumerate() {
         check_path(format!("files[{i}].path"), &file.path)?;
         check_value(|| format!("files[{i}].content"), &file.content)?;
@@ -473,6 +556,9 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
         check_value(|| format!("steps[{i}].run"), &step.run)?;
         env.push((format!("SANDFLEET_STEP_{i}_RUN"), step.run.clone()));
         let _ = writeln!(text, "\nsf_start {i}\n( cd \"$sf_ws\" || exit 125");
+        if opts.max_file_bytes.is_some() {
+            text.push_str("  ulimit -f \"$sf_fblocks\" 2>/dev/null || :\n");
+        }
         for (k, (name, value)) in step.env.iter().enumerate() {
             check_name(|| format!("steps[{i}].env.{name}"), name)?;
             check_value(|| format!("steps[{i}].env.{name}"), value)?;
@@ -504,6 +590,10 @@ pub enum StepStatus {
     Timeout,
     /// Killed because the whole script was stopped (deadline, cancel).
     Killed,
+    /// Reached the largest file a step may write (its output or a workspace
+    /// file; [`ScriptOptions::max_file_bytes`]). Stops the task even when the
+    /// step continues on error.
+    FileLimit,
 }
 
 /// One summary line: `<index> <exit> <ms> <status>`.
@@ -538,7 +628,8 @@ impl Summary {
     pub fn deciding_step(&self, continue_on_error: impl Fn(usize) -> bool) -> Option<&StepLine> {
         self.steps.iter().find(|s| {
             s.status != StepStatus::Ok
-                && (s.status == StepStatus::Killed || !continue_on_error(s.index))
+                && (matches!(s.status, StepStatus::Killed | StepStatus::FileLimit)
+                    || !continue_on_error(s.index))
         })
     }
 }
@@ -560,6 +651,7 @@ pub fn parse_summary(text: &str) -> Summary {
                         "fail" => StepStatus::Fail,
                         "timeout" => StepStatus::Timeout,
                         "killed" => StepStatus::Killed,
+                        "limit" => StepStatus::FileLimit,
                         _ => continue,
                     };
                     if let (Ok(index), Ok(exit_code), Ok(duration_ms)) =
@@ -756,6 +848,8 @@ mod tests {
         step_output_bytes: 1000,
         artifact_bytes: 100,
         kill_grace_secs: 1,
+        max_file_bytes: None,
+        watch_parent: false,
     };
 
     #[test]

@@ -40,6 +40,15 @@ fn dead(pid: u32) -> bool {
     }
 }
 
+/// The one run directory under `base`, once it exists.
+fn run_dir(base: &Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(base)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_type().unwrap().is_dir())
+        .map(|e| e.path())
+}
+
 async fn wait_for_file(path: &Path) -> String {
     for _ in 0..500 {
         if let Ok(s) = std::fs::read_to_string(path)
@@ -150,8 +159,8 @@ async fn overall_deadline_kills_everything() {
     let run = exec.run(&task, 1, &ctx);
     let (result, gc) = tokio::join!(run, async {
         let ws = loop {
-            if let Some(e) = std::fs::read_dir(dir.path()).unwrap().flatten().next() {
-                break e.path().join("workspace");
+            if let Some(ws) = run_dir(dir.path()) {
+                break ws.join("workspace");
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
@@ -188,8 +197,8 @@ async fn dropping_the_run_leaves_nothing_running() {
     .unwrap();
     let handle = tokio::spawn(async move { exec.run(&task, 1, &ctx()).await });
     let ws = loop {
-        if let Some(e) = std::fs::read_dir(dir.path()).unwrap().flatten().next() {
-            break e.path().join("workspace");
+        if let Some(ws) = run_dir(dir.path()) {
+            break ws.join("workspace");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
@@ -232,8 +241,8 @@ async fn cancel_stops_a_running_attempt() {
     let runner = exec.clone();
     let handle = tokio::spawn(async move { runner.run(&task, 1, &ctx()).await });
     let ws = loop {
-        if let Some(e) = std::fs::read_dir(dir.path()).unwrap().flatten().next() {
-            break e.path().join("workspace");
+        if let Some(ws) = run_dir(dir.path()) {
+            break ws.join("workspace");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
@@ -310,4 +319,268 @@ async fn node_fix_attempt_succeeds_with_a_junit_artifact() {
             .contains("<testsuites"),
         "{junit:?}"
     );
+}
+
+/// Environment variable that turns [`helper_runs_one_sandbox_until_killed`]
+/// into a worker stand-in: it runs one sandbox under the base dir named here.
+const HELPER_BASE: &str = "SANDFLEET_TEST_HELPER_BASE";
+
+/// Not a test on its own: the worker stand-in the tests below start as a
+/// separate process (this test binary, re-executed) and SIGKILL.
+#[tokio::test]
+#[ignore = "helper process for the tests that kill a worker; started by them"]
+async fn helper_runs_one_sandbox_until_killed() {
+    let base = std::env::var(HELPER_BASE).expect("started by a test");
+    let mut task = example("python-fix-attempt.json");
+    task.files.clear();
+    task.steps.truncate(1);
+    // A grandchild in the background, the step itself in the foreground.
+    task.steps[0].run = "sleep 300 & echo $! > gc.pid; echo $$ > step.pid; sleep 300".into();
+    task.steps[0].timeout_secs = 600;
+    task.sandbox.deadline_secs = 600;
+    let exec = LocalExecutor::new(LocalSettings {
+        work_dir: Some(base),
+        ..LocalSettings::default()
+    })
+    .unwrap();
+    let _ = exec.run(&task, 1, &ctx()).await;
+    unreachable!("the sandbox sleeps until the test kills this process");
+}
+
+/// Starts the helper on `base` and waits until its sandbox's step and
+/// grandchild run: (helper, run dir, step pid, grandchild pid).
+async fn start_helper(base: &Path) -> (std::process::Child, std::path::PathBuf, u32, u32) {
+    let helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "helper_runs_one_sandbox_until_killed",
+        ])
+        .env(HELPER_BASE, base)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = loop {
+        if let Some(run) = run_dir(base) {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let ws = run.join("workspace");
+    let step = wait_for_file(&ws.join("step.pid"))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    let gc = wait_for_file(&ws.join("gc.pid"))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    (helper, run, step, gc)
+}
+
+async fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "{what} within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_sigkilled_worker_takes_its_sandbox_and_run_dir_with_it() {
+    let base = tempfile::tempdir().unwrap();
+    let (mut helper, run, step, gc) = start_helper(base.path()).await;
+    assert!(!dead(step) && !dead(gc));
+    helper.kill().unwrap(); // SIGKILL: no destructor, no kill_on_drop
+    helper.wait().unwrap();
+    // The step runs in a session of its own and the grandchild in the
+    // background: both die with the worker, and the run directory and its
+    // lock go with them.
+    wait_until(
+        "the step and its grandchild die",
+        Duration::from_secs(10),
+        || dead(step) && dead(gc),
+    )
+    .await;
+    wait_until(
+        "the run directory is removed",
+        Duration::from_secs(10),
+        || std::fs::read_dir(base.path()).unwrap().count() == 0,
+    )
+    .await;
+    assert!(!run.exists());
+}
+
+#[tokio::test]
+async fn a_starting_executor_removes_runs_whose_worker_is_gone() {
+    let base = tempfile::tempdir().unwrap();
+    let (mut helper, run, step, gc) = start_helper(base.path()).await;
+    // The worker and its whole sandbox die at once, before the sandbox's
+    // watcher can clean up (as with a kill of the whole tree, or a reboot
+    // with a persistent work dir): freeze the script's group, kill the
+    // worker, then kill everything frozen.
+    let script: i32 = std::fs::read_to_string(run.join("state/script.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let group = rustix::process::Pid::from_raw(script).unwrap();
+    rustix::process::kill_process_group(group, rustix::process::Signal::STOP).unwrap();
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    for pid in [step, gc] {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+    }
+    rustix::process::kill_process_group(group, rustix::process::Signal::KILL).unwrap();
+    assert!(run.join("workspace").exists(), "left behind");
+    wait_until("the sandbox is dead", Duration::from_secs(10), || {
+        dead(step) && dead(gc) && dead(script as u32)
+    })
+    .await;
+    assert!(run.exists(), "nothing cleaned up yet");
+
+    // A live run of another executor on the same base dir is not touched.
+    let mut live = example("python-fix-attempt.json");
+    live.files.clear();
+    live.steps.truncate(1);
+    live.steps[0].run = "echo started > started; sleep 300".into();
+    let other = std::sync::Arc::new(
+        LocalExecutor::new(LocalSettings {
+            work_dir: Some(base.path().display().to_string()),
+            ..LocalSettings::default()
+        })
+        .unwrap(),
+    );
+    assert!(!run.exists(), "the first executor removes what it finds");
+    let (id, runner) = (live.id, other.clone());
+    let handle = tokio::spawn(async move { runner.run(&live, 1, &ctx()).await });
+    let live_dir = loop {
+        if let Some(d) = run_dir(base.path()) {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    wait_for_file(&live_dir.join("workspace/started")).await;
+    let _restarted = LocalExecutor::new(LocalSettings {
+        work_dir: Some(base.path().display().to_string()),
+        ..LocalSettings::default()
+    })
+    .unwrap();
+    assert!(
+        live_dir.join("workspace/started").exists(),
+        "a live run is kept"
+    );
+    other.cancel(id, 1).await.unwrap();
+    let r = handle.await.unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Cancelled);
+    assert_eq!(std::fs::read_dir(base.path()).unwrap().count(), 0);
+}
+
+fn limited(max_file_bytes: u64, max_workspace_bytes: u64) -> (tempfile::TempDir, LocalExecutor) {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = LocalExecutor::new(LocalSettings {
+        work_dir: Some(dir.path().display().to_string()),
+        max_file_bytes,
+        max_workspace_bytes,
+        ..LocalSettings::default()
+    })
+    .unwrap();
+    (dir, exec)
+}
+
+#[tokio::test]
+async fn a_step_writing_output_forever_is_stopped_at_the_file_limit() {
+    let (_dir, exec) = limited(2 << 20, 1 << 30);
+    let mut task = example("python-fix-attempt.json");
+    task.files.clear();
+    task.steps.truncate(1);
+    task.steps[0].run = "echo begin; yes sandfleet-writes-forever".into();
+    task.steps[0].continue_on_error = true; // a limit stops the task anyway
+    task.steps.push(sandfleet_proto::Step {
+        name: "never".into(),
+        run: "echo never".into(),
+        timeout_secs: 5,
+        env: Default::default(),
+        continue_on_error: false,
+    });
+    task.sandbox.deadline_secs = 60;
+    let started = Instant::now();
+    let r = exec.run(&task, 1, &ctx()).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.outcome, Outcome::Failed, "{r:#?}");
+    let error = r.error.as_deref().unwrap();
+    assert!(error.contains("size limit"), "{error}");
+    assert!(
+        error.contains(&format!("{} bytes (sandbox.local.max_file_bytes)", 2 << 20)),
+        "{error}"
+    );
+    assert!(r.steps[0].output_truncated);
+    assert!(r.steps[0].output_tail.contains("sandfleet-writes-forever"));
+    assert!(r.steps[1].skipped, "{:?}", r.steps[1]);
+    assert!(!r.outcome.is_retryable());
+}
+
+#[tokio::test]
+async fn a_step_filling_the_workspace_with_files_is_stopped_at_the_disk_limit() {
+    let (dir, exec) = limited(1 << 30, 8 << 20);
+    let mut task = example("python-fix-attempt.json");
+    task.files.clear();
+    task.steps.truncate(1);
+    // Many small files: no single one reaches the file limit.
+    task.steps[0].run =
+        "i=0; while :; do head -c 262144 /dev/zero > f$i || exit 1; i=$((i+1)); done".into();
+    task.sandbox.deadline_secs = 60;
+    let started = Instant::now();
+    let ctx = ctx();
+    let run = exec.run(&task, 1, &ctx);
+    let (r, peak) = tokio::join!(run, async {
+        // What the run directory reached, measured from outside.
+        let mut peak = 0u64;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Some(d) = run_dir(dir.path()) {
+                let out = std::process::Command::new("du")
+                    .args(["-sk"])
+                    .arg(&d)
+                    .output()
+                    .unwrap();
+                let kb: u64 = String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .next()
+                    .and_then(|k| k.parse().ok())
+                    .unwrap_or(0);
+                peak = peak.max(kb * 1024);
+            } else if start.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        peak
+    });
+    let r = r.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.outcome, Outcome::Failed, "{r:#?}");
+    let error = r.error.as_deref().unwrap();
+    assert!(
+        error.contains("sandbox.local.max_workspace_bytes"),
+        "{error}"
+    );
+    assert!(error.contains("during step \"apply-patch\""), "{error}");
+    // Checked every second: the overshoot is what a step writes in one.
+    assert!(peak < 2 << 30, "peak {peak}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,6 +46,8 @@ const OPTS: ScriptOptions = ScriptOptions {
     step_output_bytes: 1000,
     artifact_bytes: 64,
     kill_grace_secs: 1,
+    max_file_bytes: None,
+    watch_parent: false,
 };
 
 struct Run {
@@ -76,7 +79,17 @@ fn shell(argv: &[&str]) -> Command {
 
 /// Runs the script for `task`; `before_wait` may signal the child.
 fn run_with(argv: &[&str], task: &Task, path: &str, before_wait: impl FnOnce(u32, &Path)) -> Run {
-    let script = script::generate(task, 1, &OPTS).unwrap();
+    run_opts(argv, task, path, &OPTS, before_wait)
+}
+
+fn run_opts(
+    argv: &[&str],
+    task: &Task,
+    path: &str,
+    opts: &ScriptOptions,
+    before_wait: impl FnOnce(u32, &Path),
+) -> Run {
+    let script = script::generate(task, 1, opts).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path().join("ws");
     let state = dir.path().join("state");
@@ -495,6 +508,184 @@ fn large_input_files_arrive_whole() {
             std::fs::read_to_string(r.ws().join("data/big.txt")).unwrap(),
             content,
             "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_step_reaching_the_file_limit_is_stopped_and_recorded() {
+    let t = task()
+        .with_step("noisy", "echo begin; yes sandfleet", 30)
+        .with_step("never", "echo never", 5);
+    let mut t = t;
+    // The limit stops the task even when the step may fail.
+    t.steps[0].continue_on_error = true;
+    let opts = ScriptOptions {
+        max_file_bytes: Some(64 * 1024),
+        ..OPTS
+    };
+    for (name, argv) in SHELLS {
+        let r = run_opts(argv, &t, PATH, &opts, |_, _| {});
+        assert_eq!(
+            r.summary.steps[0].status,
+            StepStatus::FileLimit,
+            "{name}: {}",
+            r.summary_text
+        );
+        assert_eq!(r.summary.steps.len(), 1, "{name}: {}", r.summary_text);
+        // `ulimit -f` counts 512- or 1024-byte blocks depending on the shell:
+        // the script measured which, so the cap is exact everywhere.
+        let captured = std::fs::metadata(r.dir.path().join("state/out.0"))
+            .unwrap()
+            .len();
+        assert_eq!(captured, 64 * 1024, "{name}");
+        assert!(r.log.steps[&0].truncated, "{name}");
+        assert!(
+            !r.raw_log.contains("File size limit"),
+            "{name}: {}",
+            r.raw_log
+        );
+        assert!(r.elapsed < Duration::from_secs(10), "{name}");
+        // A workspace file hits the same cap.
+        let big = task().with_step("big", "head -c 100000 /dev/zero > big.bin", 30);
+        let r = run_opts(argv, &big, PATH, &opts, |_, _| {});
+        assert_eq!(
+            r.summary.steps[0].status,
+            StepStatus::FileLimit,
+            "{name}: {}",
+            r.summary_text
+        );
+        assert_eq!(
+            std::fs::metadata(r.ws().join("big.bin")).unwrap().len(),
+            64 * 1024,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn end_of_file_on_stdin_stops_everything_and_removes_the_run_dir() {
+    let t = task().with_step(
+        "long",
+        "sleep 300 & echo $! > gc.pid; echo $$ > step.pid; sleep 300",
+        100,
+    );
+    let opts = ScriptOptions {
+        watch_parent: true,
+        ..OPTS
+    };
+    let script = script::generate(&t, 1, &opts).unwrap();
+    for (name, argv) in SHELLS {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let lock = dir.path().join("run.lock");
+        std::fs::write(&lock, "").unwrap();
+        let ws = run.join("ws");
+        std::fs::create_dir_all(run.join("state")).unwrap();
+        let mut child = shell(argv)
+            .arg("-c")
+            .arg(&script.text)
+            .env_clear()
+            .env("PATH", PATH)
+            .envs(script.env.iter().map(|(k, v)| (k, v)))
+            .env(script::ENV_WORKSPACE, &ws)
+            .env(script::ENV_STATE_DIR, run.join("state"))
+            .env(script::ENV_TERMINATION_LOG, run.join("tlog"))
+            .env(script::ENV_LOCAL_RUN_DIR, &run)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // The watcher kills its process group last: it must not be ours.
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut read_pid = |f: &str| -> u32 {
+            for _ in 0..250 {
+                if let Ok(s) = std::fs::read_to_string(ws.join(f))
+                    && let Ok(pid) = s.trim().parse()
+                {
+                    return pid;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            panic!(
+                "{name}: {f} never appeared; summary {:?}, errors {:?}, exit {:?}",
+                std::fs::read_to_string(run.join("tlog")),
+                std::fs::read_to_string(run.join("state/script.err")),
+                child.try_wait()
+            );
+        };
+        let (step, gc) = (read_pid("step.pid"), read_pid("gc.pid"));
+        // The executor goes away: its end of the pipe closes.
+        drop(child.stdin.take());
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{name}: script still running"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "{name}");
+        assert!(wait_dead(step), "{name}: step survived");
+        assert!(wait_dead(gc), "{name}: grandchild survived");
+        for _ in 0..250 {
+            if !run.exists() && !lock.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!run.exists(), "{name}: run dir left behind");
+        assert!(!lock.exists(), "{name}: lock left behind");
+    }
+}
+
+#[test]
+fn while_stdin_stays_open_the_watcher_does_nothing() {
+    let t = task().with_step("quick", "echo done", 10);
+    let opts = ScriptOptions {
+        watch_parent: true,
+        ..OPTS
+    };
+    let script = script::generate(&t, 1, &opts).unwrap();
+    for (name, argv) in SHELLS {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(run.join("state")).unwrap();
+        let mut child = shell(argv)
+            .arg("-c")
+            .arg(&script.text)
+            .env_clear()
+            .env("PATH", PATH)
+            .envs(script.env.iter().map(|(k, v)| (k, v)))
+            .env(script::ENV_WORKSPACE, run.join("ws"))
+            .env(script::ENV_STATE_DIR, run.join("state"))
+            .env(script::ENV_TERMINATION_LOG, run.join("tlog"))
+            .env(script::ENV_LOCAL_RUN_DIR, &run)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        // Held open, as a live executor does (`Child::wait` would close it).
+        let lifeline = child.stdin.take();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{name}");
+        let summary = std::fs::read_to_string(run.join("tlog")).unwrap();
+        assert!(summary.contains("end 0"), "{name}: {summary}");
+        // The watcher outlives the script until its group is killed: that
+        // keeps the group id from being reused before the executor kills it.
+        let pgid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL)
+            .expect("the watcher still holds the group");
+        drop(lifeline);
+        assert!(
+            run.join("ws").exists(),
+            "{name}: removed while the executor lives"
         );
     }
 }

@@ -431,6 +431,8 @@ impl Settings {
             c.fail("sandbox.local.shell", "must be an absolute path");
         }
         c.at_least("sandbox.local.max_output_bytes", l.max_output_bytes, 1024);
+        c.at_least("sandbox.local.max_file_bytes", l.max_file_bytes, 1 << 20);
+        c.at_least("sandbox.local.max_workspace_bytes", l.max_workspace_bytes, 1 << 20);
         if l.work_dir.as_deref().is_some_and(str::is_empty) {
             c.fail("sandbox.local.work_dir", "must not be empty when set");
         }

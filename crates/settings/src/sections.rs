@@ -230,6 +230,14 @@ pub struct LocalSettings {
     pub max_output_bytes: usize,
     /// Run the script under bubblewrap when it is installed.
     pub bubblewrap: bool,
+    /// Largest file a step may write, in bytes: its captured output and any
+    /// single file in its workspace (`ulimit -f`). Reaching it ends the task
+    /// as `failed` with a reason that says so.
+    pub max_file_bytes: u64,
+    /// Disk space a run may use, in bytes: the workspace and the captured
+    /// output together, measured every second. Passing it stops the task as
+    /// `failed` with a reason that says so.
+    pub max_workspace_bytes: u64,
 }
 
 impl Default for LocalSettings {
@@ -239,6 +247,8 @@ impl Default for LocalSettings {
             shell: "/bin/sh".to_owned(),
             max_output_bytes: 64 * 1024,
             bubblewrap: false,
+            max_file_bytes: 1 << 30,
+            max_workspace_bytes: 4 << 30,
         }
     }
 }
