@@ -59,7 +59,7 @@ pub use error::{
     AmqpError, REPLY_ACCESS_REFUSED, REPLY_CONNECTION_FORCED, REPLY_NO_ROUTE, REPLY_NOT_FOUND,
     REPLY_PRECONDITION_FAILED, REPLY_RESOURCE_LOCKED,
 };
-pub use management::Management;
+pub use management::{Management, QueueConsumer, QueueInfo};
 pub use message::{
     HEADER_ATTEMPT, HEADER_IDEMPOTENCY_KEY, HEADER_PUBLISHED_AT_MS, HEADER_REJECT_CODE,
     HEADER_REJECT_REASON, HEADER_TRACEPARENT, OutgoingMessage, amqp_int, header_i64, header_str,

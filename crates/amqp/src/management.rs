@@ -68,6 +68,56 @@ struct BindingInfo {
     routing_key: String,
 }
 
+/// A consumer of a queue, with what its channel holds unacknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConsumer {
+    /// The connection's client-given name (`sandfleet-worker@<host>#c1`), or
+    /// the broker's name for it (`10.0.3.7:51234 -> 10.0.0.2:5672`).
+    pub connection: String,
+    /// The peer's address.
+    pub peer: String,
+    /// The consumer tag.
+    pub tag: String,
+    /// Prefetch limit of the consumer (0: unlimited or channel-wide).
+    pub prefetch: u64,
+    /// Deliveries not yet acknowledged on the consumer's channel: for a
+    /// worker, the tasks it holds.
+    pub unacked: u64,
+}
+
+#[derive(Deserialize)]
+struct ConsumerEntry {
+    consumer_tag: String,
+    #[serde(default)]
+    prefetch_count: u64,
+    queue: NameRef,
+    /// An object, or `[]` while the consumer's channel is going away.
+    #[serde(default)]
+    channel_details: serde_json::Value,
+}
+
+impl ConsumerEntry {
+    fn channel_field(&self, key: &str) -> String {
+        self.channel_details
+            .get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+#[derive(Deserialize)]
+struct NameRef {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct ChannelEntry {
+    name: String,
+    #[serde(default)]
+    messages_unacknowledged: u64,
+}
+
 #[derive(Deserialize)]
 struct ConnectionInfo {
     name: String,
@@ -140,6 +190,48 @@ impl Management {
             .collect();
         queues.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(queues)
+    }
+
+    /// The consumers of `queue`, by connection name, each with the
+    /// deliveries its channel holds unacknowledged.
+    pub async fn queue_consumers(&self, queue: &str) -> Result<Vec<QueueConsumer>, AmqpError> {
+        let vhost = enc(&self.vhost);
+        let consumers: Vec<ConsumerEntry> = self
+            .get(&format!("consumers/{vhost}"))
+            .await?
+            .unwrap_or_default();
+        let channels: Vec<ChannelEntry> = self
+            .get(&format!("vhosts/{vhost}/channels"))
+            .await?
+            .unwrap_or_default();
+        let connections: Vec<ConnectionInfo> = self.get("connections").await?.unwrap_or_default();
+        let mut out: Vec<QueueConsumer> = consumers
+            .into_iter()
+            .filter(|c| c.queue.name == queue)
+            .map(|c| {
+                let channel = c.channel_field("name");
+                let broker_name = c.channel_field("connection_name");
+                let client_name = connections
+                    .iter()
+                    .find(|conn| conn.name == broker_name)
+                    .and_then(|conn| conn.client_properties.get("connection_name"))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned);
+                let unacked = channels
+                    .iter()
+                    .find(|ch| ch.name == channel)
+                    .map_or(0, |ch| ch.messages_unacknowledged);
+                QueueConsumer {
+                    connection: client_name.unwrap_or(broker_name),
+                    peer: c.channel_field("peer_host"),
+                    tag: c.consumer_tag,
+                    prefetch: c.prefetch_count,
+                    unacked,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.connection.cmp(&b.connection).then(a.tag.cmp(&b.tag)));
+        Ok(out)
     }
 
     /// An exchange, or `None` if it does not exist.

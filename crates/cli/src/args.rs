@@ -23,6 +23,8 @@ Everyday use:
   sandfleet results tail --follow               # watch results arrive
   sandfleet dlq list                            # what was dead-lettered, and why
   sandfleet replay --from-dlq --dry-run         # what a replay would send
+  sandfleet status                              # queues, consumers, workers
+  sandfleet results get TASK_ID                 # one task's attempts, steps, log
 
 Configuration: defaults, then the file (--config, or ./sandfleet.toml when it
 exists), then SANDFLEET__SECTION__KEY environment variables (for example
@@ -120,6 +122,107 @@ Examples:
 
 The three tasks: one that passes, one whose tests fail, one that times out.")]
     Demo(DemoArgs),
+    /// Queues, consumers and workers at a glance: depths, in-flight, readiness, breaker.
+    #[command(after_help = "\
+Examples:
+  sandfleet status                                  # queues and the consumers the broker sees
+  sandfleet status --worker http://10.0.3.7:9090    # and that worker's /readyz and /metrics
+  sandfleet status --json | jq .
+
+Queue figures come from the RabbitMQ management API (port 15672 of the amqp.url
+host, same credentials); they lag the broker by a few seconds. Every consumer
+of the task queue is listed by its connection name (sandfleet-worker@<host>)
+with its unacknowledged deliveries, the tasks it holds. Give --worker URL (the
+worker's worker.http_addr) for readiness with reasons, breaker state and
+in-flight count. Exit 0 when every queue exists and every --worker is ready,
+1 otherwise.")]
+    Status(StatusArgs),
+    /// Work with task files without a broker.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Show and check the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script.
+    #[command(after_help = "\
+Examples:
+  sandfleet completions bash > ~/.local/share/bash-completion/completions/sandfleet
+  sandfleet completions zsh > \"${fpath[1]}/_sandfleet\"
+  sandfleet completions fish > ~/.config/fish/completions/sandfleet.fish")]
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), or write one page per command to a directory.
+    #[command(after_help = "\
+Examples:
+  sandfleet man | man -l -
+  sandfleet man --out-dir /usr/local/share/man/man1")]
+    Man(ManArgs),
+}
+
+/// `sandfleet status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// A worker's HTTP address (its worker.http_addr, e.g. http://10.0.3.7:9090); repeatable.
+    #[arg(long = "worker", value_name = "URL")]
+    pub workers: Vec<String>,
+    /// The management API's base URL (default: http://<amqp host>:15672).
+    #[arg(long, value_name = "URL")]
+    pub management_url: Option<String>,
+}
+
+/// `sandfleet task ...`.
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Check task files as enqueue would, without publishing; exit 2 listing every problem.
+    #[command(after_help = "\
+Examples:
+  sandfleet task validate task.json
+  sandfleet task validate tasks/*.json --json | jq 'select(.valid == false)'
+  producer-script | sandfleet task validate -
+
+Checks the size, the JSON, schema_version, the structure, every field rule and
+the deadline budget (limits.broker_consumer_timeout_secs): the same checks as
+sandfleet enqueue and the gateway. Needs no broker.")]
+    Validate(ValidateArgs),
+}
+
+/// `sandfleet task validate`.
+#[derive(Debug, Clone, Args)]
+pub struct ValidateArgs {
+    /// Task JSON files; `-` for stdin.
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// `sandfleet config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Load and validate the settings; print the effective configuration, secrets hidden.
+    #[command(after_help = "\
+Examples:
+  sandfleet config check
+  sandfleet --config prod.toml config check
+  SANDFLEET__WORKER__CONCURRENCY=0 sandfleet config check   # exit 2, says why
+
+Exit 0 with the effective settings (TOML; --json for JSON) when they are
+valid; exit 2 listing every invalid setting otherwise. Needs no broker.")]
+    Check,
+}
+
+/// `sandfleet completions`.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `sandfleet man`.
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Write sandfleet.1 and one sandfleet-<command>.1 per subcommand here
+    /// instead of printing the main page.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
 }
 
 /// `sandfleet worker`.
@@ -234,19 +337,32 @@ pub enum ResultsCommand {
     /// Print results from the results stream, optionally following new ones.
     #[command(after_help = "\
 Examples:
-  sandfleet results tail                       # the last results, then stop
+  sandfleet results tail                       # the latest results, then stop
   sandfleet results tail --follow              # and keep printing new ones
+  sandfleet results tail -n 20 --outcome failed  # the last 20 failures still retained
+  sandfleet results tail --task 0192f0c4-...   # one task's attempts
   sandfleet results tail --since 1h --outcome failed --repo 'octo-org/*'
   sandfleet results tail --from first --json | jq .outcome")]
     Tail(TailArgs),
+    /// Show one task: every attempt, its steps and the log tail.
+    #[command(after_help = "\
+Examples:
+  sandfleet results get 0192f0c4-...            # what the stream holds about it
+  sandfleet results get 0192f0c4-... --follow   # wait for its final result
+  sandfleet results get 0192f0c4-... --json | jq .steps
+
+Reads the results stream from its start (or --since). Exit 0 when results
+were found, 1 when the stream holds none for the task (without --follow).")]
+    Get(GetArgs),
 }
 
 /// `sandfleet results tail`.
 #[derive(Debug, Clone, Args)]
 pub struct TailArgs {
-    /// Where to start: `first`, `last`, `next`, or a numeric stream offset.
-    #[arg(long, default_value = "last", conflicts_with = "since")]
-    pub from: String,
+    /// Where to start: `first`, `last`, `next`, or a numeric stream offset
+    /// (default `last`; with --last, `first`).
+    #[arg(long, conflicts_with = "since")]
+    pub from: Option<String>,
     /// Start at this time: RFC 3339, or an age like 90m, 2h, 7d.
     #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
@@ -259,12 +375,39 @@ pub struct TailArgs {
     /// Only these repositories (`owner/name` or `owner/*`); repeatable.
     #[arg(long = "repo", value_name = "PATTERN")]
     pub repos: Vec<String>,
+    /// Only these task ids; repeatable or comma-separated.
+    #[arg(long = "task", value_name = "ID", value_delimiter = ',')]
+    pub tasks: Vec<uuid::Uuid>,
     /// Only final results (no `retrying` attempts).
     #[arg(long)]
     pub final_only: bool,
-    /// Stop after this many results.
-    #[arg(long, short = 'n')]
+    /// Print only the last N matching results (read from the stream's start,
+    /// or --since/--from, up to now); with --follow, then the new ones.
+    #[arg(long = "last", short = 'n', value_name = "N")]
+    pub last: Option<usize>,
+    /// Stop after printing this many results.
+    #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Without --follow: stop after this long without a message.
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub idle_timeout: String,
+}
+
+/// `sandfleet results get`.
+#[derive(Debug, Clone, Args)]
+pub struct GetArgs {
+    /// The task's id.
+    #[arg(value_name = "TASK_ID")]
+    pub task: uuid::Uuid,
+    /// Keep reading until the task's final result arrives.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Read from this time on instead of the stream's start: RFC 3339, or an age like 2h.
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Lines of the final attempt's log to show (0: none).
+    #[arg(long, default_value_t = 40, value_name = "N")]
+    pub log_lines: usize,
     /// Without --follow: stop after this long without a message.
     #[arg(long, default_value = "2s", value_name = "DURATION")]
     pub idle_timeout: String,

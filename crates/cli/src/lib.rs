@@ -109,6 +109,15 @@ pub const SHORT_COMMAND_LOG_FILTER: &str = "warn";
 
 /// Runs a parsed command line with the given environment map.
 pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
+    // Generated from the command line's definition alone: a broken
+    // configuration must not stop an install script from getting them.
+    match &cli.command {
+        Command::Completions(a) => {
+            return Ok(commands::docs::completions(a, Output { json: false }));
+        }
+        Command::Man(a) => return commands::docs::man(a, Output { json: false }),
+        _ => {}
+    }
     let settings = config::load(&cli.global, env)?;
     settings
         .validate()
@@ -131,7 +140,7 @@ pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
             stop.cancel();
         });
     }
-    let result = dispatch(&cli, settings, out, shutdown).await;
+    let result = dispatch(&cli, env, settings, out, shutdown).await;
     if let Some(guard) = telemetry
         && let Err(e) = guard.shutdown().await
     {
@@ -142,6 +151,7 @@ pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
 
 async fn dispatch(
     cli: &Cli,
+    env: &HashMap<String, String>,
     settings: sandfleet_settings::Settings,
     out: Output,
     shutdown: tokio_util::sync::CancellationToken,
@@ -157,5 +167,12 @@ async fn dispatch(
         Command::Demo(a) => {
             commands::demo::run(a, &settings, cli.global.amqp_url.is_some(), out).await
         }
+        Command::Status(a) => commands::status::run(a, &settings, out).await,
+        Command::Task(c) => commands::task::run(c, &settings, out),
+        Command::Config(args::ConfigCommand::Check) => {
+            commands::config_check::run(&cli.global, env, &settings, out)
+        }
+        // Handled in `run` before the configuration is loaded.
+        Command::Completions(_) | Command::Man(_) => Ok(Exit::Ok),
     }
 }

@@ -1,11 +1,15 @@
 //! One module per subcommand.
 
+pub mod config_check;
 pub mod demo;
 pub mod demo_rabbit;
 pub mod dlq;
+pub mod docs;
 pub mod enqueue;
 pub mod gateway;
 pub mod replay;
 pub mod results;
+pub mod status;
+pub mod task;
 pub mod topology;
 pub mod worker;
