@@ -59,6 +59,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v1/namespaces/{ns}/pods/{name}/status", get(get_pod))
         .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/exec",
+            get(crate::exec::exec).post(crate::exec::exec),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)

@@ -48,6 +48,19 @@ pub(crate) struct Kubelet {
     runners: Mutex<HashMap<Key, Runner>>,
     /// Process groups of running containers, killed when the sim is dropped.
     process_groups: Mutex<HashSet<u32>>,
+    /// Running containers that `pods/exec` can run commands in.
+    exec_targets: Mutex<HashMap<Key, ExecTarget>>,
+}
+
+/// Where `pods/exec` runs a command: the running container's env, working dir
+/// and volume paths. `ended` fires when the container stops; exec'd processes
+/// die with it, as they do in a real container.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecTarget {
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) cwd: PathBuf,
+    pub(crate) paths: PathMap,
+    pub(crate) ended: CancellationToken,
 }
 
 impl Kubelet {
@@ -64,6 +77,22 @@ impl Kubelet {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
+        }
+    }
+
+    /// The running container of a pod, for `pods/exec`.
+    pub(crate) fn exec_target(&self, ns: &str, name: &str) -> Option<ExecTarget> {
+        lock(&self.exec_targets)
+            .get(&(ns.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Tracks an exec'd process group so that dropping the sim kills it.
+    pub(crate) fn track_group(&self, pgid: u32, running: bool) {
+        if running {
+            lock(&self.process_groups).insert(pgid);
+        } else {
+            lock(&self.process_groups).remove(&pgid);
         }
     }
 
@@ -515,14 +544,16 @@ struct Prepared {
     cwd: PathBuf,
     termination_file: PathBuf,
     fallback_to_logs: bool,
+    paths: PathMap,
 }
 
 /// Maps container paths (volume mounts, the termination-message path) to host paths.
-struct PathMap(Vec<(String, PathBuf)>);
+#[derive(Debug, Clone)]
+pub(crate) struct PathMap(Vec<(String, PathBuf)>);
 
 impl PathMap {
     /// Rewrites `value` when it equals a container path or starts with one plus `/`.
-    fn remap(&self, value: &str) -> String {
+    pub(crate) fn remap(&self, value: &str) -> String {
         for (container, host) in &self.0 {
             let c = container.trim_end_matches('/');
             if value == c || value == container {
@@ -641,6 +672,7 @@ fn prepare(pod: &Value, root: &Path) -> Result<Prepared, String> {
         termination_file,
         fallback_to_logs: c.get("terminationMessagePolicy").and_then(Value::as_str)
             == Some("FallbackToLogsOnError"),
+        paths: map,
     })
 }
 
@@ -810,6 +842,17 @@ async fn run_process(
     };
     let pid = child.id().unwrap_or(0);
     lock(&ctx.shared.kubelet.process_groups).insert(pid);
+    let exec_key = (ctx.ns.clone(), ctx.name.clone());
+    let exec_ended = interrupt.child_token();
+    lock(&ctx.shared.kubelet.exec_targets).insert(
+        exec_key.clone(),
+        ExecTarget {
+            env: prepared.env.clone(),
+            cwd: prepared.cwd.clone(),
+            paths: prepared.paths.clone(),
+            ended: exec_ended.clone(),
+        },
+    );
     let readers = [
         child
             .stdout
@@ -861,7 +904,9 @@ async fn run_process(
             child.wait().await.ok()
         }
     };
-    // The container's other processes die with it.
+    // The container's other processes die with it, exec'd ones included.
+    lock(&ctx.shared.kubelet.exec_targets).remove(&exec_key);
+    exec_ended.cancel();
     signal_group(pid, "KILL").await;
     lock(&ctx.shared.kubelet.process_groups).remove(&pid);
     for r in readers.into_iter().flatten() {

@@ -40,6 +40,7 @@ mod admission;
 mod api;
 mod controller;
 mod deletion;
+mod exec;
 mod faults;
 mod kubelet;
 mod meta;
@@ -219,6 +220,18 @@ impl KubeSim {
             .kubelet
             .log(namespace, pod)
             .map(|l| String::from_utf8_lossy(&l.contents()).into_owned())
+    }
+
+    /// How many `pods/exec` streams are open now.
+    pub fn open_exec_streams(&self) -> usize {
+        self.shared.execs.open()
+    }
+
+    /// Cuts every open `pods/exec` stream mid-command, without a close frame or an
+    /// exit status (a lost node or proxy). The commands keep running until their
+    /// container ends.
+    pub fn drop_exec_connections(&self) {
+        self.shared.execs.cut_all();
     }
 
     /// Closes the listener and every open connection (`true`: clients get "connection

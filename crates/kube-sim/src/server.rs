@@ -142,7 +142,9 @@ impl Server {
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(TokioIo::new(stream), service)
+            // `pods/exec` upgrades to a WebSocket.
+            .with_upgrades();
         // Dropping the connection future closes the socket mid-request (a reset as the
         // client sees it) or with watches still streaming (listener closed).
         tokio::select! {

@@ -19,6 +19,8 @@ pub(crate) struct Shared {
     pub(crate) faults: Faults,
     pub(crate) requests: RequestLog,
     pub(crate) kubelet: Kubelet,
+    /// Open `pods/exec` streams.
+    pub(crate) execs: crate::exec::ExecStreams,
     /// Propagation policy of Jobs being deleted, by uid, for the garbage collector.
     propagation: Mutex<HashMap<String, Propagation>>,
     /// Stops the server, controller and kubelet.
@@ -33,6 +35,7 @@ impl Shared {
             faults: Faults::default(),
             requests: RequestLog::default(),
             kubelet: Kubelet::default(),
+            execs: Default::default(),
             propagation: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
         }
