@@ -16,8 +16,8 @@
 //!
 //! Start with [`SessionBackend`], then [`Session`].
 
-// pub mod kubernetes;
 pub mod conformance;
+pub mod kubernetes;
 pub mod local;
 pub mod script;
 
@@ -32,7 +32,7 @@ use sandfleet_proto::Resources;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-// pub use kubernetes::KubeSessions;
+pub use kubernetes::KubeSessions;
 pub use local::LocalSessions;
 
 /// Identifies a session within its backend (the Kubernetes backend: the Job's name).

@@ -1,0 +1,195 @@
+//! The Kubernetes session backend on kube-sim: the shared scenario over
+//! `pods/exec`, the teardown paths, and exec faults.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandfleet_kube_sim::{FaultAction, FaultRule, KubeSim, SimOptions};
+use sandfleet_sandbox::session::{
+    KubeSessions, RunOptions, Session, SessionBackend, SessionError, SessionSpec, conformance,
+};
+use sandfleet_settings::KubernetesSettings;
+use tokio::time::Instant;
+
+const NS: &str = "sessions";
+
+async fn env() -> (KubeSim, KubeSessions) {
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let settings = KubernetesSettings {
+        namespace: NS.into(),
+        ..KubernetesSettings::default()
+    };
+    let backend = KubeSessions::from_kubeconfig_yaml(&sim.kubeconfig_yaml(NS), settings)
+        .await
+        .unwrap()
+        .with_start_timeout(Duration::from_secs(20));
+    (sim, backend)
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn kube_backend_passes_the_shared_scenario() {
+    let (sim, backend) = env().await;
+    let mut session = Session::start(Arc::new(backend.clone()), &conformance::spec("alpine:3.20"))
+        .await
+        .unwrap();
+    let transcript = conformance::scenario(&session).await.unwrap();
+    assert_eq!(transcript, conformance::expected());
+
+    // Commands went through pods/exec; the Job carries the session's labels.
+    let log = sim.request_log();
+    assert!(log.iter().any(|r| r.resource() == "pods/exec"));
+    assert_eq!(sim.jobs(NS).len(), 1);
+    session.teardown().await.unwrap();
+    session.teardown().await.unwrap();
+    eventually("the session job is gone", Duration::from_secs(10), || {
+        sim.jobs(NS).is_empty() && sim.pods(NS).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dropped_exec_connection_is_connection_lost_never_an_exit_code() {
+    let (sim, backend) = env().await;
+    let backend = Arc::new(backend);
+    let mut session = Session::start(backend.clone(), &SessionSpec::new("img"))
+        .await
+        .unwrap();
+    let run = session.run("sleep 20; echo done", Duration::from_secs(5));
+    let cut = async {
+        eventually("the exec stream is open", Duration::from_secs(10), || {
+            sim.open_exec_streams() > 0
+        })
+        .await;
+        sim.drop_exec_connections();
+    };
+    let started = Instant::now();
+    let (result, ()) = tokio::join!(run, cut);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "noticed at once, not at a timeout"
+    );
+    let err = result.unwrap_err();
+    assert!(err.is_connection_lost(), "{err}");
+    assert!(err.to_string().contains("fate is unknown"), "{err}");
+    // The session itself still works.
+    let o = session
+        .run("echo still here", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(o.stdout, b"still here\n");
+    session.teardown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_exec_is_an_error_and_the_next_one_works() {
+    let (sim, backend) = env().await;
+    let mut session = Session::start(Arc::new(backend), &SessionSpec::new("img"))
+        .await
+        .unwrap();
+    for code in [500, 403] {
+        sim.faults().inject(
+            FaultRule::new(
+                "*",
+                "/exec",
+                FaultAction::Status {
+                    code,
+                    retry_after_secs: None,
+                },
+            )
+            .times(1),
+        );
+        let err = session
+            .run("true", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SessionError::Unavailable(_)), "{code}: {err}");
+    }
+    // A slow upgrade only delays the command.
+    sim.faults().inject(
+        FaultRule::new("*", "/exec", FaultAction::Delay(Duration::from_millis(300))).times(1),
+    );
+    let o = session
+        .run("echo ok", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!((o.exit_code, o.stdout.as_slice()), (0, &b"ok\n"[..]));
+    assert!(o.duration >= Duration::from_millis(300));
+    session.teardown().await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_timeout_and_max_lifetime_end_the_pod_and_reap_deletes_the_job() {
+    let (sim, backend) = env().await;
+    let mut idle = SessionSpec::new("img");
+    idle.idle_timeout = Duration::from_secs(1);
+    let mut short = SessionSpec::new("img");
+    short.max_lifetime = Duration::from_secs(2);
+    let a = backend.start(&idle).await.unwrap();
+    let b = backend.start(&short).await.unwrap();
+    // Keep `b` busy past its lifetime: the deadline still ends it.
+    let busy = backend.run(
+        &b,
+        "sleep 30",
+        RunOptions::new(Duration::from_secs(60)),
+        None,
+    );
+    let busy = tokio::time::timeout(Duration::from_secs(20), busy)
+        .await
+        .unwrap();
+    // The container's end kills the exec'd command, as in a real kubelet.
+    assert!(
+        busy.is_err() || matches!(&busy, Ok(o) if o.exit_code == 137),
+        "{busy:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reaped = backend.reap().await.unwrap();
+        let _ = reaped;
+        if sim.jobs(NS).is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ended sessions were not reaped: {:?}",
+            sim.jobs(NS).len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in [a, b] {
+        let err = backend
+            .run(&id, "true", RunOptions::new(Duration::from_secs(1)), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SessionError::NotFound(_)), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_handle_deletes_the_job() {
+    let (sim, backend) = env().await;
+    let backend = Arc::new(backend);
+    let b = backend.clone();
+    let joined = tokio::spawn(async move {
+        let session = Session::start(b, &SessionSpec::new("img")).await.unwrap();
+        session.run("true", Duration::from_secs(5)).await.unwrap();
+        panic!("the caller's code panics while holding the session");
+    })
+    .await;
+    assert!(joined.is_err());
+    eventually(
+        "the dropped session's job is gone",
+        Duration::from_secs(10),
+        || sim.jobs(NS).is_empty(),
+    )
+    .await;
+}
