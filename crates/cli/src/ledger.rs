@@ -1,5 +1,9 @@
 //! The replay ledger: which replay idempotency keys were already sent.
 //!
+//! A key is `replay:<origin>:<batch>` ([`crate::replay::replay_key`]): the
+//! build a replay stands for, not the replayed task's own id, so a replay of
+//! a replay finds the record of the first one.
+//!
 //! It lives in the broker, so operators on different machines share it: a
 //! RabbitMQ **stream** queue `<prefix>.replays` (age retention as the results
 //! stream, `topology.results_max_age`). A replay appends one record per task
@@ -144,6 +148,7 @@ impl ReplayLedger {
             "key": task.idempotency_key,
             "task_id": task.id,
             "replay_of": task.replay_of,
+            "origin": crate::replay::origin(task),
             "batch": batch,
             "at": Utc::now(),
         });

@@ -1,11 +1,18 @@
 //! Replay: which failed builds to send again, and how a replayed task looks.
 //!
 //! The decisions here are pure. A replayed task is a copy of the original
-//! with a new UUIDv7 id, `replay_of` set to the original's id, and the
-//! idempotency key `replay:<original id>:<batch>`. The key is what makes a
-//! replay repeatable without duplicates: before sending, the command reads the
-//! keys already recorded in the replay ledger (see [`crate::ledger`]) and skips
-//! those, unless `--force`.
+//! with a new UUIDv7 id, `replay_of` set to the **origin** (see [`origin`]),
+//! and the idempotency key `replay:<origin id>:<batch>`. The key is what makes
+//! a replay repeatable without duplicates: before sending, the command reads
+//! the keys already recorded in the replay ledger (see [`crate::ledger`]) and
+//! skips those, unless `--force`.
+//!
+//! The origin is what the operator means by "this failed build": the task the
+//! CI system first sent. A replay that fails again produces a result for the
+//! replay's own id; replaying that result must be recognised as the same
+//! build, or the same command run twice sends everything twice. So a replay
+//! of a replay points at the same origin (`replay_of` is never a replay's id)
+//! and gets the same key.
 
 use std::collections::HashSet;
 
@@ -17,17 +24,25 @@ use uuid::Uuid;
 /// Label set on a replayed task: the batch key.
 pub const LABEL_REPLAY_BATCH: &str = "sandfleet.dev/replay-batch";
 
-/// The idempotency key of replaying `original` in `batch`.
-pub fn replay_key(original: TaskId, batch: &str) -> String {
-    format!("replay:{original}:{batch}")
+/// The build a task stands for: the task a replay chain started from. A
+/// task that is not a replay is its own origin.
+pub fn origin(task: &Task) -> TaskId {
+    task.replay_of.unwrap_or(task.id)
 }
 
-/// The replayed copy of `original`: new id, `replay_of`, key, created now.
+/// The idempotency key of replaying the build `origin` in `batch`.
+pub fn replay_key(origin: TaskId, batch: &str) -> String {
+    format!("replay:{origin}:{batch}")
+}
+
+/// The replayed copy of `original`: new id, `replay_of` its origin, the
+/// origin's key for `batch`, created now.
 pub fn replayed_task(original: &Task, batch: &str, now: DateTime<Utc>) -> Task {
+    let origin = origin(original);
     let mut task = original.clone();
     task.id = Uuid::now_v7();
-    task.replay_of = Some(original.id);
-    task.idempotency_key = replay_key(original.id, batch);
+    task.replay_of = Some(origin);
+    task.idempotency_key = replay_key(origin, batch);
     task.created_at = now;
     task.labels
         .insert(LABEL_REPLAY_BATCH.to_owned(), batch.to_owned());
@@ -45,7 +60,7 @@ pub struct ReplayFilter {
     pub repos: Vec<String>,
     /// Final outcomes to replay; empty means every one but `succeeded`.
     pub outcomes: Vec<Outcome>,
-    /// Task ids; empty means any.
+    /// Task ids (a task, or the origin of replays); empty means any.
     pub tasks: Vec<TaskId>,
 }
 
@@ -55,10 +70,13 @@ impl ReplayFilter {
     }
 
     /// Whether a task (from the DLQ or a file) is selected. Time and outcome
-    /// filters do not apply to a bare task.
+    /// filters do not apply to a bare task. `--task` selects a task by its
+    /// own id or by its origin's (a replay of the build asked for).
     pub fn matches_task(&self, task: &Task) -> bool {
         self.repo_ok(&task.source.repository)
-            && (self.tasks.is_empty() || self.tasks.contains(&task.id))
+            && (self.tasks.is_empty()
+                || self.tasks.contains(&task.id)
+                || self.tasks.contains(&origin(task)))
     }
 
     /// Whether a result is a failed build to replay: final, carrying its task,
@@ -87,6 +105,9 @@ pub enum ItemStatus {
     Sent,
     /// Would be sent (`--dry-run`).
     WouldSend,
+    /// Would be refused by the producer's checks (`--dry-run`): the real run
+    /// would count it as failed.
+    WouldFail,
     /// Skipped: this batch already replayed it.
     AlreadyReplayed,
     /// The enqueue failed.
@@ -99,6 +120,7 @@ impl ItemStatus {
         match self {
             ItemStatus::Sent => "sent",
             ItemStatus::WouldSend => "would_send",
+            ItemStatus::WouldFail => "would_fail",
             ItemStatus::AlreadyReplayed => "already_replayed",
             ItemStatus::Failed => "failed",
         }
@@ -116,6 +138,8 @@ pub struct Summary {
     pub sent: usize,
     /// Tasks a dry run would enqueue.
     pub would_send: usize,
+    /// Tasks a dry run found the real run would fail to enqueue (invalid).
+    pub would_fail: usize,
     /// Skipped because already replayed in this batch.
     pub already_replayed: usize,
     /// Enqueues that failed.
@@ -128,21 +152,24 @@ impl Summary {
         match s {
             ItemStatus::Sent => self.sent += 1,
             ItemStatus::WouldSend => self.would_send += 1,
+            ItemStatus::WouldFail => self.would_fail += 1,
             ItemStatus::AlreadyReplayed => self.already_replayed += 1,
             ItemStatus::Failed => self.failed += 1,
         }
     }
 }
 
-/// Keeps the first occurrence of each original task id (the results stream
-/// holds one final result per task, but delivery is at least once).
+/// Keeps the first candidate of each origin: the results stream holds one
+/// final result per task (delivered at least once), and a build that was
+/// replayed before has a failed result for each replay too. One run replays
+/// each build once.
 #[derive(Debug, Default)]
 pub struct SeenOriginals(HashSet<TaskId>);
 
 impl SeenOriginals {
-    /// True the first time `id` is seen.
-    pub fn first(&mut self, id: TaskId) -> bool {
-        self.0.insert(id)
+    /// True the first time `task`'s origin is seen.
+    pub fn first(&mut self, task: &Task) -> bool {
+        self.0.insert(origin(task))
     }
 }
 
@@ -257,6 +284,39 @@ mod tests {
             replayed_task(&orig, "other", now).idempotency_key,
             r.idempotency_key
         );
+    }
+
+    #[test]
+    fn a_replay_of_a_replay_stands_for_the_same_build() {
+        let orig = task("octo-org/octo-repo");
+        let now = Utc::now();
+        let first = replayed_task(&orig, "b", now);
+        let second = replayed_task(&first, "b", now);
+        let third = replayed_task(&second, "other", now);
+        assert_eq!(origin(&orig), orig.id);
+        for r in [&first, &second, &third] {
+            assert_eq!(r.replay_of, Some(orig.id), "points at the origin");
+            assert_eq!(origin(r), orig.id);
+        }
+        // The same batch: the same key, so the ledger recognises it.
+        assert_eq!(second.idempotency_key, first.idempotency_key);
+        assert_eq!(third.idempotency_key, replay_key(orig.id, "other"));
+        // One run replays a build once, whichever of its tasks comes first.
+        let mut seen = SeenOriginals::default();
+        assert!(seen.first(&first));
+        assert!(!seen.first(&orig));
+        assert!(!seen.first(&second));
+        // --task with the origin's id selects its replays.
+        let by_origin = ReplayFilter {
+            tasks: vec![orig.id],
+            ..Default::default()
+        };
+        assert!(by_origin.matches_task(&second));
+        let by_replay = ReplayFilter {
+            tasks: vec![second.id],
+            ..Default::default()
+        };
+        assert!(by_replay.matches_task(&second) && !by_replay.matches_task(&first));
     }
 
     #[test]

@@ -236,3 +236,117 @@ async fn replay_from_results_honours_the_time_window_repository_and_outcome() {
     assert_eq!(outcomes, ["failed", "timed_out", "succeeded", "timed_out"]);
     env.cleanup().await;
 }
+
+/// The scenario: a replay from the results stream whose replays fail
+/// again. The second run sees the originals' failures and the replays' own
+/// failures; every one stands for a build already replayed in this batch, so
+/// it sends nothing, and a dry run says so too.
+#[tokio::test(flavor = "multi_thread")]
+async fn replaying_the_same_failures_twice_sends_nothing_though_the_replays_failed_again() {
+    let env = Env::new().await;
+    let now = Utc::now();
+    let builds: Vec<_> = (0..4).map(|_| task("acme/batch")).collect();
+    for b in &builds {
+        env.publish_result(&result(
+            b,
+            Outcome::Failed,
+            true,
+            now - chrono::Duration::minutes(30),
+        ))
+        .await;
+    }
+    let args = [
+        "replay",
+        "--from-results",
+        "--since",
+        "1h",
+        "--outcome",
+        "failed",
+        "--repo",
+        "acme/batch",
+        "--idle-timeout",
+        "1s",
+    ];
+    let first = env.sandfleet(&args);
+    assert_eq!(first.code, 0, "{first:?}");
+    assert_eq!(first.summary()["sent"], 4, "{first:?}");
+    let replays = env.take_tasks().await;
+    assert_eq!(replays.len(), 4);
+
+    // The replays ran and failed again: new results, under the replays' ids.
+    for r in &replays {
+        env.publish_result(&result(r, Outcome::Failed, true, Utc::now()))
+            .await;
+    }
+
+    let dry = env.sandfleet(&[&args[..], &["--dry-run"]].concat());
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert_eq!(dry.summary()["would_send"], 0, "{dry:?}");
+    assert_eq!(dry.summary()["matched"], 4, "one per build: {dry:?}");
+    assert_eq!(dry.summary()["already_replayed"], 4, "{dry:?}");
+
+    let again = env.sandfleet(&args);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(again.summary()["sent"], 0, "{again:?}");
+    assert_eq!(again.summary()["already_replayed"], 4, "{again:?}");
+    assert_eq!(env.settled_depth(&env.topology.tasks_queue, 0).await, 0);
+
+    // On purpose, under a new batch: each build once more, and the replay of
+    // a replay still points at the build it stands for.
+    let new_batch = env.sandfleet(&[&args[..], &["--batch", "second"]].concat());
+    assert_eq!(new_batch.summary()["sent"], 4, "{new_batch:?}");
+    let mut origins: Vec<_> = env
+        .take_tasks()
+        .await
+        .iter()
+        .map(|t| t.replay_of.unwrap())
+        .collect();
+    let mut expected: Vec<_> = builds.iter().map(|b| b.id).collect();
+    origins.sort();
+    expected.sort();
+    assert_eq!(origins, expected);
+    env.cleanup().await;
+}
+
+/// A dry run makes the producer's checks: a dead letter the real run would
+/// fail to enqueue (an unknown schema version) is reported as failing, the
+/// dry run's counts and exit status are the real run's, and the real run
+/// leaves that dead letter where it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_from_the_dlq_reports_what_the_real_run_does() {
+    let env = Env::new().await;
+    let good = task("octo-org/one");
+    let mut newer = task("octo-org/two");
+    newer.schema_version = 2;
+    env.dead_letter(&good, "max_attempts", "3 attempts failed")
+        .await;
+    env.dead_letter(&newer, "unknown_schema_version", "schema_version 2")
+        .await;
+
+    let dry = env.sandfleet(&["replay", "--from-dlq", "--dry-run"]);
+    assert_eq!(dry.summary()["would_send"], 1, "{dry:?}");
+    assert_eq!(dry.summary()["would_fail"], 1, "{dry:?}");
+    assert_eq!(dry.code, 4, "a partial failure, as the real run: {dry:?}");
+    let failing = dry.with_status("would_fail");
+    assert_eq!(failing[0]["replay_of"], newer.id.to_string());
+    assert!(
+        failing[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("schema_version"),
+        "{dry:?}"
+    );
+    assert_eq!(env.settled_depth(&env.topology.dead_queue, 2).await, 2);
+
+    let real = env.sandfleet(&["replay", "--from-dlq"]);
+    assert_eq!(real.code, dry.code, "{real:?}");
+    assert_eq!(real.summary()["sent"], dry.summary()["would_send"]);
+    assert_eq!(real.summary()["failed"], dry.summary()["would_fail"]);
+    assert_eq!(env.take_tasks().await.len(), 1);
+    assert_eq!(
+        env.settled_depth(&env.topology.dead_queue, 1).await,
+        1,
+        "the one that failed stays dead-lettered"
+    );
+    env.cleanup().await;
+}

@@ -231,6 +231,14 @@ impl Producer {
         &self.limits
     }
 
+    /// Runs every check [`enqueue`](Producer::enqueue) runs before it
+    /// publishes (validation with the consumer-timeout budget, encoding, the
+    /// size limit), without publishing: what a dry run reports, so it agrees
+    /// with the real run.
+    pub fn check(&self, task: &Task) -> Result<(), EnqueueError> {
+        self.prepare(task, &EnqueueOptions::default()).map(|_| ())
+    }
+
     /// Validates, publishes and waits for the broker's confirm.
     pub async fn enqueue(&self, task: &Task) -> Result<Receipt, EnqueueError> {
         self.enqueue_with(task, &EnqueueOptions::default()).await

@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use sandfleet_amqp::{Amqp, StreamOffset};
 use sandfleet_gateway::TaskSink;
+use sandfleet_producer::Producer;
 use sandfleet_proto::Task;
 use sandfleet_settings::Settings;
 use serde_json::json;
@@ -19,9 +20,9 @@ use crate::commands::dlq;
 use crate::commands::results::{parse_outcomes, read_stream};
 use crate::exit::{CliError, CliResult, Exit};
 use crate::ledger::ReplayLedger;
-use crate::output::Output;
+use crate::output::{Output, diag};
 use crate::replay::{
-    Candidate, ItemStatus, ReplayFilter, SeenOriginals, Summary, parse_jsonl, replayed_task,
+    Candidate, ItemStatus, ReplayFilter, SeenOriginals, Summary, origin, parse_jsonl, replayed_task,
 };
 use crate::timearg;
 
@@ -88,6 +89,7 @@ pub async fn run(
     let idle = timearg::parse_duration(&a.idle_timeout)?;
     let producer = broker::connect_sink(settings).await?;
     let amqp = producer.producer().amqp().clone();
+    let checker = producer.producer().clone();
     let sink: Arc<dyn TaskSink> = Arc::new(producer);
     let topology = broker::topology(settings);
     let ledger = ReplayLedger::open(
@@ -107,6 +109,7 @@ pub async fn run(
         a,
         out,
         sink,
+        checker,
         ledger: &ledger,
         done,
         pacer: Pacer::new(a.rate),
@@ -179,16 +182,22 @@ pub async fn run(
     let verb = if a.dry_run { "dry run: " } else { "" };
     out.emit(
         format!(
-            "{verb}{} read, {} matched, {} sent, {} would be sent, {} already replayed (batch {:?}), {} failed",
-            summary.read, summary.matched, summary.sent, summary.would_send, summary.already_replayed, a.batch, summary.failed
+            "{verb}{} read, {} matched, {} sent, {} would be sent, {} would fail, {} already replayed (batch {:?}), {} failed",
+            summary.read, summary.matched, summary.sent, summary.would_send, summary.would_fail, summary.already_replayed, a.batch, summary.failed
         ),
         &json!({ "summary": summary, "batch": a.batch, "dry_run": a.dry_run }),
     );
-    Ok(match (summary.sent + summary.would_send, summary.failed) {
-        (_, 0) => Exit::Ok,
-        (0, _) => Exit::Failure,
-        _ => Exit::Partial,
-    })
+    // A dry run exits as the real run would.
+    Ok(
+        match (
+            summary.sent + summary.would_send,
+            summary.failed + summary.would_fail,
+        ) {
+            (_, 0) => Exit::Ok,
+            (0, _) => Exit::Failure,
+            _ => Exit::Partial,
+        },
+    )
 }
 
 fn progress_bar(out: Output) -> Option<indicatif::ProgressBar> {
@@ -211,6 +220,8 @@ struct Run<'a> {
     a: &'a ReplayArgs,
     out: Output,
     sink: Arc<dyn TaskSink>,
+    /// The producer's own checks, for a dry run.
+    checker: Producer,
     ledger: &'a ReplayLedger,
     done: HashSet<String>,
     pacer: Pacer,
@@ -239,49 +250,74 @@ impl Run<'_> {
     /// Replays one selected original; returns what happened.
     async fn one(&mut self, original: &Task) -> ItemStatus {
         let task = replayed_task(original, &self.a.batch, Utc::now());
+        let origin = origin(original);
+        let mut error = None;
         let status = if self.done.contains(&task.idempotency_key) {
             ItemStatus::AlreadyReplayed
         } else if self.a.dry_run {
-            ItemStatus::WouldSend
+            // The same checks the real run's enqueue makes, so a dry run
+            // reports the tasks it would fail as failing.
+            match self.checker.check(&task) {
+                Ok(()) => ItemStatus::WouldSend,
+                Err(e) => {
+                    error = Some(e.to_string());
+                    ItemStatus::WouldFail
+                }
+            }
         } else {
             self.pacer.wait().await;
             match self.sink.enqueue(&task).await {
                 Ok(()) => {
                     if let Err(e) = self.ledger.record(&task, &self.a.batch).await {
-                        eprintln!(
+                        diag(format_args!(
                             "sandfleet: task {} was enqueued but not recorded in {}: {e}",
                             task.id,
                             self.ledger.queue()
-                        );
+                        ));
                     }
                     self.done.insert(task.idempotency_key.clone());
                     ItemStatus::Sent
                 }
                 Err(e) => {
-                    eprintln!("sandfleet: replay of {} failed: {e}", original.id);
+                    error = Some(e.to_string());
                     ItemStatus::Failed
                 }
             }
         };
+        // The build's origin, and the task it was read from when that is a
+        // replay itself.
+        let of = if origin == original.id {
+            origin.to_string()
+        } else {
+            format!("{origin} (via {})", original.id)
+        };
         let line = match status {
             ItemStatus::Sent => format!(
-                "sent     {} (replay of {}) {}",
-                task.id, original.id, original.source.repository
+                "sent        {} (replay of {of}) {}",
+                task.id, original.source.repository
             ),
             ItemStatus::WouldSend => format!(
-                "would send  replay of {} {} {}",
-                original.id, original.source.repository, original.source.commit
+                "would send  replay of {of} {} {}",
+                original.source.repository, original.source.commit
+            ),
+            ItemStatus::WouldFail => format!(
+                "would fail  replay of {of}: {}",
+                error.as_deref().unwrap_or_default()
             ),
             ItemStatus::AlreadyReplayed => format!(
-                "skipped  {} already replayed in batch {:?}",
-                original.id, self.a.batch
+                "skipped     {of} already replayed in batch {:?}",
+                self.a.batch
             ),
-            ItemStatus::Failed => format!("failed   replay of {}", original.id),
+            ItemStatus::Failed => format!(
+                "failed      replay of {of}: {}",
+                error.as_deref().unwrap_or_default()
+            ),
         };
         let task_id = (status == ItemStatus::Sent).then_some(task.id);
         let json = json!({
-            "status": status.as_str(), "replay_of": original.id, "task_id": task_id,
-            "idempotency_key": task.idempotency_key, "repository": original.source.repository,
+            "status": status.as_str(), "replay_of": origin, "read_from": original.id,
+            "task_id": task_id, "idempotency_key": task.idempotency_key,
+            "repository": original.source.repository, "error": error,
         });
         match &self.progress {
             Some(pb) => {
@@ -313,7 +349,7 @@ impl Run<'_> {
             let Some(task) = c.selected(filter) else {
                 continue;
             };
-            if !self.seen.first(task.id) {
+            if !self.seen.first(task) {
                 continue;
             }
             s.matched += 1;
@@ -341,8 +377,7 @@ impl Run<'_> {
             s.read += 1;
             self.tick();
             let task: Option<Task> = serde_json::from_slice(d.body()).ok();
-            let Some(task) = task.filter(|t| filter.matches_task(t) && self.seen.first(t.id))
-            else {
+            let Some(task) = task.filter(|t| filter.matches_task(t) && self.seen.first(t)) else {
                 keep.push(d);
                 continue;
             };
