@@ -31,7 +31,8 @@ exists), then SANDFLEET__SECTION__KEY environment variables (for example
 SANDFLEET__AMQP__URL), then flags. Flags win.
 
 Exit codes: 0 ok, 1 failure, 2 usage or configuration error,
-3 broker unavailable, 4 partial failure (some items failed), 130 interrupted."
+3 broker unavailable, 4 partial failure (some items failed),
+5 topology missing (run `sandfleet topology apply`), 130 interrupted."
 )]
 pub struct Cli {
     /// Options every subcommand takes.
@@ -100,10 +101,13 @@ Examples:
   sandfleet replay --from-results --since 2h --repo 'octo-org/*' --outcome failed --rate 5
   sandfleet replay --from-file failed.jsonl --batch incident-42
 
-Each replayed task gets a new id, `replay_of` set to the original, and the
-idempotency key replay:<original id>:<batch>. Keys already in the replay ledger
-(the stream queue <prefix>.replays) are skipped, so running the same replay
-twice sends nothing; pass a new --batch, or --force, to replay again.")]
+Each replayed task gets a new id, `replay_of` set to the original build (a
+replay of a replay points at the same build), and the idempotency key
+replay:<original id>:<batch>. Keys already in the replay ledger (the stream
+queue <prefix>.replays) are skipped, so running the same replay twice sends
+nothing, also after the replays failed again; pass a new --batch, or --force,
+to replay again. --dry-run makes the same checks as a real run and reports
+what would fail; it exits as the real run would.")]
     Replay(ReplayArgs),
     /// Read the results stream.
     #[command(subcommand)]
@@ -111,7 +115,7 @@ twice sends nothing; pass a new --batch, or --force, to replay again.")]
     /// Inspect and manage the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// Declare (apply) or verify (check) exchanges and queues.
+    /// Declare (apply), verify (check) or delete exchanges and queues.
     #[command(subcommand)]
     Topology(TopologyCommand),
     /// Run three sample fix attempts through the whole pipeline in one process.
@@ -275,7 +279,8 @@ pub struct EnqueueArgs {
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
     /// Overall deadline, in seconds (with the 300 s pending timeout it must
-    /// fit the workers' `worker.broker_consumer_timeout_secs`).
+    /// fit `limits.broker_consumer_timeout_secs` less 60 s, or the task is
+    /// refused with exit 2).
     #[arg(long, default_value_t = 1200)]
     pub deadline: u64,
     /// Idempotency key (default: the task id).
@@ -422,11 +427,16 @@ Examples:
   sandfleet dlq list
   sandfleet dlq list --json | jq -r .reason")]
     List(DlqListArgs),
-    /// Move dead-lettered tasks back to the task queue (same id, attempt reset).
+    /// Move dead-lettered tasks back to the task queue (same id, next attempt number).
     #[command(after_help = "\
 Examples:
   sandfleet dlq requeue --task 0192f0c4-...
-  sandfleet dlq requeue --all")]
+  sandfleet dlq requeue --task raw-3f2a9c1e8b7d     # a message without a task id
+  sandfleet dlq requeue --all
+
+The attempt number is raised by one, not reset: the task runs in a fresh
+sandbox, its earlier attempts stay in the results, and its retry budget
+(retry.max_attempts) counts from there.")]
     Requeue(DlqRequeueArgs),
     /// Delete every message in the dead-letter queue.
     #[command(after_help = "\
@@ -448,9 +458,10 @@ pub struct DlqListArgs {
 #[derive(Debug, Clone, Args)]
 #[command(group(clap::ArgGroup::new("selection").required(true).args(["tasks", "all"])))]
 pub struct DlqRequeueArgs {
-    /// Task ids to requeue; repeatable or comma-separated.
+    /// Task ids, or the raw-<digest> handles `dlq list` shows for messages
+    /// without one; repeatable or comma-separated.
     #[arg(long = "task", value_name = "ID", value_delimiter = ',')]
-    pub tasks: Vec<uuid::Uuid>,
+    pub tasks: Vec<String>,
     /// Requeue every dead-lettered task.
     #[arg(long)]
     pub all: bool,
@@ -471,6 +482,28 @@ pub enum TopologyCommand {
     Apply,
     /// Verify that they exist with the expected arguments; exit 1 when not.
     Check,
+    /// Delete every exchange and queue of the prefix (and its replay ledger).
+    #[command(after_help = "\
+Examples:
+  sandfleet --prefix ci-staging topology delete            # asks: type the prefix
+  sandfleet --prefix ci-staging topology delete --yes
+  sandfleet --prefix ci-staging topology delete --yes --force
+
+Without --force, nothing is deleted while any queue holds messages (tasks,
+dead letters, results, replay records); the refusal lists them (exit 1).
+Bindings of your own queues to <prefix>.results go with that exchange.")]
+    Delete(TopologyDeleteArgs),
+}
+
+/// `sandfleet topology delete`.
+#[derive(Debug, Clone, Args)]
+pub struct TopologyDeleteArgs {
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Delete queues that still hold messages, with their messages.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `sandfleet demo`.

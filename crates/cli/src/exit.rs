@@ -7,6 +7,7 @@
 //! | 2 | usage or configuration error (bad flag, bad setting, unreadable file, invalid task) |
 //! | 3 | broker unavailable (cannot connect, or it did not confirm) |
 //! | 4 | partial failure (some items of a batch failed, the rest succeeded) |
+//! | 5 | topology missing (an exchange or queue the command needs does not exist: run `sandfleet topology apply`) |
 //! | 130 | interrupted (a second Ctrl-C / SIGTERM) |
 
 use std::process::ExitCode;
@@ -24,6 +25,8 @@ pub enum Exit {
     BrokerUnavailable,
     /// 4: partial failure.
     Partial,
+    /// 5: an exchange or queue the command needs does not exist.
+    TopologyMissing,
     /// 130: interrupted by a second signal.
     Interrupted,
 }
@@ -37,6 +40,7 @@ impl Exit {
             Exit::Usage => 2,
             Exit::BrokerUnavailable => 3,
             Exit::Partial => 4,
+            Exit::TopologyMissing => 5,
             Exit::Interrupted => 130,
         }
     }
@@ -60,6 +64,13 @@ pub enum CliError {
     /// The operation failed (exit 1).
     #[error("{0}")]
     Failed(String),
+    /// An exchange or queue the command needs does not exist (exit 5): the
+    /// topology was never applied for this prefix, or was deleted.
+    #[error(
+        "{0} does not exist on the broker: the topology is not applied for this prefix. \
+         Run `sandfleet topology apply` (with the same --prefix) to create it"
+    )]
+    TopologyMissing(String),
 }
 
 impl CliError {
@@ -69,6 +80,7 @@ impl CliError {
             CliError::Usage(_) => Exit::Usage,
             CliError::Broker(_) => Exit::BrokerUnavailable,
             CliError::Failed(_) => Exit::Failure,
+            CliError::TopologyMissing(_) => Exit::TopologyMissing,
         }
     }
 

@@ -3,6 +3,11 @@
 //! The dead-letter queue is read by consuming with a prefetch large enough to
 //! hold every message read in one pass, so none is delivered twice during the
 //! pass; what is not acted on is handed back (`nack` with requeue) at the end.
+//!
+//! Every dead letter has a handle an operator can pass to `--task`: its task
+//! id, or for a message without one (a malformed body with no `message_id`)
+//! `raw-` and the first 12 hex digits of the body's SHA-256, which stays the
+//! same from one listing to the next whatever the queue's order.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
@@ -14,11 +19,15 @@ use sandfleet_amqp::{
 };
 use sandfleet_settings::Settings;
 use serde_json::json;
+use sha2::Digest;
 
 use crate::args::{DlqCommand, DlqPurgeArgs, DlqRequeueArgs};
 use crate::broker;
 use crate::exit::{CliError, CliResult, Exit};
-use crate::output::Output;
+use crate::output::{Output, diag};
+
+/// Prefix of the handle of a dead letter without a task id.
+pub const RAW_HANDLE_PREFIX: &str = "raw-";
 
 /// How long a pass waits for the next message before it decides the queue is
 /// read to its end.
@@ -47,6 +56,9 @@ pub async fn run(cmd: &DlqCommand, settings: &Settings, out: Output) -> CliResul
 /// One dead-lettered message, as shown to an operator.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeadLetter {
+    /// What `dlq requeue --task` takes: the task id, or `raw-<digest>` for a
+    /// message without one.
+    pub handle: String,
     /// The task id (`message_id`, or the body's `id`).
     pub task_id: Option<String>,
     /// Repository, when the body is a readable task.
@@ -78,8 +90,10 @@ pub fn describe(d: &Delivery) -> DeadLetter {
         .and_then(|v| v.as_str())
         .map(str::to_owned);
     let death = first_death(d.headers());
+    let task_id = d.message_id().map(str::to_owned).or_else(|| body_str("id"));
     DeadLetter {
-        task_id: d.message_id().map(str::to_owned).or_else(|| body_str("id")),
+        handle: task_id.clone().unwrap_or_else(|| raw_handle(d.body())),
+        task_id,
         repository,
         code: d
             .header_str(HEADER_REJECT_CODE)
@@ -90,6 +104,13 @@ pub fn describe(d: &Delivery) -> DeadLetter {
         death_count: death.0,
         from_queue: death.2,
     }
+}
+
+/// The handle of a message without a task id: stable across listings, since
+/// it depends only on the body.
+pub fn raw_handle(body: &[u8]) -> String {
+    let digest = hex::encode(sha2::Sha256::digest(body));
+    format!("{RAW_HANDLE_PREFIX}{}", &digest[..12])
 }
 
 /// `(count, reason, queue)` of the first `x-death` entry.
@@ -162,32 +183,66 @@ pub(crate) async fn give_back(deliveries: &[Delivery]) {
 
 async fn list(amqp: &Amqp, queue: &str, limit: usize, out: Output) -> CliResult<Exit> {
     let deliveries = read(amqp, queue, limit).await?;
-    if deliveries.is_empty() {
+    let letters: Vec<DeadLetter> = deliveries.iter().map(describe).collect();
+    // Hand the messages back before printing: a reader that stops early
+    // (`| head`) must not leave them held.
+    give_back(&deliveries).await;
+    if letters.is_empty() {
         out.human(format!("{queue} is empty"));
-    } else {
-        out.human(format!(
-            "{:<38} {:<12} {:>7} {:>6}  {:<28} REASON",
-            "TASK", "CODE", "ATTEMPT", "DEATHS", "REPOSITORY"
-        ));
+        return Ok(Exit::Ok);
     }
-    for d in &deliveries {
-        let dl = describe(d);
-        let dash = || "-".to_owned();
-        out.emit(
-            format!(
-                "{:<38} {:<12} {:>7} {:>6}  {:<28} {}",
-                dl.task_id.clone().unwrap_or_else(dash),
+    let table = table(&letters);
+    out.human(&table[0]);
+    for (dl, line) in letters.iter().zip(&table[1..]) {
+        out.emit(line, &serde_json::to_value(dl).unwrap_or_default());
+    }
+    Ok(Exit::Ok)
+}
+
+/// The `dlq list` table: a header and one line per letter, each column as
+/// wide as its widest cell (REASON last, unpadded).
+pub fn table(letters: &[DeadLetter]) -> Vec<String> {
+    let dash = || "-".to_owned();
+    let rows: Vec<[String; 6]> = letters
+        .iter()
+        .map(|dl| {
+            [
+                dl.handle.clone(),
                 dl.code.clone().unwrap_or_else(dash),
                 dl.attempt.map(|a| a.to_string()).unwrap_or_else(dash),
                 dl.death_count.map(|a| a.to_string()).unwrap_or_else(dash),
                 dl.repository.clone().unwrap_or_else(dash),
                 dl.reason.clone().unwrap_or_else(dash),
-            ),
-            &serde_json::to_value(&dl).unwrap_or_default(),
-        );
+            ]
+        })
+        .collect();
+    let header = ["TASK", "CODE", "ATTEMPT", "DEATHS", "REPOSITORY", "REASON"].map(str::to_owned);
+    let mut width = [0usize; 6];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
     }
-    give_back(&deliveries).await;
-    Ok(Exit::Ok)
+    let line = |r: &[String; 6]| {
+        format!(
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:<w4$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2],
+            w3 = width[3],
+            w4 = width[4],
+        )
+    };
+    std::iter::once(&header)
+        .chain(&rows)
+        .map(|r| line(r).trim_end().to_owned())
+        .collect()
 }
 
 /// Headers the broker or the worker added on the way to the DLQ.
@@ -209,15 +264,15 @@ async fn requeue(
 ) -> CliResult<Exit> {
     let publisher = Publisher::new(amqp).await.map_err(broker::amqp_error)?;
     let deliveries = read(amqp, queue, usize::MAX).await?;
-    let wanted: Vec<String> = a.tasks.iter().map(|t| t.to_string()).collect();
+    let wanted: Vec<String> = a.tasks.iter().map(|t| t.trim().to_lowercase()).collect();
     let (mut moved, mut failed) = (0usize, 0usize);
     let mut keep = Vec::new();
     let mut found: Vec<String> = Vec::new();
     for d in deliveries {
         let dl = describe(&d);
-        let selected = a.all || dl.task_id.as_ref().is_some_and(|id| wanted.contains(id));
+        let selected = a.all || wanted.contains(&dl.handle.to_lowercase());
         if selected {
-            found.extend(dl.task_id.clone());
+            found.push(dl.handle.to_lowercase());
         }
         if !selected {
             keep.push(d);
@@ -231,30 +286,34 @@ async fn requeue(
             }
         }
         msg.headers = headers;
-        // One more attempt under the same id: a fresh attempt number gives it
-        // a fresh sandbox (Job names are per attempt).
-        msg.attempt = Some(dl.attempt.unwrap_or(1).saturating_add(1));
+        // One more attempt under the same id: the attempt number is raised
+        // (not reset), which gives it a fresh sandbox (Job names are per
+        // attempt) and keeps its history in the results.
+        let attempt = dl.attempt.unwrap_or(1).saturating_add(1);
+        msg.attempt = Some(attempt);
         match d.forward(&publisher, &msg).await {
             Ok(()) => {
                 moved += 1;
                 out.emit(
-                    format!("requeued {}", dl.task_id.clone().unwrap_or_default()),
-                    &json!({"requeued": dl.task_id}),
+                    format!("requeued {} as attempt {attempt}", dl.handle),
+                    &json!({"requeued": dl.handle, "task_id": dl.task_id, "attempt": attempt}),
                 );
             }
             Err(e) => {
                 failed += 1;
-                eprintln!(
+                diag(format_args!(
                     "sandfleet: could not requeue {}: {e}",
-                    dl.task_id.clone().unwrap_or_default()
-                );
+                    dl.handle
+                ));
                 keep.push(d);
             }
         }
     }
     give_back(&keep).await;
     for id in wanted.iter().filter(|id| !found.contains(*id)) {
-        eprintln!("sandfleet: task {id} is not in {queue}");
+        diag(format_args!(
+            "sandfleet: {id} is not in {queue} (`sandfleet dlq list` shows the handles)"
+        ));
     }
     out.emit(
         format!("{moved} requeued, {failed} failed"),
@@ -286,7 +345,7 @@ async fn purge(amqp: &Amqp, queue: &str, a: &DlqPurgeArgs, out: Output) -> CliRe
         let mut line = String::new();
         let _ = std::io::stdin().lock().read_line(&mut line);
         if line.trim() != "purge" {
-            eprintln!("not purged");
+            diag("not purged");
             return Ok(Exit::Failure);
         }
     }

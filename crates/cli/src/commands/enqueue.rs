@@ -98,10 +98,13 @@ pub fn build(a: &EnqueueArgs, settings: &Settings) -> CliResult<Task> {
 }
 
 /// Builds and validates the task, then enqueues it and prints its id once the
-/// broker confirmed it. A bad task is reported (exit 2) before connecting.
+/// broker confirmed it. A bad task is reported (exit 2) before connecting; a
+/// missing tasks exchange (topology not applied) exits 5 with what to run.
 pub async fn run(a: &EnqueueArgs, settings: &Settings, out: Output) -> CliResult<Exit> {
     let task = build(a, settings)?;
-    sandfleet_proto::validate(&task, &settings.limits)
+    // The producer's own checks, consumer-timeout budget included, before
+    // connecting: a task no worker would run is a usage error (exit 2).
+    sandfleet_proto::validate_intake(&task, &settings.limits)
         .map_err(|e| CliError::Usage(format!("invalid task: {e}")))?;
     let sink = crate::broker::connect_sink(settings).await?;
     match sink.enqueue(&task).await {
