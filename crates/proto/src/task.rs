@@ -51,7 +51,9 @@ pub struct Task {
     /// Free-form labels, copied to the result (and to the Job's annotations).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// The task this one replays, when it was created by a replay.
+    /// The original task this one replays, when it was created by a replay:
+    /// the first task of a replay chain (a replay of a replay points at the
+    /// same original), so every replay of one build shares it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_of: Option<TaskId>,
 }
