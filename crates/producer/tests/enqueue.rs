@@ -164,6 +164,43 @@ async fn invalid_task_is_refused_before_publishing() {
     );
 }
 
+/// A task no worker would run (deadline + pending timeout over the
+/// consumer-timeout budget in `Limits`) is refused by the library with the
+/// worker's own reason; `check` says the same without publishing.
+#[tokio::test]
+async fn a_deadline_no_worker_would_run_is_refused_with_the_workers_reason() {
+    let prefix = unique("budget");
+    let (producer, _c) = producer(&prefix).await;
+    let mut long = task(1);
+    long.sandbox.deadline_secs = 1600; // + 300 s > 1800 s - 60 s
+    let reason = sandfleet_proto::check_consumer_timeout(
+        &long,
+        Duration::from_secs(Limits::default().broker_consumer_timeout_secs),
+    )
+    .unwrap_err()
+    .to_string();
+    for err in [
+        producer.check(&long).unwrap_err(),
+        producer.enqueue(&long).await.unwrap_err(),
+    ] {
+        match &err {
+            EnqueueError::Invalid(errors) => {
+                let e = &errors.errors()[0];
+                assert_eq!(e.path, "sandbox.deadline_secs");
+                assert_eq!(e.rule, sandfleet_proto::DEADLINE_TOO_LONG_CODE);
+                assert_eq!(e.message, reason);
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+    let report = producer.enqueue_batch(vec![long.clone(), task(2)]).await;
+    assert_eq!(report.accepted().count(), 1);
+    assert_eq!(report.failed().next().map(|(id, _)| id), Some(long.id));
+    let got = drain(producer.amqp(), &producer.topology().tasks_queue).await;
+    assert_eq!(got.len(), 1, "only the task that fits was published");
+    producer.check(&task(3)).unwrap();
+}
+
 #[tokio::test]
 async fn batch_reports_each_task_and_publishes_the_valid_ones() {
     let prefix = unique("batch");
