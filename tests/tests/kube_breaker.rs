@@ -1,6 +1,8 @@
 //! The circuit breaker end to end: a burst of API 500s opens it, the worker
 //! stops consuming (the queue holds its tasks) and reports not ready; once the
-//! API recovers a probe closes it and the backlog drains. A 429 with
+//! API recovers a trial of the failing call closes it and the backlog drains.
+//! When only Job creation fails, it stays open (no flapping) with doubling
+//! cooldowns, and tasks in flight still get their logs. A 429 with
 //! Retry-After is honoured without tripping it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -18,7 +20,8 @@ fn job_posts(env: &Env) -> usize {
         .sim
         .request_log()
         .iter()
-        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs"))
+        // Real creates: the breaker's trials are dry runs.
+        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs") && !r.query.contains("dryRun"))
         .count()
 }
 
@@ -55,6 +58,8 @@ async fn api_500s_open_the_breaker_pause_consumption_and_a_probe_resumes_it() {
     for t in &tasks {
         env.publish(t).await.unwrap();
     }
+    // `/readyz` turns 503 once consumption is paused (not merely when the
+    // breaker opened), so from here on nothing is taken from the queue.
     w.wait_ready(503, Duration::from_secs(20)).await.unwrap();
     assert_eq!(w.metric("sandfleet_breaker_state").await, Some(2.0));
     let (_, why) = w.get("/readyz").await.unwrap();
@@ -128,16 +133,16 @@ async fn api_500s_open_the_breaker_pause_consumption_and_a_probe_resumes_it() {
         env.dead_letters().is_empty(),
         "none dead-lettered for an API outage"
     );
-    let probes: Vec<_> = env
+    let trials: Vec<_> = env
         .kube()
         .sim
         .request_log()
         .into_iter()
-        .filter(|r| r.method == "GET" && r.path.ends_with("/jobs") && r.query.contains("limit=1"))
+        .filter(|r| r.method == "POST" && r.query.contains("dryRun"))
         .collect();
     assert!(
-        probes.iter().any(|r| r.status == 200),
-        "a probe (list limit=1) closed the breaker"
+        trials.iter().any(|r| r.status == 201),
+        "a trial of the failing call (a dry-run create) closed the breaker"
     );
     assert_eq!(w.metric("sandfleet_breaker_state").await, Some(0.0));
     assert!(env.history().check().ok());
@@ -198,6 +203,112 @@ async fn a_429_with_retry_after_is_honoured_and_does_not_trip_the_breaker() {
             .await,
         Some(2.0),
         "both creates timed"
+    );
+    drop(w);
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_only_500s_hold_the_breaker_open_without_flapping_and_lose_no_log() {
+    // Cooldown 1 s, doubling per failed trial up to 8 s: 30 s of fault here
+    // is the same story as 2 minutes at the default 30 s cooldown (a trial
+    // at 1, 3, 7, 15, 23 s ... instead of 30, 90 s).
+    const FAULT: Duration = Duration::from_secs(30);
+    let env = Env::new("createonly", BIN, true, |s| {
+        s.breaker.consecutive_failures = 3;
+        s.breaker.min_calls = 10;
+        s.breaker.window = 20;
+        s.breaker.cooldown_secs = 1;
+        s.breaker.half_open_probes = 2;
+        s.retry.api_retries = 0;
+        s.worker.concurrency = 2;
+    })
+    .await
+    .unwrap();
+    let w = env.spawn_worker("w1", |_| {}).unwrap();
+    w.wait_ready(200, Duration::from_secs(30)).await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let mut t = task(&format!("echo out-{i}; sleep 2"));
+            t.retry.max_attempts = 6;
+            t
+        })
+        .collect();
+    for t in &tasks {
+        env.publish(t).await.unwrap();
+    }
+    // Two tasks run; then Job creation (only creation) starts failing.
+    for _ in 0..300 {
+        if w.metric("sandfleet_tasks_in_flight").await == Some(2.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(w.metric("sandfleet_tasks_in_flight").await, Some(2.0));
+    env.kube().sim.faults().inject(FaultRule::new(
+        "POST",
+        "/jobs",
+        FaultAction::Status {
+            code: 500,
+            retry_after_secs: None,
+        },
+    ));
+    let start = Instant::now();
+    let mut flips = 0;
+    let mut last = 200;
+    while start.elapsed() < FAULT {
+        let now = w.readyz().await;
+        if now != last {
+            flips += 1;
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let trips = w.metric("sandfleet_breaker_trips_total").await.unwrap();
+    let trials: Vec<_> = env
+        .kube()
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.query.contains("dryRun"))
+        .collect();
+    assert_eq!(last, 503, "not ready while creates fail");
+    assert!(trips <= 3.0, "the breaker opened {trips} times");
+    assert_eq!(flips, 1, "/readyz went 503 once and stayed there");
+    // Doubling cooldowns: a handful of trials, not one per second.
+    assert!(
+        (3..=8).contains(&trials.len()),
+        "{} create trials in {FAULT:?}",
+        trials.len()
+    );
+    assert!(trials.iter().all(|r| r.status == 500));
+    assert!(env.dead_letters().is_empty());
+
+    // Creation works again: a trial closes the breaker, the backlog drains.
+    env.kube().sim.faults().clear();
+    env.until("every task finished", Duration::from_secs(90), |e| {
+        tasks.iter().all(|t| !e.finals(t.id).is_empty())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.log_tail()));
+    w.wait_ready(200, Duration::from_secs(20)).await.unwrap();
+    for (i, t) in tasks.iter().enumerate() {
+        let f = &env.finals(t.id)[0];
+        assert_eq!(f.outcome, Outcome::Succeeded, "{f:?}");
+        assert!(
+            f.log_tail.contains(&format!("out-{i}")) && !f.log_tail.contains("could not be read"),
+            "task {i} lost its log: {:?}",
+            f.log_tail
+        );
+    }
+    assert!(env.dead_letters().is_empty(), "none dead-lettered");
+    assert_eq!(w.metric("sandfleet_breaker_trips_total").await, Some(trips));
+    let report = env.history().check();
+    assert!(report.ok(), "{report:?}");
+    eprintln!(
+        "create-only 500s for {FAULT:?}: {trips} trip(s), {} create trial(s), {flips} readyz flip(s), \
+         0 dead-lettered, 8/8 results with their logs",
+        trials.len()
     );
     drop(w);
     env.cleanup().await.unwrap();

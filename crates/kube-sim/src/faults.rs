@@ -48,6 +48,9 @@ pub struct FaultRule {
     pub action: FaultAction,
     /// How many matching requests it applies to; `None` means unlimited.
     pub times: Option<u32>,
+    /// When set, requests whose query string contains this are not matched
+    /// (e.g. `"dryRun"`: break real creates while dry-run probes pass).
+    pub unless_query: Option<String>,
 }
 
 impl FaultRule {
@@ -59,7 +62,15 @@ impl FaultRule {
             path_contains: path_contains.to_owned(),
             action,
             times: None,
+            unless_query: None,
         }
+    }
+
+    /// Leaves requests whose query string contains `needle` alone.
+    #[must_use]
+    pub fn unless_query(mut self, needle: &str) -> Self {
+        self.unless_query = Some(needle.to_owned());
+        self
     }
 
     /// Limits the rule to the next `n` matching requests.
@@ -69,7 +80,7 @@ impl FaultRule {
         self
     }
 
-    fn matches(&self, method: &str, path: &str, is_watch: bool) -> bool {
+    fn matches(&self, method: &str, path: &str, query: &str, is_watch: bool) -> bool {
         let watch_only = matches!(
             self.action,
             FaultAction::WatchGone | FaultAction::WatchEndEarly | FaultAction::WatchGoneAfter(_)
@@ -80,6 +91,10 @@ impl FaultRule {
                 .as_deref()
                 .is_none_or(|m| m.eq_ignore_ascii_case(method))
             && path.contains(&self.path_contains)
+            && self
+                .unless_query
+                .as_deref()
+                .is_none_or(|q| !query.contains(q))
     }
 }
 
@@ -105,13 +120,25 @@ impl Faults {
         self.lock().len()
     }
 
+    /// Removes the rules for which `pred` is true (e.g. to lift one fault and keep
+    /// the others).
+    pub fn remove_where(&self, pred: impl Fn(&FaultRule) -> bool) {
+        self.lock().retain(|r| !pred(r));
+    }
+
     /// Finds the first rule matching the request, consumes one use of it, and returns
     /// its action.
-    pub(crate) fn take(&self, method: &str, path: &str, is_watch: bool) -> Option<FaultAction> {
+    pub(crate) fn take(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        is_watch: bool,
+    ) -> Option<FaultAction> {
         let mut rules = self.lock();
         let i = rules
             .iter()
-            .position(|r| r.matches(method, path, is_watch))?;
+            .position(|r| r.matches(method, path, query, is_watch))?;
         let action = rules[i].action.clone();
         if let Some(n) = rules[i].times.as_mut() {
             *n = n.saturating_sub(1);
@@ -148,15 +175,36 @@ mod tests {
         );
         // A list is not a watch: the watch rule is skipped, the 503 rule applies.
         assert!(matches!(
-            f.take("GET", "/apis/batch/v1/namespaces/d/jobs", false),
+            f.take("GET", "/apis/batch/v1/namespaces/d/jobs", "", false),
             Some(FaultAction::Status { code: 503, .. })
         ));
         assert_eq!(
-            f.take("GET", "/apis/batch/v1/namespaces/d/jobs", true),
+            f.take("GET", "/apis/batch/v1/namespaces/d/jobs", "", true),
             Some(FaultAction::WatchGone)
         );
-        assert!(f.take("DELETE", "/x/jobs/a", false).is_some());
-        assert_eq!(f.take("DELETE", "/x/jobs/a", false), None);
+        assert!(f.take("DELETE", "/x/jobs/a", "", false).is_some());
+        assert_eq!(f.take("DELETE", "/x/jobs/a", "", false), None);
+        assert_eq!(f.active(), 0);
+    }
+
+    #[test]
+    fn a_rule_can_spare_dry_runs() {
+        let f = Faults::default();
+        f.inject(
+            FaultRule::new(
+                "POST",
+                "/jobs",
+                FaultAction::Status {
+                    code: 403,
+                    retry_after_secs: None,
+                },
+            )
+            .unless_query("dryRun"),
+        );
+        let path = "/apis/batch/v1/namespaces/d/jobs";
+        assert_eq!(f.take("POST", path, "dryRun=All", false), None);
+        assert!(f.take("POST", path, "", false).is_some());
+        f.remove_where(|r| r.path_contains == "/jobs");
         assert_eq!(f.active(), 0);
     }
 }

@@ -168,7 +168,7 @@ impl Server {
         let index = self.shared.requests.push(record);
 
         let mut watch_fault = WatchFault::None;
-        match self.shared.faults.take(&method, &path, is_watch) {
+        match self.shared.faults.take(&method, &path, &query, is_watch) {
             Some(FaultAction::Status {
                 code,
                 retry_after_secs,

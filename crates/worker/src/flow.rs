@@ -61,17 +61,23 @@ pub async fn run_flow_control<B: Broker>(
     loop {
         let state = gate.state();
         let denied = gate.denied_permissions();
-        health.set_breaker_open(state != BreakerState::Closed);
-        health.set_denied(
-            denied
-                .iter()
-                .map(|(p, message)| {
-                    format!("kubernetes API permission denied: {p} (the worker's Role must grant it; {message})")
-                })
-                .collect(),
-        );
+        let report = || {
+            health.set_breaker_open(state != BreakerState::Closed);
+            health.set_denied(
+                denied
+                    .iter()
+                    .map(|(p, message)| {
+                        format!("kubernetes API permission denied: {p} (the worker's Role must grant it; {message})")
+                    })
+                    .collect(),
+            );
+        };
         let hold = state != BreakerState::Closed || !denied.is_empty();
-        if hold != paused {
+        // Not ready only once the consumer is stopped (and ready again only
+        // once it runs), so a 503 from `/readyz` means nothing more is taken.
+        if hold == paused {
+            report();
+        } else {
             let r = if hold {
                 broker.pause().await
             } else {
@@ -80,6 +86,7 @@ pub async fn run_flow_control<B: Broker>(
             match r {
                 Ok(()) if hold => {
                     paused = true;
+                    report();
                     warn!(
                         breaker = state.as_str(),
                         denied = denied.len(),
@@ -88,9 +95,11 @@ pub async fn run_flow_control<B: Broker>(
                 }
                 Ok(()) => {
                     paused = false;
+                    report();
                     info!("kubernetes API usable again: consuming again");
                 }
                 Err(e) => {
+                    report();
                     warn!(error = %e, "pausing or resuming the consumer failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,

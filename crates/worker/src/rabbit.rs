@@ -228,10 +228,12 @@ impl Broker for RabbitBroker {
 
     async fn pause(&self) -> Result<(), BrokerError> {
         self.paused.send_replace(true);
-        // If nobody is inside `next_delivery`, stop the consumer here.
-        if let Ok(mut slot) = self.consumer.try_lock()
-            && let Some(c) = slot.take()
-        {
+        // Returns once the consumer is stopped: a `next_delivery` holding the
+        // lock sees the flag, stops the consumer and lets go of the lock
+        // (it does not take it again while paused). So when `pause` returns,
+        // nothing more is delivered and the prefetched messages are back.
+        let mut slot = self.consumer.lock().await;
+        if let Some(c) = slot.take() {
             self.stop_consumer(c).await;
         }
         Ok(())
