@@ -164,5 +164,40 @@ timeout_secs = 10
         "the branch name arrives verbatim: {log}"
     );
     assert!(!marker.exists(), "an event value was executed as shell");
+
+    // The gateway timed the webhook and says which build it runs.
+    let (status, metrics) = http(&addr, "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            "sandfleet_gateway_request_duration_seconds_count{route=\"/webhooks/github\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sandfleet_build_info{") && l.contains("component=\"gateway\"")),
+        "{metrics}"
+    );
+
+    // `results get` tells the task's story from the stream.
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sandfleet"))
+        .args(["--prefix", &env.prefix, "results", "get", &task_id])
+        .current_dir(env.dir.path())
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let story = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(run.status.code(), Some(0), "{story}");
+    assert!(
+        story.contains("attempt 1: succeeded (final, exit 0)"),
+        "{story}"
+    );
+    assert!(
+        story.contains("repo=octo-org/octo-repo"),
+        "the log tail: {story}"
+    );
     env.cleanup().await;
 }

@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::allowlist::Allowlist;
 use crate::dedup::{Claim, DeliveryDedup};
 use crate::event::{self, CiFailure, Intake};
-use crate::metrics::{Metrics, ProviderLabels, RequestLabels};
+use crate::metrics::{Metrics, ProviderLabels, RequestLabels, RouteLabels};
 use crate::signature;
 use crate::sink::{SinkError, TaskSink};
 use crate::template::build_task;
@@ -149,7 +149,15 @@ async fn count_requests(State(gw): State<Gateway>, req: Request, next: Next) -> 
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "other".to_owned());
+    let started = std::time::Instant::now();
     let resp = next.run(req).await;
+    gw.inner
+        .metrics
+        .request_duration
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
     gw.inner
         .metrics
         .requests

@@ -30,6 +30,28 @@ pub use propagation::{
     trace_id,
 };
 
+/// The version every sandfleet process reports in `sandfleet_build_info`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit the binary was built from: the `SANDFLEET_GIT_SHA`
+/// environment variable at build time (the Dockerfile and the release
+/// workflow set it), or `unknown` for a plain `cargo build`.
+pub const GIT_SHA: &str = match option_env!("SANDFLEET_GIT_SHA") {
+    Some(sha) => sha,
+    None => "unknown",
+};
+
+/// The labels of `sandfleet_build_info` for `component` (`worker`,
+/// `gateway`): `version`, `git_sha`, `component`. The metric's value is
+/// always 1; dashboards join on it to show which build runs where.
+pub fn build_info_labels(component: &str) -> Vec<(String, String)> {
+    vec![
+        ("version".to_owned(), VERSION.to_owned()),
+        ("git_sha".to_owned(), GIT_SHA.to_owned()),
+        ("component".to_owned(), component.to_owned()),
+    ]
+}
+
 /// Why telemetry could not be set up, or a trace context not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {

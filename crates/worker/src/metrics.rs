@@ -22,12 +22,28 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use sandfleet_proto::Outcome;
 
 use crate::breaker::BreakerState;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// The `reason` label values of `sandfleet_tasks_rejected_total`, created at
+/// zero: the decode rejections, the deadline budget and the delivery limit.
+pub const REJECT_REASONS: &[&str] = &[
+    "oversize",
+    "malformed_json",
+    "unknown_schema_version",
+    "invalid",
+    sandfleet_proto::DEADLINE_TOO_LONG_CODE,
+    crate::dispatch::DELIVERY_LIMIT_CODE,
+];
+
+/// The `verb` label values of the Kubernetes API metrics (see
+/// `sandfleet_sandbox::ApiOp::verb`); the gate's refusals count as `any`.
+pub const KUBE_VERBS: &[&str] = &["create", "get", "delete", "list", "logs"];
 
 fn task_duration_histogram() -> Histogram {
     // 1 s .. ~9 h: sandbox tasks run for seconds to hours.
@@ -143,6 +159,30 @@ impl Metrics {
             "Kubernetes API requests that did not succeed, by verb and class",
             m.kube_errors.clone(),
         );
+        registry.register(
+            "sandfleet_build",
+            "The running build: version, git commit, component (value 1)",
+            Info::new(sandfleet_telemetry::build_info_labels("worker")),
+        );
+        // Every known label set exists from the start at zero, so dashboards
+        // show 0 rather than "No data" and rate() sees the first event.
+        for reason in REJECT_REASONS {
+            let _ = m
+                .rejected
+                .get_or_create(&vec![("reason", (*reason).to_owned())]);
+        }
+        for verb in KUBE_VERBS {
+            for class in ["failure", "ignored", "throttled"] {
+                let _ = m.kube_errors.get_or_create(&vec![
+                    ("verb", (*verb).to_owned()),
+                    ("class", class.to_owned()),
+                ]);
+            }
+        }
+        let _ = m.kube_errors.get_or_create(&vec![
+            ("verb", "any".to_owned()),
+            ("class", "refused".to_owned()),
+        ]);
         Metrics { registry, ..m }
     }
 
@@ -245,6 +285,34 @@ impl Metrics {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labelled_counters_exist_at_zero_before_their_first_event() {
+        let text = Metrics::new().encode();
+        for needle in [
+            "sandfleet_tasks_rejected_total{reason=\"malformed_json\"} 0",
+            "sandfleet_tasks_rejected_total{reason=\"deadline_exceeds_consumer_timeout\"} 0",
+            "sandfleet_tasks_rejected_total{reason=\"delivery_limit\"} 0",
+            "sandfleet_kube_api_errors_total{verb=\"create\",class=\"failure\"} 0",
+            "sandfleet_kube_api_errors_total{verb=\"logs\",class=\"throttled\"} 0",
+            "sandfleet_kube_api_errors_total{verb=\"any\",class=\"refused\"} 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        let build = text
+            .lines()
+            .find(|l| l.starts_with("sandfleet_build_info{"))
+            .expect("sandfleet_build_info");
+        assert!(
+            build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+            "{build}"
+        );
+        assert!(
+            build.contains("git_sha=") && build.contains("component=\"worker\""),
+            "{build}"
+        );
+        assert!(build.ends_with(" 1"), "{build}");
+    }
 
     #[test]
     fn exposition_carries_the_agreed_names() {
