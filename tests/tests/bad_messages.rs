@@ -1,7 +1,7 @@
 //! Invalid messages reach the dead-letter queue with a reason, the worker
 //! keeps running, and a message that crash-loops workers stops at the
-//! broker's delivery limit. Real RabbitMQ, real worker processes, local
-//! executor.
+//! queue's delivery limit with a final result saying why. Real RabbitMQ, real
+//! worker processes, local executor.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -98,7 +98,7 @@ async fn malformed_unknown_version_oversize_and_invalid_are_dead_lettered_with_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_that_crash_loops_workers_stops_at_the_delivery_limit() {
+async fn a_message_that_crash_loops_workers_ends_at_the_delivery_limit_with_a_result() {
     let env = Env::new("crashloop", BIN, false, |s| {
         s.topology.delivery_limit = 2;
     })
@@ -145,9 +145,35 @@ async fn a_message_that_crash_loops_workers_stops_at_the_delivery_limit() {
     .unwrap();
     let dead = env.dead_letters();
     assert_eq!(dead[0].task_id, Some(poison.id));
-    assert_eq!(dead[0].death_reason.as_deref(), Some("delivery_limit"));
-    assert!(kills <= 3, "stopped at the limit, after {kills} crashes");
-    assert!(env.finals(poison.id).is_empty(), "it never finished");
+    // Dead-lettered by the worker that got the last delivery the limit
+    // allows, not silently by the broker: with a reason and a final result.
+    assert_eq!(dead[0].code.as_deref(), Some("delivery_limit"));
+    assert!(
+        dead[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("delivered 3 times"),
+        "{:?}",
+        dead[0].reason
+    );
+    assert_eq!(kills, 2, "two crashes, then the third delivery ends it");
+    env.until("the final result", Duration::from_secs(10), |e| {
+        !e.finals(poison.id).is_empty()
+    })
+    .await
+    .unwrap();
+    let finals = env.finals(poison.id);
+    assert_eq!(finals[0].outcome, Outcome::InfraError);
+    assert!(
+        finals[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("delivery_limit: the task was delivered 3 times"),
+        "{:?}",
+        finals[0].error
+    );
     assert_eq!(env.ready_tasks().await.unwrap(), 0);
     env.cleanup().await.unwrap();
 }

@@ -647,6 +647,56 @@ async fn an_open_breaker_releases_the_task_without_spending_an_attempt() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn releases_past_the_delivery_limit_dead_letter_nothing() {
+    // Far more "try again later" than the queue's limit allows returns.
+    let h = Harness::start(config(1), InMemoryBroker::new(Some(2)));
+    let t = task();
+    h.exec.script(t.id, vec![Act::Unavailable; 12]);
+    publish(&h.broker, &t);
+    h.until("released a dozen times", |h| {
+        h.exec.contexts.lock().unwrap().len() >= 12
+    })
+    .await;
+    assert!(h.broker.dead_letters().is_empty());
+    h.exec
+        .script(t.id, vec![Act::Finish(1, Outcome::Succeeded)]);
+    h.until("final", |h| !h.finals(t.id).is_empty()).await;
+    assert_eq!(h.finals(t.id)[0].attempt, 1);
+    assert!(
+        h.metrics
+            .encode()
+            .contains("sandfleet_task_releases_total 12")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_delivery_the_limit_allows_ends_with_a_result_instead_of_a_run() {
+    let broker = InMemoryBroker::new(Some(2));
+    let t = task();
+    publish(&broker, &t);
+    // Two workers died holding it.
+    for _ in 0..2 {
+        let _held = broker.next_delivery().await.unwrap();
+        broker.close_channel();
+    }
+    let h = Harness::start(config(1), broker);
+    h.until("dead-lettered", |h| !h.broker.dead_letters().is_empty())
+        .await;
+    let dead = h.broker.dead_letters();
+    assert_eq!(dead[0].code, DELIVERY_LIMIT_CODE);
+    assert!(
+        dead[0].reason.contains("delivered 3 times"),
+        "{}",
+        dead[0].reason
+    );
+    let f = h.finals(t.id);
+    assert_eq!((f.len(), f[0].outcome), (1, Outcome::InfraError));
+    assert!(h.exec.runs().is_empty(), "not run a third time");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn two_deliveries_of_one_attempt_run_one_after_the_other_and_adopt() {
     let h = Harness::start(config(4), InMemoryBroker::default());
     let t = task();
