@@ -456,8 +456,8 @@ def check_k8s(name: str, objs: list[dict], rep: Report, settings: SettingsSchema
             rep.check(5672 in eg_ports and 53 in eg_ports, obj_id(p), "egress to RabbitMQ (5672) and DNS (53)")
     rep.ok(f"{name}: NetworkPolicies (sandbox default-deny, metadata/cluster CIDRs excepted, worker/gateway ports)")
 
-    # --- RabbitMQ consumer_timeout vs the worker's broker_consumer_timeout_secs
-    broker_secs = int(config_toml.get("worker", {}).get("broker_consumer_timeout_secs", 1800))
+    # --- RabbitMQ consumer_timeout vs limits.broker_consumer_timeout_secs
+    broker_secs = int(config_toml.get("limits", {}).get("broker_consumer_timeout_secs", 1800))
     timeouts = []
     for rc in find(objs, "RabbitmqCluster"):
         timeouts.append((obj_id(rc), rabbit_conf_value(rc["spec"].get("rabbitmq", {}).get("additionalConfig", ""),
@@ -468,9 +468,9 @@ def check_k8s(name: str, objs: list[dict], rep: Report, settings: SettingsSchema
                 timeouts.append((f"{obj_id(cm)} {key}", rabbit_conf_value(text, "consumer_timeout")))
     for who, ms in timeouts:
         rep.check(ms == broker_secs * 1000, who,
-                  f"consumer_timeout {ms} ms must equal worker.broker_consumer_timeout_secs {broker_secs} s")
+                  f"consumer_timeout {ms} ms must equal limits.broker_consumer_timeout_secs {broker_secs} s")
     if timeouts:
-        rep.ok(f"{name}: RabbitMQ consumer_timeout {broker_secs * 1000} ms = worker.broker_consumer_timeout_secs")
+        rep.ok(f"{name}: RabbitMQ consumer_timeout {broker_secs * 1000} ms = limits.broker_consumer_timeout_secs")
     check_deadlines(where, config_toml, broker_secs, rep)
 
 
@@ -481,9 +481,15 @@ def check_deadlines(where: str, cfg: dict, broker_secs: int, rep: Report) -> Non
                  "set limits.max_deadline_secs explicitly so it can be checked against consumer_timeout"):
         rep.check(int(max_deadline) < broker_secs, where,
                   f"limits.max_deadline_secs {max_deadline} must be below the broker timeout {broker_secs} s")
-        template = int(cfg.get("gateway", {}).get("template", {}).get("deadline_secs", 3600))
+        template = int(cfg.get("gateway", {}).get("template", {}).get("deadline_secs", 1200))
         rep.check(template <= int(max_deadline), where,
                   f"gateway.template.deadline_secs {template} exceeds limits.max_deadline_secs {max_deadline}")
+        # The worker's (and the intakes') budget: deadline + pending timeout
+        # within the consumer timeout less the 60 s margin.
+        pending = int(cfg.get("gateway", {}).get("template", {}).get("pending_timeout_secs", 300))
+        rep.check(template + pending <= broker_secs - 60, where,
+                  f"gateway.template deadline {template} s + pending {pending} s must fit "
+                  f"limits.broker_consumer_timeout_secs {broker_secs} s less 60 s")
 
 
 def check_all_containers(wid: str, pod: dict, cms: list[dict], settings: SettingsSchema, rep: Report) -> None:
@@ -733,7 +739,7 @@ def cmd_compose(path: Path, rep: Report, settings: SettingsSchema) -> None:
         conf = ROOT / "deploy/rabbitmq/rabbitmq.conf"
         ms = rabbit_conf_value(conf.read_text(), "consumer_timeout")
         rep.check(ms == broker * 1000, str(conf.relative_to(ROOT)),
-                  f"consumer_timeout {ms} ms must equal the worker's broker_consumer_timeout_secs {broker} s")
+                  f"consumer_timeout {ms} ms must equal limits.broker_consumer_timeout_secs {broker} s")
         check_deadlines(path.name, cfg, broker, rep)
         executor = (worker.get("environment") or {}).get("SANDFLEET__WORKER__EXECUTOR",
                                                          cfg.get("worker", {}).get("executor"))
@@ -784,8 +790,8 @@ def compose_worker_config(path: Path, worker: dict) -> tuple[dict, int, int]:
     env = worker.get("environment") or {}
     drain = int(env.get("SANDFLEET__WORKER__DRAIN_TIMEOUT_SECS",
                         cfg.get("worker", {}).get("drain_timeout_secs", DEFAULT_DRAIN_TIMEOUT_SECS)))
-    broker = int(env.get("SANDFLEET__WORKER__BROKER_CONSUMER_TIMEOUT_SECS",
-                         cfg.get("worker", {}).get("broker_consumer_timeout_secs", 1800)))
+    broker = int(env.get("SANDFLEET__LIMITS__BROKER_CONSUMER_TIMEOUT_SECS",
+                         cfg.get("limits", {}).get("broker_consumer_timeout_secs", 1800)))
     return cfg, drain, broker
 
 
