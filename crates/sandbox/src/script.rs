@@ -404,19 +404,28 @@ sf_file_limit() {
 # make sure after the grace period, remove the run directory, and kill this
 # process group, the watcher included. The watcher stays in the group until
 # the executor kills the group, which keeps the group's id from being reused.
+sf_watch_kill_step() {
+  sf_p=
+  read -r sf_p <"$sf_state/step.pid" 2>/dev/null
+  if [ -n "$sf_p" ]; then
+    kill -s KILL -- "-$sf_p" 2>/dev/null || kill -s KILL "-$sf_p" 2>/dev/null
+  fi
+}
+
 sf_watch_parent() {
   exec 3<&0
   # An asynchronous list gets /dev/null as stdin unless it redirects it.
   (
     trap '' TERM INT HUP
     while read -r sf_x; do :; done
+    # The running step first and at once: a redelivery of this attempt may
+    # start on another worker any moment now.
+    sf_watch_kill_step
     kill -s TERM "$$" 2>/dev/null
     sf_i=0
     while kill -0 "$$" 2>/dev/null && [ "$sf_i" -lt "$sf_grace" ]; do sleep 1; sf_i=$(( sf_i + 1 )); done
-    sf_p=$(cat "$sf_state/step.pid" 2>/dev/null) || sf_p=
-    if kill -0 "$$" 2>/dev/null && [ -n "$sf_p" ]; then
-      kill -s KILL -- "-$sf_p" 2>/dev/null || kill -s KILL "-$sf_p" 2>/dev/null
-    fi
+    # A step started since (the script had not seen the TERM yet).
+    sf_watch_kill_step
     if [ -n "${SANDFLEET_LOCAL_RUN_DIR:-}" ]; then
       rm -rf "$SANDFLEET_LOCAL_RUN_DIR" "$SANDFLEET_LOCAL_RUN_DIR.lock"
     fi
@@ -447,6 +456,8 @@ sf_wait() {
   sf_stop_watchdog
   # Leftovers of the step (background children) die with its group.
   if [ -n "$sf_setsid" ]; then sf_kill_step KILL; fi
+  # No stale pid for anyone to signal later (the executor, the parent watcher).
+  rm -f "$sf_state/step.pid"
   sf_step_pid=
   sf_n=0
   if [ -n "$sf_fcap" ]; then
