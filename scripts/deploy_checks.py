@@ -79,6 +79,23 @@ WORKER_PERMISSIONS = {
     ("", "pods/log", "get"),
 }
 
+# The Kubernetes calls of the sessions service
+# (crates/sandbox/src/session/kubernetes: `SESSION_PERMISSIONS`): its Role,
+# k8s/base/sessions-rbac.yaml, must grant exactly these, and it is the only
+# Role that may grant pods/exec (design decision 12). kube-rs opens exec
+# with a WebSocket GET; `create` is what API servers that authorize
+# WebSocket exec as create need.
+SESSIONS_PERMISSIONS = {
+    ("batch", "jobs", "create"),
+    ("batch", "jobs", "get"),
+    ("batch", "jobs", "list"),
+    ("batch", "jobs", "delete"),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("", "pods/exec", "get"),
+    ("", "pods/exec", "create"),
+}
+
 # Metrics sandfleet exports (worker and gateway), without the `_bucket`,
 # `_sum`, `_count` suffixes of histograms.
 METRICS = {
@@ -402,23 +419,42 @@ def check_k8s(name: str, objs: list[dict], rep: Report, settings: SettingsSchema
         rep.check(role["metadata"]["namespace"] == SANDBOX_NS, obj_id(role), f"Role must be in {SANDBOX_NS}")
         for problem in rbac_problems(role_permissions(role), WORKER_PERMISSIONS, exact=True):
             rep.fail(obj_id(role), problem)
+    sroles = find(objs, "Role", "sandfleet-sessions")
+    if rep.check(len(sroles) == 1, where, "one Role sandfleet-sessions"):
+        srole = sroles[0]
+        rep.check(srole["metadata"]["namespace"] == SANDBOX_NS, obj_id(srole), f"Role must be in {SANDBOX_NS}")
+        granted, used = role_permissions(srole), SESSIONS_PERMISSIONS
+        for g, r, v in sorted(used - granted):
+            rep.fail(obj_id(srole), f"the sessions service calls {v} {r} (group '{g}') but its Role does not allow it")
+        for g, r, v in sorted(granted - used):
+            rep.fail(obj_id(srole), f"the Role allows {v} {r} (group '{g}') but the sessions service never calls it")
+    for role in find(objs, "Role"):
+        if role["metadata"]["name"] != "sandfleet-sessions":
+            rep.check(not any(r in ("pods/exec", "pods/attach") for _, r, _ in role_permissions(role)),
+                      obj_id(role), "only the sessions Role may grant pods/exec or pods/attach")
+    # Each Role bound to its own ServiceAccount, and nothing else bound.
+    bindings = {"sandfleet-worker": "sandfleet-worker", "sandfleet-sessions": "sandfleet-sessions"}
     rbs = [rb for rb in find(objs, "RoleBinding") + find(objs, "ClusterRoleBinding")]
     for rb in rbs:
         subjects = {(s.get("kind"), s.get("name"), s.get("namespace")) for s in rb.get("subjects", [])}
-        rep.check(subjects == {("ServiceAccount", "sandfleet-worker", WORKER_NS)}, obj_id(rb),
-                  f"binds {sorted(subjects)}; only the worker's ServiceAccount may be bound")
-        rep.check(rb["roleRef"]["kind"] == "Role" and rb["roleRef"]["name"] == "sandfleet-worker", obj_id(rb),
-                  "must bind the Role sandfleet-worker")
-    rep.check(len(rbs) == 1, where, f"{len(rbs)} role bindings; expected one (the worker's)")
+        role = rb["roleRef"]["name"]
+        rep.check(rb["roleRef"]["kind"] == "Role" and role in bindings, obj_id(rb),
+                  "must bind the Role sandfleet-worker or sandfleet-sessions")
+        rep.check(subjects == {("ServiceAccount", bindings.get(role), WORKER_NS)}, obj_id(rb),
+                  f"binds {sorted(subjects)}; only {role}'s own ServiceAccount may be bound")
+    rep.check(sorted(rb["roleRef"]["name"] for rb in rbs) == sorted(bindings), where,
+              f"{len(rbs)} role bindings; expected one for the worker and one for the sessions service")
     sas = {o["metadata"]["name"]: o for o in find(objs, "ServiceAccount")}
     for sa, ns, automount in (("sandfleet-worker", WORKER_NS, True), ("sandfleet-gateway", WORKER_NS, False),
+                              ("sandfleet-sessions", WORKER_NS, True),
                               ("sandfleet-sandbox", SANDBOX_NS, False)):
         o = sas.get(sa)
         if rep.check(o is not None and o["metadata"]["namespace"] == ns, where, f"ServiceAccount {ns}/{sa}"):
             if not automount:
                 rep.check(o.get("automountServiceAccountToken") is False, obj_id(o),
                           "automountServiceAccountToken: false")
-    rep.ok(f"{name}: RBAC (Role = the worker's calls, one binding, gateway and sandbox accounts without tokens)")
+    rep.ok(f"{name}: RBAC (Roles = the worker's and the sessions service's calls, exec only for sessions, "
+           "gateway and sandbox accounts without tokens)")
 
     # --- NetworkPolicies
     netpols = {o["metadata"]["name"]: o for o in find(objs, "NetworkPolicy")}
@@ -613,7 +649,7 @@ def code_permissions() -> tuple[set[tuple[str, str, str]] | None, str]:
     return None, ""
 
 
-def parse_observed(path: Path) -> tuple[set[tuple[str, str, str]], int]:
+def parse_observed(path: Path, sessions: bool = False) -> tuple[set[tuple[str, str, str]], int]:
     """(group, resource, verb) triples from a kube-sim observation log.
 
     One JSON object per line: {"verb": "create", "group": "batch",
@@ -631,6 +667,10 @@ def parse_observed(path: Path) -> tuple[set[tuple[str, str, str]], int]:
             continue
         # kube-sim's own tests play every client, not the worker.
         if rec.get("package") == "sandfleet-kube-sim":
+            continue
+        # Session tests (namespaces `sessions*`) play the sessions service,
+        # whose calls `cmd_rbac` compares with its own Role.
+        if sessions != (rec.get("namespace") or "").startswith("sessions"):
             continue
         n += 1
         resource = rec["resource"]
@@ -674,6 +714,12 @@ def cmd_rbac(args: argparse.Namespace) -> int:
                   + ", ".join(f"{v} {r}" for _, r, v in sorted(used)))
             for problem in rbac_problems(granted, used, exact=args.exact):
                 rep.fail(f"{role_file} vs {path}", problem)
+            s_used, s_n = parse_observed(path, sessions=True)
+            print(f"RBAC: {s_n} observed sessions-service requests: "
+                  + ", ".join(f"{v} {r}" for _, r, v in sorted(s_used)))
+            for g, r, v in sorted(s_used - SESSIONS_PERMISSIONS):
+                rep.fail(f"k8s/base/sessions-rbac.yaml vs {path}",
+                         f"the sessions service calls {v} {r} (group '{g}') but its Role does not allow it")
     if not rep.failures:
         rep.ok("RBAC: the Role matches the worker's Kubernetes calls")
     return 1 if rep.failures else 0

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandfleet_kube_sim::{FaultAction, FaultRule, KubeSim, SimOptions};
+use sandfleet_sandbox::session::kubernetes::SESSION_PERMISSIONS;
 use sandfleet_sandbox::session::{
     KubeSessions, RunOptions, Session, SessionBackend, SessionError, SessionSpec, conformance,
 };
@@ -45,9 +46,19 @@ async fn kube_backend_passes_the_shared_scenario() {
     let transcript = conformance::scenario(&session).await.unwrap();
     assert_eq!(transcript, conformance::expected());
 
-    // Commands went through pods/exec; the Job carries the session's labels.
+    // Commands went through pods/exec, and every call is one the sessions Role grants.
     let log = sim.request_log();
     assert!(log.iter().any(|r| r.resource() == "pods/exec"));
+    for r in log.iter().filter(|r| !r.resource().is_empty()) {
+        assert!(
+            SESSION_PERMISSIONS
+                .iter()
+                .any(|(_, res, verb)| *res == r.resource() && *verb == r.verb()),
+            "{} {} is not in SESSION_PERMISSIONS",
+            r.verb(),
+            r.resource()
+        );
+    }
     assert_eq!(sim.jobs(NS).len(), 1);
     session.teardown().await.unwrap();
     session.teardown().await.unwrap();

@@ -43,6 +43,22 @@ pub use pod::{
     ANNOTATION_WORKING_DIR, LABEL_SESSION, MANAGED_BY_SESSIONS, SESSION_SELECTOR, session_job,
 };
 
+/// Every (API group, resource, verb) the session backend calls. The sessions
+/// service's Role (`k8s/base/sessions-rbac.yaml`) grants exactly these, and
+/// `scripts/deploy_checks.py` compares the two. `pods/exec` is opened with a
+/// WebSocket GET; API servers that authorize WebSocket exec as `create` need
+/// that verb too.
+pub const SESSION_PERMISSIONS: &[(&str, &str, &str)] = &[
+    ("batch", "jobs", "create"),
+    ("batch", "jobs", "get"),
+    ("batch", "jobs", "list"),
+    ("batch", "jobs", "delete"),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("", "pods/exec", "get"),
+    ("", "pods/exec", "create"),
+];
+
 /// Slack past a command's timeout before a silent exec counts as lost.
 const STATUS_SLACK: Duration = Duration::from_secs(30);
 
