@@ -392,7 +392,7 @@ async fn topology_delete_needs_confirmation_and_refuses_non_empty_queues_unless_
     assert!(
         refused
             .stderr
-            .contains(&format!("{} (1 messages)", env.topology.dead_queue))
+            .contains(&format!("{} (1 message)", env.topology.dead_queue))
             && refused.stderr.contains("Nothing was deleted"),
         "{refused:?}"
     );

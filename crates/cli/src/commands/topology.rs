@@ -76,6 +76,15 @@ pub async fn run(cmd: &TopologyCommand, settings: &Settings, out: Output) -> Cli
     }
 }
 
+/// `1 message`, `3 messages`.
+fn count_messages(n: u64) -> String {
+    if n == 1 {
+        "1 message".to_owned()
+    } else {
+        format!("{n} messages")
+    }
+}
+
 /// `--yes`, or the prefix typed on a terminal.
 fn confirm_delete(a: &TopologyDeleteArgs, prefix: &str) -> CliResult<()> {
     if a.yes {
@@ -167,7 +176,7 @@ async fn delete(
             .iter()
             .filter_map(|(name, _, c)| match c {
                 Content::Messages(0) | Content::Missing => None,
-                Content::Messages(n) => Some(format!("{name} ({n} messages)")),
+                Content::Messages(n) => Some(format!("{name} ({})", count_messages(*n))),
                 Content::Unknown => Some(format!(
                     "{name} (a stream; its size is unknown without the management API)"
                 )),
@@ -206,7 +215,7 @@ async fn delete(
         };
         out.emit(
             match messages {
-                Some(n) => format!("deleted queue {name} ({n} messages)"),
+                Some(n) => format!("deleted queue {name} ({})", count_messages(n)),
                 None => format!("deleted queue {name}"),
             },
             &json!({"deleted": "queue", "name": name, "messages": messages}),
