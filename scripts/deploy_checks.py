@@ -24,9 +24,6 @@ kustomize overlays); each subcommand can also be run on its own:
       The Job the worker creates (crates/sandbox/tests/snapshots/job.json)
       is schema-valid, meets the sandbox namespace's Pod Security level, runs
       as its ServiceAccount and is selected by its egress NetworkPolicy.
-  deploy_checks.py kustomize-compat NAME A.yaml B.yaml
-      Two renders of one overlay (current kustomize, kustomize v2.0.3) hold
-      the same objects.
   deploy_checks.py selftest RENDERED.yaml
       Feeds broken inputs to the checks above and fails unless each is caught.
 
@@ -1010,34 +1007,6 @@ def cmd_sandbox_job(rendered: Path, versions: list[str], rep: Report) -> None:
 
 
 # --------------------------------------------------------------------------
-# Two kustomize versions must render the same objects.
-
-
-def normalized_render(path: Path) -> dict:
-    """Objects by (kind, namespace, name), with generator hash suffixes and
-    Secret data whitespace (kyaml wraps long base64 lines) normalized."""
-    text = re.sub(r"\b(sandfleet-[a-z0-9-]+?)-[a-z0-9]{10}\b", r"\1-HASH", path.read_text())
-    out = {}
-    for d in yaml.safe_load_all(text):
-        if not d:
-            continue
-        if d.get("kind") == "Secret":
-            d["data"] = {k: re.sub(r"\s", "", v) for k, v in (d.get("data") or {}).items()}
-        out[(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])] = d
-    return out
-
-
-def cmd_kustomize_compat(name: str, a: Path, b: Path, rep: Report) -> None:
-    ra, rb = normalized_render(a), normalized_render(b)
-    for key in sorted(set(ra) ^ set(rb), key=str):
-        rep.fail(name, f"{'/'.join(filter(None, key))} rendered by only one kustomize version")
-    for key in sorted(set(ra) & set(rb), key=str):
-        rep.check(ra[key] == rb[key], name, f"{'/'.join(filter(None, key))} differs between kustomize versions")
-    if not rep.failures:
-        rep.ok(f"{name}: both kustomize versions render the same {len(ra)} objects")
-
-
-# --------------------------------------------------------------------------
 # Self-test: each check must catch a broken input.
 
 
@@ -1121,10 +1090,6 @@ def main() -> int:
     sj = sub.add_parser("sandbox-job")
     sj.add_argument("rendered", help="a rendered overlay (for the sandbox namespace's objects)")
     sj.add_argument("--k8s-version", action="append", dest="versions")
-    kc = sub.add_parser("kustomize-compat")
-    kc.add_argument("name")
-    kc.add_argument("render_a")
-    kc.add_argument("render_b")
     args = ap.parse_args()
 
     settings = SettingsSchema()
@@ -1147,8 +1112,6 @@ def main() -> int:
         cmd_dockerignore(rep)
     elif args.cmd == "sandbox-job":
         cmd_sandbox_job(Path(args.rendered), args.versions or ["1.30"], rep)
-    elif args.cmd == "kustomize-compat":
-        cmd_kustomize_compat(args.name, Path(args.render_a), Path(args.render_b), rep)
     return 1 if rep.failures else 0
 
 
