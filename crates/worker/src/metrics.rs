@@ -14,6 +14,10 @@
 //! | `sandfleet_task_releases_total` | counter | (deliveries handed back for later) |
 //! | `sandfleet_kube_api_request_duration_seconds` | histogram | `verb` |
 //! | `sandfleet_kube_api_errors_total` | counter | `verb`, `class` (`failure`, `ignored`, `throttled`, `refused`) |
+//! | `sandfleet_build_info` | info | `version`, `git_sha`, `component` |
+//!
+//! The labelled counters are created at zero for every known label set
+//! ([`REJECT_REASONS`], [`KUBE_VERBS`] × classes).
 
 use std::time::Duration;
 
