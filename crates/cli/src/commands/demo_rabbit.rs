@@ -92,10 +92,10 @@ pub async fn run(
     }
     .await;
     if let Err(e) = topology.delete(&amqp).await {
-        eprintln!(
+        crate::output::diag(format_args!(
             "sandfleet: could not delete the demo topology '{}': {e}",
             topology.prefix
-        );
+        ));
     }
     result
 }
