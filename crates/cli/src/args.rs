@@ -126,6 +126,24 @@ Examples:
 
 The three tasks: one that passes, one whose tests fail, one that times out.")]
     Demo(DemoArgs),
+    /// Serve interactive sandbox sessions over HTTP (the sessions service).
+    #[command(after_help = "\
+Examples:
+  sandfleet sessions --tokens-file /var/run/sandfleet-sessions/tokens
+
+Sessions run as Jobs in sandbox.kubernetes.namespace; state lives on them, so
+replicas are interchangeable. Routes: /v1/sessions[/{id}[/run|/files]],
+/healthz, /readyz, /metrics (docs/sessions.md).")]
+    Sessions(crate::commands::sessions::SessionsArgs),
+    /// Open, use and remove sessions from scripts (through the sessions service).
+    #[command(subcommand)]
+    Session(crate::commands::session::SessionCommand),
+    /// An interactive session: type commands, see their output; torn down on exit.
+    #[command(after_help = "\
+Examples:
+  SANDFLEET_SESSIONS_TOKEN=... sandfleet shell --image python:3.12
+  sandfleet shell --local --image ignored      # child processes here, no service")]
+    Shell(crate::commands::shell::ShellArgs),
     /// Queues, consumers and workers at a glance: depths, in-flight, readiness, breaker.
     #[command(after_help = "\
 Examples:

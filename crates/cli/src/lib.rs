@@ -122,7 +122,10 @@ pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
     settings
         .validate()
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    let long_running = matches!(cli.command, Command::Worker(_) | Command::Gateway(_));
+    let long_running = matches!(
+        cli.command,
+        Command::Worker(_) | Command::Gateway(_) | Command::Sessions(_)
+    );
     let telemetry = init_telemetry(&settings, long_running)?;
     let out = Output {
         json: cli.global.json,
@@ -168,6 +171,9 @@ async fn dispatch(
             commands::demo::run(a, &settings, cli.global.amqp_url.is_some(), out).await
         }
         Command::Status(a) => commands::status::run(a, &settings, out).await,
+        Command::Sessions(a) => commands::sessions::run(a, settings, shutdown).await,
+        Command::Session(c) => commands::session::run(c, out).await,
+        Command::Shell(a) => commands::shell::run(a, shutdown).await,
         Command::Task(c) => commands::task::run(c, &settings, out),
         Command::Config(args::ConfigCommand::Check) => {
             commands::config_check::run(&cli.global, env, &settings, out)

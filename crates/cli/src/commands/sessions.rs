@@ -1,0 +1,84 @@
+//! `sandfleet sessions`: the sessions service, until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use sandfleet_sandbox::session::KubeSessions;
+use sandfleet_sessions::auth::Tokens;
+use sandfleet_sessions::{Limits, Service};
+use sandfleet_settings::Settings;
+use tokio_util::sync::CancellationToken;
+
+use crate::exit::{CliError, CliResult, Exit};
+
+/// `sandfleet sessions`.
+#[derive(Debug, Clone, Args)]
+pub struct SessionsArgs {
+    /// Listen address.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8081")]
+    pub listen: String,
+    /// File with the accepted bearer tokens, one per line (a mounted Secret).
+    #[arg(long, value_name = "FILE", env = "SANDFLEET_SESSIONS_TOKENS_FILE")]
+    pub tokens_file: PathBuf,
+    /// Sessions one token may hold at once.
+    #[arg(long, default_value_t = Limits::default().sessions_per_token)]
+    pub max_sessions_per_token: usize,
+    /// Longest max lifetime a session may ask for, in seconds.
+    #[arg(long, default_value_t = Limits::default().max_lifetime.as_secs())]
+    pub max_lifetime_secs: u64,
+    /// Longest idle timeout a session may ask for, in seconds.
+    #[arg(long, default_value_t = Limits::default().max_idle_timeout.as_secs())]
+    pub max_idle_timeout_secs: u64,
+    /// Largest file written or read in one request, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_file_bytes)]
+    pub max_file_bytes: usize,
+    /// Longest command timeout, in seconds.
+    #[arg(long, default_value_t = Limits::default().max_command_timeout.as_secs())]
+    pub max_command_timeout_secs: u64,
+    /// How often ended sessions are deleted, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub reap_interval_secs: u64,
+}
+
+/// Serves the sessions API over the cluster of `sandbox.kubernetes`.
+pub async fn run(
+    a: &SessionsArgs,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> CliResult<Exit> {
+    let text = std::fs::read_to_string(&a.tokens_file)
+        .map_err(|e| CliError::Usage(format!("--tokens-file {}: {e}", a.tokens_file.display())))?;
+    let tokens = Tokens::from_tokens(text.lines());
+    if tokens.is_empty() {
+        return Err(CliError::Usage(format!(
+            "--tokens-file {} holds no token: every request would be refused",
+            a.tokens_file.display()
+        )));
+    }
+    let limits = Limits {
+        sessions_per_token: a.max_sessions_per_token,
+        max_lifetime: Duration::from_secs(a.max_lifetime_secs),
+        max_idle_timeout: Duration::from_secs(a.max_idle_timeout_secs),
+        max_file_bytes: a.max_file_bytes,
+        max_command_timeout: Duration::from_secs(a.max_command_timeout_secs),
+        ..Limits::default()
+    };
+    let backend = KubeSessions::infer(settings.sandbox.kubernetes.clone())
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .map_err(|e| CliError::Usage(format!("--listen {}: {e}", a.listen)))?;
+    tracing::info!(listen = %a.listen, tokens = tokens.len(), "sessions service listening");
+    Service::new(backend, tokens, limits)
+        .run(
+            listener,
+            Duration::from_secs(a.reap_interval_secs.max(1)),
+            shutdown,
+        )
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    tracing::info!("sessions service stopped");
+    Ok(Exit::Ok)
+}
