@@ -4,7 +4,10 @@
 //! returns a producer that validates every task against the fleet's
 //! [`Limits`] *before* publishing, so an invalid task is an
 //! [`EnqueueError::Invalid`] for the caller, never a message the workers
-//! must dead-letter. [`Producer::enqueue`] returns a [`Receipt`] only once the
+//! must dead-letter. That includes the consumer-timeout budget
+//! (`Limits::broker_consumer_timeout_secs`): a task whose deadline no worker
+//! would run is refused here with the worker's own reason.
+//! [`Producer::check`] runs the same checks without publishing (dry runs). [`Producer::enqueue`] returns a [`Receipt`] only once the
 //! broker has confirmed the message; [`Producer::enqueue_batch`] pipelines the
 //! confirms and reports each task's fate in a [`BatchReport`].
 //!
