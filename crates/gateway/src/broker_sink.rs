@@ -111,6 +111,8 @@ impl ConnectingSink {
         tokio::spawn(async move {
             let max = std::time::Duration::from_secs(amqp.reconnect_max_delay_secs.max(1));
             let mut delay = std::time::Duration::from_millis(250);
+            // A broker that stays away (wrong credentials) is reported once per interval.
+            let mut outage = sandfleet_amqp::OutageLog::default();
             loop {
                 let attempt = async {
                     let conn = Amqp::connect(&amqp, "gateway")
@@ -129,7 +131,9 @@ impl ConnectingSink {
                         return;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, ?delay, "RabbitMQ unavailable; the gateway answers 503 until it connects")
+                        if let Some(line) = outage.failed(&e, std::time::Instant::now()) {
+                            tracing::warn!(error = %e, ?delay, failed_attempts = line.attempts, "RabbitMQ unavailable; the gateway answers 503 until it connects{}", line.suffix())
+                        }
                     }
                 }
                 tokio::select! {
