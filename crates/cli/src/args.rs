@@ -411,7 +411,8 @@ pub struct TailArgs {
     /// Stop after printing this many results.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
-    /// Without --follow: stop after this long without a message.
+    /// Without --follow: stop after this long without a message (with
+    /// --last: this long without one means caught up).
     #[arg(long, default_value = "2s", value_name = "DURATION")]
     pub idle_timeout: String,
 }
