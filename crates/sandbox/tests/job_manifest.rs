@@ -118,3 +118,109 @@ fn manifest_is_locked_down() {
     assert_eq!(env["SANDFLEET_WORKSPACE"], "/workspace");
     assert_eq!(env["SANDFLEET_TERMINATION_LOG"], "/dev/termination-log");
 }
+
+fn container_resources(task: &Task, settings: &KubernetesSettings) -> Value {
+    let job = serde_json::to_value(job::build(task, 1, &ctx(), settings).unwrap()).unwrap();
+    job["spec"]["template"]["spec"]["containers"][0]["resources"].clone()
+}
+
+#[test]
+fn a_task_without_resources_gets_the_default_requests_and_limits() {
+    // Like every webhook task: the gateway's template sets no resources.
+    let mut t = task();
+    t.sandbox.resources = Default::default();
+    let r = container_resources(&t, &KubernetesSettings::default());
+    assert_eq!(
+        r,
+        json!({
+            "requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"},
+            "limits": {"cpu": "2", "memory": "2Gi", "ephemeral-storage": "12Gi"},
+        }),
+        "not a BestEffort pod"
+    );
+    // Defaults the operator turned off are left out.
+    let mut s = KubernetesSettings::default();
+    s.default_resources.cpu_limit = None;
+    let r = container_resources(&t, &s);
+    assert!(r["limits"].get("cpu").is_none(), "{r}");
+    assert_eq!(r["requests"]["cpu"], "500m");
+}
+
+#[test]
+fn task_values_win_over_defaults_and_stay_consistent() {
+    let mut t = task();
+    t.sandbox.resources = Default::default();
+    // A request above the default limit raises the limit with it...
+    t.sandbox.resources.memory_request = Some("3Gi".into());
+    // ...and a limit below the default request lowers the request.
+    t.sandbox.resources.cpu_limit = Some("250m".into());
+    let r = container_resources(&t, &KubernetesSettings::default());
+    assert_eq!(r["requests"]["memory"], "3Gi");
+    assert_eq!(r["limits"]["memory"], "3Gi");
+    assert_eq!(r["limits"]["cpu"], "250m");
+    assert_eq!(r["requests"]["cpu"], "250m");
+    assert_eq!(r["limits"]["ephemeral-storage"], "12Gi");
+}
+
+#[test]
+fn a_task_above_the_bounds_is_refused_with_the_setting_named() {
+    let settings = KubernetesSettings::default();
+    for (field, value, key) in [
+        ("memory_limit", "64Gi", "max_resources.memory"),
+        ("cpu_request", "32", "max_resources.cpu"),
+    ] {
+        let mut t = task();
+        match field {
+            "memory_limit" => t.sandbox.resources.memory_limit = Some(value.into()),
+            _ => t.sandbox.resources.cpu_request = Some(value.into()),
+        }
+        let err = job::build(&t, 1, &ctx(), &settings)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("sandbox.resources.{field}: ")),
+            "{err}"
+        );
+        assert!(
+            err.contains(value) && err.contains(&format!("sandbox.kubernetes.{key}")),
+            "{err}"
+        );
+    }
+    // At the bound is fine.
+    let mut t = task();
+    t.sandbox.resources.memory_limit = Some("16Gi".into());
+    assert!(job::build(&t, 1, &ctx(), &settings).is_ok());
+}
+
+#[test]
+fn the_limitrange_in_the_kustomize_base_matches_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../k8s/base/sandbox-limitrange.yaml");
+    let yaml = std::fs::read_to_string(&path).unwrap();
+    let s = KubernetesSettings::default();
+    let (d, m) = (&s.default_resources, &s.max_resources);
+    let o = |v: &Option<String>| v.clone().unwrap();
+    for line in [
+        format!(
+            "defaultRequest: {{cpu: \"{}\", memory: \"{}\", ephemeral-storage: \"{}\"}}",
+            o(&d.cpu_request),
+            o(&d.memory_request),
+            o(&d.ephemeral_storage_request)
+        ),
+        format!(
+            "default: {{cpu: \"{}\", memory: \"{}\", ephemeral-storage: \"{}\"}}",
+            o(&d.cpu_limit),
+            o(&d.memory_limit),
+            o(&d.ephemeral_storage_limit)
+        ),
+        format!(
+            "max: {{cpu: \"{}\", memory: \"{}\"}}",
+            o(&m.cpu),
+            o(&m.memory)
+        ),
+    ] {
+        assert!(yaml.contains(&line), "{} lacks {line:?}", path.display());
+    }
+    assert!(yaml.contains("namespace: sandfleet-sandboxes"));
+    let kustomization = std::fs::read_to_string(path.with_file_name("kustomization.yaml")).unwrap();
+    assert!(kustomization.contains("- sandbox-limitrange.yaml"));
+}

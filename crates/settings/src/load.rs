@@ -432,7 +432,11 @@ impl Settings {
         }
         c.at_least("sandbox.local.max_output_bytes", l.max_output_bytes, 1024);
         c.at_least("sandbox.local.max_file_bytes", l.max_file_bytes, 1 << 20);
-        c.at_least("sandbox.local.max_workspace_bytes", l.max_workspace_bytes, 1 << 20);
+        c.at_least(
+            "sandbox.local.max_workspace_bytes",
+            l.max_workspace_bytes,
+            1 << 20,
+        );
         if l.work_dir.as_deref().is_some_and(str::is_empty) {
             c.fail("sandbox.local.work_dir", "must not be empty when set");
         }
@@ -491,6 +495,73 @@ impl Settings {
             k.request_timeout_secs,
             1,
         );
+        self.check_resources(c);
+    }
+
+    fn check_resources(&self, c: &mut Check) {
+        let k = &self.sandbox.kubernetes;
+        let d = &k.default_resources;
+        let m = &k.max_resources;
+        let mut q = |key: &str, v: &Option<String>| -> Option<f64> {
+            let v = v.as_deref()?;
+            match Quantity::parse(v) {
+                Ok(q) if q.0 > 0.0 => Some(q.0),
+                Ok(_) => {
+                    c.fail(key, "must be greater than zero");
+                    None
+                }
+                Err(e) => {
+                    c.fail(key, e.to_string());
+                    None
+                }
+            }
+        };
+        let p = "sandbox.kubernetes.default_resources";
+        let cpu = (
+            q(&format!("{p}.cpu_request"), &d.cpu_request),
+            q(&format!("{p}.cpu_limit"), &d.cpu_limit),
+            q("sandbox.kubernetes.max_resources.cpu", &m.cpu),
+        );
+        let memory = (
+            q(&format!("{p}.memory_request"), &d.memory_request),
+            q(&format!("{p}.memory_limit"), &d.memory_limit),
+            q("sandbox.kubernetes.max_resources.memory", &m.memory),
+        );
+        let storage = (
+            q(
+                &format!("{p}.ephemeral_storage_request"),
+                &d.ephemeral_storage_request,
+            ),
+            q(
+                &format!("{p}.ephemeral_storage_limit"),
+                &d.ephemeral_storage_limit,
+            ),
+            None,
+        );
+        for (what, (request, limit, max)) in [
+            ("cpu", cpu),
+            ("memory", memory),
+            ("ephemeral_storage", storage),
+        ] {
+            if let (Some(r), Some(l)) = (request, limit)
+                && r > l
+            {
+                c.fail(
+                    &format!("{p}.{what}_request"),
+                    format!("is above {p}.{what}_limit"),
+                );
+            }
+            for (kind, v) in [("request", request), ("limit", limit)] {
+                if let (Some(v), Some(max)) = (v, max)
+                    && v > max
+                {
+                    c.fail(
+                        &format!("{p}.{what}_{kind}"),
+                        format!("is above sandbox.kubernetes.max_resources.{what}"),
+                    );
+                }
+            }
+        }
     }
 
     fn check_gateway(&self, c: &mut Check) {

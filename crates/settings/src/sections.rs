@@ -285,6 +285,65 @@ pub struct KubernetesSettings {
     pub workspace_size_limit: String,
     /// Timeout of a single API request, in seconds.
     pub request_timeout_secs: u64,
+    /// Requests and limits of every sandbox pod, for what its task leaves unset.
+    pub default_resources: DefaultResources,
+    /// The most a sandbox may get; a task asking for more is refused.
+    pub max_resources: MaxResources,
+}
+
+/// Requests and limits a sandbox pod gets where its task sets none (section
+/// `sandbox.kubernetes.default_resources`), as Kubernetes quantities. Unset
+/// means none from sandfleet (a namespace LimitRange may still set one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefaultResources {
+    /// CPU request (`500m`).
+    pub cpu_request: Option<String>,
+    /// CPU limit.
+    pub cpu_limit: Option<String>,
+    /// Memory request.
+    pub memory_request: Option<String>,
+    /// Memory limit; exceeding it ends the attempt as `oom_killed`.
+    pub memory_limit: Option<String>,
+    /// Ephemeral-storage request (tasks cannot set this one).
+    pub ephemeral_storage_request: Option<String>,
+    /// Ephemeral-storage limit: the workspace, captured output, `/tmp` and
+    /// logs together; a pod over it is evicted by the kubelet.
+    pub ephemeral_storage_limit: Option<String>,
+}
+
+impl Default for DefaultResources {
+    fn default() -> Self {
+        DefaultResources {
+            cpu_request: Some("500m".to_owned()),
+            cpu_limit: Some("2".to_owned()),
+            memory_request: Some("1Gi".to_owned()),
+            memory_limit: Some("2Gi".to_owned()),
+            ephemeral_storage_request: Some("1Gi".to_owned()),
+            ephemeral_storage_limit: Some("12Gi".to_owned()),
+        }
+    }
+}
+
+/// Upper bounds on a sandbox's resources (section
+/// `sandbox.kubernetes.max_resources`): a task whose request or limit is
+/// above one is refused with a reason naming both. Unset means no bound.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaxResources {
+    /// Most CPU a task may request or be limited to.
+    pub cpu: Option<String>,
+    /// Most memory a task may request or be limited to.
+    pub memory: Option<String>,
+}
+
+impl Default for MaxResources {
+    fn default() -> Self {
+        MaxResources {
+            cpu: Some("8".to_owned()),
+            memory: Some("16Gi".to_owned()),
+        }
+    }
 }
 
 impl Default for KubernetesSettings {
@@ -304,6 +363,8 @@ impl Default for KubernetesSettings {
             orphan_max_age_secs: 24 * 3600,
             workspace_size_limit: "10Gi".to_owned(),
             request_timeout_secs: 30,
+            default_resources: DefaultResources::default(),
+            max_resources: MaxResources::default(),
         }
     }
 }

@@ -345,3 +345,50 @@ fn the_example_file_loads() {
     assert_eq!(s.gateway.template.steps.len(), 2);
     assert_eq!(s.limits.max_deadline_secs, 7200);
 }
+
+#[test]
+fn sandbox_resource_defaults_and_bounds_are_checked() {
+    let file = toml(
+        r#"
+        [sandbox.kubernetes.default_resources]
+        cpu_request = "4"
+        cpu_limit = "2"
+        memory_limit = "32Gi"
+        ephemeral_storage_limit = "lots"
+
+        [sandbox.kubernetes.max_resources]
+        memory = "16Gi"
+
+        [sandbox.local]
+        max_file_bytes = 1000
+        "#,
+    );
+    let err = load(Some(file.path()), &env(&[])).unwrap_err();
+    let m = messages(err);
+    for expected in [
+        "sandbox.kubernetes.default_resources.cpu_request: is above sandbox.kubernetes.default_resources.cpu_limit",
+        "sandbox.kubernetes.default_resources.memory_limit: is above sandbox.kubernetes.max_resources.memory",
+        "sandbox.local.max_file_bytes: must be at least 1048576",
+    ] {
+        assert!(
+            m.iter().any(|l| l == expected),
+            "{expected:?} not in {m:#?}"
+        );
+    }
+    assert!(
+        m.iter().any(
+            |l| l.starts_with("sandbox.kubernetes.default_resources.ephemeral_storage_limit: ")
+        ),
+        "{m:#?}"
+    );
+    // Unset defaults and bounds are allowed.
+    let s = load(
+        None,
+        &env(&[("SANDFLEET__SANDBOX__KUBERNETES__MAX_RESOURCES__CPU", "16")]),
+    )
+    .unwrap();
+    assert_eq!(
+        s.sandbox.kubernetes.max_resources.cpu.as_deref(),
+        Some("16")
+    );
+}

@@ -1,15 +1,23 @@
 //! The pure Job builder: one attempt of a task → one `batch/v1` Job.
 //!
 //! No I/O: the manifest is a function of the task, the attempt, the run
-//! context and [`KubernetesSettings`], checked by a committed snapshot
+//! context and [`KubernetesSettings`], built from k8s-openapi's typed structs
+//! (a misspelt field does not compile, where a `json!` literal would vanish
+//! on deserialization) and checked by a committed snapshot
 //! (`tests/snapshots/job.json`).
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, LocalObjectReference,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
+    SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sandfleet_proto::{Task, TaskId};
 use sandfleet_settings::KubernetesSettings;
-use serde_json::{Value, json};
 
 use crate::RunContext;
 use crate::script::{
@@ -87,12 +95,13 @@ pub enum BuildError {
         /// Why.
         message: String,
     },
-    /// The manifest did not deserialize as a Job (a bug).
+    /// A part of the manifest could not be encoded (the task's labels as JSON).
     #[error("job manifest: {0}")]
     Manifest(String),
 }
 
-/// Builds the Job for attempt `attempt` of `task`.
+/// Builds the Job for attempt `attempt` of `task`, with the typed
+/// k8s-openapi structs: a field that does not exist does not compile.
 pub fn build(
     task: &Task,
     attempt: u32,
@@ -103,37 +112,26 @@ pub fn build(
     let script = script::generate(task, attempt, &ScriptOptions::for_budget(task, budget))?;
     let name = job_name(task.id, attempt);
     let task_id = task.id.to_string();
-
-    let r = &task.sandbox.resources;
-    for (field, value) in [
-        ("cpu_request", &r.cpu_request),
-        ("cpu_limit", &r.cpu_limit),
-        ("memory_request", &r.memory_request),
-        ("memory_limit", &r.memory_limit),
-    ] {
-        if let Some(v) = value {
-            sandfleet_proto::quantity::Quantity::parse(v).map_err(|e| BuildError::Quantity {
-                field,
-                message: e.to_string(),
-            })?;
-        }
-    }
-    for (index, t) in settings.tolerations.iter().enumerate() {
-        serde_json::from_value::<k8s_openapi::api::core::v1::Toleration>(t.clone()).map_err(
-            |e| BuildError::Toleration {
+    let resources = resources(task, settings)?;
+    let tolerations = settings
+        .tolerations
+        .iter()
+        .enumerate()
+        .map(|(index, t)| {
+            serde_json::from_value::<Toleration>(t.clone()).map_err(|e| BuildError::Toleration {
                 index,
                 message: e.to_string(),
-            },
-        )?;
-    }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
-    let labels = json!({
-        LABEL_MANAGED_BY: MANAGED_BY,
-        LABEL_TASK_ID: task_id,
-        LABEL_ATTEMPT: attempt.to_string(),
-    });
+    let labels = BTreeMap::from([
+        (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+        (LABEL_TASK_ID.to_owned(), task_id.clone()),
+        (LABEL_ATTEMPT.to_owned(), attempt.to_string()),
+    ]);
     let mut pod_labels = labels.clone();
-    pod_labels[LABEL_JOB] = json!(name);
+    pod_labels.insert(LABEL_JOB.to_owned(), name.clone());
 
     let mut annotations = BTreeMap::new();
     annotations.insert(LABEL_TASK_ID.to_owned(), task_id.clone());
@@ -150,134 +148,234 @@ pub fn build(
         );
     }
 
+    let var = |name: &str, value: String| EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        ..EnvVar::default()
+    };
     let mut env = vec![
-        json!({"name": ENV_SCRIPT, "value": escape(&script.text)}),
-        json!({"name": ENV_WORKSPACE, "value": WORKSPACE_PATH}),
-        json!({"name": ENV_STATE_DIR, "value": STATE_PATH}),
-        json!({"name": ENV_TERMINATION_LOG, "value": TERMINATION_MESSAGE_PATH}),
-        json!({"name": "HOME", "value": WORKSPACE_PATH}),
+        var(ENV_SCRIPT, escape(&script.text)),
+        var(ENV_WORKSPACE, WORKSPACE_PATH.to_owned()),
+        var(ENV_STATE_DIR, STATE_PATH.to_owned()),
+        var(ENV_TERMINATION_LOG, TERMINATION_MESSAGE_PATH.to_owned()),
+        var("HOME", WORKSPACE_PATH.to_owned()),
     ];
-    env.extend(
-        script
-            .env
-            .iter()
-            .map(|(k, v)| json!({"name": k, "value": escape(v)})),
-    );
+    env.extend(script.env.iter().map(|(k, v)| var(k, escape(v))));
 
-    let mut requests = serde_json::Map::new();
-    let mut limits = serde_json::Map::new();
-    if let Some(v) = &r.cpu_request {
-        requests.insert("cpu".into(), json!(v));
-    }
-    if let Some(v) = &r.memory_request {
-        requests.insert("memory".into(), json!(v));
-    }
-    if let Some(v) = &r.cpu_limit {
-        limits.insert("cpu".into(), json!(v));
-    }
-    if let Some(v) = &r.memory_limit {
-        limits.insert("memory".into(), json!(v));
-    }
-    let mut resources = json!({});
-    if !requests.is_empty() {
-        resources["requests"] = Value::Object(requests);
-    }
-    if !limits.is_empty() {
-        resources["limits"] = Value::Object(limits);
-    }
-
-    let mut pod_security = json!({
-        "runAsNonRoot": settings.run_as_non_root,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    });
-    if let Some(uid) = settings.run_as_user {
-        pod_security["runAsUser"] = json!(uid);
-        pod_security["runAsGroup"] = json!(uid);
-        pod_security["fsGroup"] = json!(uid);
-    }
-
-    let mut pod_spec = json!({
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": false,
-        "enableServiceLinks": false,
-        "serviceAccountName": settings.service_account,
-        "securityContext": pod_security,
-        "containers": [{
-            "name": CONTAINER,
-            "image": task.sandbox.image,
-            "command": COMMAND,
-            "workingDir": WORKSPACE_PATH,
-            "env": env,
-            "resources": resources,
-            "securityContext": {
-                "allowPrivilegeEscalation": false,
-                "privileged": false,
-                "readOnlyRootFilesystem": true,
-                "runAsNonRoot": settings.run_as_non_root,
-                "capabilities": {"drop": ["ALL"]},
-            },
-            "terminationMessagePath": TERMINATION_MESSAGE_PATH,
-            "terminationMessagePolicy": "File",
-            "volumeMounts": [
-                {"name": "workspace", "mountPath": WORKSPACE_PATH},
-                {"name": "state", "mountPath": STATE_PATH},
-                {"name": "tmp", "mountPath": "/tmp"},
-            ],
-        }],
-        "volumes": [
-            {"name": "workspace", "emptyDir": {"sizeLimit": settings.workspace_size_limit}},
-            // Captured step output: bounded by the workspace limit as well.
-            {"name": "state", "emptyDir": {"sizeLimit": settings.workspace_size_limit}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": settings.workspace_size_limit}},
-        ],
-    });
-    if !settings.node_selector.is_empty() {
-        pod_spec["nodeSelector"] = json!(settings.node_selector);
-    }
-    if !settings.tolerations.is_empty() {
-        pod_spec["tolerations"] = json!(settings.tolerations);
-    }
-    if let Some(rc) = &settings.runtime_class {
-        pod_spec["runtimeClassName"] = json!(rc);
-    }
-    if !settings.image_pull_secrets.is_empty() {
-        pod_spec["imagePullSecrets"] = settings
-            .image_pull_secrets
-            .iter()
-            .map(|s| json!({"name": s}))
-            .collect();
-    }
+    let uid = settings.run_as_user;
+    let pod_security = PodSecurityContext {
+        run_as_non_root: Some(settings.run_as_non_root),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            ..SeccompProfile::default()
+        }),
+        run_as_user: uid,
+        run_as_group: uid,
+        fs_group: uid,
+        ..PodSecurityContext::default()
+    };
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        ..VolumeMount::default()
+    };
+    let container = Container {
+        name: CONTAINER.to_owned(),
+        image: Some(task.sandbox.image.clone()),
+        command: Some(COMMAND.iter().map(|&c| c.to_owned()).collect()),
+        working_dir: Some(WORKSPACE_PATH.to_owned()),
+        env: Some(env),
+        resources: Some(resources),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(settings.run_as_non_root),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.to_owned()),
+        termination_message_policy: Some("File".to_owned()),
+        volume_mounts: Some(vec![
+            mount("workspace", WORKSPACE_PATH),
+            mount("state", STATE_PATH),
+            mount("tmp", "/tmp"),
+        ]),
+        ..Container::default()
+    };
+    // Captured step output and /tmp are bounded by the workspace limit as well.
+    let volume = |name: &str| Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity(settings.workspace_size_limit.clone())),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    let pod_spec = PodSpec {
+        restart_policy: Some("Never".to_owned()),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        service_account_name: Some(settings.service_account.clone()),
+        security_context: Some(pod_security),
+        containers: vec![container],
+        volumes: Some(vec![volume("workspace"), volume("state"), volume("tmp")]),
+        node_selector: (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone()),
+        tolerations: (!tolerations.is_empty()).then_some(tolerations),
+        runtime_class_name: settings.runtime_class.clone(),
+        image_pull_secrets: (!settings.image_pull_secrets.is_empty()).then(|| {
+            settings
+                .image_pull_secrets
+                .iter()
+                .map(|s| LocalObjectReference { name: s.clone() })
+                .collect()
+        }),
+        ..PodSpec::default()
+    };
 
     // The pending phase counts toward activeDeadlineSeconds, so it gets its own allowance.
     let active_deadline = task
         .sandbox
         .deadline_secs
         .saturating_add(task.sandbox.pending_timeout_secs);
-    let manifest = json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": settings.namespace,
-            "labels": labels,
-            "annotations": annotations,
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(settings.namespace.clone()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
         },
-        "spec": {
-            "backoffLimit": 0,
-            "completions": 1,
-            "parallelism": 1,
-            "activeDeadlineSeconds": active_deadline,
-            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-            "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    "annotations": {LABEL_TASK_ID: task_id},
-                },
-                "spec": pod_spec,
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            completions: Some(1),
+            parallelism: Some(1),
+            active_deadline_seconds: Some(i64::try_from(active_deadline).unwrap_or(i64::MAX)),
+            ttl_seconds_after_finished: Some(settings.ttl_seconds_after_finished),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(LABEL_TASK_ID.to_owned(), task_id)])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec),
             },
-        },
-    });
-    serde_json::from_value(manifest).map_err(|e| BuildError::Manifest(e.to_string()))
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The container's requests and limits: the task's, else the defaults from
+/// the settings, never above `max_resources`.
+///
+/// Where a default meets a task value that it contradicts, the task wins: a
+/// task request above the default limit raises the limit to the request, and
+/// a task limit below the default request lowers the request to the limit.
+/// Ephemeral storage comes from the settings only (tasks cannot set it).
+pub fn resources(
+    task: &Task,
+    settings: &KubernetesSettings,
+) -> Result<ResourceRequirements, BuildError> {
+    let r = &task.sandbox.resources;
+    let d = &settings.default_resources;
+    let m = &settings.max_resources;
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    for (resource, field, (task_req, task_lim), (def_req, def_lim), max) in [
+        (
+            "cpu",
+            "cpu",
+            (&r.cpu_request, &r.cpu_limit),
+            (&d.cpu_request, &d.cpu_limit),
+            &m.cpu,
+        ),
+        (
+            "memory",
+            "memory",
+            (&r.memory_request, &r.memory_limit),
+            (&d.memory_request, &d.memory_limit),
+            &m.memory,
+        ),
+        (
+            "ephemeral-storage",
+            "ephemeral_storage",
+            (&None, &None),
+            (&d.ephemeral_storage_request, &d.ephemeral_storage_limit),
+            &None,
+        ),
+    ] {
+        let max = match max {
+            Some(v) => Some((v, parse(v, "max")?)),
+            None => None,
+        };
+        let task_value = |kind: &'static str, v: &Option<String>| {
+            let Some(v) = v else { return Ok(None) };
+            let field: &'static str = match (field, kind) {
+                ("cpu", "request") => "cpu_request",
+                ("cpu", _) => "cpu_limit",
+                ("memory", "request") => "memory_request",
+                _ => "memory_limit",
+            };
+            let q = parse(v, field)?;
+            if let Some((max_text, max)) = &max
+                && q > *max
+            {
+                return Err(BuildError::Quantity {
+                    field,
+                    message: format!(
+                        "{v:?} is above the most a sandbox may get here, {max_text} \
+                         (sandbox.kubernetes.max_resources.{resource})"
+                    ),
+                });
+            }
+            Ok(Some((v.clone(), q)))
+        };
+        let task_req = task_value("request", task_req)?;
+        let task_lim = task_value("limit", task_lim)?;
+        let default = |v: &Option<String>| -> Result<Option<(String, f64)>, BuildError> {
+            match v {
+                Some(v) => Ok(Some((v.clone(), parse(v, "default")?))),
+                None => Ok(None),
+            }
+        };
+        let mut request = task_req.clone().or(default(def_req)?);
+        let mut limit = task_lim.clone().or(default(def_lim)?);
+        if let (Some((_, rq)), Some((_, lq))) = (&request, &limit)
+            && rq > lq
+        {
+            match (&task_req, &task_lim) {
+                (Some(_), None) => limit = request.clone(),
+                (None, Some(_)) => request = limit.clone(),
+                // Both the task's (validation refuses that) or both defaults
+                // (the settings refuse that): leave it to the API server.
+                _ => {}
+            }
+        }
+        if let Some((v, _)) = request {
+            requests.insert(resource.to_owned(), Quantity(v));
+        }
+        if let Some((v, _)) = limit {
+            limits.insert(resource.to_owned(), Quantity(v));
+        }
+    }
+    Ok(ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    })
+}
+
+fn parse(v: &str, field: &'static str) -> Result<f64, BuildError> {
+    sandfleet_proto::quantity::Quantity::parse(v)
+        .map(|q| q.0)
+        .map_err(|e| BuildError::Quantity {
+            field,
+            message: e.to_string(),
+        })
 }
 
 #[cfg(test)]
