@@ -154,3 +154,98 @@ async fn broker_connections_cut_mid_flight_lose_no_task_and_duplicate_no_job() {
     drop(w);
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redelivery_of_a_finished_attempt_adopts_its_job_despite_the_orphan_collector() {
+    use sandfleet_amqp::lapin::options::QueueBindOptions;
+    use sandfleet_amqp::lapin::types::FieldTable;
+
+    // Both workers collect garbage every second.
+    let env = Env::new("gcadopt", BIN, true, |s| {
+        s.sandbox.kubernetes.gc_interval_secs = 1;
+    })
+    .await
+    .unwrap();
+    let w1 = env.spawn_worker("w1", |_| {}).unwrap();
+    let w2 = env.spawn_worker("w2", |_| {}).unwrap();
+    w1.wait_ready(200, Duration::from_secs(30)).await.unwrap();
+    w2.wait_ready(200, Duration::from_secs(30)).await.unwrap();
+    // No result can be published: the attempt finishes, but its delivery
+    // stays unsettled and goes back and forth between the workers.
+    let ch = env.amqp.channel().await.unwrap();
+    let (queue, exchange) = (
+        env.topology.results_stream.clone(),
+        env.topology.results_exchange.clone(),
+    );
+    ch.queue_unbind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "#".into(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let t = task("echo ran");
+    let name = job_name(t.id, 1);
+    env.publish(&t).await.unwrap();
+    let finished = |e: &Env| {
+        let sim = e.kube();
+        sim.sim.jobs(&sim.namespace).iter().any(|j| {
+            j.pointer("/metadata/name").and_then(|n| n.as_str()) == Some(name.as_str())
+                && j.pointer("/status/succeeded").and_then(|n| n.as_i64()) == Some(1)
+        })
+    };
+    env.until("the job finished", Duration::from_secs(30), finished)
+        .await
+        .unwrap();
+    // Several collection rounds of both workers pass while the finished Job
+    // waits for its delivery to settle.
+    let gc_lists = |e: &Env| {
+        e.kube()
+            .sim
+            .request_log()
+            .iter()
+            .filter(|r| {
+                r.method == "GET" && r.path.ends_with("/jobs") && !r.query.contains("watch")
+            })
+            .count()
+    };
+    let before = gc_lists(&env);
+    env.until("six collection rounds", Duration::from_secs(30), |e| {
+        gc_lists(e) >= before + 6
+    })
+    .await
+    .unwrap();
+    assert!(
+        env.job_exists(&name),
+        "the collector deleted a finished Job whose delivery is not settled: {:?}",
+        env.job_requests(&name)
+    );
+    // Results flow again: the redelivery adopts the finished Job.
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    env.until("the final result", Duration::from_secs(60), |e| {
+        !e.finals(t.id).is_empty()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", w1.log_tail(), w2.log_tail()));
+    assert_eq!(
+        env.job_created(&name),
+        1,
+        "the attempt ran once: {:?}",
+        env.job_requests(&name)
+    );
+    assert!(env.job_requests(&name).contains(&("POST".into(), 409)));
+    assert_eq!(env.finals(t.id)[0].outcome, Outcome::Succeeded);
+    let report = env.history().check();
+    assert!(report.ok(), "{report:?}");
+    drop((w1, w2));
+    env.cleanup().await.unwrap();
+}

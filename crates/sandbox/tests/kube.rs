@@ -565,8 +565,12 @@ async fn cancel_deletes_the_job() {
 
 #[tokio::test]
 async fn garbage_collection_deletes_finished_orphans_only() {
+    // The collector waits out the Jobs' TTL (a finished Job may still be
+    // adopted until then): with a TTL of 0 it acts at once, as in a cluster
+    // whose TTL controller does not run (the Jobs below keep the default).
     let env = env_with(KubernetesSettings {
         gc_interval_secs: 0,
+        ttl_seconds_after_finished: 0,
         ..settings()
     })
     .await;

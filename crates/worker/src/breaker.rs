@@ -21,7 +21,9 @@
 //!   breaker closes only on evidence that the failing calls work again: that
 //!   many successes, at least one per failing verb. A success of some other
 //!   verb proves nothing (a list that works says nothing about creates). Any
-//!   failure re-opens it, for a cooldown that doubles with each failed trial
+//!   failure re-opens it (verbs that succeeded meanwhile leave the failing
+//!   set, so a log read that recovered is not held hostage by creates that
+//!   did not), for a cooldown that doubles with each failed trial
 //!   (`cooldown`, `2·cooldown`, ... up to `max_cooldown`), so a persistent
 //!   fault costs a trial every few minutes, not every cooldown.
 //! - Caller errors (4xx, 409) are ignored: they say nothing about the API's
@@ -347,9 +349,15 @@ impl CircuitBreaker {
                     self.open(now, failing, 0);
                 }
             }
-            // A call of a verb the outage does not concern, or a late answer
-            // to one made before the breaker opened: no evidence either way.
-            Inner::Open { .. } => {}
+            // A verb the outage does not concern: no evidence either way. A
+            // failing verb that answers (a trial whose round already failed
+            // on another verb): it works again, so stop refusing it; the
+            // last failing verb stays until a trial closes the breaker.
+            Inner::Open { failing, .. } => {
+                if failing.len() > 1 {
+                    failing.remove(verb);
+                }
+            }
             Inner::HalfOpen {
                 failing,
                 proven,
@@ -395,9 +403,13 @@ impl CircuitBreaker {
                 failing.insert(verb);
             }
             Inner::HalfOpen {
-                failing, reopened, ..
+                failing,
+                proven,
+                reopened,
+                ..
             } => {
-                let mut failing = std::mem::take(failing);
+                // Verbs that succeeded in this round are no longer refused.
+                let mut failing: Verbs = failing.difference(proven).copied().collect();
                 failing.insert(verb);
                 let reopened = *reopened + 1;
                 self.open(now, failing, reopened);
@@ -737,6 +749,49 @@ mod tests {
             BreakerState::HalfOpen
         );
         b.try_acquire(clock.now(), "logs").unwrap_err();
+    }
+
+    #[test]
+    fn a_verb_that_recovers_is_no_longer_refused_while_another_still_fails() {
+        let mut clock = Clock(Instant::now());
+        let mut b = CircuitBreaker::new(BreakerConfig {
+            consecutive_failures: 2,
+            half_open_probes: 2,
+            ..config()
+        });
+        for verb in ["create", "logs"] {
+            b.try_acquire(clock.now(), verb).unwrap();
+            b.on_result(clock.now(), verb, CallVerdict::Failure);
+        }
+        assert_eq!(b.failing_verbs(), ["create", "logs"]);
+        // One round of trials, both in flight: the create trial fails (the
+        // breaker re-opens), the log trial then succeeds.
+        clock.advance_secs(60);
+        b.try_acquire(clock.now(), "create").unwrap();
+        b.try_acquire(clock.now(), "logs").unwrap();
+        b.on_result(clock.now(), "create", CallVerdict::Failure);
+        b.on_result(clock.now(), "logs", CallVerdict::Success);
+        assert_eq!(b.state(clock.now()), BreakerState::Open);
+        assert_eq!(b.failing_verbs(), ["create"], "logs work again");
+        b.try_acquire(clock.now(), "logs").expect("log reads pass");
+        assert!(b.try_acquire(clock.now(), "create").is_err());
+        // The other order: the log trial succeeds first, then the create
+        // trial fails; the new round refuses creates only.
+        let mut b = CircuitBreaker::new(BreakerConfig {
+            consecutive_failures: 2,
+            half_open_probes: 2,
+            ..config()
+        });
+        for verb in ["create", "logs"] {
+            b.try_acquire(clock.now(), verb).unwrap();
+            b.on_result(clock.now(), verb, CallVerdict::Failure);
+        }
+        clock.advance_secs(60);
+        b.try_acquire(clock.now(), "create").unwrap();
+        b.try_acquire(clock.now(), "logs").unwrap();
+        b.on_result(clock.now(), "logs", CallVerdict::Success);
+        b.on_result(clock.now(), "create", CallVerdict::Failure);
+        assert_eq!(b.failing_verbs(), ["create"]);
     }
 
     #[test]

@@ -121,17 +121,24 @@ pub async fn run_flow_control<B: Broker>(
             if state == BreakerState::Open && !wait.is_zero() {
                 soonest(now + wait);
             } else {
-                for verb in gate.failing_verbs() {
-                    let Some(op) = ApiOp::for_verb(verb) else {
-                        continue;
-                    };
-                    // The probe's own permit moves the breaker to half-open;
-                    // its result closes or re-opens it.
-                    match probe.probe(op).await {
-                        Ok(()) => debug!(verb, "breaker trial succeeded"),
-                        Err(e) => debug!(verb, error = %e, "breaker trial failed"),
-                    }
-                }
+                // One trial per failing verb, all under way together: each
+                // probe's permit (taken on its first poll) moves the breaker
+                // to half-open, and a verb that answers leaves the failing set
+                // even when another verb's trial re-opens the breaker first.
+                let trials = gate
+                    .failing_verbs()
+                    .into_iter()
+                    .filter_map(|verb| Some((verb, ApiOp::for_verb(verb)?)))
+                    .map(|(verb, op)| {
+                        let probe = probe.clone();
+                        async move {
+                            match probe.probe(op).await {
+                                Ok(()) => debug!(verb, "breaker trial succeeded"),
+                                Err(e) => debug!(verb, error = %e, "breaker trial failed"),
+                            }
+                        }
+                    });
+                futures::future::join_all(trials).await;
                 soonest(Instant::now() + PROBE_SPACING);
             }
         }

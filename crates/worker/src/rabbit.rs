@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backon::BackoffBuilder;
 use sandfleet_amqp::lapin::options::BasicQosOptions;
 use sandfleet_amqp::{
     Amqp, AmqpError, Consumer, ConsumerOptions, OutgoingMessage, Publisher, TASK_ROUTING_KEY,
@@ -144,8 +145,9 @@ impl Broker for RabbitBroker {
     type Delivery = RabbitDelivery;
 
     async fn next_delivery(&self) -> Result<RabbitDelivery, BrokerError> {
-        let mut backoff = Duration::from_millis(200);
-        let cap = Duration::from_secs(self.amqp.settings().reconnect_max_delay_secs.max(1));
+        // The same jittered exponential backoff (backon) as every reconnect,
+        // so a fleet that lost its broker does not resubscribe in lockstep.
+        let mut delays = self.amqp.reconnect_backoff().without_max_times().build();
         loop {
             let mut paused = self.paused.subscribe();
             tokio::select! {
@@ -162,17 +164,17 @@ impl Broker for RabbitBroker {
                     Ok(c) => {
                         *slot = Some(c);
                         self.connected.store(true, Ordering::Relaxed);
-                        backoff = Duration::from_millis(200);
+                        delays = self.amqp.reconnect_backoff().without_max_times().build();
                     }
                     Err(e) => {
                         drop(slot);
                         self.connected.store(false, Ordering::Relaxed);
-                        warn!(error = %e, ?backoff, "cannot consume the task queue; retrying");
+                        let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                        warn!(error = %e, ?delay, "cannot consume the task queue; retrying");
                         tokio::select! {
                             _ = self.closed.cancelled() => return Err(BrokerError::Closed),
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(delay) => {}
                         }
-                        backoff = (backoff * 2).min(cap);
                         continue;
                     }
                 }

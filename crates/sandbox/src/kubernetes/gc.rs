@@ -55,8 +55,9 @@ impl JobFacts {
 }
 
 /// The Jobs to delete: not in flight on this worker, and either finished for
-/// at least `finished_grace` (so the worker that ran it has read its log) or
-/// older than `max_age` (nobody will ever come back for it).
+/// at least `finished_grace` (past the Job's TTL: no unsettled delivery may
+/// still come back to adopt it) or older than `max_age` (nobody will ever
+/// come back for it).
 pub fn orphans(
     jobs: &[JobFacts],
     in_flight: &HashSet<String>,

@@ -122,19 +122,29 @@ impl KubeExecutor {
         &self.inner.api
     }
 
-    /// Deletes orphaned sandfleet Jobs: finished ones not in flight here (after
-    /// a grace of `gc_interval_secs`, so their own worker has read the log) and
-    /// any older than `orphan_max_age_secs`. Returns the deleted names. The
-    /// worker calls it every `gc_interval_secs`.
+    /// Deletes orphaned sandfleet Jobs: finished ones not in flight here once
+    /// their `ttlSecondsAfterFinished` and one more `gc_interval_secs` have
+    /// passed (the TTL controller should have removed them: this covers
+    /// clusters where it does not run), and any older than
+    /// `orphan_max_age_secs`. Returns the deleted names. The worker calls it
+    /// every `gc_interval_secs`.
+    ///
+    /// A finished Job still present is, as a rule, one whose delivery is not
+    /// settled yet (the worker deletes it right after the ack): a worker
+    /// crashed between result and ack, or its result publish keeps failing.
+    /// Its redelivery must find it and adopt it, however long it waits in the
+    /// queue, or the attempt would run a second time; so the collector never
+    /// deletes a finished Job before its TTL would.
     pub async fn collect_garbage(&self) -> Result<Vec<String>, ExecError> {
         let jobs = self.inner.api.list_jobs(MANAGED_SELECTOR).await?;
         let facts: Vec<_> = jobs.iter().filter_map(gc::JobFacts::of).collect();
         let s = &self.inner.settings;
+        let ttl = u64::try_from(s.ttl_seconds_after_finished).unwrap_or(0);
         let doomed = gc::orphans(
             &facts,
             &self.inner.hub.in_flight(),
             Utc::now(),
-            Duration::from_secs(s.gc_interval_secs),
+            Duration::from_secs(ttl.saturating_add(s.gc_interval_secs)),
             Duration::from_secs(s.orphan_max_age_secs),
         );
         for name in &doomed {
