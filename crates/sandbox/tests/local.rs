@@ -19,6 +19,18 @@ fn example(name: &str) -> Task {
     task
 }
 
+/// Fails (never skips) when a tool the sandbox needs is missing, naming the
+/// Debian package that provides it.
+fn require(tool: &str, package: &str) {
+    let found = std::env::split_paths(sandfleet_sandbox::local::SANDBOX_PATH)
+        .any(|d| d.join(tool).is_file());
+    assert!(
+        found,
+        "{tool} is not installed in the sandbox PATH ({}): install it with `apt-get install -y {package}` (scripts/setup.sh does)",
+        sandfleet_sandbox::local::SANDBOX_PATH
+    );
+}
+
 fn executor() -> LocalExecutor {
     LocalExecutor::new(LocalSettings::default()).unwrap()
 }
@@ -63,6 +75,8 @@ async fn wait_for_file(path: &Path) -> String {
 
 #[tokio::test]
 async fn python_fix_attempt_succeeds_with_step_output_and_artifact() {
+    require("python3", "python3");
+    require("patch", "patch");
     let task = example("python-fix-attempt.json");
     let exec = executor().run(&task, 1, &ctx()).await.unwrap();
     assert_eq!(exec.outcome, Outcome::Succeeded, "{exec:#?}");
@@ -97,6 +111,7 @@ async fn python_fix_attempt_succeeds_with_step_output_and_artifact() {
 
 #[tokio::test]
 async fn failing_test_step_gives_failed_with_its_exit_code() {
+    require("python3", "python3");
     let mut task = example("python-fix-attempt.json");
     // Without the patch the even-length test fails.
     task.steps.remove(0);
@@ -260,10 +275,7 @@ async fn cancel_stops_a_running_attempt() {
 
 #[tokio::test]
 async fn bubblewrap_makes_the_host_read_only() {
-    assert!(
-        Path::new("/usr/bin/bwrap").is_file(),
-        "bubblewrap is not installed (apt-get install -y bubblewrap)"
-    );
+    require("bwrap", "bubblewrap");
     let exec = LocalExecutor::new(LocalSettings {
         bubblewrap: true,
         ..LocalSettings::default()
@@ -294,6 +306,7 @@ async fn bubblewrap_makes_the_host_read_only() {
 
 #[tokio::test]
 async fn node_fix_attempt_succeeds_with_a_junit_artifact() {
+    require("node", "nodejs");
     let task = example("node-fix-attempt.json");
     let exec = executor().run(&task, 1, &ctx()).await.unwrap();
     assert_eq!(exec.outcome, Outcome::Succeeded, "{exec:#?}");
@@ -532,6 +545,7 @@ async fn a_step_writing_output_forever_is_stopped_at_the_file_limit() {
 
 #[tokio::test]
 async fn a_step_filling_the_workspace_with_files_is_stopped_at_the_disk_limit() {
+    require("du", "coreutils");
     let (dir, exec) = limited(1 << 30, 8 << 20);
     let mut task = example("python-fix-attempt.json");
     task.files.clear();
