@@ -232,3 +232,58 @@ async fn local_chaos_sigkill_two_workers_no_lost_no_double_runs_no_leftovers() {
     drop(workers);
     env.cleanup().await.unwrap();
 }
+
+/// Issue 11: after a forced exit (a second SIGTERM ends the worker at once,
+/// with `std::process::exit`, no destructors) the local sandbox kept running
+/// and its run directory stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_exit_takes_the_local_sandbox_and_its_run_dir_with_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let work_dir = scratch.path().join("runs");
+    let markers = scratch.path().join("markers.log");
+    std::fs::write(&markers, "").unwrap();
+    let env = Env::new("forcedexit", BIN, false, |s| {
+        // Long enough that the drain is still waiting at the second signal.
+        s.worker.drain_timeout_secs = 60;
+        s.sandbox.local.work_dir = Some(work_dir.display().to_string());
+    })
+    .await
+    .unwrap();
+    let mut w = env.spawn_worker("w", |_| {}).unwrap();
+    w.wait_ready(200, Duration::from_secs(30)).await.unwrap();
+    let mut t = task(&step("300"));
+    t.sandbox
+        .env
+        .insert("MARKERS".into(), markers.display().to_string());
+    env.publish(&t).await.unwrap();
+    let start = format!("start {} ", t.id);
+    env.until("the sandbox runs", Duration::from_secs(30), |_| {
+        std::fs::read_to_string(&markers).is_ok_and(|m| m.contains(&start))
+    })
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(&markers).unwrap();
+    let pid: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&start))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!entries(&work_dir).is_empty());
+    w.term().unwrap();
+    w.wait_ready(503, Duration::from_secs(10)).await.unwrap();
+    w.term().unwrap();
+    let status = w.wait_exit(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(status.code(), Some(130), "a forced exit");
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(15)
+        && (alive(pid) || !entries(&work_dir).is_empty())
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!alive(pid), "the step outlived its worker");
+    assert_eq!(entries(&work_dir), Vec::<String>::new(), "left behind");
+    drop(w);
+    env.cleanup().await.unwrap();
+}
