@@ -17,7 +17,7 @@
 //! | `sandfleet_build_info` | info | `version`, `git_sha`, `component` |
 //!
 //! The labelled counters are created at zero for every known label set
-//! ([`REJECT_REASONS`], [`KUBE_VERBS`] × classes).
+//! (every outcome, [`REJECT_REASONS`], [`KUBE_VERBS`] × classes).
 
 use std::time::Duration;
 
@@ -170,6 +170,11 @@ impl Metrics {
         );
         // Every known label set exists from the start at zero, so dashboards
         // show 0 rather than "No data" and rate() sees the first event.
+        for outcome in Outcome::ALL {
+            let _ = m
+                .tasks
+                .get_or_create(&vec![("outcome", outcome.as_str().to_owned())]);
+        }
         for reason in REJECT_REASONS {
             let _ = m
                 .rejected
@@ -294,6 +299,7 @@ mod tests {
     fn labelled_counters_exist_at_zero_before_their_first_event() {
         let text = Metrics::new().encode();
         for needle in [
+            "sandfleet_tasks_total{outcome=\"oom_killed\"} 0",
             "sandfleet_tasks_rejected_total{reason=\"malformed_json\"} 0",
             "sandfleet_tasks_rejected_total{reason=\"deadline_exceeds_consumer_timeout\"} 0",
             "sandfleet_tasks_rejected_total{reason=\"delivery_limit\"} 0",
