@@ -214,6 +214,15 @@ pub struct PodView {
     pub deleted: bool,
 }
 
+/// Parts of the kubelet's eviction messages for a pod over its own
+/// ephemeral-storage limit or an `emptyDir` over its `sizeLimit`
+/// (`pkg/kubelet/eviction/helpers.go`).
+const OWN_STORAGE_EVICTIONS: [&str; 3] = [
+    "exceeded its local ephemeral storage limit",
+    "ephemeral local storage usage exceeds the total limit",
+    "Usage of EmptyDir volume",
+];
+
 const IMAGE_PULL_REASONS: [&str; 5] = [
     "ErrImagePull",
     "ImagePullBackOff",
@@ -267,6 +276,25 @@ pub fn kubernetes(
                     .map(|m| format!(": {m}"))
                     .unwrap_or_default()
             )));
+        }
+        // The kubelet evicts a pod over its own storage limits with these
+        // messages: the task wrote too much, a new attempt would too.
+        // (Node-pressure evictions, "The node was low on resource", stay
+        // retryable below.)
+        if pod.reason.as_deref() == Some("Evicted")
+            && let Some(msg) = pod.message.as_deref()
+            && OWN_STORAGE_EVICTIONS.iter().any(|m| msg.contains(m))
+        {
+            return Some(Verdict::new(
+                Outcome::Failed,
+                None,
+                format!(
+                    "the sandbox wrote more than it may and was evicted: {} \
+                     (sandbox.kubernetes.default_resources.ephemeral_storage_limit, \
+                     sandbox.kubernetes.workspace_size_limit)",
+                    msg.trim()
+                ),
+            ));
         }
         if pod.disruption.is_some() || pod.reason.as_deref() == Some("Evicted") {
             let why = pod
@@ -481,6 +509,50 @@ mod tests {
             &t,
             &failed("BackoffLimitExceeded"),
             Some(&evicted),
+            &s,
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(v.outcome, Outcome::Evicted);
+        // Over its own storage limits: the task's doing, final.
+        for msg in [
+            "Container sandbox exceeded its local ephemeral storage limit \"12Gi\". ",
+            "Pod ephemeral local storage usage exceeds the total limit of containers 12Gi. ",
+            "Usage of EmptyDir volume \"workspace\" exceeds the limit \"10Gi\". ",
+        ] {
+            let over = PodView {
+                phase: Some("Failed".into()),
+                reason: Some("Evicted".into()),
+                message: Some(msg.into()),
+                ..PodView::default()
+            };
+            let v = kubernetes(
+                &t,
+                &failed("BackoffLimitExceeded"),
+                Some(&over),
+                &s,
+                Duration::ZERO,
+            )
+            .unwrap();
+            assert_eq!(v.outcome, Outcome::Failed, "{msg}");
+            assert!(!v.outcome.is_retryable());
+            let e = v.error.unwrap();
+            assert!(
+                e.contains(msg.trim()) && e.contains("ephemeral_storage_limit"),
+                "{e}"
+            );
+        }
+        // Short of space on the node: not the task's doing, retried.
+        let pressure = PodView {
+            phase: Some("Failed".into()),
+            reason: Some("Evicted".into()),
+            message: Some("The node was low on resource: ephemeral-storage. ".into()),
+            ..PodView::default()
+        };
+        let v = kubernetes(
+            &t,
+            &failed("BackoffLimitExceeded"),
+            Some(&pressure),
             &s,
             Duration::ZERO,
         )

@@ -1,4 +1,5 @@
-//! The Job manifest, against a committed snapshot.
+//! The Job manifest, against a committed snapshot; its default and bounded
+//! resources, and the kustomize base's LimitRange that mirrors them.
 //!
 //! After an intended change: `SANDFLEET_BLESS=1 cargo nextest run -p
 //! sandfleet-sandbox --test job_manifest` rewrites `tests/snapshots/job.json`;
@@ -223,4 +224,69 @@ fn the_limitrange_in_the_kustomize_base_matches_the_defaults() {
     assert!(yaml.contains("namespace: sandfleet-sandboxes"));
     let kustomization = std::fs::read_to_string(path.with_file_name("kustomization.yaml")).unwrap();
     assert!(kustomization.contains("- sandbox-limitrange.yaml"));
+}
+
+/// Through the executor, against kube-sim: a task above the bounds ends as a
+/// rejection that names the key, and no Job is ever created; a task without
+/// resources runs with the defaults on its pod.
+#[tokio::test]
+async fn the_executor_refuses_a_task_above_the_bounds_before_any_api_call() {
+    use sandfleet_sandbox::{ApiRetry, ExecError, Executor, KubeApi, KubeExecutor, NoGate};
+    let sim = sandfleet_kube_sim::KubeSim::start(sandfleet_kube_sim::SimOptions::default())
+        .await
+        .unwrap();
+    let settings = KubernetesSettings {
+        namespace: "sandboxes".into(),
+        ..KubernetesSettings::default()
+    };
+    let api = KubeApi::from_kubeconfig_yaml(
+        &sim.kubeconfig_yaml("sandboxes"),
+        &settings,
+        std::sync::Arc::new(NoGate),
+        ApiRetry::default(),
+    )
+    .await
+    .unwrap();
+    let exec = KubeExecutor::new(api, settings);
+    let mut t = task();
+    t.id = uuid::Uuid::now_v7();
+    t.sandbox.resources.memory_limit = Some("64Gi".into());
+    let err = exec.run(&t, 1, &ctx()).await.unwrap_err();
+    let ExecError::Rejected(reason) = &err else {
+        panic!("expected a rejection, got {err:?}");
+    };
+    assert!(
+        reason.contains("sandbox.kubernetes.max_resources.memory"),
+        "{reason}"
+    );
+    assert!(!err.is_transient());
+    assert!(
+        sim.request_log()
+            .iter()
+            .all(|r| !(r.method == "POST" && r.path.ends_with("/jobs"))),
+        "no Job was created"
+    );
+
+    let mut plain = task();
+    plain.id = uuid::Uuid::now_v7();
+    plain.sandbox.resources = Default::default();
+    plain.steps.truncate(1);
+    plain.steps[0].run = "echo hi".into();
+    plain.files.clear();
+    plain.artifacts.clear();
+    let _ = exec.run(&plain, 1, &ctx()).await.unwrap();
+    let created = sim
+        .request_log()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path.ends_with("/jobs") && r.status == 201)
+        .expect("the plain task's Job");
+    let resources = created
+        .body
+        .unwrap()
+        .pointer("/spec/template/spec/containers/0/resources")
+        .cloned()
+        .unwrap();
+    assert_eq!(resources["limits"]["memory"], "2Gi", "{resources}");
+    assert_eq!(resources["requests"]["ephemeral-storage"], "1Gi");
+    sim.stop().await;
 }
