@@ -7,6 +7,7 @@
 
 mod kube;
 mod producer;
+mod session;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ enum Command {
     Producer(producer::ProducerArgs),
     /// Tasks/s and API requests per task of the Kubernetes executor on kube-sim.
     Kube(kube::KubeArgs),
+    /// Start latency and per-command overhead of sessions, on kube-sim and locally.
+    Session(session::SessionArgs),
 }
 
 #[tokio::main]
@@ -35,5 +38,6 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Producer(args) => producer::run(args).await,
         Command::Kube(args) => kube::run(args).await,
+        Command::Session(args) => session::run(args).await,
     }
 }
