@@ -3,7 +3,8 @@
 #
 #   - the shells the script generator is tested under (dash, bash, busybox sh),
 #     bubblewrap for the local executor's optional isolation, patch that the
-#     example fix attempts run, curl, python's jsonschema for the schema check;
+#     example fix attempts run, curl, python's jsonschema for the schema check,
+#     chromium and chromium-driver for the console's browser tests;
 #   - RabbitMQ on 127.0.0.1:5672, started when it is installed but stopped, with
 #     the management API on 15672 (tests close connections through it);
 #   - cargo-nextest.
@@ -82,6 +83,10 @@ ensure_packages() {
   command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
   command -v patch >/dev/null 2>&1 || missing+=(patch)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  # The console's browser tests drive Debian's headless Chromium through its
+  # chromedriver; Chromium offers no other download that runs here.
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
   if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
       log "the tests need: ${missing[*]} (Debian: sudo apt-get install -y ${missing[*]})"

@@ -24,6 +24,21 @@ pub fn amqp_error(e: AmqpError) -> CliError {
     }
 }
 
+/// Maps an operator action's error (see `sandfleet_ops`) the same way.
+pub fn ops_error(e: sandfleet_ops::OpsError) -> CliError {
+    match e {
+        sandfleet_ops::OpsError::Amqp(e) => amqp_error(e),
+        sandfleet_ops::OpsError::Publish(e) => publish_error(e),
+        sandfleet_ops::OpsError::Broker(m) => CliError::Broker(m),
+    }
+}
+
+impl From<sandfleet_ops::OpsError> for CliError {
+    fn from(e: sandfleet_ops::OpsError) -> CliError {
+        ops_error(e)
+    }
+}
+
 /// Maps a publish error the same way.
 pub fn publish_error(e: PublishError) -> CliError {
     if e.is_transient() {

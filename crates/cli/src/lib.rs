@@ -13,11 +13,13 @@ pub mod broker;
 pub mod commands;
 pub mod config;
 pub mod exit;
-pub mod ledger;
 pub mod output;
-pub mod replay;
 pub mod signals;
 pub mod timearg;
+
+// The replay decisions and the ledger are shared with the console; they
+// live in sandfleet-ops and keep their paths here.
+pub use sandfleet_ops::{ledger, replay};
 
 use std::collections::HashMap;
 use std::process::ExitCode;

@@ -29,8 +29,7 @@ use sandfleet_proto::Task;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::broker;
-use crate::exit::{CliError, CliResult};
+use crate::OpsError;
 
 /// AMQP `type` of a ledger record.
 pub const RECORD_TYPE: &str = "sandfleet.replay.v1";
@@ -54,9 +53,9 @@ pub struct ReplayLedger {
 
 impl ReplayLedger {
     /// Declares the ledger stream (idempotent) and opens a publisher.
-    pub async fn open(amqp: &Amqp, prefix: &str, max_age: &str) -> CliResult<ReplayLedger> {
+    pub async fn open(amqp: &Amqp, prefix: &str, max_age: &str) -> Result<ReplayLedger, OpsError> {
         let queue = queue_name(prefix);
-        let channel = amqp.channel().await.map_err(broker::amqp_error)?;
+        let channel = amqp.channel().await?;
         let mut args = FieldTable::default();
         args.insert(
             "x-queue-type".into(),
@@ -74,10 +73,10 @@ impl ReplayLedger {
             )
             .await
             .map_err(|e| {
-                CliError::Broker(format!("cannot declare the replay ledger {queue}: {e}"))
+                OpsError::Broker(format!("cannot declare the replay ledger {queue}: {e}"))
             })?;
         let _ = channel.close(200, "OK".into()).await;
-        let publisher = Publisher::new(amqp).await.map_err(broker::amqp_error)?;
+        let publisher = Publisher::new(amqp).await?;
         Ok(ReplayLedger {
             amqp: amqp.clone(),
             queue,
@@ -91,7 +90,7 @@ impl ReplayLedger {
     }
 
     /// Every key recorded so far.
-    pub async fn keys(&self) -> CliResult<HashSet<String>> {
+    pub async fn keys(&self) -> Result<HashSet<String>, OpsError> {
         let probe = Uuid::now_v7().to_string();
         let msg = OutgoingMessage::new(
             "",
@@ -101,16 +100,11 @@ impl ReplayLedger {
         .kind(PROBE_TYPE)
         .message_id(probe.clone())
         .content_type("application/json");
-        self.publisher
-            .publish(&msg)
-            .await
-            .map_err(broker::publish_error)?;
+        self.publisher.publish(&msg).await?;
         let opts = ConsumerOptions::new(self.queue.as_str(), 1000)
             .stream_offset(StreamOffset::First)
-            .tag("sandfleet-cli-ledger");
-        let mut consumer = Consumer::start(&self.amqp, opts)
-            .await
-            .map_err(broker::amqp_error)?;
+            .tag("sandfleet-replay-ledger");
+        let mut consumer = Consumer::start(&self.amqp, opts).await?;
         let mut keys = HashSet::new();
         let read = async {
             while let Some(d) = consumer.next_delivery().await {
@@ -131,11 +125,11 @@ impl ReplayLedger {
         consumer.cancel();
         match done {
             Ok(true) => Ok(keys),
-            Ok(false) => Err(CliError::Broker(format!(
+            Ok(false) => Err(OpsError::Broker(format!(
                 "the replay ledger {} closed while reading",
                 self.queue
             ))),
-            Err(_) => Err(CliError::Broker(format!(
+            Err(_) => Err(OpsError::Broker(format!(
                 "reading the replay ledger {} took over {READ_TIMEOUT:?}",
                 self.queue
             ))),
@@ -143,7 +137,7 @@ impl ReplayLedger {
     }
 
     /// Records that `task` (a replay) was enqueued.
-    pub async fn record(&self, task: &Task, batch: &str) -> CliResult<()> {
+    pub async fn record(&self, task: &Task, batch: &str) -> Result<(), OpsError> {
         let body = json!({
             "key": task.idempotency_key,
             "task_id": task.id,
@@ -157,9 +151,6 @@ impl ReplayLedger {
             .message_id(task.id.to_string())
             .idempotency_key(task.idempotency_key.clone())
             .content_type("application/json");
-        self.publisher
-            .publish(&msg)
-            .await
-            .map_err(broker::publish_error)
+        Ok(self.publisher.publish(&msg).await?)
     }
 }

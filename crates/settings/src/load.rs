@@ -71,6 +71,8 @@ pub struct Settings {
     pub sandbox: SandboxSettings,
     /// The webhook gateway.
     pub gateway: GatewaySettings,
+    /// The operator console.
+    pub console: ConsoleSettings,
     /// Logs and traces.
     pub telemetry: TelemetrySettings,
     /// Bounds every task must respect (message size, steps, timeouts, ...).
@@ -316,6 +318,7 @@ impl Settings {
         self.check_retry(&mut c);
         self.check_sandbox(&mut c);
         self.check_gateway(&mut c);
+        self.check_console(&mut c);
         self.check_telemetry(&mut c);
         self.check_limits(&mut c);
         if c.0.is_empty() {
@@ -561,6 +564,31 @@ impl Settings {
                     );
                 }
             }
+        }
+    }
+
+    fn check_console(&self, c: &mut Check) {
+        let k = &self.console;
+        c.socket_addr("console.listen_addr", &k.listen_addr);
+        c.at_least("console.refresh_secs", k.refresh_secs, 1);
+        c.at_least("console.results_kept", k.results_kept, 10);
+        if k.tokens.iter().any(|t| t.token.len() < 16) {
+            c.fail("console.tokens", "tokens must be at least 16 characters");
+        }
+        if k.tokens.iter().any(|t| t.name.trim().is_empty()) {
+            c.fail("console.tokens", "every token needs a name");
+        }
+        if k.read_requires_token && k.tokens.is_empty() {
+            c.fail(
+                "console.read_requires_token",
+                "needs at least one token in console.tokens",
+            );
+        }
+        if k.sessions_url.is_some() && k.sessions_token.is_none() {
+            c.fail(
+                "console.sessions_token",
+                "must be set with console.sessions_url",
+            );
         }
     }
 

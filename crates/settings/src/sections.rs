@@ -369,6 +369,66 @@ impl Default for KubernetesSettings {
     }
 }
 
+/// The operator console, `sandfleet console` (section `console`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// Listen address.
+    pub listen_addr: String,
+    /// Whether reading (every page) needs a token too; actions always do.
+    pub read_requires_token: bool,
+    /// Who may sign in, and what they may do.
+    pub tokens: Vec<ConsoleToken>,
+    /// Worker HTTP endpoints (`http://host:9090`) whose readiness, breaker
+    /// and running attempts the overview shows.
+    pub workers: Vec<String>,
+    /// The sessions service; the overview shows its sessions when set.
+    pub sessions_url: Option<String>,
+    /// The bearer token the console lists sessions with.
+    pub sessions_token: Option<String>,
+    /// How often the overview's live figures are gathered.
+    pub refresh_secs: u64,
+    /// How many recent results the console keeps in memory.
+    pub results_kept: usize,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        ConsoleSettings {
+            listen_addr: "127.0.0.1:8070".to_owned(),
+            read_requires_token: false,
+            tokens: Vec::new(),
+            workers: Vec::new(),
+            sessions_url: None,
+            sessions_token: None,
+            refresh_secs: 2,
+            results_kept: 5000,
+        }
+    }
+}
+
+/// A console sign-in token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleToken {
+    /// Who holds it, shown on the page and in the logs.
+    pub name: String,
+    /// The secret itself (at least 16 characters).
+    pub token: String,
+    /// What it may do.
+    pub role: ConsoleRole,
+}
+
+/// What a console token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleRole {
+    /// Read every page.
+    Viewer,
+    /// Read, and act: requeue, purge, replay.
+    Operator,
+}
+
 /// The webhook gateway (section `gateway`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -451,6 +451,7 @@ where
         let lost = delivery.lost();
         let started = Instant::now();
         self.metrics.in_flight().inc();
+        let _running = self.health.track_running(&task, attempt);
         // Neither branch but `run` is a completion: dropping the run future
         // (lost delivery, drain deadline) leaves the sandbox running, which is
         // the point — the redelivery adopts it.

@@ -1,11 +1,17 @@
-//! `/healthz`, `/readyz` and `/metrics` on one HTTP port (`worker.http_addr`).
+//! `/healthz`, `/readyz`, `/metrics` and `/tasks` on one HTTP port
+//! (`worker.http_addr`).
 //!
 //! `/healthz` answers 200 while the process serves HTTP at all. `/readyz`
 //! answers 200 only while the broker is connected, the circuit breaker is not
 //! open, the Kubernetes API grants every permission the worker needs and the
 //! worker is not draining; otherwise 503 with the reasons, one per line. Kubernetes takes a not-ready worker out of nothing (it has no Service
 //! traffic), but the signal shows up in dashboards and rollouts.
+//!
+//! `/tasks` lists the attempts running now (task, attempt, sandbox,
+//! repository, start time) as JSON: what the operator console shows as
+//! in flight. The gauge in `/metrics` counts them; this says which they are.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +35,42 @@ pub struct Health {
     executor_syncing: AtomicBool,
     /// One line per permission the API refused.
     denied: Mutex<Vec<String>>,
+    /// The attempts running now, by `(task, attempt)`.
+    running: Mutex<BTreeMap<(sandfleet_proto::TaskId, u32), RunningTask>>,
+}
+
+/// One attempt running on this worker, as `/tasks` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunningTask {
+    /// The task.
+    pub task_id: sandfleet_proto::TaskId,
+    /// The attempt number.
+    pub attempt: u32,
+    /// The sandbox's name: the attempt's Job name (deterministic from task
+    /// and attempt, the name `kubectl get jobs` shows on Kubernetes).
+    pub sandbox: String,
+    /// The repository the task builds.
+    pub repository: String,
+    /// When this worker started (or adopted) the attempt.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Removes its attempt from `/tasks` when dropped, so every way out of a
+/// run (finished, lost, abandoned, panicked) forgets it.
+#[derive(Debug)]
+pub struct RunningGuard {
+    health: Arc<Health>,
+    key: (sandfleet_proto::TaskId, u32),
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.health
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
 }
 
 impl Health {
@@ -62,6 +104,42 @@ impl Health {
     /// Records that shutdown has begun.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Records that `task`'s attempt `attempt` runs here until the guard drops.
+    pub fn track_running(
+        self: &Arc<Self>,
+        task: &sandfleet_proto::Task,
+        attempt: u32,
+    ) -> RunningGuard {
+        let key = (task.id, attempt);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                key,
+                RunningTask {
+                    task_id: task.id,
+                    attempt,
+                    sandbox: sandfleet_sandbox::job::job_name(task.id, attempt),
+                    repository: task.source.repository.clone(),
+                    started_at: chrono::Utc::now(),
+                },
+            );
+        RunningGuard {
+            health: self.clone(),
+            key,
+        }
+    }
+
+    /// The attempts running now, oldest task id first.
+    pub fn running(&self) -> Vec<RunningTask> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// `Ok` when ready, or the reasons it is not.
@@ -102,6 +180,7 @@ pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
+        .route("/tasks", get(tasks_handler))
         .with_state(AppState { health, metrics })
 }
 
@@ -113,6 +192,10 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
             format!("not ready:\n{}\n", why.join("\n")),
         ),
     }
+}
+
+async fn tasks_handler(State(s): State<AppState>) -> impl IntoResponse {
+    axum::Json(s.health.running())
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
@@ -162,6 +245,54 @@ mod tests {
         s.read_to_string(&mut buf).await.unwrap();
         let status = buf[9..12].parse().unwrap();
         (status, buf)
+    }
+
+    #[tokio::test]
+    async fn tasks_lists_the_attempts_running_until_their_guard_drops() {
+        let health = Arc::new(Health::new());
+        let stop = CancellationToken::new();
+        let (addr, task) = bind(
+            "127.0.0.1:0",
+            health.clone(),
+            Arc::new(Metrics::new()),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let t = sandfleet_proto::Task::fix_attempt(
+            sandfleet_proto::Source {
+                provider: sandfleet_proto::Provider::Api,
+                repository: "octo-org/octo-repo".to_owned(),
+                commit: "3484a3fb816e0859fd6e1cea078d76385ff50625".to_owned(),
+                git_ref: None,
+                ci_run_id: None,
+                pull_request: None,
+                url: None,
+            },
+            sandfleet_proto::SandboxSpec {
+                image: "alpine:3.20".to_owned(),
+                resources: Default::default(),
+                env: Default::default(),
+                deadline_secs: 60,
+                pending_timeout_secs: 60,
+            },
+        );
+        let guard = health.track_running(&t, 2);
+        let (status, body) = get(addr, "/tasks").await;
+        assert_eq!(status, 200);
+        let json = &body[body.find("\r\n\r\n").unwrap() + 4..];
+        let listed: Vec<RunningTask> = serde_json::from_str(json.trim()).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].task_id, listed[0].attempt), (t.id, 2));
+        assert_eq!(listed[0].sandbox, sandfleet_sandbox::job::job_name(t.id, 2));
+        assert_eq!(listed[0].repository, "octo-org/octo-repo");
+        drop(guard);
+        assert!(
+            health.running().is_empty(),
+            "a finished attempt is forgotten"
+        );
+        stop.cancel();
+        task.await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -1,37 +1,24 @@
 //! `sandfleet dlq list | requeue | purge`.
 //!
-//! The dead-letter queue is read by consuming with a prefetch large enough to
-//! hold every message read in one pass, so none is delivered twice during the
-//! pass; what is not acted on is handed back (`nack` with requeue) at the end.
-//!
+//! Reading, requeueing and purging are shared with the operator console
+//! ([`sandfleet_ops::dlq`]); this module prints and asks for confirmation.
 //! Every dead letter has a handle an operator can pass to `--task`: its task
-//! id, or for a message without one (a malformed body with no `message_id`)
-//! `raw-` and the first 12 hex digits of the body's SHA-256, which stays the
-//! same from one listing to the next whatever the queue's order.
+//! id, or for a message without one `raw-` and the first 12 hex digits of the
+//! body's SHA-256 ([`raw_handle`]).
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::time::Duration;
 
-use sandfleet_amqp::lapin::types::{AMQPValue, FieldTable};
-use sandfleet_amqp::{
-    Amqp, Consumer, ConsumerOptions, Delivery, HEADER_ATTEMPT, HEADER_REJECT_CODE,
-    HEADER_REJECT_REASON, Publisher, TASK_ROUTING_KEY, amqp_int,
+use sandfleet_amqp::Amqp;
+pub use sandfleet_ops::dlq::{
+    DeadLetter, RAW_HANDLE_PREFIX, describe, give_back, raw_handle, read,
 };
 use sandfleet_settings::Settings;
 use serde_json::json;
-use sha2::Digest;
 
 use crate::args::{DlqCommand, DlqPurgeArgs, DlqRequeueArgs};
 use crate::broker;
 use crate::exit::{CliError, CliResult, Exit};
 use crate::output::{Output, diag};
-
-/// Prefix of the handle of a dead letter without a task id.
-pub const RAW_HANDLE_PREFIX: &str = "raw-";
-
-/// How long a pass waits for the next message before it decides the queue is
-/// read to its end.
-const IDLE: Duration = Duration::from_millis(700);
 
 /// Runs a `dlq` subcommand.
 pub async fn run(cmd: &DlqCommand, settings: &Settings, out: Output) -> CliResult<Exit> {
@@ -53,140 +40,10 @@ pub async fn run(cmd: &DlqCommand, settings: &Settings, out: Output) -> CliResul
     }
 }
 
-/// One dead-lettered message, as shown to an operator.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct DeadLetter {
-    /// What `dlq requeue --task` takes: the task id, or `raw-<digest>` for a
-    /// message without one.
-    pub handle: String,
-    /// The task id (`message_id`, or the body's `id`).
-    pub task_id: Option<String>,
-    /// Repository, when the body is a readable task.
-    pub repository: Option<String>,
-    /// `x-sandfleet-reject-code`, or the broker's `x-death` reason.
-    pub code: Option<String>,
-    /// `x-sandfleet-reject-reason`, the human reason.
-    pub reason: Option<String>,
-    /// The attempt it reached (`x-sandfleet-attempt`).
-    pub attempt: Option<u32>,
-    /// Times the broker dead-lettered it (`x-death` count).
-    pub death_count: Option<i64>,
-    /// The queue it was dead-lettered from (`x-death` queue).
-    pub from_queue: Option<String>,
-}
-
-/// Reads the facts an operator needs from a dead-lettered delivery.
-pub fn describe(d: &Delivery) -> DeadLetter {
-    let body: Option<serde_json::Value> = serde_json::from_slice(d.body()).ok();
-    let body_str = |k: &str| {
-        body.as_ref()
-            .and_then(|b| b.get(k))
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-    };
-    let repository = body
-        .as_ref()
-        .and_then(|b| b.pointer("/source/repository"))
-        .and_then(|v| v.as_str())
-        .map(str::to_owned);
-    let death = first_death(d.headers());
-    let task_id = d.message_id().map(str::to_owned).or_else(|| body_str("id"));
-    DeadLetter {
-        handle: task_id.clone().unwrap_or_else(|| raw_handle(d.body())),
-        task_id,
-        repository,
-        code: d
-            .header_str(HEADER_REJECT_CODE)
-            .map(str::to_owned)
-            .or_else(|| death.1.clone()),
-        reason: d.header_str(HEADER_REJECT_REASON).map(str::to_owned),
-        attempt: d.attempt(),
-        death_count: death.0,
-        from_queue: death.2,
-    }
-}
-
-/// The handle of a message without a task id: stable across listings, since
-/// it depends only on the body.
-pub fn raw_handle(body: &[u8]) -> String {
-    let digest = hex::encode(sha2::Sha256::digest(body));
-    format!("{RAW_HANDLE_PREFIX}{}", &digest[..12])
-}
-
-/// `(count, reason, queue)` of the first `x-death` entry.
-fn first_death(headers: Option<&FieldTable>) -> (Option<i64>, Option<String>, Option<String>) {
-    let Some(AMQPValue::FieldArray(arr)) = headers.and_then(|h| h.inner().get("x-death")) else {
-        return (None, None, None);
-    };
-    let Some(AMQPValue::FieldTable(t)) = arr.as_slice().first() else {
-        return (None, None, None);
-    };
-    let s = |k: &str| match t.inner().get(k) {
-        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
-        _ => None,
-    };
-    (
-        t.inner().get("count").and_then(amqp_int),
-        s("reason"),
-        s("queue"),
-    )
-}
-
-/// Most messages one pass holds (the consumer prefetch).
-const MAX_PASS: usize = 10_000;
-
-/// Reads up to `limit` messages (at most [`MAX_PASS`]); they stay unacked
-/// (held) until settled. The pass ends when no message came for [`IDLE`]:
-/// the ready count is not a reliable bound, because a quorum queue applies
-/// returns and publishes asynchronously.
-pub(crate) async fn read(amqp: &Amqp, queue: &str, limit: usize) -> CliResult<Vec<Delivery>> {
-    let want = limit.min(MAX_PASS);
-    if want == 0 {
-        return Ok(Vec::new());
-    }
-    // Fail fast with a clear error when the queue does not exist.
-    amqp.queue_depth(queue).await.map_err(broker::amqp_error)?;
-    let prefetch = u16::try_from(want).unwrap_or(u16::MAX);
-    let mut consumer = Consumer::start(
-        amqp,
-        ConsumerOptions::new(queue, prefetch).tag("sandfleet-cli-dlq"),
-    )
-    .await
-    .map_err(broker::amqp_error)?;
-    let mut got = Vec::new();
-    while got.len() < want {
-        match tokio::time::timeout(IDLE, consumer.next_delivery()).await {
-            Ok(Some(d)) => got.push(d),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    consumer.cancel();
-    Ok(got)
-}
-
-pub(crate) async fn give_back(deliveries: &[Delivery]) {
-    for d in deliveries {
-        if let Err(e) = d.nack(true).await {
-            tracing::warn!(error = %e, "could not hand a dead letter back; the broker requeues it when the channel closes");
-        }
-    }
-    // basic.nack has no reply; closing the channel waits for close-ok, which
-    // the broker sends only after it processed every earlier frame on the
-    // channel. So when this returns, the messages are back in the queue.
-    for d in deliveries {
-        if d.channel().status().connected() {
-            let _ = d.channel().close(200, "OK".into()).await;
-        }
-    }
-}
-
 async fn list(amqp: &Amqp, queue: &str, limit: usize, out: Output) -> CliResult<Exit> {
-    let deliveries = read(amqp, queue, limit).await?;
-    let letters: Vec<DeadLetter> = deliveries.iter().map(describe).collect();
-    // Hand the messages back before printing: a reader that stops early
-    // (`| head`) must not leave them held.
-    give_back(&deliveries).await;
+    // The messages are handed back before printing: a reader that stops
+    // early (`| head`) must not leave them held.
+    let letters = sandfleet_ops::dlq::list(amqp, queue, limit).await?;
     if letters.is_empty() {
         out.human(format!("{queue} is empty"));
         return Ok(Exit::Ok);
@@ -245,16 +102,6 @@ pub fn table(letters: &[DeadLetter]) -> Vec<String> {
         .collect()
 }
 
-/// Headers the broker or the worker added on the way to the DLQ.
-fn is_death_header(k: &str) -> bool {
-    k.starts_with("x-death")
-        || k.starts_with("x-first-death")
-        || k.starts_with("x-last-death")
-        || k == HEADER_REJECT_CODE
-        || k == HEADER_REJECT_REASON
-        || k == "x-delivery-count"
-}
-
 async fn requeue(
     amqp: &Amqp,
     queue: &str,
@@ -262,59 +109,29 @@ async fn requeue(
     a: &DlqRequeueArgs,
     out: Output,
 ) -> CliResult<Exit> {
-    let publisher = Publisher::new(amqp).await.map_err(broker::amqp_error)?;
-    let deliveries = read(amqp, queue, usize::MAX).await?;
     let wanted: Vec<String> = a.tasks.iter().map(|t| t.trim().to_lowercase()).collect();
-    let (mut moved, mut failed) = (0usize, 0usize);
-    let mut keep = Vec::new();
-    let mut found: Vec<String> = Vec::new();
-    for d in deliveries {
-        let dl = describe(&d);
-        let selected = a.all || wanted.contains(&dl.handle.to_lowercase());
-        if selected {
-            found.push(dl.handle.to_lowercase());
-        }
-        if !selected {
-            keep.push(d);
-            continue;
-        }
-        let mut msg = d.to_outgoing(tasks_exchange, TASK_ROUTING_KEY);
-        let mut headers = FieldTable::default();
-        for (k, v) in msg.headers.inner() {
-            if !is_death_header(k.as_str()) && k.as_str() != HEADER_ATTEMPT {
-                headers.insert(k.clone(), v.clone());
-            }
-        }
-        msg.headers = headers;
-        // One more attempt under the same id: the attempt number is raised
-        // (not reset), which gives it a fresh sandbox (Job names are per
-        // attempt) and keeps its history in the results.
-        let attempt = dl.attempt.unwrap_or(1).saturating_add(1);
-        msg.attempt = Some(attempt);
-        match d.forward(&publisher, &msg).await {
-            Ok(()) => {
-                moved += 1;
-                out.emit(
-                    format!("requeued {} as attempt {attempt}", dl.handle),
-                    &json!({"requeued": dl.handle, "task_id": dl.task_id, "attempt": attempt}),
-                );
-            }
-            Err(e) => {
-                failed += 1;
-                diag(format_args!(
-                    "sandfleet: could not requeue {}: {e}",
-                    dl.handle
-                ));
-                keep.push(d);
-            }
-        }
+    let report = sandfleet_ops::dlq::requeue(amqp, queue, tasks_exchange, |dl| {
+        a.all || wanted.contains(&dl.handle.to_lowercase())
+    })
+    .await?;
+    for r in &report.requeued {
+        out.emit(
+            format!("requeued {} as attempt {}", r.letter.handle, r.attempt),
+            &json!({"requeued": r.letter.handle, "task_id": r.letter.task_id, "attempt": r.attempt}),
+        );
     }
-    give_back(&keep).await;
-    for id in wanted.iter().filter(|id| !found.contains(*id)) {
+    for (dl, e) in &report.failed {
+        diag(format_args!(
+            "sandfleet: could not requeue {}: {e}",
+            dl.handle
+        ));
+    }
+    for id in wanted.iter().filter(|id| !report.selected.contains(*id)) {
         diag(format_args!(
             "sandfleet: {id} is not in {queue} (`sandfleet dlq list` shows the handles)"
         ));
     }
+    let (moved, failed) = (report.requeued.len(), report.failed.len());
     out.emit(
         format!("{moved} requeued, {failed} failed"),
         &json!({"requeued_total": moved, "failed": failed}),
@@ -349,12 +166,7 @@ async fn purge(amqp: &Amqp, queue: &str, a: &DlqPurgeArgs, out: Output) -> CliRe
             return Ok(Exit::Failure);
         }
     }
-    let channel = amqp.channel().await.map_err(broker::amqp_error)?;
-    let purged = channel
-        .queue_purge(queue.into(), Default::default())
-        .await
-        .map_err(|e| CliError::Broker(format!("queue.purge {queue}: {e}")))?;
-    let _ = channel.close(200, "OK".into()).await;
+    let purged = sandfleet_ops::dlq::purge(amqp, queue).await?;
     out.emit(
         format!("purged {purged} messages from {queue}"),
         &json!({"purged": purged, "queue": queue}),

@@ -1,6 +1,5 @@
 //! `sandfleet replay`: re-enqueue failed builds as new tasks.
 
-use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use sandfleet_amqp::{Amqp, StreamOffset};
 use sandfleet_gateway::TaskSink;
+use sandfleet_ops::batch::ReplayBatch;
 use sandfleet_producer::Producer;
 use sandfleet_proto::Task;
 use sandfleet_settings::Settings;
@@ -21,9 +21,7 @@ use crate::commands::results::{parse_outcomes, read_stream};
 use crate::exit::{CliError, CliResult, Exit};
 use crate::ledger::ReplayLedger;
 use crate::output::{Output, diag};
-use crate::replay::{
-    Candidate, ItemStatus, ReplayFilter, SeenOriginals, Summary, origin, parse_jsonl, replayed_task,
-};
+use crate::replay::{Candidate, ItemStatus, ReplayFilter, Summary, origin, parse_jsonl};
 use crate::timearg;
 
 /// Builds the filter from the flags.
@@ -98,11 +96,7 @@ pub async fn run(
         &settings.topology.results_max_age,
     )
     .await?;
-    let done = if a.force {
-        HashSet::new()
-    } else {
-        ledger.keys().await?
-    };
+    let batch = ReplayBatch::start(&ledger, &a.batch, a.force).await?;
 
     let mut summary = Summary::default();
     let mut run = Run {
@@ -111,9 +105,8 @@ pub async fn run(
         sink,
         checker,
         ledger: &ledger,
-        done,
+        batch,
         pacer: Pacer::new(a.rate),
-        seen: SeenOriginals::default(),
         progress: progress_bar(out),
         sent: 0,
     };
@@ -223,9 +216,9 @@ struct Run<'a> {
     /// The producer's own checks, for a dry run.
     checker: Producer,
     ledger: &'a ReplayLedger,
-    done: HashSet<String>,
+    /// The batch: its ledger keys and the builds this run saw.
+    batch: ReplayBatch<'a>,
     pacer: Pacer,
-    seen: SeenOriginals,
     progress: Option<indicatif::ProgressBar>,
     sent: u64,
 }
@@ -249,41 +242,22 @@ impl Run<'_> {
 
     /// Replays one selected original; returns what happened.
     async fn one(&mut self, original: &Task) -> ItemStatus {
-        let task = replayed_task(original, &self.a.batch, Utc::now());
         let origin = origin(original);
-        let mut error = None;
-        let status = if self.done.contains(&task.idempotency_key) {
-            ItemStatus::AlreadyReplayed
-        } else if self.a.dry_run {
-            // The same checks the real run's enqueue makes, so a dry run
-            // reports the tasks it would fail as failing.
-            match self.checker.check(&task) {
-                Ok(()) => ItemStatus::WouldSend,
-                Err(e) => {
-                    error = Some(e.to_string());
-                    ItemStatus::WouldFail
-                }
-            }
-        } else {
+        // Only real sends are paced (as before the batch moved to
+        // sandfleet-ops): skips and dry runs go at once.
+        if !self.a.dry_run && !self.batch.already_replayed(original) {
             self.pacer.wait().await;
-            match self.sink.enqueue(&task).await {
-                Ok(()) => {
-                    if let Err(e) = self.ledger.record(&task, &self.a.batch).await {
-                        diag(format_args!(
-                            "sandfleet: task {} was enqueued but not recorded in {}: {e}",
-                            task.id,
-                            self.ledger.queue()
-                        ));
-                    }
-                    self.done.insert(task.idempotency_key.clone());
-                    ItemStatus::Sent
-                }
-                Err(e) => {
-                    error = Some(e.to_string());
-                    ItemStatus::Failed
-                }
-            }
-        };
+        }
+        let dry_run = self.a.dry_run.then_some(&self.checker);
+        let replayed = self.batch.one(original, &*self.sink, dry_run).await;
+        let (status, task, error) = (replayed.status, replayed.task, replayed.error);
+        if let Some(e) = replayed.unrecorded {
+            diag(format_args!(
+                "sandfleet: task {} was enqueued but not recorded in {}: {e}",
+                task.id,
+                self.ledger.queue()
+            ));
+        }
         // The build's origin, and the task it was read from when that is a
         // replay itself.
         let of = if origin == original.id {
@@ -349,7 +323,7 @@ impl Run<'_> {
             let Some(task) = c.selected(filter) else {
                 continue;
             };
-            if !self.seen.first(task) {
+            if !self.batch.first_of_build(task) {
                 continue;
             }
             s.matched += 1;
@@ -377,7 +351,9 @@ impl Run<'_> {
             s.read += 1;
             self.tick();
             let task: Option<Task> = serde_json::from_slice(d.body()).ok();
-            let Some(task) = task.filter(|t| filter.matches_task(t) && self.seen.first(t)) else {
+            let Some(task) =
+                task.filter(|t| filter.matches_task(t) && self.batch.first_of_build(t))
+            else {
                 keep.push(d);
                 continue;
             };

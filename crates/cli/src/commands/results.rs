@@ -5,7 +5,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use chrono::Utc;
-use sandfleet_amqp::{Amqp, Consumer, ConsumerOptions, StreamOffset};
+use sandfleet_amqp::{Amqp, StreamOffset};
 use sandfleet_gateway::allowlist::Allowlist;
 use sandfleet_proto::{Outcome, TaskResult};
 use sandfleet_settings::Settings;
@@ -52,72 +52,11 @@ pub fn parse_outcomes(names: &[String]) -> CliResult<Vec<Outcome>> {
         .collect()
 }
 
-/// What [`StreamReader::next`] found.
-#[derive(Debug)]
-pub enum Next {
-    /// A decoded result.
-    Result(Box<TaskResult>),
-    /// The idle timeout passed without a message: caught up with the stream.
-    Idle,
-    /// Shutdown (a signal, or stdout's reader left) or the consumer ended.
-    End,
-}
+// The reader is shared with the operator console.
+pub use sandfleet_ops::stream::{Next, StreamReader};
 
-/// A results-stream reader: one consumer, read one message at a time.
-/// Undecodable messages are skipped with a warning.
-pub struct StreamReader {
-    consumer: Consumer,
-}
-
-impl StreamReader {
-    /// Subscribes to `stream` at `offset`.
-    pub async fn open(amqp: &Amqp, stream: &str, offset: StreamOffset) -> CliResult<StreamReader> {
-        let opts = ConsumerOptions::new(stream, 500)
-            .stream_offset(offset)
-            .tag("sandfleet-cli-results");
-        let consumer = Consumer::start(amqp, opts)
-            .await
-            .map_err(broker::amqp_error)?;
-        Ok(StreamReader { consumer })
-    }
-
-    /// The next result; [`Next::Idle`] after `idle` without a message (when
-    /// set), [`Next::End`] once `shutdown` fires.
-    pub async fn next(&mut self, idle: Option<Duration>, shutdown: &CancellationToken) -> Next {
-        loop {
-            let next = async {
-                match idle {
-                    Some(d) => tokio::time::timeout(d, self.consumer.next_delivery()).await,
-                    None => Ok(self.consumer.next_delivery().await),
-                }
-            };
-            let delivery = tokio::select! {
-                _ = shutdown.cancelled() => return Next::End,
-                d = next => d,
-            };
-            let d = match delivery {
-                Err(_elapsed) => return Next::Idle,
-                Ok(None) => return Next::End,
-                Ok(Some(d)) => d,
-            };
-            // Stream consumers must ack to receive more (credit); acking
-            // does not remove anything.
-            let _ = d.ack().await;
-            match serde_json::from_slice::<TaskResult>(d.body()) {
-                Ok(r) => return Next::Result(Box::new(r)),
-                Err(e) => {
-                    tracing::warn!(offset = ?d.stream_offset(), error = %e, "skipping a message that is not a result")
-                }
-            }
-        }
-    }
-}
-
-impl Drop for StreamReader {
-    fn drop(&mut self) {
-        self.consumer.cancel();
-    }
-}
+/// The consumer tag of the CLI's stream readers.
+const READER_TAG: &str = "sandfleet-cli-results";
 
 /// Reads results from the stream, one at a time, until `idle` passes without
 /// one (when `idle` is set) or `shutdown` fires. Each decoded result is handed
@@ -131,7 +70,7 @@ pub async fn read_stream(
     shutdown: &CancellationToken,
     mut each: impl FnMut(TaskResult) -> bool,
 ) -> CliResult<()> {
-    let mut reader = StreamReader::open(amqp, stream, offset).await?;
+    let mut reader = StreamReader::open(amqp, stream, offset, READER_TAG).await?;
     while let Next::Result(r) = reader.next(idle, shutdown).await {
         if !each(*r) {
             break;
@@ -261,7 +200,7 @@ async fn tail(
     let idle = timearg::parse_duration(&a.idle_timeout)?;
     let amqp = broker::connect(settings, "cli").await?;
     let stream = broker::topology(settings).results_stream;
-    let mut reader = StreamReader::open(&amqp, &stream, offset).await?;
+    let mut reader = StreamReader::open(&amqp, &stream, offset, READER_TAG).await?;
     out.human(header());
     let limit = a.limit.unwrap_or(usize::MAX);
     let mut shown = 0usize;
@@ -400,7 +339,7 @@ async fn get(
     let idle = timearg::parse_duration(&a.idle_timeout)?;
     let amqp = broker::connect(settings, "cli").await?;
     let stream = broker::topology(settings).results_stream;
-    let mut reader = StreamReader::open(&amqp, &stream, offset).await?;
+    let mut reader = StreamReader::open(&amqp, &stream, offset, READER_TAG).await?;
     let mut history = TaskHistory::default();
     let mut caught_up = false;
     loop {

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use sandfleet_amqp::{Amqp, ObjectKind, QueueConsumer, QueueInfo};
 use sandfleet_settings::Settings;
-use serde::Serialize;
 use serde_json::json;
 
 use crate::args::StatusArgs;
@@ -23,81 +22,8 @@ use crate::broker;
 use crate::exit::{CliError, CliResult, Exit};
 use crate::output::Output;
 
-/// What one worker's HTTP endpoints said.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct WorkerStatus {
-    /// The URL given.
-    pub url: String,
-    /// `/readyz` answered 200; `None` when it could not be asked.
-    pub ready: Option<bool>,
-    /// Why it is not ready, one reason per line of `/readyz`.
-    pub reasons: Vec<String>,
-    /// `closed`, `half-open` or `open`, from `sandfleet_breaker_state`.
-    pub breaker: Option<String>,
-    /// Tasks running now, from `sandfleet_tasks_in_flight`.
-    pub in_flight: Option<u64>,
-    /// Why the worker could not be reached.
-    pub error: Option<String>,
-}
-
-/// The value of an unlabelled sample `name` in Prometheus text format.
-pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (metric, value) = l.split_once(' ')?;
-        (metric == name).then(|| value.split_whitespace().next()?.parse().ok())?
-    })
-}
-
-/// The breaker gauge as a word (0 closed, 1 half-open, 2 open).
-pub fn breaker_name(v: f64) -> String {
-    match v as i64 {
-        0 => "closed",
-        1 => "half-open",
-        2 => "open",
-        _ => "unknown",
-    }
-    .to_owned()
-}
-
-/// Asks one worker's `/readyz` and `/metrics`.
-pub async fn probe(client: &reqwest::Client, url: &str) -> WorkerStatus {
-    let base = url.trim_end_matches('/');
-    let base = if base.contains("://") {
-        base.to_owned()
-    } else {
-        format!("http://{base}")
-    };
-    let mut status = WorkerStatus {
-        url: url.to_owned(),
-        ..WorkerStatus::default()
-    };
-    match client.get(format!("{base}/readyz")).send().await {
-        Ok(resp) => {
-            let ok = resp.status().is_success();
-            let body = resp.text().await.unwrap_or_default();
-            status.ready = Some(ok);
-            if !ok {
-                status.reasons = body
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .map(str::to_owned)
-                    .collect();
-            }
-        }
-        Err(e) => {
-            status.error = Some(format!("GET {base}/readyz: {e}"));
-            return status;
-        }
-    }
-    if let Ok(resp) = client.get(format!("{base}/metrics")).send().await
-        && let Ok(text) = resp.text().await
-    {
-        status.breaker = metric_value(&text, "sandfleet_breaker_state").map(breaker_name);
-        status.in_flight = metric_value(&text, "sandfleet_tasks_in_flight").map(|v| v as u64);
-    }
-    status
-}
+// Shared with the operator console.
+pub use sandfleet_ops::workers::{WorkerStatus, breaker_name, metric_value, probe};
 
 /// Runs `sandfleet status`.
 pub async fn run(a: &StatusArgs, settings: &Settings, out: Output) -> CliResult<Exit> {
