@@ -78,6 +78,10 @@ pub struct ConsumerOptions {
     pub stream_offset: Option<StreamOffset>,
     /// Further `basic.consume` arguments.
     pub arguments: FieldTable,
+    /// Hands prefetched messages back on [`Consumer::cancel`] as fresh copies
+    /// ([`Delivery::requeue_fresh`]) through this publisher instead of with a
+    /// requeueing nack, which a quorum queue counts toward its delivery limit.
+    pub release_with: Option<Publisher>,
 }
 
 impl ConsumerOptions {
@@ -89,7 +93,15 @@ impl ConsumerOptions {
             tag: "sandfleet".to_owned(),
             stream_offset: None,
             arguments: FieldTable::default(),
+            release_with: None,
         }
+    }
+
+    /// Give prefetched messages back as fresh copies published with
+    /// `publisher` (see [`ConsumerOptions::release_with`]).
+    pub fn release_with(mut self, publisher: Publisher) -> ConsumerOptions {
+        self.release_with = Some(publisher);
+        self
     }
 
     /// Start a stream-queue consumer at `offset`.
@@ -230,11 +242,10 @@ async fn pump(
     connected: Arc<AtomicBool>,
 ) {
     let mut last_offset: Option<u64> = None;
-    let stream = options.stream_offset.is_some();
     loop {
         let item = tokio::select! {
             _ = stop.cancelled() => {
-                stop_consuming(&channel, &mut consumer, stream).await;
+                stop_consuming(&channel, &mut consumer, &options).await;
                 break;
             }
             item = consumer.next() => item,
@@ -256,14 +267,14 @@ async fn pump(
                     permit = tx.reserve() => match permit {
                         Ok(permit) => permit.send(delivery),
                         Err(_) => {
-                            give_back(&delivery, stream).await;
-                            stop_consuming(&channel, &mut consumer, stream).await;
+                            give_back(&delivery, &options).await;
+                            stop_consuming(&channel, &mut consumer, &options).await;
                             break;
                         }
                     },
                     _ = stop.cancelled() => {
-                        give_back(&delivery, stream).await;
-                        stop_consuming(&channel, &mut consumer, stream).await;
+                        give_back(&delivery, &options).await;
+                        stop_consuming(&channel, &mut consumer, &options).await;
                         break;
                     }
                 }
@@ -304,22 +315,36 @@ async fn pump(
     connected.store(false, Ordering::Relaxed);
 }
 
-/// Gives a delivery that was not handed over back to the broker. A stream
-/// queue keeps every message whatever its readers do and answers a nack or
-/// reject by closing the connection (`NOT_IMPLEMENTED - basic.nack and
-/// basic.reject not supported by stream queues`): there, it is left alone.
-async fn give_back(delivery: &Delivery, stream: bool) {
-    if !stream {
-        let _ = delivery.nack(true).await;
+/// Gives a delivery that was not handed over back to the broker: as a fresh
+/// copy when the options name a publisher, else with a requeueing nack. A
+/// stream queue keeps every message whatever its readers do and answers a
+/// nack or reject by closing the connection (`NOT_IMPLEMENTED - basic.nack
+/// and basic.reject not supported by stream queues`): there, it is left alone.
+async fn give_back(delivery: &Delivery, options: &ConsumerOptions) {
+    if options.stream_offset.is_some() {
+        return;
     }
+    if let Some(publisher) = &options.release_with
+        && delivery
+            .requeue_fresh(publisher, &options.queue)
+            .await
+            .is_ok()
+    {
+        return;
+    }
+    let _ = delivery.nack(true).await;
 }
 
 /// Cancels the subscription (`basic.cancel`) and returns (requeues) what
 /// the broker already sent but was not handed over yet. On a stream queue
 /// nothing is returned (see [`give_back`]): closing the channel ends the
 /// subscription and drops what was sent ahead.
-async fn stop_consuming(channel: &Channel, consumer: &mut lapin::Consumer, stream: bool) {
-    if stream {
+async fn stop_consuming(
+    channel: &Channel,
+    consumer: &mut lapin::Consumer,
+    options: &ConsumerOptions,
+) {
+    if options.stream_offset.is_some() {
         let _ = channel.close(200, "OK".into()).await;
         return;
     }
@@ -330,13 +355,11 @@ async fn stop_consuming(channel: &Channel, consumer: &mut lapin::Consumer, strea
     // the wait in case the channel is already gone.
     let drain = async {
         while let Some(Ok(d)) = consumer.next().await {
-            let _ = d
-                .acker
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
-                .await;
+            let delivery = Delivery {
+                inner: d,
+                channel: channel.clone(),
+            };
+            give_back(&delivery, options).await;
         }
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
@@ -524,6 +547,11 @@ impl Delivery {
     /// [`returns`](Delivery::returns) keeps counting crashes across releases
     /// (a release itself adds nothing).
     pub async fn requeue_fresh(&self, publisher: &Publisher, queue: &str) -> Result<(), AmqpError> {
+        // A delivery whose channel is gone is back in the queue already: a
+        // copy now would be a second message for the same work.
+        if !self.channel.status().connected() {
+            return Err(AmqpError::DeliveryChannelClosed);
+        }
         let mut m = self.to_outgoing("", queue);
         m.headers.insert(
             HEADER_RETURNS.into(),

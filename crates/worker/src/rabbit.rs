@@ -158,8 +158,11 @@ impl Broker for RabbitBroker {
             // they never hold it across a wait on each other.
             let mut slot = self.consumer.lock().await;
             if slot.is_none() {
+                // Prefetched messages go back as fresh copies when the
+                // consumer stops: pausing spends no delivery budget.
                 let opts = ConsumerOptions::new(self.topology.tasks_queue.clone(), self.prefetch)
-                    .tag("sandfleet-worker");
+                    .tag("sandfleet-worker")
+                    .release_with(self.publisher.clone());
                 match Consumer::start(&self.amqp, opts).await {
                     Ok(c) => {
                         *slot = Some(c);
