@@ -113,17 +113,6 @@ pub fn build(
     let name = job_name(task.id, attempt);
     let task_id = task.id.to_string();
     let resources = resources(task, settings)?;
-    let tolerations = settings
-        .tolerations
-        .iter()
-        .enumerate()
-        .map(|(index, t)| {
-            serde_json::from_value::<Toleration>(t.clone()).map_err(|e| BuildError::Toleration {
-                index,
-                message: e.to_string(),
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
 
     let labels = BTreeMap::from([
         (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
@@ -162,79 +151,13 @@ pub fn build(
     ];
     env.extend(script.env.iter().map(|(k, v)| var(k, escape(v))));
 
-    let uid = settings.run_as_user;
-    let pod_security = PodSecurityContext {
-        run_as_non_root: Some(settings.run_as_non_root),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".to_owned(),
-            ..SeccompProfile::default()
-        }),
-        run_as_user: uid,
-        run_as_group: uid,
-        fs_group: uid,
-        ..PodSecurityContext::default()
-    };
-    let mount = |name: &str, path: &str| VolumeMount {
-        name: name.to_owned(),
-        mount_path: path.to_owned(),
-        ..VolumeMount::default()
-    };
-    let container = Container {
-        name: CONTAINER.to_owned(),
-        image: Some(task.sandbox.image.clone()),
-        command: Some(COMMAND.iter().map(|&c| c.to_owned()).collect()),
-        working_dir: Some(WORKSPACE_PATH.to_owned()),
-        env: Some(env),
-        resources: Some(resources),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(settings.run_as_non_root),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
-        termination_message_path: Some(TERMINATION_MESSAGE_PATH.to_owned()),
-        termination_message_policy: Some("File".to_owned()),
-        volume_mounts: Some(vec![
-            mount("workspace", WORKSPACE_PATH),
-            mount("state", STATE_PATH),
-            mount("tmp", "/tmp"),
-        ]),
-        ..Container::default()
-    };
-    // Captured step output and /tmp are bounded by the workspace limit as well.
-    let volume = |name: &str| Volume {
-        name: name.to_owned(),
-        empty_dir: Some(EmptyDirVolumeSource {
-            size_limit: Some(Quantity(settings.workspace_size_limit.clone())),
-            ..EmptyDirVolumeSource::default()
-        }),
-        ..Volume::default()
-    };
-    let pod_spec = PodSpec {
-        restart_policy: Some("Never".to_owned()),
-        automount_service_account_token: Some(false),
-        enable_service_links: Some(false),
-        service_account_name: Some(settings.service_account.clone()),
-        security_context: Some(pod_security),
-        containers: vec![container],
-        volumes: Some(vec![volume("workspace"), volume("state"), volume("tmp")]),
-        node_selector: (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone()),
-        tolerations: (!tolerations.is_empty()).then_some(tolerations),
-        runtime_class_name: settings.runtime_class.clone(),
-        image_pull_secrets: (!settings.image_pull_secrets.is_empty()).then(|| {
-            settings
-                .image_pull_secrets
-                .iter()
-                .map(|s| LocalObjectReference { name: s.clone() })
-                .collect()
-        }),
-        ..PodSpec::default()
-    };
+    let pod_spec = sandbox_pod_spec(
+        &task.sandbox.image,
+        COMMAND.iter().map(|&c| c.to_owned()).collect(),
+        env,
+        resources,
+        settings,
+    )?;
 
     // The pending phase counts toward activeDeadlineSeconds, so it gets its own allowance.
     let active_deadline = task
@@ -269,6 +192,105 @@ pub fn build(
     })
 }
 
+/// The hardened pod of every sandfleet sandbox (task Jobs here, session Jobs
+/// in [`crate::session::kubernetes`]): no service-account token, no service
+/// links, `RuntimeDefault` seccomp, all capabilities dropped, read-only root,
+/// emptyDir workspace, state and `/tmp` bounded by the workspace limit, and
+/// the settings' scheduling and pull options. The caller gives the image,
+/// command, env and resources.
+pub fn sandbox_pod_spec(
+    image: &str,
+    command: Vec<String>,
+    env: Vec<EnvVar>,
+    resources: ResourceRequirements,
+    settings: &KubernetesSettings,
+) -> Result<PodSpec, BuildError> {
+    let tolerations = settings
+        .tolerations
+        .iter()
+        .enumerate()
+        .map(|(index, t)| {
+            serde_json::from_value::<Toleration>(t.clone()).map_err(|e| BuildError::Toleration {
+                index,
+                message: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let uid = settings.run_as_user;
+    let pod_security = PodSecurityContext {
+        run_as_non_root: Some(settings.run_as_non_root),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            ..SeccompProfile::default()
+        }),
+        run_as_user: uid,
+        run_as_group: uid,
+        fs_group: uid,
+        ..PodSecurityContext::default()
+    };
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        ..VolumeMount::default()
+    };
+    let container = Container {
+        name: CONTAINER.to_owned(),
+        image: Some(image.to_owned()),
+        command: Some(command),
+        working_dir: Some(WORKSPACE_PATH.to_owned()),
+        env: Some(env),
+        resources: Some(resources),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(settings.run_as_non_root),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.to_owned()),
+        termination_message_policy: Some("File".to_owned()),
+        volume_mounts: Some(vec![
+            mount("workspace", WORKSPACE_PATH),
+            mount("state", STATE_PATH),
+            mount("tmp", "/tmp"),
+        ]),
+        ..Container::default()
+    };
+    // Captured step output and /tmp are bounded by the workspace limit as well.
+    let volume = |name: &str| Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity(settings.workspace_size_limit.clone())),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    Ok(PodSpec {
+        restart_policy: Some("Never".to_owned()),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        service_account_name: Some(settings.service_account.clone()),
+        security_context: Some(pod_security),
+        containers: vec![container],
+        volumes: Some(vec![volume("workspace"), volume("state"), volume("tmp")]),
+        node_selector: (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone()),
+        tolerations: (!tolerations.is_empty()).then_some(tolerations),
+        runtime_class_name: settings.runtime_class.clone(),
+        image_pull_secrets: (!settings.image_pull_secrets.is_empty()).then(|| {
+            settings
+                .image_pull_secrets
+                .iter()
+                .map(|s| LocalObjectReference { name: s.clone() })
+                .collect()
+        }),
+        ..PodSpec::default()
+    })
+}
+
 /// The container's requests and limits: the task's, else the defaults from
 /// the settings, never above `max_resources`.
 ///
@@ -280,7 +302,14 @@ pub fn resources(
     task: &Task,
     settings: &KubernetesSettings,
 ) -> Result<ResourceRequirements, BuildError> {
-    let r = &task.sandbox.resources;
+    resources_for(&task.sandbox.resources, settings)
+}
+
+/// [`resources`] for any sandbox's requested resources (a session's too).
+pub fn resources_for(
+    r: &sandfleet_proto::Resources,
+    settings: &KubernetesSettings,
+) -> Result<ResourceRequirements, BuildError> {
     let d = &settings.default_resources;
     let m = &settings.max_resources;
     let mut requests = BTreeMap::new();

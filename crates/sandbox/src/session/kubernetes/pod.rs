@@ -1,16 +1,17 @@
 //! The pure builder of a session's Job, and what the backend reads off Jobs
-//! and Pods. The pod is hardened exactly like a task's ([`crate::job::build`];
-//! a unit test compares the two), but runs the idle loop instead of a script.
+//! and Pods. The pod is the hardened sandbox pod of task Jobs
+//! ([`crate::job::sandbox_pod_spec`], with the same default and maximum
+//! resources), running the idle loop instead of a script.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{EnvVar, Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sandfleet_settings::KubernetesSettings;
-use serde_json::{Value, json};
 
 use super::SessionMeta;
-use crate::job::{LABEL_JOB, LABEL_MANAGED_BY, STATE_PATH, WORKSPACE_PATH};
+use crate::job::{self, BuildError, LABEL_JOB, LABEL_MANAGED_BY, STATE_PATH, WORKSPACE_PATH};
 use crate::session::SessionSpec;
 use crate::session::script::IDLE_LOOP;
 
@@ -30,21 +31,8 @@ pub const ANNOTATION_IDLE_SECS: &str = "sandfleet.dev/idle-timeout-secs";
 /// Annotation with the image.
 pub const ANNOTATION_IMAGE: &str = "sandfleet.dev/image";
 
-/// Why a session Job cannot be built.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    /// A resource quantity is malformed.
-    #[error("resources.{field}: {message}")]
-    Quantity {
-        /// Which one.
-        field: &'static str,
-        /// Why.
-        message: String,
-    },
-    /// The manifest did not deserialize as a Job (a bug).
-    #[error("session job manifest: {0}")]
-    Manifest(String),
-}
+/// The idle loop exits on TERM at once: a short grace is plenty.
+const TERMINATION_GRACE_SECS: i64 = 5;
 
 /// Kubernetes expands `$(VAR)` in env values; doubling `$` keeps values as given.
 fn escape(value: &str) -> String {
@@ -58,32 +46,6 @@ pub fn session_job(
     meta: &SessionMeta,
     settings: &KubernetesSettings,
 ) -> Result<Job, BuildError> {
-    let r = &spec.resources;
-    let mut requests = serde_json::Map::new();
-    let mut limits = serde_json::Map::new();
-    for (field, value, is_limit, key) in [
-        ("cpu_request", &r.cpu_request, false, "cpu"),
-        ("memory_request", &r.memory_request, false, "memory"),
-        ("cpu_limit", &r.cpu_limit, true, "cpu"),
-        ("memory_limit", &r.memory_limit, true, "memory"),
-    ] {
-        if let Some(v) = value {
-            sandfleet_proto::quantity::Quantity::parse(v).map_err(|e| BuildError::Quantity {
-                field,
-                message: e.to_string(),
-            })?;
-            let map = if is_limit { &mut limits } else { &mut requests };
-            map.insert(key.into(), json!(v));
-        }
-    }
-    let mut resources = json!({});
-    if !requests.is_empty() {
-        resources["requests"] = Value::Object(requests);
-    }
-    if !limits.is_empty() {
-        resources["limits"] = Value::Object(limits);
-    }
-
     let mut labels: BTreeMap<String, String> = meta.labels.clone();
     labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY_SESSIONS.into());
     labels.insert(LABEL_SESSION.into(), name.into());
@@ -97,99 +59,56 @@ pub fn session_job(
     );
     annotations.insert(ANNOTATION_IMAGE.into(), spec.image.clone());
 
+    let var = |name: &str, value: String| EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        ..EnvVar::default()
+    };
     let mut env = vec![
-        json!({"name": "SANDFLEET_STATE_DIR", "value": STATE_PATH}),
-        json!({"name": "SANDFLEET_IDLE_SECS", "value": spec.idle_timeout.as_secs().max(1).to_string()}),
-        json!({"name": "HOME", "value": WORKSPACE_PATH}),
+        var("SANDFLEET_STATE_DIR", STATE_PATH.to_owned()),
+        var(
+            "SANDFLEET_IDLE_SECS",
+            spec.idle_timeout.as_secs().max(1).to_string(),
+        ),
+        var("HOME", WORKSPACE_PATH.to_owned()),
     ];
-    env.extend(
-        spec.env
-            .iter()
-            .map(|(k, v)| json!({"name": k, "value": escape(v)})),
-    );
+    env.extend(spec.env.iter().map(|(k, v)| var(k, escape(v))));
 
-    let mut pod_security = json!({
-        "runAsNonRoot": settings.run_as_non_root,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    });
-    if let Some(uid) = settings.run_as_user {
-        pod_security["runAsUser"] = json!(uid);
-        pod_security["runAsGroup"] = json!(uid);
-        pod_security["fsGroup"] = json!(uid);
-    }
-    let mut pod_spec = json!({
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": false,
-        "enableServiceLinks": false,
-        "serviceAccountName": settings.service_account,
-        "securityContext": pod_security,
-        // The idle loop exits on TERM at once.
-        "terminationGracePeriodSeconds": 5,
-        "containers": [{
-            "name": CONTAINER,
-            "image": spec.image,
-            "command": ["/bin/sh", "-c", IDLE_LOOP, "sandfleet-session"],
-            "workingDir": WORKSPACE_PATH,
-            "env": env,
-            "resources": resources,
-            "securityContext": {
-                "allowPrivilegeEscalation": false,
-                "privileged": false,
-                "readOnlyRootFilesystem": true,
-                "runAsNonRoot": settings.run_as_non_root,
-                "capabilities": {"drop": ["ALL"]},
-            },
-            "volumeMounts": [
-                {"name": "workspace", "mountPath": WORKSPACE_PATH},
-                {"name": "state", "mountPath": STATE_PATH},
-                {"name": "tmp", "mountPath": "/tmp"},
-            ],
-        }],
-        "volumes": [
-            {"name": "workspace", "emptyDir": {"sizeLimit": settings.workspace_size_limit}},
-            {"name": "state", "emptyDir": {"sizeLimit": settings.workspace_size_limit}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": settings.workspace_size_limit}},
-        ],
-    });
-    if !settings.node_selector.is_empty() {
-        pod_spec["nodeSelector"] = json!(settings.node_selector);
-    }
-    if !settings.tolerations.is_empty() {
-        pod_spec["tolerations"] = json!(settings.tolerations);
-    }
-    if let Some(rc) = &settings.runtime_class {
-        pod_spec["runtimeClassName"] = json!(rc);
-    }
-    if !settings.image_pull_secrets.is_empty() {
-        pod_spec["imagePullSecrets"] = settings
-            .image_pull_secrets
-            .iter()
-            .map(|s| json!({"name": s}))
-            .collect();
-    }
-    let manifest = json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": settings.namespace,
-            "labels": labels,
-            "annotations": annotations,
+    let command = ["/bin/sh", "-c", IDLE_LOOP, "sandfleet-session"]
+        .map(str::to_owned)
+        .to_vec();
+    let resources = job::resources_for(&spec.resources, settings)?;
+    let mut pod_spec = job::sandbox_pod_spec(&spec.image, command, env, resources, settings)?;
+    pod_spec.termination_grace_period_seconds = Some(TERMINATION_GRACE_SECS);
+
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(settings.namespace.clone()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
         },
-        "spec": {
-            "backoffLimit": 0,
-            "completions": 1,
-            "parallelism": 1,
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            completions: Some(1),
+            parallelism: Some(1),
             // The max lifetime: the Job controller ends the pod.
-            "activeDeadlineSeconds": spec.max_lifetime.as_secs().max(1),
-            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-            "template": {
-                "metadata": {"labels": pod_labels},
-                "spec": pod_spec,
+            active_deadline_seconds: Some(
+                i64::try_from(spec.max_lifetime.as_secs().max(1)).unwrap_or(i64::MAX),
+            ),
+            ttl_seconds_after_finished: Some(settings.ttl_seconds_after_finished),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec),
             },
-        },
-    });
-    serde_json::from_value(manifest).map_err(|e| BuildError::Manifest(e.to_string()))
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
 }
 
 /// Whether a Job is a session's.
@@ -284,6 +203,8 @@ pub fn readiness(pod: &Pod) -> Readiness {
 mod tests {
     use super::*;
 
+    use serde_json::{Value, json};
+
     fn pod_spec_json(job: &Job) -> Value {
         serde_json::to_value(&job.spec.as_ref().unwrap().template.spec).unwrap()
     }
@@ -291,14 +212,25 @@ mod tests {
     #[test]
     fn session_pods_are_hardened_like_task_pods() {
         let settings = KubernetesSettings::default();
-        let task: sandfleet_proto::Task = serde_json::from_value(json!({
-            "schema_version": 1,
-            "id": uuid::Uuid::now_v7(),
-            "source": {"repository": "https://example.com/r.git", "commit": "0123456789abcdef0123456789abcdef01234567"},
-            "sandbox": {"image": "alpine:3.20", "deadline_secs": 60},
-            "steps": [{"name": "t", "command": "true", "timeout_secs": 5}],
-        }))
-        .unwrap();
+        let task = sandfleet_proto::Task::fix_attempt(
+            sandfleet_proto::Source {
+                provider: sandfleet_proto::Provider::Api,
+                repository: "octo/repo".into(),
+                commit: "0".repeat(40),
+                git_ref: None,
+                ci_run_id: None,
+                pull_request: None,
+                url: None,
+            },
+            sandfleet_proto::SandboxSpec {
+                image: "alpine:3.20".into(),
+                resources: Default::default(),
+                env: Default::default(),
+                deadline_secs: 60,
+                pending_timeout_secs: 60,
+            },
+        )
+        .with_step("t", "true", 5);
         let ctx = crate::RunContext::default();
         let task_job = crate::job::build(&task, 1, &ctx, &settings).unwrap();
         let session = session_job(
@@ -319,7 +251,7 @@ mod tests {
         ] {
             assert_eq!(t[key], s[key], "{key}");
         }
-        for key in ["securityContext", "volumeMounts", "workingDir"] {
+        for key in ["securityContext", "volumeMounts", "workingDir", "resources"] {
             assert_eq!(t["containers"][0][key], s["containers"][0][key], "{key}");
         }
     }
