@@ -337,6 +337,8 @@ async fn node_fix_attempt_succeeds_with_a_junit_artifact() {
 /// Environment variable that turns [`helper_runs_one_sandbox_until_killed`]
 /// into a worker stand-in: it runs one sandbox under the base dir named here.
 const HELPER_BASE: &str = "SANDFLEET_TEST_HELPER_BASE";
+/// Set: the helper runs its sandbox under bubblewrap.
+const HELPER_BWRAP: &str = "SANDFLEET_TEST_HELPER_BWRAP";
 
 /// Not a test on its own: the worker stand-in the tests below start as a
 /// separate process (this test binary, re-executed) and SIGKILL.
@@ -353,6 +355,7 @@ async fn helper_runs_one_sandbox_until_killed() {
     task.sandbox.deadline_secs = 600;
     let exec = LocalExecutor::new(LocalSettings {
         work_dir: Some(base),
+        bubblewrap: std::env::var_os(HELPER_BWRAP).is_some(),
         ..LocalSettings::default()
     })
     .unwrap();
@@ -363,7 +366,18 @@ async fn helper_runs_one_sandbox_until_killed() {
 /// Starts the helper on `base` and waits until its sandbox's step and
 /// grandchild run: (helper, run dir, step pid, grandchild pid).
 async fn start_helper(base: &Path) -> (std::process::Child, std::path::PathBuf, u32, u32) {
-    let helper = std::process::Command::new(std::env::current_exe().unwrap())
+    start_helper_with(base, false).await
+}
+
+async fn start_helper_with(
+    base: &Path,
+    bwrap: bool,
+) -> (std::process::Child, std::path::PathBuf, u32, u32) {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    if bwrap {
+        cmd.env(HELPER_BWRAP, "1");
+    }
+    let helper = cmd
         .args([
             "--ignored",
             "--exact",
@@ -597,4 +611,36 @@ async fn a_step_filling_the_workspace_with_files_is_stopped_at_the_disk_limit() 
     // Checked every second: the overshoot is what a step writes in one.
     assert!(peak < 2 << 30, "peak {peak}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn a_sigkilled_worker_takes_its_bubblewrapped_sandbox_with_it() {
+    require("bwrap", "bubblewrap");
+    let base = tempfile::tempdir().unwrap();
+    let (mut helper, run, step, gc) = start_helper_with(base.path(), true).await;
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    wait_until(
+        "the step and its grandchild die",
+        Duration::from_secs(10),
+        || dead(step) && dead(gc),
+    )
+    .await;
+    // Inside bubblewrap the run directory is a mount point and its lock lies
+    // outside the sandbox: the watcher empties the directory, and the next
+    // executor's sweep removes what is left.
+    wait_until("the workspace is emptied", Duration::from_secs(10), || {
+        !run.join("workspace").exists()
+    })
+    .await;
+    let _next = LocalExecutor::new(LocalSettings {
+        work_dir: Some(base.path().display().to_string()),
+        ..LocalSettings::default()
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read_dir(base.path()).unwrap().count(),
+        0,
+        "swept at start-up"
+    );
 }
