@@ -135,6 +135,14 @@ Sessions run as Jobs in sandbox.kubernetes.namespace; state lives on them, so
 replicas are interchangeable. Routes: /v1/sessions[/{id}[/run|/files]],
 /healthz, /readyz, /metrics (docs/sessions.md).")]
     Sessions(crate::commands::sessions::SessionsArgs),
+    /// Serve the operator console: overview, results, dead letters, replay.
+    #[command(after_help = "\
+Examples:
+  sandfleet console --listen 127.0.0.1:8070 --worker http://127.0.0.1:9090
+
+Reading is open unless console.read_requires_token; requeue, purge and replay
+need a console.tokens entry with role = \"operator\" (docs/console.md).")]
+    Console(crate::commands::console::ConsoleArgs),
     /// Open, use and remove sessions from scripts (through the sessions service).
     #[command(subcommand)]
     Session(crate::commands::session::SessionCommand),

@@ -126,7 +126,7 @@ pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let long_running = matches!(
         cli.command,
-        Command::Worker(_) | Command::Gateway(_) | Command::Sessions(_)
+        Command::Worker(_) | Command::Gateway(_) | Command::Sessions(_) | Command::Console(_)
     );
     let telemetry = init_telemetry(&settings, long_running)?;
     let out = Output {
@@ -174,6 +174,7 @@ async fn dispatch(
         }
         Command::Status(a) => commands::status::run(a, &settings, out).await,
         Command::Sessions(a) => commands::sessions::run(a, settings, shutdown).await,
+        Command::Console(a) => commands::console::run(a, settings, shutdown).await,
         Command::Session(c) => commands::session::run(c, out).await,
         Command::Shell(a) => commands::shell::run(a, shutdown).await,
         Command::Task(c) => commands::task::run(c, &settings, out),

@@ -239,3 +239,50 @@ async fn a_session_survives_its_replica_and_a_vanished_client_costs_nothing() {
     .await;
     r2.kill().await;
 }
+
+#[tokio::test]
+async fn a_cut_exec_is_connection_lost_through_the_service_and_counted() {
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let r = replica(&sim, Limits::default()).await;
+    let client = SessionsClient::new(&r.url, "tok-a");
+    let id = client.start(&SessionSpec::new("img")).await.unwrap();
+    let opts = RunOptions::new(Duration::from_secs(60));
+    let run = client.run(&id, "sleep 20; echo done", opts, None);
+    let cut = async {
+        eventually("the exec stream is open", Duration::from_secs(10), || {
+            sim.open_exec_streams() > 0
+        })
+        .await;
+        sim.drop_exec_connections();
+    };
+    let (result, ()) = tokio::join!(run, cut);
+    let err = result.unwrap_err();
+    assert!(err.is_connection_lost(), "never an exit code: {err}");
+    // The session still works after the cut.
+    let o = client.run(&id, "echo ok", opts, None).await.unwrap();
+    assert_eq!(o.stdout, b"ok\n");
+
+    // The metrics a dashboard needs are there, with what happened.
+    let text = reqwest::get(format!("{}/metrics", r.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "sandfleet_sessions_active ",
+        "sandfleet_sessions_started_total 1",
+        "sandfleet_sessions_start_duration_seconds_count 1",
+        "sandfleet_sessions_command_duration_seconds_count 1",
+        "sandfleet_sessions_exec_errors_total{code=\"connection_lost\"} 1",
+        "sandfleet_sessions_reaped_total ",
+    ] {
+        assert!(text.contains(name), "missing {name:?} in\n{text}");
+    }
+    client.teardown(&id).await.unwrap();
+    eventually("no session job is left", Duration::from_secs(10), || {
+        sim.jobs(NS).is_empty()
+    })
+    .await;
+    r.kill().await;
+}

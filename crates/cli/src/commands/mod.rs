@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod config_check;
+pub mod console;
 pub mod demo;
 pub mod demo_rabbit;
 pub mod dlq;

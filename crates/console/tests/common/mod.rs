@@ -1,0 +1,175 @@
+//! A console on the real RabbitMQ with its own topology prefix, and
+//! optionally a real worker (local executor) it watches.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sandfleet_amqp::{Amqp, OutgoingMessage, Publisher, Topology};
+use sandfleet_console::Console;
+use sandfleet_gateway::{BrokerSink, TaskSink};
+use sandfleet_proto::{Provider, SandboxSpec, Source, Task};
+use sandfleet_settings::{ConsoleRole, ConsoleToken, ExecutorKind, Settings};
+use tokio_util::sync::CancellationToken;
+
+pub const OPERATOR: &str = "operator-token-0123456789abcdef";
+pub const VIEWER: &str = "viewer-token-0123456789abcdef";
+
+pub struct Env {
+    pub settings: Settings,
+    pub amqp: Amqp,
+    pub topology: Topology,
+    pub console: SocketAddr,
+    pub worker: Option<String>,
+    pub stop: CancellationToken,
+    pub _dir: tempfile::TempDir,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Env {
+    /// `with_worker`: also run a worker with the local executor.
+    pub async fn start(with_worker: bool, read_requires_token: bool) -> Env {
+        let suffix = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.topology.prefix = format!("sf-console-{suffix}");
+        settings.amqp.connection_name = Some(format!("sandfleet-console-test-{suffix}"));
+        let amqp = Amqp::connect(&settings.amqp, "console-test")
+            .await
+            .unwrap_or_else(|e| {
+                panic!("RabbitMQ must be running on 127.0.0.1:5672 for the console tests: {e}")
+            });
+        let topology = Topology::new(&settings.topology);
+        topology.apply(&amqp).await.unwrap();
+        let stop = CancellationToken::new();
+        let mut worker = None;
+        if with_worker {
+            let mut ws = settings.clone();
+            ws.worker.executor = ExecutorKind::Local;
+            ws.worker.concurrency = 2;
+            let port = free_port();
+            ws.worker.http_addr = format!("127.0.0.1:{port}");
+            ws.worker.name = Some(format!("console-test-{suffix}"));
+            ws.sandbox.local.work_dir = Some(dir.path().display().to_string());
+            let s = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = sandfleet_worker::run(ws, s).await {
+                    eprintln!("worker ended: {e}");
+                }
+            });
+            worker = Some(format!("http://127.0.0.1:{port}"));
+        }
+        settings.console.listen_addr = "127.0.0.1:0".to_owned();
+        settings.console.refresh_secs = 1;
+        settings.console.read_requires_token = read_requires_token;
+        settings.console.workers = worker.iter().cloned().collect();
+        settings.console.tokens = vec![
+            ConsoleToken {
+                name: "olivia".into(),
+                token: OPERATOR.into(),
+                role: ConsoleRole::Operator,
+            },
+            ConsoleToken {
+                name: "victor".into(),
+                token: VIEWER.into(),
+                role: ConsoleRole::Viewer,
+            },
+        ];
+        settings.validate().unwrap();
+        let console = Console::start(settings.clone(), stop.clone())
+            .await
+            .unwrap();
+        Env {
+            settings,
+            amqp,
+            topology,
+            console: console.addr,
+            worker,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.console)
+    }
+
+    /// Waits until the worker answers ready.
+    pub async fn worker_ready(&self) {
+        let url = format!("{}/readyz", self.worker.as_ref().unwrap());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn enqueue(&self, task: &Task) {
+        let sink = BrokerSink::new(&self.amqp, &self.topology, self.settings.limits.clone())
+            .await
+            .unwrap();
+        sink.enqueue(task).await.unwrap();
+    }
+
+    /// Puts `task` in the dead-letter queue the way the worker does.
+    pub async fn dead_letter(&self, task: &Task, code: &str, reason: &str) {
+        let publisher = Publisher::new(&self.amqp).await.unwrap();
+        let msg = OutgoingMessage::new(
+            "",
+            self.topology.dead_queue.as_str(),
+            serde_json::to_vec(task).unwrap(),
+        )
+        .message_id(task.id.to_string())
+        .kind("sandfleet.task.v1")
+        .attempt(3)
+        .header("x-sandfleet-reject-code", code)
+        .header("x-sandfleet-reject-reason", reason);
+        publisher.publish(&msg).await.unwrap();
+    }
+
+    pub async fn cleanup(self) {
+        self.stop.cancel();
+        // Leave the worker a moment to drain; deletion then removes what is left.
+        let _ = self.topology.delete(&self.amqp).await;
+    }
+}
+
+pub fn task(repo: &str, steps: &[(&str, &str)]) -> Task {
+    let mut t = Task::fix_attempt(
+        Source {
+            provider: Provider::Api,
+            repository: repo.to_owned(),
+            commit: "3484a3fb816e0859fd6e1cea078d76385ff50625".to_owned(),
+            git_ref: Some("main".to_owned()),
+            ci_run_id: None,
+            pull_request: None,
+            url: None,
+        },
+        SandboxSpec {
+            image: "docker.io/library/alpine:3.20".to_owned(),
+            resources: Default::default(),
+            env: Default::default(),
+            deadline_secs: 120,
+            pending_timeout_secs: 60,
+        },
+    );
+    for (name, run) in steps {
+        t = t.with_step(name, run, 60);
+    }
+    t
+}

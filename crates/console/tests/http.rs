@@ -1,0 +1,211 @@
+//! The HTTP layer without a browser: who may act, CSRF, Origin, cookies,
+//! token-protected reading. Runs against a real console on the real broker.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Env, OPERATOR, VIEWER};
+use reqwest::header::{AUTHORIZATION, COOKIE, LOCATION, ORIGIN, SET_COOKIE};
+use reqwest::redirect::Policy;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Signs in; returns the cookie pair and the page's CSRF token.
+async fn sign_in(env: &Env, token: &str) -> (String, String) {
+    let c = client();
+    let resp = c
+        .post(env.url("/login"))
+        .header(ORIGIN, format!("http://{}", env.console))
+        .form(&[("token", token), ("next", "/dlq")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()[LOCATION], "/dlq");
+    let set = resp.headers()[SET_COOKIE].to_str().unwrap().to_owned();
+    assert!(set.contains("HttpOnly"), "{set}");
+    assert!(set.contains("SameSite=Strict"), "{set}");
+    let pair = set.split(';').next().unwrap().to_owned();
+    // Any page with a form carries the session's CSRF token.
+    let page = c
+        .get(env.url("/results"))
+        .header(COOKIE, &pair)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let at = page.find(r#"name="csrf" value=""#).unwrap() + r#"name="csrf" value=""#.len();
+    let csrf = page[at..at + 64].to_owned();
+    (pair, csrf)
+}
+
+#[tokio::test]
+async fn actions_need_an_operator_token_and_a_same_site_form() {
+    let env = Env::start(false, false).await;
+    let c = client();
+    let purge = |form: Vec<(&'static str, String)>| c.post(env.url("/dlq/purge")).form(&form);
+
+    // Reading is open in this configuration.
+    assert_eq!(c.get(env.url("/")).send().await.unwrap().status(), 200);
+    assert_eq!(c.get(env.url("/dlq")).send().await.unwrap().status(), 200);
+
+    // Nobody signed in: refused.
+    let r = purge(vec![("confirm", "purge".into())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("operator token"));
+
+    // A viewer: refused, and told why.
+    let (viewer, vcsrf) = sign_in(&env, VIEWER).await;
+    let r = purge(vec![("confirm", "purge".into()), ("csrf", vcsrf)])
+        .header(COOKIE, &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("viewer role"));
+    let r = purge(vec![("confirm", "purge".into())])
+        .header(AUTHORIZATION, format!("Bearer {VIEWER}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // An operator session without the CSRF token, with another session's
+    // token, or from another site: refused.
+    let (op, csrf) = sign_in(&env, OPERATOR).await;
+    let (_, other_csrf) = sign_in(&env, OPERATOR).await;
+    for form in [
+        vec![("confirm", "purge".to_owned())],
+        vec![
+            ("confirm", "purge".to_owned()),
+            ("csrf", other_csrf.clone()),
+        ],
+    ] {
+        let r = purge(form).header(COOKIE, &op).send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        assert!(r.text().await.unwrap().contains("CSRF"));
+    }
+    let r = purge(vec![("confirm", "purge".into()), ("csrf", csrf.clone())])
+        .header(COOKIE, &op)
+        .header(ORIGIN, "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("cross-site"));
+    // Nor may another site sign a browser in.
+    let r = c
+        .post(env.url("/login"))
+        .header(ORIGIN, "https://evil.example")
+        .form(&[("token", OPERATOR)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get(SET_COOKIE).is_none());
+
+    // The operator's own form: accepted (purge needs its confirmation).
+    let r = purge(vec![("confirm", "no".into()), ("csrf", csrf.clone())])
+        .header(COOKIE, &op)
+        .header(ORIGIN, format!("http://{}", env.console))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("Not purged"));
+    let r = purge(vec![("confirm", "purge".into()), ("csrf", csrf)])
+        .header(COOKIE, &op)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("Purged 0 dead letter(s)."));
+    // A script with the operator token as a bearer: no cookie, no CSRF.
+    let r = purge(vec![("confirm", "purge".into())])
+        .header(AUTHORIZATION, format!("Bearer {OPERATOR}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Signing out ends the session.
+    let r = c
+        .post(env.url("/logout"))
+        .header(COOKIE, &op)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let r = purge(vec![("confirm", "purge".into())])
+        .header(COOKIE, &op)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn reading_can_require_a_token() {
+    let env = Env::start(false, true).await;
+    let c = client();
+    for path in ["/", "/results", "/dlq"] {
+        let r = c.get(env.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 303, "{path}");
+        assert!(
+            r.headers()[LOCATION]
+                .to_str()
+                .unwrap()
+                .starts_with("/login?next="),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        c.get(env.url("/events")).send().await.unwrap().status(),
+        401
+    );
+    // The sign-in page and the assets stay open.
+    assert_eq!(c.get(env.url("/login")).send().await.unwrap().status(), 200);
+    let css = c.get(env.url("/assets/console.css")).send().await.unwrap();
+    assert_eq!(css.status(), 200);
+    // A viewer reads.
+    let r = c
+        .get(env.url("/"))
+        .header(AUTHORIZATION, format!("Bearer {VIEWER}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    let (cookie, _) = sign_in(&env, VIEWER).await;
+    let r = c
+        .get(env.url("/dlq"))
+        .header(COOKIE, cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A wrong token does not.
+    let r = c
+        .get(env.url("/"))
+        .header(AUTHORIZATION, "Bearer not-a-token-at-all-really")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    env.cleanup().await;
+}
