@@ -51,11 +51,12 @@ async fn an_idle_session_ends_by_itself_but_a_running_command_keeps_it() {
     assert_eq!(o.stdout, b"done\n");
     let ws = workspace_of(&backend, session.id()).unwrap();
     let id = session.detach();
-    eventually("the idle session is gone", Duration::from_secs(5), || {
-        backend.count() == 0
-    })
+    eventually(
+        "the idle session and its workspace are gone",
+        Duration::from_secs(5),
+        || backend.count() == 0 && !ws.exists(),
+    )
     .await;
-    assert!(!ws.exists());
     let err = backend
         .run(&id, "true", RunOptions::new(Duration::from_secs(1)), None)
         .await

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,7 +40,8 @@ struct LocalSession {
     working_dir: String,
     /// Cancelled at teardown: running operations kill their processes.
     ended: CancellationToken,
-    busy: AtomicUsize,
+    /// Operations running; teardown waits for it to reach zero.
+    busy: tokio::sync::watch::Sender<usize>,
     last_activity: Mutex<Instant>,
 }
 
@@ -76,7 +76,7 @@ struct Busy(Arc<LocalSession>);
 
 impl Busy {
     fn new(s: Arc<LocalSession>) -> Busy {
-        s.busy.fetch_add(1, Ordering::SeqCst);
+        s.busy.send_modify(|n| *n += 1);
         s.touch();
         Busy(s)
     }
@@ -85,7 +85,7 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+        self.0.busy.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -218,7 +218,7 @@ impl LocalSessions {
                     .saturating_duration_since(s.last_activity.lock().map(|t| *t).unwrap_or(now));
                 let reason = if now >= end_of_life {
                     "max lifetime"
-                } else if s.busy.load(Ordering::SeqCst) == 0 && idle_for >= idle {
+                } else if *s.busy.borrow() == 0 && idle_for >= idle {
                     "idle timeout"
                 } else {
                     continue;
@@ -301,7 +301,7 @@ impl SessionBackend for LocalSessions {
                 .collect(),
             working_dir: spec.working_dir.clone(),
             ended: CancellationToken::new(),
-            busy: AtomicUsize::new(0),
+            busy: tokio::sync::watch::Sender::new(0),
             last_activity: Mutex::new(Instant::now()),
         });
         let (code, _, err) = self
@@ -410,10 +410,8 @@ impl SessionBackend for LocalSessions {
         };
         s.ended.cancel();
         // Running operations kill their processes and return; then the dir goes.
-        let deadline = Instant::now() + KILL_GRACE * 2;
-        while s.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let mut busy = s.busy.subscribe();
+        let _ = tokio::time::timeout(KILL_GRACE * 2, busy.wait_for(|n| *n == 0)).await;
         // Other holders of the Arc (the guard task) may drop it later: remove now.
         let _ = tokio::fs::remove_dir_all(s.dir.path()).await;
         tracing::debug!(session = %id, "local session torn down");
