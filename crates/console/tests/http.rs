@@ -209,3 +209,102 @@ async fn reading_can_require_a_token() {
     assert_eq!(r.status(), 303);
     env.cleanup().await;
 }
+
+/// Waits until the console has read `n` results of `repo`.
+async fn results_read(env: &Env, c: &reqwest::Client, task: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let page = c
+            .get(env.url("/results"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if page.contains(task) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the console never read the result of {task}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn replay_sends_each_failed_build_once_per_batch_like_the_cli() {
+    let env = Env::start(false, false).await;
+    let c = client();
+    let failed = common::task("acme/replayed", &[("test", "exit 2")]);
+    let other = common::task("someone/else", &[("test", "exit 2")]);
+    env.publish_result(&common::failed_result(&failed)).await;
+    env.publish_result(&common::failed_result(&other)).await;
+    results_read(&env, &c, &failed.id.to_string()).await;
+    results_read(&env, &c, &other.id.to_string()).await;
+
+    let replay = |batch: &'static str| {
+        c.post(env.url("/replay"))
+            .header(AUTHORIZATION, format!("Bearer {OPERATOR}"))
+            .form(&[
+                ("batch", batch),
+                ("repo", "acme/*"),
+                ("outcome", ""),
+                ("window", "1h"),
+            ])
+    };
+    let page = replay("incident-7")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Batch incident-7: 1 sent, 0 already replayed in this batch, 0 failed."),
+        "{page}"
+    );
+    // The same batch again: nothing is sent twice.
+    let page = replay("incident-7")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Batch incident-7: 0 sent, 1 already replayed in this batch, 0 failed."),
+        "{page}"
+    );
+    // One replayed task waits in the tasks queue, a new id pointing at the
+    // original build.
+    let letters = {
+        let d = sandfleet_ops::dlq::read(&env.amqp, &env.topology.tasks_queue, 10)
+            .await
+            .unwrap();
+        let tasks: Vec<sandfleet_proto::Task> = d
+            .iter()
+            .map(|d| serde_json::from_slice(d.body()).unwrap())
+            .collect();
+        sandfleet_ops::dlq::give_back(&d).await;
+        tasks
+    };
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].replay_of, Some(failed.id));
+    assert_ne!(letters[0].id, failed.id);
+    assert_eq!(
+        letters[0].idempotency_key,
+        sandfleet_ops::replay::replay_key(failed.id, "incident-7")
+    );
+    // A viewer may not replay.
+    let r = c
+        .post(env.url("/replay"))
+        .header(AUTHORIZATION, format!("Bearer {VIEWER}"))
+        .form(&[("batch", "other")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    env.cleanup().await;
+}

@@ -142,11 +142,40 @@ impl Env {
         publisher.publish(&msg).await.unwrap();
     }
 
+    /// Publishes a result to the results exchange, as the worker does.
+    pub async fn publish_result(&self, r: &sandfleet_proto::TaskResult) {
+        let publisher = Publisher::new(&self.amqp).await.unwrap();
+        let key = format!(
+            "{}.{}",
+            r.outcome.as_str(),
+            if r.is_final { "final" } else { "retrying" }
+        );
+        let msg = OutgoingMessage::new(
+            self.topology.results_exchange.as_str(),
+            key,
+            serde_json::to_vec(r).unwrap(),
+        )
+        .message_id(format!("{}-{}", r.task_id, r.attempt))
+        .kind("sandfleet.result.v1");
+        publisher.publish(&msg).await.unwrap();
+    }
+
     pub async fn cleanup(self) {
         self.stop.cancel();
         // Leave the worker a moment to drain; deletion then removes what is left.
         let _ = self.topology.delete(&self.amqp).await;
     }
+}
+
+/// A final failed result of `task`, carrying the task (what replay needs).
+pub fn failed_result(task: &Task) -> sandfleet_proto::TaskResult {
+    serde_json::from_value(serde_json::json!({
+        "schema_version": 1, "task_id": task.id, "attempt": 1, "outcome": "failed",
+        "final": true, "finished_at": chrono::Utc::now(), "worker": "test-worker",
+        "source": task.source, "task": task, "exit_code": 2,
+        "error": "step test exited with 2",
+    }))
+    .unwrap()
 }
 
 pub fn task(repo: &str, steps: &[(&str, &str)]) -> Task {
