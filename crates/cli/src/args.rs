@@ -156,16 +156,16 @@ Examples:
     #[command(after_help = "\
 Examples:
   sandfleet status                                  # queues and the consumers the broker sees
-  sandfleet status --worker http://10.0.3.7:9090    # and that worker's /readyz and /metrics
+  sandfleet status --worker http://10.0.3.7:9090    # and that worker's /readyz, /metrics, /tasks
   sandfleet status --json | jq .
 
 Queue figures come from the RabbitMQ management API (port 15672 of the amqp.url
 host, same credentials); they lag the broker by a few seconds. Every consumer
 of the task queue is listed by its connection name (sandfleet-worker@<host>)
 with its unacknowledged deliveries, the tasks it holds. Give --worker URL (the
-worker's worker.http_addr) for readiness with reasons, breaker state and
-in-flight count. Exit 0 when every queue exists and every --worker is ready,
-1 otherwise.")]
+worker's worker.http_addr) for readiness with reasons, breaker state,
+in-flight count and the attempts it runs. Exit 0 when every queue exists and
+every --worker is ready, 1 otherwise; 3 when the management API does not answer.")]
     Status(StatusArgs),
     /// Work with task files without a broker.
     #[command(subcommand)]

@@ -245,15 +245,15 @@ async fn status_shows_queue_depths_the_consuming_worker_and_its_readiness() {
         let (stdout, stderr) = text(&out);
         let v: serde_json::Value =
             serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}"));
-        let dead = v["queues"]
+        // The management API lists a new queue, and its figures, a moment late.
+        let dead_ready = v["queues"]
             .as_array()
-            .unwrap()
-            .iter()
+            .into_iter()
+            .flatten()
             .find(|q| q["name"] == env.topology.dead_queue.as_str())
-            .cloned()
-            .unwrap();
-        let consumers = v["consumers"].as_array().unwrap().len();
-        if dead["ready"] == 2 && consumers >= 1 {
+            .map(|q| q["ready"].clone());
+        let consumers = v["consumers"].as_array().map_or(0, Vec::len);
+        if dead_ready == Some(serde_json::json!(2)) && consumers >= 1 {
             assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
             break v;
         }
@@ -287,6 +287,58 @@ async fn status_shows_queue_depths_the_consuming_worker_and_its_readiness() {
     );
     assert!(
         stdout.contains(&url) && stdout.contains("closed"),
+        "{stdout}"
+    );
+
+    // A task that runs a while: the broker sees the worker hold it, the
+    // worker counts it in flight and lists it.
+    let mut slow = task("acme/slow");
+    slow.steps[0].run = "sleep 20".to_owned();
+    let file = env.dir.path().join("slow.json");
+    std::fs::write(&file, serde_json::to_vec(&slow).unwrap()).unwrap();
+    let out = sandfleet(
+        env.dir.path(),
+        &["--prefix", &env.prefix, "enqueue", "slow.json"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let id = slow.id.to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let busy = loop {
+        let out = sandfleet(
+            env.dir.path(),
+            &[
+                "--prefix",
+                &env.prefix,
+                "--json",
+                "status",
+                "--worker",
+                &url,
+            ],
+            &[],
+        );
+        let v: serde_json::Value = serde_json::from_str(text(&out).0.trim()).unwrap();
+        let held = v["consumers"][0]["unacked"].as_u64().unwrap_or(0);
+        if held == 1 && v["workers"][0]["in_flight"] == 1 {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed the running task: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let running = &busy["workers"][0]["running"];
+    assert_eq!(running[0]["task_id"], id.as_str(), "{running}");
+    assert_eq!(running[0]["attempt"], 1, "{running}");
+    let out = sandfleet(
+        env.dir.path(),
+        &["--prefix", &env.prefix, "status", "--worker", &url],
+        &[],
+    );
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout.contains(&format!("runs {id} attempt 1 (acme/slow)")),
         "{stdout}"
     );
 

@@ -9,7 +9,8 @@
 //!   workers, so it also finds workers nobody listed.
 //! - **Workers given with `--worker URL`**: readiness from `/readyz` (with the
 //!   reasons a worker is not ready: breaker open, permission denied, draining),
-//!   breaker state and in-flight count from `/metrics`.
+//!   breaker state and in-flight count from `/metrics`, the attempts it runs
+//!   from `/tasks`.
 
 use std::time::Duration;
 
@@ -206,6 +207,19 @@ pub fn render(
                 num(w.in_flight),
                 reasons
             ));
+        }
+        for w in workers {
+            for t in w.running.iter().flatten() {
+                s.push_str(&format!(
+                    "  {} runs {} attempt {} ({}) since {}\n",
+                    w.url,
+                    t.task_id,
+                    t.attempt,
+                    t.repository,
+                    t.started_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ));
+            }
         }
     }
     s.trim_end().to_owned()
