@@ -168,3 +168,48 @@ async fn session_commands_drive_the_service() {
     }
     stop.cancel();
 }
+
+#[tokio::test]
+async fn ctrl_c_tears_the_shell_session_down() {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandfleet"))
+        .args(["shell", "--local", "--image", "any"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Keep stdin open: only the signal ends the shell.
+    let _stdin = child.stdin.take().unwrap();
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if line.contains("ready") {
+                return line;
+            }
+        }
+        panic!("the shell ended before it was ready");
+    })
+    .await
+    .unwrap();
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut rest = String::new();
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        rest
+    })
+    .await
+    .unwrap();
+    let code = child.wait().await.unwrap().code();
+    assert!(rest.contains("torn down"), "{ready}\n{rest}");
+    assert_eq!(code, Some(0), "{rest}");
+}
