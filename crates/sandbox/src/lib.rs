@@ -14,6 +14,10 @@
 //! What an attempt did is decided by the pure [`classify`] module; whether
 //! that is retried is [`sandfleet_proto::Outcome::is_retryable`]'s call.
 //! Start with [`Executor`], then [`script`].
+//!
+//! Interactive sessions — a sandbox that stays up and takes commands one at a
+//! time through `pods/exec`, from the same hardened pod builder — are the
+//! [`session`] module.
 
 pub mod classify;
 mod executor;
