@@ -7,13 +7,16 @@
   if (!live || !window.EventSource) return;
   var source = new EventSource(live.getAttribute("data-events"));
   source.addEventListener("overview", function (e) {
-    // Keep keyboard focus where it was when the section is replaced.
-    var focused = document.activeElement && document.activeElement.id;
+    // Keep keyboard focus on the same link when the section is replaced.
+    var active = document.activeElement;
+    var href = active && live.contains(active) && active.getAttribute("href");
     live.innerHTML = e.data;
     live.removeAttribute("data-stale");
-    if (focused) {
-      var again = document.getElementById(focused);
-      if (again) again.focus();
+    if (href) {
+      var links = live.querySelectorAll("a[href]");
+      for (var i = 0; i < links.length; i++) {
+        if (links[i].getAttribute("href") === href) { links[i].focus(); break; }
+      }
     }
   });
   source.onerror = function () {
