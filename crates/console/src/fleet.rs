@@ -310,3 +310,35 @@ async fn read_results(fleet: Arc<Fleet>, kick: watch::Sender<()>, shutdown: Canc
         delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn result(id: TaskId, attempt: u32, is_final: bool) -> TaskResult {
+        serde_json::from_value(serde_json::json!({
+            "schema_version": 1, "task_id": id, "attempt": attempt, "outcome": "failed",
+            "final": is_final, "finished_at": Utc::now(), "worker": "w",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_log_drops_redeliveries_and_keeps_the_newest() {
+        let mut log = ResultLog::new(3);
+        let a = uuid::Uuid::now_v7();
+        let b = uuid::Uuid::now_v7();
+        assert!(log.push(result(a, 1, false)));
+        assert!(!log.push(result(a, 1, false)), "a redelivery is dropped");
+        assert!(log.push(result(a, 2, true)));
+        assert!(log.push(result(b, 1, true)));
+        assert_eq!(log.of_task(a).len(), 2);
+        // Over the cap: the oldest goes, and may be read again later.
+        assert!(log.push(result(b, 2, true)));
+        let newest: Vec<(TaskId, u32)> =
+            log.newest_first().map(|r| (r.task_id, r.attempt)).collect();
+        assert_eq!(newest, vec![(b, 2), (b, 1), (a, 2)]);
+        assert!(log.push(result(a, 1, false)));
+    }
+}

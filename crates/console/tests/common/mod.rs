@@ -20,6 +20,8 @@ pub struct Env {
     pub amqp: Amqp,
     pub topology: Topology,
     pub console: SocketAddr,
+    /// The prefix of the console's own broker connection names.
+    pub console_connections: String,
     pub worker: Option<String>,
     pub stop: CancellationToken,
     pub _dir: tempfile::TempDir,
@@ -83,14 +85,18 @@ impl Env {
             },
         ];
         settings.validate().unwrap();
-        let console = Console::start(settings.clone(), stop.clone())
-            .await
-            .unwrap();
+        // Its own connection name, so a test can cut the console's
+        // connections and no other.
+        let mut cs = settings.clone();
+        cs.amqp.connection_name = Some(format!("sandfleet-console-test-{suffix}-console"));
+        let console_connections = cs.amqp.connection_name.clone().unwrap();
+        let console = Console::start(cs, stop.clone()).await.unwrap();
         Env {
             settings,
             amqp,
             topology,
             console: console.addr,
+            console_connections,
             worker,
             stop,
             _dir: dir,
