@@ -61,8 +61,8 @@ async fn api_500s_open_the_breaker_pause_consumption_and_a_probe_resumes_it() {
     // `/readyz` turns 503 once consumption is paused (not merely when the
     // breaker opened), so from here on nothing is taken from the queue.
     w.wait_ready(503, Duration::from_secs(20)).await.unwrap();
-    assert_eq!(w.metric("sandfleet_breaker_state").await, Some(2.0));
     let (_, why) = w.get("/readyz").await.unwrap();
+    assert_eq!(w.metric("sandfleet_breaker_state").await, Some(2.0));
     assert!(why.contains("circuit breaker open"), "{why}");
     // Opened within its threshold: 3 failed creates, plus at most the calls
     // already under way.

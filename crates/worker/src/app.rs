@@ -146,6 +146,12 @@ where
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
+    // Not ready until the Kubernetes executor's watchers have synced; set
+    // before `/readyz` is served, or it would answer 200 in the moment
+    // between the broker connecting and the executor starting.
+    if settings.worker.executor == ExecutorKind::Kubernetes {
+        health.set_executor_syncing(true);
+    }
     let http_stop = CancellationToken::new();
     let (addr, http) = health::bind(
         &settings.worker.http_addr,
