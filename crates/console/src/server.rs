@@ -661,7 +661,7 @@ async fn login(
     // Only local paths: `next` must not send the browser elsewhere.
     let next = form
         .next
-        .filter(|n| n.starts_with('/') && !n.starts_with("//"))
+        .filter(|n| is_local_path(n))
         .unwrap_or_else(|| "/".to_owned());
     let mut r = Redirect::to(&next).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!(
@@ -672,6 +672,15 @@ async fn login(
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
+}
+
+/// A path on this console: not `//host` nor `/\host` (browsers read both
+/// as another site), nothing a header could be split with.
+fn is_local_path(p: &str) -> bool {
+    p.starts_with('/')
+        && !p.starts_with("//")
+        && !p.contains('\\')
+        && !p.chars().any(|c| c.is_control())
 }
 
 async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
@@ -692,6 +701,21 @@ async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sign_in_only_returns_to_pages_of_this_console() {
+        assert!(is_local_path("/dlq"));
+        assert!(is_local_path("/results?repo=acme%2F*"));
+        for bad in [
+            "https://evil.example",
+            "//evil.example",
+            "/\\evil.example",
+            "/\r\nSet-Cookie:x",
+            "dlq",
+        ] {
+            assert!(!is_local_path(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn the_requeue_form_keeps_every_selected_letter() {

@@ -4,8 +4,9 @@
 //! shell, and a dead letter requeued from either gets the same next attempt.
 //!
 //! Start with [`replay`] (pure: which failed builds to send again and what
-//! the replayed task looks like) and [`ledger`] (the broker-side record of
-//! replays that makes them repeatable); [`dlq`] reads, requeues and purges
+//! the replayed task looks like), [`ledger`] (the broker-side record of
+//! replays that makes them repeatable) and [`batch`] (one replay batch:
+//! skip what the ledger has, send, record); [`dlq`] reads, requeues and purges
 //! dead letters; [`stream`] reads the results stream; [`workers`] asks a
 //! worker's HTTP endpoints how it is doing.
 
