@@ -737,3 +737,37 @@ async fn kept_finished_jobs_are_adopted_by_a_redelivery_instead_of_rerun() {
     assert_eq!(r.outcome, Outcome::Unschedulable);
     assert_deleted_in_background(&sim, &r.sandbox);
 }
+
+#[tokio::test]
+async fn a_log_read_refused_for_a_while_is_retried_until_the_log_is_read() {
+    let env = env().await;
+    // More failures than one call's in-place retries absorb (1 + 3).
+    env.sim.faults().inject(
+        FaultRule::new(
+            "GET",
+            "/log",
+            FaultAction::Status {
+                code: 500,
+                retry_after_secs: None,
+            },
+        )
+        .times(6),
+    );
+    let task = one_step("echo kept");
+    let exec = env.exec.run(&task, 1, &ctx()).await.unwrap();
+    assert_eq!(exec.outcome, Outcome::Succeeded);
+    assert_eq!(exec.steps[0].output_tail, "kept\n");
+    assert!(
+        !exec.log_tail.contains("could not be read"),
+        "{}",
+        exec.log_tail
+    );
+    let reads: Vec<_> = env
+        .sim
+        .request_log()
+        .iter()
+        .filter(|r| r.path.ends_with("/log"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(reads, [500, 500, 500, 500, 500, 500, 200]);
+}
