@@ -8,12 +8,14 @@
 //! | `sandfleet_sessions_command_duration_seconds` | histogram | — (request → exit status) |
 //! | `sandfleet_sessions_exec_errors_total` | counter | `code` (`connection_lost`, `unavailable`, `not_found`, ...) |
 //! | `sandfleet_sessions_reaped_total` | counter | — (ended by idle timeout or lifetime, then deleted) |
+//! | `sandfleet_build_info` | info | `version`, `git_sha`, `component="sessions"` |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 /// Labels of `sandfleet_sessions_exec_errors_total`.
@@ -82,6 +84,11 @@ impl Default for Metrics {
             "Sessions deleted after ending by idle timeout or lifetime",
             reaped.clone(),
         );
+        registry.register(
+            "sandfleet_build",
+            "The running build: version, git commit, component (value 1)",
+            Info::new(sandfleet_telemetry::build_info_labels("sessions")),
+        );
         Metrics {
             registry,
             active,
@@ -107,5 +114,25 @@ impl Metrics {
         self.exec_errors
             .get_or_create(&ErrorLabels { code: code.into() })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn the_service_says_which_build_it_runs() {
+        let text = Metrics::default().encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("sandfleet_build_info{"))
+            .unwrap_or_else(|| panic!("no sandfleet_build_info in\n{text}"));
+        assert!(line.contains("component=\"sessions\""), "{line}");
+        assert!(
+            line.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+            "{line}"
+        );
+        assert!(line.ends_with(" 1"), "{line}");
     }
 }
