@@ -215,3 +215,22 @@ async fn topology_check_says_what_is_missing_without_library_errors() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn library_log_lines_into_a_closed_pipe_neither_panic_nor_hang() {
+    let env = Env::new().await;
+    let missing = format!("{}-missing", env.prefix);
+    // With lapin's own lines on (an ERROR for each expected 404), logging
+    // goes on after the reader left: from lapin's I/O thread too.
+    let (mut child, reader) = spawn_into_pipe(
+        &env,
+        &missing,
+        &["--log", "warn,lapin=error", "topology", "check"],
+    );
+    let _ = first_line(reader);
+    assert_eq!(
+        exit_within(&mut child, Duration::from_secs(10)),
+        Some(1),
+        "exit 1 (differs): not 101 (a panic), not a hang"
+    );
+}
