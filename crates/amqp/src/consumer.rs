@@ -500,7 +500,9 @@ impl Delivery {
             .timestamp()
             .and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0));
         // Keep the headers (x-death included: the broker maintains it), but
-        // not the per-delivery ones the broker sets, which would be stale.
+        // not the per-delivery ones the broker sets, which would be stale,
+        // nor the returns count: only `requeue_fresh` carries it on (a dead
+        // letter an operator requeues starts with a fresh budget).
         let mut headers = FieldTable::default();
         for (k, v) in p
             .headers()
@@ -509,7 +511,10 @@ impl Delivery {
             .into_iter()
             .flatten()
         {
-            if !matches!(k.as_str(), "x-delivery-count" | "x-stream-offset") {
+            if !matches!(
+                k.as_str(),
+                "x-delivery-count" | "x-stream-offset" | HEADER_RETURNS
+            ) {
                 headers.insert(k.clone(), v.clone());
             }
         }

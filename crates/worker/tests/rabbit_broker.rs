@@ -157,9 +157,20 @@ async fn a_retry_waits_in_its_delay_queue_and_comes_back_as_the_next_attempt() {
 #[tokio::test]
 async fn dead_letters_carry_code_and_reason_and_releases_are_redelivered() {
     let f = fixture("dlq").await;
-    f.publish("bad").await;
+    // A released copy of a message that had crashed two workers.
+    let mut m = OutgoingMessage::new(
+        &f.topology.tasks_exchange,
+        TASK_ROUTING_KEY,
+        b"bad".to_vec(),
+    );
+    m.headers.insert(
+        sandfleet_amqp::HEADER_RETURNS.into(),
+        sandfleet_amqp::lapin::types::AMQPValue::LongLongInt(2),
+    );
+    f.publisher.publish(&m).await.unwrap();
     f.publish("later").await;
     let bad = next(&f.broker, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(bad.delivery_count(), 2, "returns carried across releases");
     let later = next(&f.broker, Duration::from_secs(5)).await.unwrap();
     bad.dead_letter("malformed_json", "expected value at line 1 column 1")
         .await
@@ -181,6 +192,11 @@ async fn dead_letters_carry_code_and_reason_and_releases_are_redelivered() {
         .unwrap()
         .unwrap();
     assert_eq!(dead.body(), b"bad");
+    assert_eq!(
+        dead.header_i64(sandfleet_amqp::HEADER_RETURNS),
+        None,
+        "a dead letter requeued by an operator starts with a fresh budget"
+    );
     assert_eq!(dead.header_str(HEADER_REJECT_CODE), Some("malformed_json"));
     assert_eq!(
         dead.header_str(HEADER_REJECT_REASON),
