@@ -62,6 +62,10 @@ pub const SESSION_PERMISSIONS: &[(&str, &str, &str)] = &[
 /// Slack past a command's timeout before a silent exec counts as lost.
 const STATUS_SLACK: Duration = Duration::from_secs(30);
 
+/// How long a file transfer (or the readiness probe) may take, before the
+/// slack: the wrappers are `head -c` and `chmod`, the bytes travel over exec.
+const FILE_WAIT: Duration = Duration::from_secs(300);
+
 /// How long output may trail the exit status.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -293,7 +297,14 @@ impl KubeSessions {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self
-                .exec(&target, script::prepare_argv(working_dir), None, 4096, None)
+                .exec(
+                    &target,
+                    script::prepare_argv(working_dir),
+                    None,
+                    4096,
+                    None,
+                    FILE_WAIT,
+                )
                 .await
             {
                 Ok(e) if e.exit_code == 0 => break,
@@ -368,7 +379,8 @@ impl KubeSessions {
         argv: Vec<String>,
         stdin: Option<&[u8]>,
         limit: usize,
-        sink: Option<(mpsc::Sender<OutputChunk>, Duration)>,
+        sink: Option<mpsc::Sender<OutputChunk>>,
+        wait: Duration,
     ) -> Result<Exec, SessionError> {
         let params = AttachParams::default()
             .container(pod::CONTAINER)
@@ -393,10 +405,7 @@ impl KubeSessions {
             .take_status()
             .ok_or_else(|| SessionError::Unavailable("exec gave no status channel".into()))?;
         let mut writer = attached.stdin();
-        let (tx, wait) = match sink {
-            Some((tx, d)) => (Some(tx), Some(d)),
-            None => (None, None),
-        };
+        let tx = sink;
         let out = drain(attached.stdout(), limit, tx.clone(), OutputChunk::Stdout);
         let err = drain(
             attached.stderr(),
@@ -436,7 +445,7 @@ impl KubeSessions {
             };
             (stdout, stderr, Some(status))
         };
-        let limit_wait = wait.map_or(Duration::from_secs(3600), |d| d + STATUS_SLACK);
+        let limit_wait = wait + STATUS_SLACK;
         let (stdout, stderr, status) =
             tokio::time::timeout(limit_wait, all).await.map_err(|_| {
                 SessionError::ConnectionLost(format!(
@@ -544,12 +553,9 @@ impl SessionBackend for KubeSessions {
         let target = self.target(id).await?;
         let started = Instant::now();
         let argv = script::run_argv(&target.working_dir, command, opts.timeout);
-        let sink = Some((
-            sink.unwrap_or_else(|| mpsc::channel(1).0),
-            Duration::from_secs(script::timeout_secs(opts.timeout)),
-        ));
+        let wait = Duration::from_secs(script::timeout_secs(opts.timeout));
         let e = self
-            .exec(&target, argv, None, opts.max_output_bytes, sink)
+            .exec(&target, argv, None, opts.max_output_bytes, sink, wait)
             .await
             .inspect_err(|e| {
                 if matches!(e, SessionError::NotFound(_)) {
@@ -584,7 +590,7 @@ impl SessionBackend for KubeSessions {
         let target = self.target(id).await?;
         let argv = script::write_argv(&target.working_dir, path, &mode, bytes.len());
         let e = self
-            .exec(&target, argv, Some(bytes), 4096, None)
+            .exec(&target, argv, Some(bytes), 4096, None, FILE_WAIT)
             .await
             .map_err(|e| match e {
                 SessionError::NotFound(_) => SessionError::NotFound(id.clone()),
@@ -606,7 +612,7 @@ impl SessionBackend for KubeSessions {
         let target = self.target(id).await?;
         let argv = script::read_argv(&target.working_dir, path, max_bytes.saturating_add(1));
         let e = self
-            .exec(&target, argv, None, max_bytes, None)
+            .exec(&target, argv, None, max_bytes, None, FILE_WAIT)
             .await
             .map_err(|e| match e {
                 SessionError::NotFound(_) => SessionError::NotFound(id.clone()),
