@@ -74,6 +74,10 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How often a run's disk usage is measured against `max_workspace_bytes`.
 const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Longest wait for the dying sandbox of a dead worker's run of the same
+/// task (its watcher needs the script's grace period and a little more).
+const ORPHAN_WAIT: Duration = Duration::from_secs(15);
+
 type RunKey = (TaskId, u32);
 
 /// Runs tasks as local child processes.
@@ -261,8 +265,13 @@ impl Executor for LocalExecutor {
         };
         let script = script::generate(task, attempt, &opts)?;
         let key = (task.id, attempt);
+        let task_hex = task.id.simple().to_string();
+        // A redelivery after a worker's death may arrive while that worker's
+        // sandbox is still being stopped by its watcher: wait for it, so the
+        // two never run at once (workers sharing this work dir).
+        wait_for_orphans(&self.base, &task_hex).await;
 
-        let dir = RunDir::create(&self.base, &task.id.simple().to_string(), attempt)?;
+        let dir = RunDir::create(&self.base, &task_hex, attempt)?;
         let workspace = dir.path().join("workspace");
         let state = dir.path().join("state");
         std::fs::create_dir_all(&workspace)?;
@@ -313,6 +322,11 @@ impl Executor for LocalExecutor {
         let mut child = cmd.spawn()?;
         guard.pgid = child.id().and_then(|id| Pid::from_raw(id as i32));
         guard.lifeline = child.stdin.take();
+        if let Some(pgid) = guard.pgid {
+            // Tells a sweep or a redelivery whether this sandbox still lives
+            // once this worker is gone.
+            dir.set_group(pgid.as_raw_nonzero().get())?;
+        }
         tracing::debug!(task = %task.id, attempt, dir = %dir.path().display(), "local sandbox started");
 
         let deadline = Duration::from_secs(task.sandbox.deadline_secs);
@@ -400,6 +414,30 @@ impl Executor for LocalExecutor {
             token.cancel();
         }
         Ok(())
+    }
+}
+
+/// Waits (at most [`ORPHAN_WAIT`]) until no run of the task under `base` is
+/// dying: worker gone, sandbox processes still alive.
+async fn wait_for_orphans(base: &Path, task_hex: &str) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let (b, t) = (base.to_owned(), task_hex.to_owned());
+        let dying = tokio::task::spawn_blocking(move || rundir::dying_runs_of(&b, &t))
+            .await
+            .unwrap_or(0);
+        if dying == 0 {
+            return;
+        }
+        if start.elapsed() >= ORPHAN_WAIT {
+            tracing::warn!(
+                task = task_hex,
+                dying,
+                "a dead worker's sandbox of this task is still running; starting anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

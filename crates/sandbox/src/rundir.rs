@@ -9,6 +9,13 @@
 //! executor [`sweep`]s its base directory: every run whose lock it can take
 //! is removed, lock file last.
 //!
+//! A free lock says the worker is gone, not that its sandbox is: the
+//! sandbox's watcher needs a moment to kill it. So the lock file also records
+//! the sandbox's process group ([`RunDir::set_group`]); a run whose lock is
+//! free but whose group still has live members is *dying*: the sweep leaves
+//! it, and a new run of the same task waits for it ([`dying_runs_of`]), so a
+//! redelivery never runs beside the orphan of its previous delivery.
+//!
 //! Order keeps the sweep safe against runs being set up or torn down at the
 //! same time: the lock is created, locked and verified before the directory
 //! exists, and removed only after the directory is gone, by a holder of the
@@ -87,6 +94,73 @@ impl RunDir {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Records the process group of the run's sandbox in the lock file.
+    pub(crate) fn set_group(&self, pgid: i32) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self._lock.set_len(0)?;
+        self._lock.write_all_at(pgid.to_string().as_bytes(), 0)
+    }
+}
+
+/// The process group recorded in a run's lock file.
+fn group_of(lock_path: &Path) -> Option<i32> {
+    std::fs::read_to_string(lock_path).ok()?.trim().parse().ok()
+}
+
+/// True while a process of group `pgid` is alive (zombies do not count:
+/// where nothing reaps them they would keep a dead group "alive" forever).
+pub(crate) fn group_alive(pgid: i32) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        let name = p.file_name();
+        if !name
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return false;
+        }
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+            return false;
+        };
+        // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_ascii_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
+        pgrp == Some(pgid) && !matches!(state, Some("Z" | "X") | None)
+    })
+}
+
+/// Runs of task `task` (32 hex) under `base` whose worker is gone but whose
+/// sandbox still has live processes.
+pub(crate) fn dying_runs_of(base: &Path, task: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return 0;
+    };
+    let prefix = format!("{PREFIX}{task}-");
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let Some(run) = name.to_str().and_then(|n| n.strip_suffix(LOCK_SUFFIX)) else {
+                return false;
+            };
+            if !run.starts_with(&prefix) || !is_run_name(run) {
+                return false;
+            }
+            let Ok(lock) = OpenOptions::new().write(true).open(e.path()) else {
+                return false;
+            };
+            // Held: a live worker's run, not an orphan (the lock is let go
+            // when `lock` drops).
+            lock.try_lock().is_ok() && group_of(&e.path()).is_some_and(group_alive)
+        })
+        .count()
 }
 
 impl Drop for RunDir {
@@ -135,6 +209,9 @@ pub(crate) struct Swept {
     pub(crate) removed: usize,
     /// Runs skipped because a live executor holds their lock.
     pub(crate) live: usize,
+    /// Runs skipped because their worker is gone but processes of their
+    /// sandbox are still alive (being stopped by its watcher).
+    pub(crate) dying: usize,
 }
 
 /// Removes the runs under `base` whose owner is gone: every run whose lock is
@@ -160,6 +237,11 @@ pub(crate) fn sweep(base: &Path) -> io::Result<Swept> {
             // Locked by us now; make sure the path is still that file (the
             // owner may have finished and unlinked it while we opened it).
             if !same_file(&lock, &lock_path) {
+                continue;
+            }
+            // Its watcher is still stopping the sandbox: leave it the time.
+            if group_of(&lock_path).is_some_and(group_alive) {
+                swept.dying += 1;
                 continue;
             }
             let dir = base.join(run);
@@ -272,6 +354,8 @@ mod tests {
     fn a_live_run_is_kept_and_a_dead_ones_are_removed() {
         let base = tempfile::tempdir().unwrap();
         let live = RunDir::create(base.path(), TASK, 1).unwrap();
+        live.set_group(i32::MAX).unwrap();
+        assert_eq!(group_of(&live.lock_path), Some(i32::MAX));
         std::fs::write(live.path().join("f"), "x").unwrap();
         // A dead owner: its lock file exists but nobody holds it.
         let dead = base.path().join(format!("sf-{TASK}-a2-00000000"));
@@ -290,7 +374,8 @@ mod tests {
             swept,
             Swept {
                 removed: 2,
-                live: 1
+                live: 1,
+                dying: 0
             }
         );
         assert!(live.path().join("f").exists());
@@ -327,5 +412,49 @@ mod tests {
         let used = disk_usage(base.path(), u64::MAX);
         assert!(used >= 256 * 1024, "{used}");
         assert!(disk_usage(base.path(), 1000) > 1000);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod dying {
+    use std::os::unix::process::CommandExt as _;
+
+    use super::*;
+
+    const TASK: &str = "0193a6d29c447e11b8d051f2a3b4c5d7";
+
+    #[test]
+    fn a_run_whose_worker_is_gone_but_whose_sandbox_lives_is_dying_until_it_dies() {
+        let base = tempfile::tempdir().unwrap();
+        // The orphan: a process group of its own that outlives its "worker".
+        let mut orphan = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = orphan.id() as i32;
+        assert!(group_alive(pgid));
+        // What a worker that died leaves: the run directory, and a lock
+        // file nobody holds that names the sandbox's group.
+        let dir = base.path().join(format!("sf-{TASK}-a1-0a1b2c3d"));
+        let lock_path = base.path().join(format!("sf-{TASK}-a1-0a1b2c3d.lock"));
+        std::fs::create_dir_all(dir.join("workspace")).unwrap();
+        std::fs::write(&lock_path, pgid.to_string()).unwrap();
+        assert_eq!(dying_runs_of(base.path(), TASK), 1);
+        assert_eq!(
+            dying_runs_of(base.path(), "0193a6d29c447e11b8d051f2a3b4c5d8"),
+            0
+        );
+        let swept = sweep(base.path()).unwrap();
+        assert_eq!((swept.removed, swept.dying), (0, 1));
+        assert!(dir.exists() && lock_path.exists());
+
+        orphan.kill().unwrap();
+        orphan.wait().unwrap();
+        assert!(!group_alive(pgid));
+        assert_eq!(dying_runs_of(base.path(), TASK), 0);
+        assert_eq!(sweep(base.path()).unwrap().removed, 1);
+        assert!(!dir.exists() && !lock_path.exists());
     }
 }

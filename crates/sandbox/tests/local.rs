@@ -194,6 +194,13 @@ async fn overall_deadline_kills_everything() {
     assert_eq!(exec.outcome, Outcome::TimedOut, "{exec:#?}");
     assert!(exec.error.as_deref().unwrap().contains("deadline of 1s"));
     assert_eq!(exec.steps[0].output_tail, "started\n");
+    // Killed by then; the kernel may take a moment to show it.
+    for _ in 0..100 {
+        if dead(gc) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(dead(gc), "grandchild {gc} outlived the deadline");
 }
 
@@ -339,6 +346,8 @@ async fn node_fix_attempt_succeeds_with_a_junit_artifact() {
 const HELPER_BASE: &str = "SANDFLEET_TEST_HELPER_BASE";
 /// Set: the helper runs its sandbox under bubblewrap.
 const HELPER_BWRAP: &str = "SANDFLEET_TEST_HELPER_BWRAP";
+/// Set: the id of the task the helper runs.
+const HELPER_TASK: &str = "SANDFLEET_TEST_HELPER_TASK";
 
 /// Not a test on its own: the worker stand-in the tests below start as a
 /// separate process (this test binary, re-executed) and SIGKILL.
@@ -347,6 +356,9 @@ const HELPER_BWRAP: &str = "SANDFLEET_TEST_HELPER_BWRAP";
 async fn helper_runs_one_sandbox_until_killed() {
     let base = std::env::var(HELPER_BASE).expect("started by a test");
     let mut task = example("python-fix-attempt.json");
+    if let Ok(id) = std::env::var(HELPER_TASK) {
+        task.id = id.parse().unwrap();
+    }
     task.files.clear();
     task.steps.truncate(1);
     // A grandchild in the background, the step itself in the foreground.
@@ -366,16 +378,20 @@ async fn helper_runs_one_sandbox_until_killed() {
 /// Starts the helper on `base` and waits until its sandbox's step and
 /// grandchild run: (helper, run dir, step pid, grandchild pid).
 async fn start_helper(base: &Path) -> (std::process::Child, std::path::PathBuf, u32, u32) {
-    start_helper_with(base, false).await
+    start_helper_with(base, false, None).await
 }
 
 async fn start_helper_with(
     base: &Path,
     bwrap: bool,
+    task: Option<uuid::Uuid>,
 ) -> (std::process::Child, std::path::PathBuf, u32, u32) {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     if bwrap {
         cmd.env(HELPER_BWRAP, "1");
+    }
+    if let Some(id) = task {
+        cmd.env(HELPER_TASK, id.to_string());
     }
     let helper = cmd
         .args([
@@ -445,38 +461,50 @@ async fn a_sigkilled_worker_takes_its_sandbox_and_run_dir_with_it() {
 async fn a_starting_executor_removes_runs_whose_worker_is_gone() {
     let base = tempfile::tempdir().unwrap();
     let (mut helper, run, step, gc) = start_helper(base.path()).await;
-    // The worker and its whole sandbox die at once, before the sandbox's
-    // watcher can clean up (as with a kill of the whole tree, or a reboot
-    // with a persistent work dir): freeze the script's group, kill the
-    // worker, then kill everything frozen.
+    // The worker and its whole sandbox die at once, so the sandbox's watcher
+    // cannot clean up (as when the whole tree is killed, or a reboot with a
+    // persistent work dir): freeze the worker so it cannot clean up either,
+    // kill the sandbox's groups, then the worker.
     let script: i32 = std::fs::read_to_string(run.join("state/script.pid"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let group = rustix::process::Pid::from_raw(script).unwrap();
-    rustix::process::kill_process_group(group, rustix::process::Signal::STOP).unwrap();
+    let pid = |p: i32| rustix::process::Pid::from_raw(p).unwrap();
+    assert!(helper.try_wait().unwrap().is_none(), "the helper runs");
+    assert!(run.join("workspace").exists(), "before the stop");
+    rustix::process::kill_process(pid(helper.id() as i32), rustix::process::Signal::STOP).unwrap();
+    rustix::process::kill_process_group(pid(script), rustix::process::Signal::KILL).unwrap();
+    rustix::process::kill_process_group(pid(step as i32), rustix::process::Signal::KILL).unwrap();
     helper.kill().unwrap();
     helper.wait().unwrap();
-    for pid in [step, gc] {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(pid as i32).unwrap(),
-            rustix::process::Signal::KILL,
-        );
-    }
-    rustix::process::kill_process_group(group, rustix::process::Signal::KILL).unwrap();
-    assert!(run.join("workspace").exists(), "left behind");
+    assert!(
+        run.join("workspace").exists(),
+        "left behind: {:?}",
+        std::fs::read_dir(base.path())
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
     wait_until("the sandbox is dead", Duration::from_secs(10), || {
         dead(step) && dead(gc) && dead(script as u32)
     })
     .await;
     assert!(run.exists(), "nothing cleaned up yet");
 
-    // A live run of another executor on the same base dir is not touched.
-    let mut live = example("python-fix-attempt.json");
-    live.files.clear();
-    live.steps.truncate(1);
-    live.steps[0].run = "echo started > started; sleep 300".into();
+    // The sweep of a starting executor removes it (once the killed
+    // sandbox's last process is gone; until then the run counts as dying).
+    wait_until(
+        "a start-up sweep removes it",
+        Duration::from_secs(10),
+        || {
+            LocalExecutor::new(LocalSettings {
+                work_dir: Some(base.path().display().to_string()),
+                ..LocalSettings::default()
+            })
+            .unwrap();
+            !run.exists()
+        },
+    )
+    .await;
     let other = std::sync::Arc::new(
         LocalExecutor::new(LocalSettings {
             work_dir: Some(base.path().display().to_string()),
@@ -484,7 +512,11 @@ async fn a_starting_executor_removes_runs_whose_worker_is_gone() {
         })
         .unwrap(),
     );
-    assert!(!run.exists(), "the first executor removes what it finds");
+    // A live run of another executor on the same base dir is not touched.
+    let mut live = example("python-fix-attempt.json");
+    live.files.clear();
+    live.steps.truncate(1);
+    live.steps[0].run = "echo started > started; sleep 300".into();
     let (id, runner) = (live.id, other.clone());
     let handle = tokio::spawn(async move { runner.run(&live, 1, &ctx()).await });
     let live_dir = loop {
@@ -617,7 +649,7 @@ async fn a_step_filling_the_workspace_with_files_is_stopped_at_the_disk_limit() 
 async fn a_sigkilled_worker_takes_its_bubblewrapped_sandbox_with_it() {
     require("bwrap", "bubblewrap");
     let base = tempfile::tempdir().unwrap();
-    let (mut helper, run, step, gc) = start_helper_with(base.path(), true).await;
+    let (mut helper, run, step, gc) = start_helper_with(base.path(), true, None).await;
     helper.kill().unwrap();
     helper.wait().unwrap();
     wait_until(
@@ -633,14 +665,82 @@ async fn a_sigkilled_worker_takes_its_bubblewrapped_sandbox_with_it() {
         !run.join("workspace").exists()
     })
     .await;
+    // Once the sandbox's last process is gone (until then the run is dying
+    // and a sweep leaves it), a starting executor removes the rest.
+    wait_until(
+        "a start-up sweep removes the rest",
+        Duration::from_secs(10),
+        || {
+            LocalExecutor::new(LocalSettings {
+                work_dir: Some(base.path().display().to_string()),
+                ..LocalSettings::default()
+            })
+            .unwrap();
+            std::fs::read_dir(base.path()).unwrap().count() == 0
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_redelivery_waits_until_the_dead_workers_sandbox_is_gone() {
+    use std::os::unix::process::CommandExt as _;
+    let base = tempfile::tempdir().unwrap();
+    let id = uuid::Uuid::now_v7();
+    // What a worker killed a moment ago leaves while its sandbox's watcher is
+    // still at work: the run directory, a lock nobody holds, and the
+    // sandbox's process group, still alive.
+    let mut orphan = std::process::Command::new("sleep")
+        .arg("300")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let name = format!("sf-{}-a1-0a1b2c3d", id.simple());
+    std::fs::create_dir_all(base.path().join(&name).join("workspace")).unwrap();
+    std::fs::write(
+        base.path().join(format!("{name}.lock")),
+        orphan.id().to_string(),
+    )
+    .unwrap();
+
+    // The redelivery, on another worker sharing the work dir.
+    let mut task = example("python-fix-attempt.json");
+    task.id = id;
+    task.files.clear();
+    task.steps.truncate(1);
+    task.steps[0].run = "if [ -e /proc/$OLD ] && [ \"$(cut -d' ' -f3 /proc/$OLD/stat)\" != Z ]; then echo beside-the-orphan; else echo alone; fi".into();
+    task.sandbox
+        .env
+        .insert("OLD".into(), orphan.id().to_string());
+    let exec = LocalExecutor::new(LocalSettings {
+        work_dir: Some(base.path().display().to_string()),
+        ..LocalSettings::default()
+    })
+    .unwrap();
+    assert!(base.path().join(&name).exists(), "a dying run is not swept");
+    let handle = tokio::spawn(async move { exec.run(&task, 1, &ctx()).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let runs = std::fs::read_dir(base.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir())
+        .count();
+    assert_eq!(runs, 1, "the redelivery waits while the orphan lives");
+    assert!(!handle.is_finished());
+    // The orphan dies: the redelivery runs, alone.
+    orphan.kill().unwrap();
+    orphan.wait().unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(20), handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:#?}");
+    assert_eq!(r.steps[0].output_tail, "alone\n");
+    // The leftover goes with the next start-up.
     let _next = LocalExecutor::new(LocalSettings {
         work_dir: Some(base.path().display().to_string()),
         ..LocalSettings::default()
     })
     .unwrap();
-    assert_eq!(
-        std::fs::read_dir(base.path()).unwrap().count(),
-        0,
-        "swept at start-up"
-    );
+    assert_eq!(std::fs::read_dir(base.path()).unwrap().count(), 0);
 }
