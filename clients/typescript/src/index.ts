@@ -1,0 +1,5 @@
+// @sandfleet/client: enqueue sandbox tasks, follow their results, drive sessions.
+export type * from './generated/task.js';
+export type { TaskResult, Artifact, StepResult } from './generated/result.js';
+export * from './fleet.js';
+export * from './sessions.js';
