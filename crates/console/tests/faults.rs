@@ -34,10 +34,36 @@ async fn results_keep_arriving_after_the_broker_closes_the_consoles_connections(
     env.dead_letter(&dead, "max_attempts", "gave up").await;
     page_contains(&env, "/dlq", &dead.id.to_string(), 20).await;
 
-    // The fault: the broker drops every connection the console holds.
-    let closed = env
-        .amqp
-        .management()
+    // The fault: the broker drops every connection the console holds,
+    // among them the one its results-stream consumer reads on. The
+    // management API lists connections and consumers a few seconds late:
+    // wait until it shows the console's consumer on the stream.
+    let mgmt = env.amqp.management();
+    // The console's results-stream consumer: its tag (unique per
+    // subscription) when the broker lists it.
+    let reader = || async {
+        mgmt.queue_consumers(&env.topology.results_stream)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|c| {
+                c.tag.starts_with("sandfleet-console-results")
+                    && c.connection.starts_with(&env.console_connections)
+            })
+            .map(|c| c.tag)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let cut = loop {
+        if let Some(c) = reader().await {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the management API never showed the console's stream consumer"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let closed = mgmt
         .close_connections_named(&env.console_connections)
         .await
         .unwrap();
@@ -61,6 +87,19 @@ async fn results_keep_arriving_after_the_broker_closes_the_consoles_connections(
         "a result read again after the reconnect is shown once"
     );
     page_contains(&env, "/dlq", &dead.id.to_string(), 30).await;
+    // The stream is read by a new subscription.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match reader().await {
+            Some(c) if c != cut => break,
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the console's stream consumer never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     // The overview's queue depths come back too (no "?" for an unknown depth).
     page_contains(&env, "/", "data-queue=\"dead letters\"><span class=\"label\">dead letters</span><span class=\"value\">1<", 30).await;
     env.cleanup().await;
