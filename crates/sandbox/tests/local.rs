@@ -587,6 +587,10 @@ async fn a_step_writing_output_forever_is_stopped_at_the_file_limit() {
     assert!(r.steps[0].output_tail.contains("sandfleet-writes-forever"));
     assert!(r.steps[1].skipped, "{:?}", r.steps[1]);
     assert!(!r.outcome.is_retryable());
+    eprintln!(
+        "file limit: `yes` stopped after {:?}: {error}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -640,6 +644,11 @@ async fn a_step_filling_the_workspace_with_files_is_stopped_at_the_disk_limit() 
         "{error}"
     );
     assert!(error.contains("during step \"apply-patch\""), "{error}");
+    eprintln!(
+        "disk limit: stopped after {:?} at a measured peak of {peak} bytes (limit {})",
+        started.elapsed(),
+        8 << 20
+    );
     // Checked every second: the overshoot is what a step writes in one.
     assert!(peak < 2 << 30, "peak {peak}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
