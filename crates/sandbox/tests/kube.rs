@@ -27,6 +27,11 @@ fn example(name: &str) -> Task {
 }
 
 /// A task whose one step runs `cmd`.
+///
+/// Its pending timeout is generous: on a loaded machine kube-sim's kubelet
+/// can take more than a second to start a pod, and a 1 s allowance then
+/// turned healthy runs into `infra_error` ("stayed pending for 1s"). Tests
+/// of the pending timeout itself use [`never_starting`].
 fn one_step(cmd: &str) -> Task {
     let mut task = example("python-fix-attempt.json");
     task.files.clear();
@@ -34,6 +39,14 @@ fn one_step(cmd: &str) -> Task {
     task.steps.truncate(1);
     task.steps[0].name = "work".into();
     task.steps[0].run = cmd.into();
+    task.sandbox.pending_timeout_secs = 60;
+    task
+}
+
+/// A task for a pod that is scripted never to start: a 1 s pending timeout,
+/// so the test sees the pending verdict quickly.
+fn never_starting(cmd: &str) -> Task {
+    let mut task = one_step(cmd);
     task.sandbox.pending_timeout_secs = 1;
     task
 }
@@ -200,7 +213,7 @@ async fn oom_killed() {
 #[tokio::test]
 async fn image_pull_failure_after_the_pending_timeout() {
     let env = env().await;
-    let task = one_step("echo hi");
+    let task = never_starting("echo hi");
     env.sim
         .script_pods(&selector(&task), PodScript::ImagePullBackOff);
     let started = Instant::now();
@@ -222,7 +235,7 @@ async fn image_pull_failure_after_the_pending_timeout() {
 #[tokio::test]
 async fn unschedulable_after_the_pending_timeout() {
     let env = env().await;
-    let task = one_step("echo hi");
+    let task = never_starting("echo hi");
     env.sim
         .script_pods(&selector(&task), PodScript::NeverSchedule);
     let exec = env.exec.run(&task, 1, &ctx()).await.unwrap();
@@ -731,7 +744,7 @@ async fn kept_finished_jobs_are_adopted_by_a_redelivery_instead_of_rerun() {
     exec.cancel(task.id, 1).await.unwrap();
     assert_deleted_in_background(&sim, &job_name(task.id, 1));
     // Pending-timeout verdicts still delete at once.
-    let stuck = one_step("echo never");
+    let stuck = never_starting("echo never");
     sim.script_pods(&selector(&stuck), PodScript::NeverSchedule);
     let r = exec.run(&stuck, 1, &ctx()).await.unwrap();
     assert_eq!(r.outcome, Outcome::Unschedulable);
