@@ -19,6 +19,7 @@
 pub mod conformance;
 pub mod kubernetes;
 pub mod local;
+pub mod pool;
 pub mod script;
 
 use std::collections::BTreeMap;

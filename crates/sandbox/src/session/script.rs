@@ -29,6 +29,8 @@ IFS='
 s="${SANDFLEET_STATE_DIR:-/tmp}"
 : >"$s/active" 2>/dev/null
 : >"$s/running.$$" 2>/dev/null
+# A claimed pool member's env arrived at claim time (see CLAIM), not in the pod spec.
+if [ -f "$s/session.env" ]; then . "$s/session.env"; fi
 cd -- "$1" || exit 125
 t=$2
 if command -v setsid >/dev/null 2>&1; then sid=setsid; else sid=; fi
@@ -107,18 +109,49 @@ s="${SANDFLEET_STATE_DIR:-/tmp}"
 mkdir -p -- "$1"
 "#;
 
+/// Takes a warm pool member for one session, without restarting it: makes
+/// working dir `$1`, writes the session's env (`$4` bytes of stdin, `export`
+/// lines, mode 600) where the run wrapper sources it, and hands the idle
+/// loop the session's idle timeout `$2` and max lifetime `$3` (seconds from
+/// now). A member that was already claimed refuses (exit 125): a sandbox
+/// serves one session.
+const CLAIM: &str = r#"set -u
+s="${SANDFLEET_STATE_DIR:?}"
+: >"$s/active"
+if [ -e "$s/claimed" ]; then printf 'this sandbox already serves a session\n' >&2; exit 125; fi
+: >"$s/claimed" || exit 125
+umask 077
+head -c "$4" >"$s/session.env" || exit 125
+mkdir -p -- "$1" || exit 125
+printf '%s\n' "$3" >"$s/lifetime.new" && mv -f "$s/lifetime.new" "$s/lifetime" || exit 125
+printf '%s\n' "$2" >"$s/idle.new" && mv -f "$s/idle.new" "$s/idle" || exit 125
+"#;
+
+/// Exits 0 when the sandbox was claimed (the claim wrapper ran), 1 if not.
+const CLAIMED: &str = r#"test -e "${SANDFLEET_STATE_DIR:?}/claimed""#;
+
 /// The pod's own command: wait until nobody has talked to the sandbox for
 /// `$SANDFLEET_IDLE_SECS` seconds, then exit (the Job completes and the
 /// service deletes it). A wrapper marks activity by creating `active`; a
 /// running command keeps a `running.<pid>` file whose process is alive.
+/// Once a pool member is claimed, the session's idle timeout (`idle`) and
+/// remaining lifetime (`lifetime`, counted from the claim) take over from
+/// the pool's values; `read` is a builtin, so the loop forks only `sleep`.
 pub const IDLE_LOOP: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:?}"
 idle="${SANDFLEET_IDLE_SECS:?}"
 trap 'exit 0' TERM INT
 : >"$s/active"
 n=0
+life=0
 while [ "$n" -lt "$idle" ]; do
   sleep 1
+  if [ -f "$s/idle" ]; then read -r idle <"$s/idle" || :; fi
+  if [ -f "$s/lifetime" ]; then
+    read -r max <"$s/lifetime" || max=0
+    life=$(( life + 1 ))
+    if [ "$life" -ge "$max" ]; then exit 0; fi
+  fi
   busy=
   for r in "$s"/running.*; do
     if [ -e "$r" ] && kill -0 "${r##*.}" 2>/dev/null; then busy=1; fi
@@ -163,6 +196,39 @@ pub fn read_argv(workdir: &str, path: &str, limit: usize) -> Vec<String> {
 /// The argv creating the working dir.
 pub fn prepare_argv(workdir: &str) -> Vec<String> {
     argv(PREPARE, &[workdir])
+}
+
+/// The argv claiming a pool member for a session (stdin: `env_len` bytes of
+/// [`env_file`]).
+pub fn claim_argv(
+    workdir: &str,
+    idle: std::time::Duration,
+    lifetime: std::time::Duration,
+    env_len: usize,
+) -> Vec<String> {
+    argv(
+        CLAIM,
+        &[
+            workdir,
+            &idle.as_secs().max(1).to_string(),
+            &lifetime.as_secs().max(1).to_string(),
+            &env_len.to_string(),
+        ],
+    )
+}
+
+/// The argv asking whether the sandbox was claimed (exit 0) or not (1).
+pub fn claimed_argv() -> Vec<String> {
+    argv(CLAIMED, &[])
+}
+
+/// A session's env as a file the run wrapper sources: one `export` line per
+/// variable, each value single-quoted (a `'` becomes `'\''`), so a value is
+/// never parsed as shell. Names are identifiers ([`super::SessionSpec::validate`]).
+pub fn env_file(env: &std::collections::BTreeMap<String, String>) -> String {
+    env.iter()
+        .map(|(k, v)| format!("export {k}='{}'\n", v.replace('\'', r"'\''")))
+        .collect()
 }
 
 /// Whether an exit code means the watchdog killed the command.

@@ -16,6 +16,7 @@
 //! lives on the Job, so any process with the Role serves any session.
 
 pub mod pod;
+pub mod pool;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -53,6 +54,8 @@ pub const SESSION_PERMISSIONS: &[(&str, &str, &str)] = &[
     ("batch", "jobs", "get"),
     ("batch", "jobs", "list"),
     ("batch", "jobs", "delete"),
+    ("batch", "jobs", "patch"),
+    ("batch", "jobs", "watch"),
     ("", "pods", "list"),
     ("", "pods", "watch"),
     ("", "pods/exec", "get"),

@@ -1,0 +1,224 @@
+//! Warm pool members on Kubernetes: create one, mark it idle once it runs,
+//! claim it with a conditional update, hand it a session's values through
+//! exec, and delete it conditionally. The decisions (which, when) are in
+//! [`crate::session::pool`]; this is the I/O.
+
+use std::time::Duration;
+
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use serde_json::json;
+
+use super::{KubeSessions, SessionMeta, api_error, pod};
+use crate::session::pool::{
+    ANNOTATION_CLAIMED_AT, LABEL_GENERATION, LABEL_POOL, LABEL_POOL_STATE, LABEL_SLOT,
+    LABEL_TEMPLATE, MemberState, NewMember, PoolTemplate,
+};
+use crate::session::script;
+use crate::session::{SessionError, SessionId, SessionSpec};
+
+/// How a claim attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The member is this session's now.
+    Claimed,
+    /// Another replica (or the pool manager) changed it first: try the next.
+    Lost,
+}
+
+/// How long past the pool's max age an idle member's own idle loop waits
+/// before it exits by itself: the backstop when no service runs to replace it.
+const IDLE_BACKSTOP: Duration = Duration::from_secs(60);
+
+impl KubeSessions {
+    /// Creates member `m` of pool `t` and waits until it can run commands,
+    /// then labels it idle. `max_lifetime` is the longest lifetime a session
+    /// may ask for: the Job's deadline leaves room for it after the max age.
+    /// Returns `false` when the member already existed (another replica made
+    /// it: names are deterministic).
+    pub async fn create_member(
+        &self,
+        t: &PoolTemplate,
+        m: &NewMember,
+        max_lifetime: Duration,
+    ) -> Result<bool, SessionError> {
+        let name = m.name();
+        let spec = SessionSpec {
+            image: t.image.clone(),
+            resources: t.resources.clone(),
+            idle_timeout: t.max_age + IDLE_BACKSTOP,
+            max_lifetime: t.max_age + IDLE_BACKSTOP + max_lifetime,
+            ..SessionSpec::new(&t.image)
+        };
+        let meta = SessionMeta {
+            labels: [
+                (LABEL_POOL, t.name.clone()),
+                (LABEL_POOL_STATE, MemberState::Warming.as_str().to_owned()),
+                (LABEL_TEMPLATE, t.hash()),
+                (LABEL_SLOT, m.slot.to_string()),
+                (LABEL_GENERATION, m.generation.to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+            annotations: Default::default(),
+        };
+        let job = pod::session_job(&name, &spec, &meta, &self.settings)
+            .map_err(|e| SessionError::InvalidSpec(e.to_string()))?;
+        match self.jobs.create(&PostParams::default(), &job).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(false),
+            Err(e) => return Err(api_error("create pool member", e)),
+        }
+        let id = SessionId(name.clone());
+        if let Err(e) = self.await_ready(&id, &spec.working_dir).await {
+            let _ = self.delete_member(&name, None).await;
+            return Err(e);
+        }
+        // Only the state label changes; the member is still nobody's, so no precondition.
+        let patch = json!({"metadata": {"labels": {LABEL_POOL_STATE: MemberState::Idle.as_str()}}});
+        self.jobs
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| api_error("mark pool member idle", e))?;
+        Ok(true)
+    }
+
+    /// Claims idle member `name` for a session, if it is still at
+    /// `resource_version`: a merge patch that carries the resourceVersion, so
+    /// of two replicas claiming one member the API server lets exactly one
+    /// through (the other gets 409). The patch moves the member to `claimed`
+    /// and adds the session's owner labels and annotations, working dir and
+    /// idle timeout; the env never goes to the API server.
+    pub async fn claim_member(
+        &self,
+        name: &str,
+        resource_version: &str,
+        spec: &SessionSpec,
+        meta: &SessionMeta,
+    ) -> Result<ClaimOutcome, SessionError> {
+        let mut labels = serde_json::Map::new();
+        for (k, v) in &meta.labels {
+            labels.insert(k.clone(), json!(v));
+        }
+        labels.insert(
+            LABEL_POOL_STATE.into(),
+            json!(MemberState::Claimed.as_str()),
+        );
+        let mut annotations = serde_json::Map::new();
+        for (k, v) in &meta.annotations {
+            annotations.insert(k.clone(), json!(v));
+        }
+        annotations.insert(
+            super::ANNOTATION_WORKING_DIR.into(),
+            json!(spec.working_dir),
+        );
+        annotations.insert(
+            pod::ANNOTATION_IDLE_SECS.into(),
+            json!(spec.idle_timeout.as_secs().to_string()),
+        );
+        annotations.insert(
+            ANNOTATION_CLAIMED_AT.into(),
+            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        );
+        let patch = json!({"metadata": {
+            "resourceVersion": resource_version,
+            "labels": labels,
+            "annotations": annotations,
+        }});
+        match self
+            .jobs
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(ClaimOutcome::Claimed),
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(ClaimOutcome::Lost),
+            Err(e) => Err(api_error("claim pool member", e)),
+        }
+    }
+
+    /// Hands a claimed member the session's env, working dir, idle timeout
+    /// and lifetime, through one exec: the values land in the sandbox's own
+    /// state dir, never in a pod spec. Fails if the sandbox was already
+    /// claimed (it serves one session).
+    pub async fn activate_member(
+        &self,
+        id: &SessionId,
+        spec: &SessionSpec,
+    ) -> Result<(), SessionError> {
+        spec.validate()?;
+        let mut target = self.target(id).await?;
+        let env = script::env_file(&spec.env);
+        let argv = script::claim_argv(
+            &spec.working_dir,
+            spec.idle_timeout,
+            spec.max_lifetime,
+            env.len(),
+        );
+        let e = self
+            .exec(
+                &target,
+                argv,
+                Some(env.as_bytes()),
+                4096,
+                None,
+                super::FILE_WAIT,
+            )
+            .await?;
+        if e.exit_code != 0 {
+            return Err(SessionError::Start(format!(
+                "claiming the pool member: {}",
+                String::from_utf8_lossy(&e.stderr.bytes).trim()
+            )));
+        }
+        target.working_dir = spec.working_dir.clone();
+        if let Ok(mut t) = self.targets.lock() {
+            t.insert(id.clone(), target);
+        }
+        Ok(())
+    }
+
+    /// Whether a claimed member got its session's values (the claim exec
+    /// ran). A member claimed by a replica that died before that serves nobody.
+    pub async fn member_activated(&self, id: &SessionId) -> Result<bool, SessionError> {
+        let target = self.target(id).await?;
+        let e = self
+            .exec(
+                &target,
+                script::claimed_argv(),
+                None,
+                4096,
+                None,
+                super::FILE_WAIT,
+            )
+            .await?;
+        Ok(e.exit_code == 0)
+    }
+
+    /// Deletes an unclaimed member; with `resource_version`, only if it is
+    /// still at it (a member claimed meanwhile is left alone). Gone or
+    /// changed is `Ok(false)`.
+    pub async fn delete_member(
+        &self,
+        name: &str,
+        resource_version: Option<&str>,
+    ) -> Result<bool, SessionError> {
+        let mut dp = DeleteParams::background();
+        if let Some(rv) = resource_version {
+            dp.preconditions = Some(Preconditions {
+                resource_version: Some(rv.to_owned()),
+                uid: None,
+            });
+        }
+        self.forget(&SessionId(name.to_owned()));
+        match self.jobs.delete(name, &dp).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+            Err(e) => Err(api_error("delete pool member", e)),
+        }
+    }
+
+    /// The Jobs API (the pool manager watches member Jobs through it).
+    pub fn jobs_api(&self) -> kube::Api<k8s_openapi::api::batch::v1::Job> {
+        self.jobs.clone()
+    }
+}
