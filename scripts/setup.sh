@@ -5,6 +5,7 @@
 #     bubblewrap for the local executor's optional isolation, patch that the
 #     example fix attempts run, curl, python's jsonschema for the schema check,
 #     chromium and chromium-driver for the console's browser tests;
+#     Node.js 20+ with npm and python3-venv for the client packages (clients/);
 #   - RabbitMQ on 127.0.0.1:5672, started when it is installed but stopped, with
 #     the management API on 15672 (tests close connections through it);
 #   - cargo-nextest.
@@ -87,6 +88,11 @@ ensure_packages() {
   # chromedriver; Chromium offers no other download that runs here.
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+  # The client packages (clients/): Node.js 20+ with npm, and python's venv
+  # module for their test venv under target/.
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
+  python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
   if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
       log "the tests need: ${missing[*]} (Debian: sudo apt-get install -y ${missing[*]})"
@@ -95,6 +101,10 @@ ensure_packages() {
     log "installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if (($(node -p 'process.versions.node.split(".")[0]') < 20)); then
+    log "the TypeScript client needs Node.js 20 or later; node is $(node --version)"
+    return 1
   fi
   if ! python3 -c 'import jsonschema' 2>/dev/null; then
     log "installing python jsonschema"

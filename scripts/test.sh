@@ -4,10 +4,10 @@
 #   scripts/test.sh                 # everything, in this order
 #   scripts/test.sh clippy tests    # only some steps
 #
-# Steps: setup, fmt, clippy, tests, doctests, schemas, deploy, deny. `setup`
+# Steps: setup, fmt, clippy, tests, doctests, schemas, clients, deploy, deny. `setup`
 # (scripts/setup.sh) installs what the tests need when it is missing and starts
 # RabbitMQ (127.0.0.1:5672, guest/guest, management API on 15672); it also runs
-# before `tests` or `schemas` when only some steps are named. NEXTEST_PROFILE
+# before `tests`, `schemas` or `clients` when only some steps are named. NEXTEST_PROFILE
 # picks the nextest profile (.config/nextest.toml), `default` unless set.
 set -euo pipefail
 
@@ -54,6 +54,35 @@ run_schemas() {
   python3 "$repo/scripts/check-schemas.py"
 }
 
+run_clients() {
+  # The TypeScript and Python client packages (clients/), each against a small
+  # real fleet that clients/with-fleet.sh starts and removes: RabbitMQ, a Rust
+  # worker (local executor) on its own topology prefix, and `sandfleet sessions`
+  # over kube-sim. Both packages are installed before either suite runs: each
+  # suite enqueues through the other language's client too.
+  step "cargo build -p sandfleet-cli -p sandfleet-kube-sim (the fleet's binaries)"
+  cargo build -p sandfleet-cli -p sandfleet-kube-sim --bin sandfleet --bin kube-sim
+  step "clients/typescript: npm ci, types drift check, build"
+  (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && npm run --silent check:types && npm run --silent build)
+  # A venv under target/: nothing installed globally. Reinstalled only when
+  # the pinned requirements or the package metadata change.
+  local venv="$repo/target/clients/venv" stamp
+  stamp=$(cat clients/python/requirements-test.txt clients/python/pyproject.toml | sha256sum | cut -c1-64)
+  if [[ ! -x "$venv/bin/python" || "$(cat "$venv/.sandfleet-stamp" 2>/dev/null)" != "$stamp" ]]; then
+    step "clients/python: venv at target/clients/venv, pinned test deps, the package (editable)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r clients/python/requirements-test.txt
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -e clients/python
+    echo "$stamp" >"$venv/.sandfleet-stamp"
+  fi
+  step "clients/python: models drift check, mypy --strict"
+  (cd clients/python && "$venv/bin/python" scripts/gen_models.py --check && "$venv/bin/mypy" src)
+  step "clients/typescript: node --test (npm test)"
+  (cd clients/typescript && SANDFLEET_PYTHON="$venv/bin/python" npm test)
+  step "clients/python: pytest"
+  (cd clients/python && ../with-fleet.sh "$venv/bin/python" -m pytest -ra tests)
+}
+
 run_deploy() {
   # Kubernetes manifests, Compose file, Dockerfile, dashboard and RBAC,
   # validated offline (installs its tools on first use).
@@ -83,16 +112,16 @@ run_deny() {
   fi
 }
 
-all_steps=(setup fmt clippy tests doctests schemas deploy deny)
+all_steps=(setup fmt clippy tests doctests schemas clients deploy deny)
 steps=("$@")
 if [[ ${#steps[@]} -eq 0 ]]; then
   steps=("${all_steps[@]}")
-elif [[ " ${steps[*]} " =~ \ (tests|schemas)\  && ! " ${steps[*]} " =~ \ setup\  ]]; then
+elif [[ " ${steps[*]} " =~ \ (tests|schemas|clients)\  && ! " ${steps[*]} " =~ \ setup\  ]]; then
   steps=(setup "${steps[@]}")
 fi
 for s in "${steps[@]}"; do
   case "$s" in
-    setup | fmt | clippy | tests | doctests | schemas | deploy | deny) "run_$s" ;;
+    setup | fmt | clippy | tests | doctests | schemas | clients | deploy | deny) "run_$s" ;;
     *)
       echo "test.sh: unknown step '$s' (steps: ${all_steps[*]})" >&2
       exit 2

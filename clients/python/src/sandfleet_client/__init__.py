@@ -1,0 +1,43 @@
+"""sandfleet client: enqueue sandbox tasks, follow their results, drive sessions.
+
+Speaks version 1 of the message contract (schemas/*.v1.schema.json)."""
+
+from .fleet import (
+    RESULT_MESSAGE_TYPE,
+    SCHEMA_VERSION,
+    TASK_MESSAGE_TYPE,
+    Dedup,
+    EnqueueError,
+    Fleet,
+    Received,
+    StartAt,
+    Subscription,
+    new_task,
+    uuid7,
+)
+from .models.result import TaskResult
+from .models.task import Task
+from .sessions import CommandResult, Sandbox, SessionInfo, SessionsClient, SessionsError
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "RESULT_MESSAGE_TYPE",
+    "SCHEMA_VERSION",
+    "TASK_MESSAGE_TYPE",
+    "CommandResult",
+    "Dedup",
+    "EnqueueError",
+    "Fleet",
+    "Received",
+    "Sandbox",
+    "SessionInfo",
+    "SessionsClient",
+    "SessionsError",
+    "StartAt",
+    "Subscription",
+    "Task",
+    "TaskResult",
+    "new_task",
+    "uuid7",
+]

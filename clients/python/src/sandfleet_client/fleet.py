@@ -1,0 +1,302 @@
+"""Enqueue tasks and follow results over AMQP, with the same exchanges,
+properties and headers as the Rust producer (docs/topology.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from types import TracebackType
+from typing import Any, Literal, Union, cast
+
+import aio_pika
+import aio_pika.abc
+from aio_pika.exceptions import DeliveryError, PublishError
+
+from .models.result import TaskResult
+from .models.task import Task
+
+TASK_MESSAGE_TYPE = "sandfleet.task.v1"
+RESULT_MESSAGE_TYPE = "sandfleet.result.v1"
+SCHEMA_VERSION = 1
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
+_CONTENT_TYPE = "application/json"
+_TASK_ROUTING_KEY = "task"
+_HEADER_ATTEMPT = "x-sandfleet-attempt"
+_HEADER_IDEMPOTENCY_KEY = "x-idempotency-key"
+_HEADER_TRACEPARENT = "traceparent"
+_HEADER_PUBLISHED_AT_MS = "x-sandfleet-published-at-ms"
+
+StartAt = Union[Literal["first", "last", "next"], datetime]
+"""Where a results subscription starts (`x-stream-offset`)."""
+
+
+class EnqueueError(Exception):
+    """The broker returned or refused a task: it was not enqueued."""
+
+
+def uuid7(now_ms: int | None = None) -> str:
+    """A UUIDv7 (time-ordered), the id format of sandfleet tasks."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    b = bytearray(ms.to_bytes(6, "big") + secrets.token_bytes(10))
+    b[6] = (b[6] & 0x0F) | 0x70
+    b[8] = (b[8] & 0x3F) | 0x80
+    return str(uuid.UUID(bytes=bytes(b)))
+
+
+def new_task(**fields: Any) -> Task:
+    """A complete v1 task from the fields a caller chooses (`source`, `sandbox`,
+    `steps`, optionally `files`, `labels`, ...): a fresh UUIDv7 `id`,
+    `created_at` now, `kind="fix_attempt"`, `idempotency_key="api:<id>"`."""
+    task_id = fields.pop("id", None) or uuid7()
+    task: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "id": task_id,
+        "idempotency_key": fields.pop("idempotency_key", None) or f"api:{task_id}",
+        "kind": "fix_attempt",
+        "created_at": fields.pop("created_at", None)
+        or datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+    }
+    task.update(fields)
+    return cast(Task, task)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A result read from the stream."""
+
+    result: TaskResult
+    offset: int | None
+    """Its stream offset."""
+    published_at: datetime | None
+    """When it was published (millisecond header, else the AMQP timestamp)."""
+    traceparent: str | None
+
+
+class Dedup:
+    """Remembers recent `(task_id, attempt)` keys (results come at least once)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._capacity = max(1, capacity)
+
+    def first_time(self, result: TaskResult) -> bool:
+        key = (result["task_id"], result["attempt"])
+        if key in self._seen:
+            return False
+        self._seen[key] = None
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+        return True
+
+
+class Fleet:
+    """A connection to a sandfleet fleet's broker::
+
+    async with Fleet(url, prefix="sandfleet") as fleet:
+        await fleet.enqueue(task)
+        async for received in fleet.results("first"): ...
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str = "sandfleet",
+        connection_name: str = "sandfleet-client-py",
+    ) -> None:
+        self.url = url or os.environ.get("SANDFLEET_AMQP_URL") or DEFAULT_URL
+        self.prefix = prefix
+        self._connection_name = connection_name
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._confirm: aio_pika.abc.AbstractChannel | None = None
+
+    @property
+    def tasks_exchange(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    @property
+    def results_stream(self) -> str:
+        return f"{self.prefix}.results.stream"
+
+    async def connect(self) -> Fleet:
+        if self._connection is None:
+            self._connection = await aio_pika.connect(
+                self.url, client_properties={"connection_name": self._connection_name}
+            )
+            # Mandatory publishes that come back raise instead of passing silently.
+            self._confirm = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        return self
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+            self._confirm = None
+
+    async def __aenter__(self) -> Fleet:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _connected(self) -> aio_pika.abc.AbstractConnection:
+        if self._connection is None:
+            raise RuntimeError("not connected: use `async with Fleet(...)` or await connect()")
+        return self._connection
+
+    async def enqueue(self, task: Task, *, traceparent: str | None = None) -> str:
+        """Publishes a task (mandatory, persistent) and returns its id once the
+        broker confirmed it; raises `EnqueueError` when it was returned (no queue
+        bound) or nacked (a full task queue). A connection lost before the
+        confirm raises aio-pika's connection error: the task may or may not be
+        queued."""
+        self._connected()
+        assert self._confirm is not None
+        if task.get("schema_version") != SCHEMA_VERSION:
+            raise EnqueueError(
+                f"schema_version {task.get('schema_version')!r}: this client speaks {SCHEMA_VERSION}"
+            )
+        headers: dict[str, Any] = {
+            _HEADER_ATTEMPT: 1,
+            _HEADER_IDEMPOTENCY_KEY: task["idempotency_key"],
+        }
+        if traceparent:
+            headers[_HEADER_TRACEPARENT] = traceparent
+        message = aio_pika.Message(
+            json.dumps(task, separators=(",", ":")).encode(),
+            content_type=_CONTENT_TYPE,
+            type=TASK_MESSAGE_TYPE,
+            message_id=task["id"],
+            correlation_id=task.get("replay_of") or task["id"],
+            timestamp=datetime.now(timezone.utc),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers=headers,
+        )
+        exchange = await self._confirm.get_exchange(self.tasks_exchange, ensure=False)
+        try:
+            await exchange.publish(message, routing_key=_TASK_ROUTING_KEY, mandatory=True)
+        except (DeliveryError, PublishError) as e:
+            raise EnqueueError(
+                f"task {task['id']} was not enqueued on {self.tasks_exchange}: {e!r}"
+            ) from e
+        return task["id"]
+
+    def results(
+        self,
+        start: StartAt = "next",
+        *,
+        prefetch: int = 500,
+        dedup_capacity: int = 100_000,
+    ) -> Subscription:
+        """Results from the stream, deduplicated by `(task_id, attempt)`.
+        `async for r in fleet.results("first")` starts the consumer at the first
+        iteration; `async with fleet.results("next") as sub` starts it at once."""
+        return Subscription(self, start, prefetch, dedup_capacity)
+
+
+class Subscription:
+    """A results consumer: an async iterator of `Received`, and an async context
+    manager that starts it on entry and cancels it on exit."""
+
+    def __init__(self, fleet: Fleet, start: StartAt, prefetch: int, dedup_capacity: int) -> None:
+        self._fleet = fleet
+        self._start = start
+        self._prefetch = max(1, prefetch)
+        self._dedup = Dedup(dedup_capacity)
+        self._not_before_ms: int | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._iter: aio_pika.abc.AbstractQueueIterator | None = None
+
+    async def start(self) -> Subscription:
+        if self._iter is not None:
+            return self
+        offset: Any = self._start
+        if isinstance(self._start, datetime):
+            at = self._start if self._start.tzinfo else self._start.replace(tzinfo=timezone.utc)
+            self._not_before_ms = int(at.timestamp() * 1000)
+            # The broker seeks timestamps by whole seconds and chunks: start a
+            # second early and drop what was published before the asked time.
+            offset = at.replace(microsecond=0) - timedelta(seconds=1)
+        self._channel = await self._fleet._connected().channel()
+        await self._channel.set_qos(prefetch_count=self._prefetch)
+        queue = await self._channel.get_queue(self._fleet.results_stream, ensure=False)
+        self._iter = queue.iterator(arguments={"x-stream-offset": offset})
+        # Registers the consumer now, so "next" means after this call.
+        await self._iter.consume()
+        return self
+
+    async def close(self) -> None:
+        if self._iter is not None:
+            await self._iter.close()
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+        self._iter = None
+        self._channel = None
+
+    async def __aenter__(self) -> Subscription:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncIterator[Received]:
+        return self
+
+    async def __anext__(self) -> Received:
+        await self.start()
+        assert self._iter is not None
+        while True:
+            try:
+                msg = await self._iter.__anext__()
+            except StopAsyncIteration:
+                await self.close()
+                raise
+            # Stream acks only grant credit.
+            await msg.ack()
+            headers = msg.headers or {}
+            published_ms = _int(headers.get(_HEADER_PUBLISHED_AT_MS))
+            if published_ms is None and msg.timestamp is not None:
+                published_ms = int(msg.timestamp.timestamp()) * 1000
+            if (
+                self._not_before_ms is not None
+                and published_ms is not None
+                and published_ms < self._not_before_ms
+            ):
+                continue
+            result = cast(TaskResult, json.loads(msg.body))
+            if not self._dedup.first_time(result):
+                continue
+            tp = headers.get(_HEADER_TRACEPARENT)
+            return Received(
+                result=result,
+                offset=_int(headers.get("x-stream-offset")),
+                published_at=(
+                    datetime.fromtimestamp(published_ms / 1000, timezone.utc)
+                    if published_ms is not None
+                    else None
+                ),
+                traceparent=tp.decode() if isinstance(tp, bytes) else tp if isinstance(tp, str) else None,
+            )
+
+
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None

@@ -1,0 +1,1 @@
+"""Message models generated from schemas/*.v1.schema.json (scripts/gen_models.py)."""

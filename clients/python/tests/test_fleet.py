@@ -1,0 +1,159 @@
+"""enqueue() and results() against the real RabbitMQ and a real Rust worker
+(local executor) that clients/with-fleet.sh starts on a prefix of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import shutil
+from datetime import datetime, timedelta, timezone
+
+import aio_pika
+import pytest
+from conftest import echo_task, env, final_result
+
+from sandfleet_client import EnqueueError, Fleet
+
+REPO = pathlib.Path(__file__).resolve().parents[3]
+TS_CLIENT = REPO / "clients" / "typescript" / "dist" / "index.js"
+
+
+async def test_a_task_carries_the_rust_producer_properties_and_headers(fleet: Fleet) -> None:
+    # A queue of our own on the task exchange sees exactly what the worker's queue gets.
+    async with await aio_pika.connect(env("SANDFLEET_AMQP_URL")) as conn:
+        ch = await conn.channel()
+        queue = await ch.declare_queue(exclusive=True)
+        await queue.bind(fleet.tasks_exchange, "task")
+        task = echo_task("props")
+        tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        assert await fleet.enqueue(task, traceparent=tp) == task["id"]
+        msg = None
+        deadline = asyncio.get_running_loop().time() + 10
+        while msg is None and asyncio.get_running_loop().time() < deadline:
+            msg = await queue.get(no_ack=True, fail=False)
+            if msg is None:
+                await asyncio.sleep(0.05)
+        assert msg is not None, "the task reached the queue"
+        assert msg.message_id == task["id"]
+        assert msg.type == "sandfleet.task.v1"
+        assert msg.content_type == "application/json"
+        assert msg.correlation_id == task["id"]
+        assert msg.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert msg.timestamp is not None
+        assert abs((msg.timestamp - datetime.now(timezone.utc)).total_seconds()) < 60
+        assert msg.headers["x-sandfleet-attempt"] == 1
+        assert msg.headers["x-idempotency-key"] == task["idempotency_key"]
+        assert msg.headers["traceparent"] == tp
+        assert json.loads(msg.body) == task
+
+
+async def test_an_enqueued_task_is_run_by_the_worker_and_read_back_from_a_timestamp(
+    fleet: Fleet,
+) -> None:
+    since = datetime.now(timezone.utc)
+    task = echo_task("hello from python")
+    await fleet.enqueue(task)
+    async with fleet.results(since) as sub:
+        result = await final_result(sub, task["id"])
+    assert (result["outcome"], result["attempt"]) == ("succeeded", 1)
+    assert "hello from python" in result.get("log_tail", "")
+    assert result.get("task", {}) and result["task"]["id"] == task["id"]  # type: ignore[index]
+
+
+async def test_results_are_deduplicated_by_task_id_and_attempt(fleet: Fleet) -> None:
+    task = echo_task("dedup")
+    async with fleet.results("next") as sub:
+        await fleet.enqueue(task)
+        result = await final_result(sub, task["id"])
+    # Deliver the same result again (at-least-once), then a marker to stop at.
+    marker = {**result, "task_id": echo_task("marker")["id"]}
+    async with await aio_pika.connect(env("SANDFLEET_AMQP_URL")) as conn:
+        ch = await conn.channel(publisher_confirms=True)
+        exchange = await ch.get_exchange(f"{fleet.prefix}.results")
+        for r in (result, result, marker):
+            await exchange.publish(aio_pika.Message(json.dumps(r).encode()), "succeeded.final")
+    seen = 0
+    async with fleet.results("first") as sub:
+
+        async def count() -> None:
+            nonlocal seen
+            async for received in sub:
+                if received.result["task_id"] == task["id"]:
+                    seen += 1
+                if received.result["task_id"] == marker["task_id"]:
+                    return
+
+        await asyncio.wait_for(count(), 60)
+    assert seen == 1, "one delivery per (task_id, attempt)"
+
+
+async def test_next_skips_earlier_results_and_last_starts_at_the_newest_chunk(
+    fleet: Fleet,
+) -> None:
+    before = echo_task("before")
+    await fleet.enqueue(before)
+    async with fleet.results(datetime.now(timezone.utc) - timedelta(seconds=5)) as sub:
+        await final_result(sub, before["id"])
+    got: list[str] = []
+    after = echo_task("after")
+    async with fleet.results("next") as sub:
+        await fleet.enqueue(after)
+
+        async def collect() -> None:
+            async for received in sub:
+                got.append(received.result["task_id"])
+                if received.result["task_id"] == after["id"] and received.result["final"]:
+                    return
+
+        await asyncio.wait_for(collect(), 60)
+    assert after["id"] in got
+    assert before["id"] not in got, "an earlier result came through next"
+    # The newest result is in the last chunk, without anything new being published.
+    async with fleet.results("last") as sub:
+        await final_result(sub, after["id"], timeout=10)
+
+
+async def test_a_task_no_queue_is_bound_for_is_an_error_not_a_silent_success(fleet: Fleet) -> None:
+    prefix = f"{fleet.prefix}-unbound"
+    async with await aio_pika.connect(env("SANDFLEET_AMQP_URL")) as conn:
+        ch = await conn.channel()
+        exchange = await ch.declare_exchange(f"{prefix}.tasks", aio_pika.ExchangeType.DIRECT)
+        try:
+            async with Fleet(env("SANDFLEET_AMQP_URL"), prefix=prefix) as lonely:
+                with pytest.raises(EnqueueError):
+                    await lonely.enqueue(echo_task("nowhere"))
+        finally:
+            await exchange.delete()
+
+
+async def test_a_task_enqueued_from_typescript_is_run_by_the_worker_and_read_back_here(
+    fleet: Fleet,
+) -> None:
+    node = shutil.which("node")
+    assert node, "node is not installed"
+    assert TS_CLIENT.exists(), f"{TS_CLIENT} is missing (scripts/test.sh clients builds it)"
+    script = f"""
+import {{ Fleet, newTask }} from {json.dumps(TS_CLIENT.as_uri())};
+const fleet = await Fleet.connect({{ url: process.env.SANDFLEET_AMQP_URL, prefix: process.env.SANDFLEET_PREFIX }});
+const task = newTask({{
+  source: {{ provider: 'api', repository: 'acme/clients', commit: 'd'.repeat(40) }},
+  sandbox: {{ image: 'alpine:3.20', deadline_secs: 60 }},
+  steps: [{{ name: 'say', run: 'echo hello from typescript', timeout_secs: 30 }}],
+}});
+console.log(await fleet.enqueue(task));
+await fleet.close();
+"""
+    since = datetime.now(timezone.utc)
+    proc = await asyncio.create_subprocess_exec(
+        node, "--input-type=module", "-e", script,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=os.environ.copy(),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    task_id = out.decode().strip()
+    async with fleet.results(since) as sub:
+        result = await final_result(sub, task_id)
+    assert result["outcome"] == "succeeded"
+    assert "hello from typescript" in result.get("log_tail", "")
