@@ -379,6 +379,8 @@ sf_abort() {
   # that step (the watchdog starts only after the pid is recorded).
   if [ -z "$sf_step_pid" ] && [ -n "$sf_step_idx" ]; then sf_step_pid=${!:-}; fi
   sf_kill_step KILL
+  # The pid may be reused once the step is gone: nobody may signal it later.
+  rm -f "$sf_state/step.pid"
   sf_stop_watchdog
   if [ -n "$sf_step_idx" ]; then sf_finish "$sf_step_idx" 143 killed; fi
   sf_note "end 143"
