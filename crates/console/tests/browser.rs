@@ -138,7 +138,7 @@ async fn an_operator_watches_a_task_run_and_requeues_a_dead_letter() {
     let task = common::task(
         "acme/widgets",
         &[
-            ("build", "echo compiling widgets; sleep 4"),
+            ("build", "echo compiling widgets; sleep 6"),
             ("test", "echo 12 tests passed"),
         ],
     );
