@@ -5,13 +5,15 @@ committed JSON Schemas (schemas/*.v1.schema.json) with datamodel-code-generator
 the committed modules differ from what the schemas give: the models cannot
 drift from the contract unnoticed.
 """
+import os
 import pathlib
 import subprocess
 import sys
 import tempfile
 
 here = pathlib.Path(__file__).resolve().parent
-schemas = here.parent.parent.parent / "schemas"
+# SANDFLEET_SCHEMAS_DIR points the check elsewhere (its own test uses a changed copy).
+schemas = pathlib.Path(os.environ.get("SANDFLEET_SCHEMAS_DIR") or here.parent.parent.parent / "schemas")
 models = here.parent / "src" / "sandfleet_client" / "models"
 check = "--check" in sys.argv[1:]
 

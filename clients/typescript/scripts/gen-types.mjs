@@ -8,7 +8,8 @@ import path from 'node:path';
 import { compile } from 'json-schema-to-typescript';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const schemas = path.resolve(here, '../../../schemas');
+// SANDFLEET_SCHEMAS_DIR points the check elsewhere (its own test uses a changed copy).
+const schemas = process.env.SANDFLEET_SCHEMAS_DIR ?? path.resolve(here, '../../../schemas');
 const out = path.resolve(here, '../src/generated');
 const check = process.argv.includes('--check');
 
