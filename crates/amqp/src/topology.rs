@@ -11,6 +11,8 @@
 //! | `<p>.dead` | quorum queue | where dead letters wait for an operator (`sandfleet dlq`) |
 //! | `<p>.results` | topic exchange | results, routing key `<outcome>.<final\|retrying>` |
 //! | `<p>.results.stream` | stream queue | replayable log of all results, age-bounded |
+//! | `<p>.cancellations` | fanout exchange | cancel requests and supersedes (`docs/cancellation.md`) |
+//! | `<p>.cancellations.stream` | stream queue | every cancel, age-bounded; each worker reads it from the start |
 //!
 //! RabbitMQ cannot change a queue's arguments in place. When a queue exists
 //! with different arguments, [`Topology::apply`] fails with
@@ -52,6 +54,10 @@ pub struct Topology {
     pub results_exchange: String,
     /// `<p>.results.stream` (stream queue).
     pub results_stream: String,
+    /// `<p>.cancellations` (fanout exchange).
+    pub cancellations_exchange: String,
+    /// `<p>.cancellations.stream` (stream queue).
+    pub cancellations_stream: String,
     settings: TopologySettings,
 }
 
@@ -271,6 +277,8 @@ impl Topology {
             dead_queue: format!("{p}.dead"),
             results_exchange: format!("{p}.results"),
             results_stream: format!("{p}.results.stream"),
+            cancellations_exchange: format!("{p}.cancellations"),
+            cancellations_stream: format!("{p}.cancellations.stream"),
             settings: settings.clone(),
         }
     }
@@ -411,6 +419,36 @@ impl Topology {
             "#",
             FieldTable::default(),
             "Every result goes to the stream.",
+        );
+        push(
+            ObjectKind::Exchange,
+            &self.cancellations_exchange,
+            "fanout",
+            FieldTable::default(),
+            "Cancel requests and supersedes (`sandfleet cancel`, the task API, the gateway).",
+        );
+        // The same age bound as the results: a cancel must outlive any task
+        // it may still meet (queued, delayed, redelivered), and every worker
+        // reads the whole stream at start, so it must not grow without bound.
+        push(
+            ObjectKind::Queue,
+            &self.cancellations_stream,
+            "stream",
+            table(vec![
+                ("x-queue-type", long("stream")),
+                ("x-max-age", long(&s.results_max_age)),
+            ]),
+            "Every cancel, recorded once; each worker reads it from the start into an in-memory index.",
+        );
+        push(
+            ObjectKind::Binding,
+            &format!(
+                "{} -> {}",
+                self.cancellations_exchange, self.cancellations_stream
+            ),
+            "",
+            FieldTable::default(),
+            "Every cancel goes to the stream.",
         );
         out
     }

@@ -59,10 +59,13 @@
 use std::time::Duration;
 
 use sandfleet_amqp::{
-    Amqp, AmqpError, OutgoingMessage, PublishError, Publisher, TASK_ROUTING_KEY, Topology,
-    TopologyError,
+    Amqp, AmqpError, Consumer, ConsumerOptions, OutgoingMessage, PublishError, Publisher,
+    StreamOffset, TASK_ROUTING_KEY, Topology, TopologyError,
 };
-use sandfleet_proto::{CONTENT_TYPE, Limits, TASK_MESSAGE_TYPE, Task, TaskId, ValidationErrors};
+use sandfleet_proto::{
+    CANCELLATION_MESSAGE_TYPE, CONTENT_TYPE, Cancellation, Limits, Outcome, TASK_MESSAGE_TYPE,
+    Task, TaskId, TaskResult, ValidationErrors,
+};
 use sandfleet_settings::{AmqpSettings, TopologySettings};
 
 /// Why a producer could not start.
@@ -137,6 +140,68 @@ pub struct Receipt {
     /// Encoded size in bytes.
     pub bytes: usize,
 }
+
+/// Why a cancel was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// The id cannot name a task of this fleet (not a UUIDv7, or created in
+    /// the future or before the cancellations stream's retention).
+    #[error("unknown task {task_id}: {why}")]
+    Unknown {
+        /// The id given.
+        task_id: TaskId,
+        /// Why it cannot be a task.
+        why: String,
+    },
+    /// `by`, `reason` or the key is too long, or empty where it must not be.
+    #[error("invalid cancel: {0}")]
+    Invalid(String),
+    /// The results stream could not be read to find out whether the task
+    /// already finished.
+    #[error("could not look the task up in the results stream: {0}")]
+    Lookup(#[from] AmqpError),
+    /// The cancel could not be encoded.
+    #[error("cannot encode the cancel: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The broker did not confirm the cancel: it is not recorded.
+    #[error(transparent)]
+    Broker(#[from] PublishError),
+}
+
+impl CancelError {
+    /// True when cancelling again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CancelError::Broker(e) => e.is_transient(),
+            CancelError::Lookup(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// What [`Producer::cancel`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelStatus {
+    /// The cancel is recorded (confirmed by the broker): the task ends with a
+    /// `cancelled` result unless it finishes first.
+    Recorded {
+        /// The cancel request's id.
+        cancel_id: uuid::Uuid,
+    },
+    /// The task already has a final result; nothing was recorded.
+    AlreadyFinished {
+        /// Its final outcome.
+        outcome: Outcome,
+    },
+}
+
+/// How long [`Producer::cancel`] waits for the next result while looking
+/// for the task's final one: the lookup stops once the stream has been quiet
+/// this long (it reads a live stream, which has no end marker).
+const LOOKUP_QUIET: Duration = Duration::from_millis(300);
+
+/// The longest the finished-task lookup reads before deciding.
+const LOOKUP_BUDGET: Duration = Duration::from_secs(5);
 
 /// Per-call options of [`Producer::enqueue_with`].
 #[derive(Debug, Clone, Default)]
@@ -299,7 +364,96 @@ impl Producer {
         BatchReport { outcomes }
     }
 
-    /// Validates and encodes one task into its message.
+    /// Cancels one task: records a [`Cancellation`] (confirmed) on the
+    /// cancellations stream, which every worker reads. A task that already
+    /// has a final result is not cancelled and says so; an id that cannot be
+    /// a task of this fleet is [`CancelError::Unknown`].
+    ///
+    /// The finished check reads the results stream from the task's creation
+    /// time (its UUIDv7 timestamp) until the stream is quiet: a final result
+    /// published during the check may be missed, which is harmless — the
+    /// worker holding the task decides, and a task has one final result.
+    pub async fn cancel(
+        &self,
+        task_id: TaskId,
+        by: &str,
+        reason: &str,
+    ) -> Result<CancelStatus, CancelError> {
+        let created = created_at(task_id)?;
+        let cancel = Cancellation::task(task_id, by, reason);
+        cancel.validate().map_err(CancelError::Invalid)?;
+        if let Some(outcome) = self.final_outcome(task_id, created).await? {
+            return Ok(CancelStatus::AlreadyFinished { outcome });
+        }
+        self.publish_cancellation(&cancel).await?;
+        Ok(CancelStatus::Recorded {
+            cancel_id: cancel.id,
+        })
+    }
+
+    /// Publishes `task` and, when it carries a supersede key, the
+    /// cancellation of the older tasks with that key (after the task is
+    /// confirmed, so a failed enqueue supersedes nothing).
+    pub async fn enqueue_superseding(&self, task: &Task) -> Result<Receipt, EnqueueError> {
+        let receipt = self.enqueue(task).await?;
+        // The key was validated with the task, so only the broker can refuse.
+        if let Some(supersede) = Cancellation::supersede_by(task) {
+            let body = serde_json::to_vec(&supersede).map_err(EnqueueError::Encode)?;
+            self.publisher
+                .publish(&cancellation_message(&self.topology, &supersede, body))
+                .await?;
+        }
+        Ok(receipt)
+    }
+
+    /// Publishes a cancellation as is (confirmed), for intakes that build
+    /// their own (a supersede). The message format is in `docs/cancellation.md`.
+    pub async fn publish_cancellation(&self, cancel: &Cancellation) -> Result<(), CancelError> {
+        cancel.validate().map_err(CancelError::Invalid)?;
+        let body = serde_json::to_vec(cancel).map_err(CancelError::Encode)?;
+        self.publisher
+            .publish(&cancellation_message(&self.topology, cancel, body))
+            .await?;
+        Ok(())
+    }
+
+    /// The task's final outcome, when the results stream holds one.
+    async fn final_outcome(
+        &self,
+        task_id: TaskId,
+        created: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<Outcome>, CancelError> {
+        let options = ConsumerOptions::new(&self.topology.results_stream, 500)
+            .tag("sandfleet-cancel-lookup")
+            // Chunk and second resolution: a second early.
+            .stream_offset(StreamOffset::Timestamp(created.timestamp() - 1));
+        let mut consumer = Consumer::start(&self.amqp, options).await?;
+        let give_up = tokio::time::Instant::now() + LOOKUP_BUDGET;
+        let mut found = None;
+        while let Ok(Some(d)) = tokio::time::timeout_at(
+            give_up.min(tokio::time::Instant::now() + LOOKUP_QUIET),
+            consumer.next_delivery(),
+        )
+        .await
+        {
+            let _ = d.ack().await;
+            if d.message_id()
+                .is_some_and(|m| !m.starts_with(&task_id.to_string()))
+            {
+                continue;
+            }
+            if let Ok(r) = serde_json::from_slice::<TaskResult>(d.body())
+                && r.task_id == task_id
+                && r.is_final
+            {
+                found = Some(r.outcome);
+                break;
+            }
+        }
+        consumer.cancel();
+        Ok(found)
+    }
+
     fn prepare(
         &self,
         task: &Task,
@@ -324,6 +478,41 @@ impl Producer {
         let message = task_message(&self.topology, task, body, options.traceparent.as_deref());
         Ok((message, receipt))
     }
+}
+
+/// The creation time a UUIDv7 task id carries; refuses ids that cannot be
+/// tasks (other UUID versions, future times).
+fn created_at(task_id: TaskId) -> Result<chrono::DateTime<chrono::Utc>, CancelError> {
+    let unknown = |why: &str| CancelError::Unknown {
+        task_id,
+        why: why.to_owned(),
+    };
+    if task_id.get_version_num() != 7 {
+        return Err(unknown("task ids are UUIDv7"));
+    }
+    let (secs, nanos) = task_id
+        .get_timestamp()
+        .ok_or_else(|| unknown("no timestamp"))?
+        .to_unix();
+    let t = chrono::DateTime::from_timestamp(i64::try_from(secs).unwrap_or(i64::MAX), nanos)
+        .ok_or_else(|| unknown("timestamp out of range"))?;
+    if t > chrono::Utc::now() + chrono::Duration::minutes(5) {
+        return Err(unknown("its timestamp is in the future"));
+    }
+    Ok(t)
+}
+
+/// The message of a cancellation: `message_id` = the cancel's id, `type` =
+/// `sandfleet.cancellation.v1`, to `<p>.cancellations`.
+pub fn cancellation_message(
+    topology: &Topology,
+    cancel: &Cancellation,
+    body: Vec<u8>,
+) -> OutgoingMessage {
+    OutgoingMessage::new(&topology.cancellations_exchange, "", body)
+        .message_id(cancel.id.to_string())
+        .kind(CANCELLATION_MESSAGE_TYPE)
+        .content_type(CONTENT_TYPE)
 }
 
 /// The message for attempt 1 of `task` (already encoded as `body`): routing

@@ -286,3 +286,80 @@ async fn connection_closed_mid_batch_loses_no_confirmed_task_and_reports_the_res
     let lost = confirmed.difference(&in_queue).count();
     assert_eq!(lost, 0, "confirmed tasks missing from the queue");
 }
+
+/// Reads every cancellation on the stream until `n` arrived (bounded).
+async fn cancellations(amqp: &Amqp, t: &Topology, n: usize) -> Vec<sandfleet_proto::Cancellation> {
+    let opts = ConsumerOptions::new(&t.cancellations_stream, 100)
+        .stream_offset(sandfleet_amqp::StreamOffset::First);
+    let mut c = Consumer::start(amqp, opts).await.unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(10), c.next_delivery())
+            .await
+            .expect("cancellation within 10 s")
+            .unwrap();
+        d.ack().await.unwrap();
+        out.push(serde_json::from_slice(d.body()).unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn cancel_records_once_and_says_when_the_task_already_finished() {
+    use sandfleet_producer::CancelStatus;
+    use sandfleet_proto::{CancelTarget, Outcome, TaskResult};
+    let prefix = unique("cancel");
+    let (p, _c) = producer(&prefix).await;
+    let queued = task(1);
+    p.enqueue(&queued).await.unwrap();
+    let status = p.cancel(queued.id, "ops", "runaway batch").await.unwrap();
+    let CancelStatus::Recorded { cancel_id } = status else {
+        panic!("{status:?}")
+    };
+    // A task with a final result on the results stream is not cancelled.
+    let done = task(2);
+    let mut result = TaskResult::from_task(&done, 1, Outcome::Succeeded, "w");
+    result.is_final = true;
+    let publisher = sandfleet_amqp::Publisher::new(p.amqp()).await.unwrap();
+    publisher
+        .publish(
+            &sandfleet_amqp::OutgoingMessage::new(
+                &p.topology().results_exchange,
+                "succeeded.final",
+                serde_json::to_vec(&result).unwrap(),
+            )
+            .message_id(format!("{}:1", done.id)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        p.cancel(done.id, "ops", "too late").await.unwrap(),
+        CancelStatus::AlreadyFinished {
+            outcome: Outcome::Succeeded
+        }
+    );
+    // An id that cannot be a task (not UUIDv7) is unknown.
+    let err = p
+        .cancel(uuid::Uuid::new_v4(), "ops", "typo")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown task"), "{err}");
+    // A supersede follows its task.
+    let mut newer = task(3);
+    newer.supersede_key = Some("github:acme/widgets:ref:main".into());
+    p.enqueue_superseding(&newer).await.unwrap();
+    let recorded = cancellations(p.amqp(), p.topology(), 2).await;
+    assert_eq!(recorded[0].id, cancel_id);
+    assert_eq!(
+        recorded[0].target,
+        CancelTarget::Task { task_id: queued.id }
+    );
+    assert_eq!(
+        (recorded[0].by.as_str(), recorded[0].reason.as_str()),
+        ("ops", "runaway batch")
+    );
+    assert!(matches!(
+        &recorded[1].target,
+        CancelTarget::Supersede { superseded_by, .. } if *superseded_by == newer.id
+    ));
+}

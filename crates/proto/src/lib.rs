@@ -14,6 +14,7 @@
 //! [`RejectReason`].
 
 pub mod budget;
+pub mod cancel;
 pub mod decode;
 pub mod image;
 pub mod limits;
@@ -27,6 +28,7 @@ pub mod validate;
 pub use budget::{
     CONSUMER_TIMEOUT_MARGIN, DEADLINE_TOO_LONG_CODE, DeadlineTooLong, check_consumer_timeout,
 };
+pub use cancel::{CANCELLATION_MESSAGE_TYPE, CancelInfo, CancelTarget, Cancellation};
 pub use decode::{RejectReason, decode_task, encode_task};
 pub use image::ImageRef;
 pub use limits::Limits;

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{Outcome, RejectReason, Source, Task, TaskId};
+use crate::{CancelInfo, Outcome, RejectReason, Source, Task, TaskId};
 
 /// The structured result of one attempt, published to the results exchange.
 ///
@@ -65,6 +65,10 @@ pub struct TaskResult {
     /// stream. Absent for messages that could not be decoded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<Box<Task>>,
+    /// Who cancelled the task and why; present only when `outcome` is
+    /// `cancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancellation: Option<CancelInfo>,
 }
 
 /// What one step did.
@@ -180,6 +184,7 @@ impl TaskResult {
             source: None,
             labels: BTreeMap::new(),
             task: None,
+            cancellation: None,
         }
     }
 }

@@ -56,6 +56,11 @@ pub struct Task {
     /// same original), so every replay of one build shares it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_of: Option<TaskId>,
+    /// Tasks with the same supersede key replace each other: a newer one
+    /// cancels the older ones wherever they are (the gateway sets
+    /// `<provider>:<repository>:ref:<branch>` or `...:mr:<number>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supersede_key: Option<String>,
 }
 
 /// The kind of work a task asks for.
@@ -209,6 +214,7 @@ impl Task {
             retry: RetryPolicy::default(),
             labels: BTreeMap::new(),
             replay_of: None,
+            supersede_key: None,
         }
     }
 

@@ -205,6 +205,17 @@ impl Validator {
             l.max_idempotency_key_bytes,
         );
         self.no_control_chars("idempotency_key", &t.idempotency_key);
+        if let Some(key) = &t.supersede_key {
+            if key.is_empty() {
+                self.fail(
+                    "supersede_key",
+                    "not_empty",
+                    "must not be empty when present",
+                );
+            }
+            self.max_len("supersede_key", key, crate::cancel::MAX_CANCEL_TEXT);
+            self.no_control_chars("supersede_key", key);
+        }
         self.source(t);
         self.sandbox(t, l);
         self.files(t, l);

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sandfleet_proto::schema::{result_schema, task_schema, to_pretty_json};
+use sandfleet_proto::schema::{cancellation_schema, result_schema, task_schema, to_pretty_json};
 
 fn schemas_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")
@@ -38,6 +38,14 @@ fn task_schema_is_committed_and_current() {
 #[test]
 fn result_schema_is_committed_and_current() {
     check("result.v1.schema.json", to_pretty_json(&result_schema()));
+}
+
+#[test]
+fn cancellation_schema_is_committed_and_current() {
+    check(
+        "cancellation.v1.schema.json",
+        to_pretty_json(&cancellation_schema()),
+    );
 }
 
 #[test]

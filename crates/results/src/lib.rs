@@ -48,6 +48,7 @@
 //!     source: None,
 //!     labels: Default::default(),
 //!     task: None,
+//!     cancellation: None,
 //! };
 //! publisher.publish(&result, None).await?; // twice: delivery is at-least-once
 //! publisher.publish(&result, None).await?;
@@ -415,6 +416,7 @@ mod tests {
             source: None,
             labels: Default::default(),
             task: None,
+            cancellation: None,
         }
     }
 

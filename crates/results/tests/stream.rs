@@ -98,6 +98,7 @@ fn result(n: u32, outcome: Outcome) -> TaskResult {
         source: None,
         labels: Default::default(),
         task: None,
+        cancellation: None,
     }
 }
 
