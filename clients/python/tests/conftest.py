@@ -45,3 +45,40 @@ async def final_result(sub: Subscription, task_id: str, timeout: float = 60) -> 
         raise AssertionError(f"the subscription ended before {task_id}'s result")
 
     return await asyncio.wait_for(find(), timeout)
+
+
+def _mgmt(method: str, path: str) -> Any:
+    import base64
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:15672/api{path}", method=method)
+    req.add_header("authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    with urllib.request.urlopen(req, timeout=10) as res:
+        body = res.read()
+        return json.loads(body) if body else None
+
+
+async def close_connections(connection_name: str, timeout: float = 30) -> int:
+    """Closes, through the management API, every broker connection whose
+    client-given name is `connection_name`; waits until the API lists one."""
+    import urllib.parse
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        conns = await asyncio.to_thread(_mgmt, "GET", "/connections")
+        names = [
+            c["name"]
+            for c in conns
+            if c.get("client_properties", {}).get("connection_name") == connection_name
+        ]
+        if names:
+            for name in names:
+                await asyncio.to_thread(
+                    _mgmt, "DELETE", "/connections/" + urllib.parse.quote(name, safe="")
+                )
+            return len(names)
+        if loop.time() > deadline:
+            raise AssertionError(f"the management API lists no connection {connection_name!r}")
+        await asyncio.sleep(0.2)

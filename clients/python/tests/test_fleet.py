@@ -8,11 +8,12 @@ import json
 import os
 import pathlib
 import shutil
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import aio_pika
 import pytest
-from conftest import echo_task, env, final_result
+from conftest import close_connections, echo_task, env, final_result
 
 from sandfleet_client import EnqueueError, Fleet
 
@@ -157,3 +158,31 @@ await fleet.close();
         result = await final_result(sub, task_id)
     assert result["outcome"] == "succeeded"
     assert "hello from typescript" in result.get("log_tail", "")
+
+
+async def test_after_the_broker_closes_its_connections_results_resume_and_enqueue_reconnects() -> None:
+    name = f"sandfleet-client-py-test-{uuid.uuid4().hex[:8]}"
+    async with Fleet(env("SANDFLEET_AMQP_URL"), prefix=env("SANDFLEET_PREFIX"), connection_name=name) as fleet:
+        first, second = echo_task("before the cut"), echo_task("after the cut")
+        async with fleet.results("next") as sub:
+            await fleet.enqueue(first)
+            await final_result(sub, first["id"])
+            # The subscription's own connection, then the publisher's.
+            assert await close_connections(f"{name}-results") == 1
+            assert await close_connections(name) == 1
+            deadline = asyncio.get_running_loop().time() + 30
+            while fleet.is_connected:
+                assert asyncio.get_running_loop().time() < deadline, "the cut went unnoticed"
+                await asyncio.sleep(0.05)
+            await fleet.enqueue(second)
+            seen: list[str] = []
+
+            async def read_on() -> None:
+                async for received in sub:
+                    seen.append(received.result["task_id"])
+                    if received.result["task_id"] == second["id"] and received.result["final"]:
+                        return
+
+            await asyncio.wait_for(read_on(), 60)
+        assert second["id"] in seen, "the subscription did not read on after the cut"
+        assert first["id"] not in seen, "the resumed subscription started over"

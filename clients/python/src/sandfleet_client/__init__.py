@@ -12,6 +12,7 @@ from .fleet import (
     Received,
     StartAt,
     Subscription,
+    SubscriptionLost,
     new_task,
     uuid7,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "SessionsError",
     "StartAt",
     "Subscription",
+    "SubscriptionLost",
     "Task",
     "TaskResult",
     "new_task",

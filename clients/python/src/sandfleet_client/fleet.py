@@ -3,6 +3,7 @@ properties and headers as the Rust producer (docs/topology.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -125,8 +126,26 @@ class Fleet:
     def results_stream(self) -> str:
         return f"{self.prefix}.results.stream"
 
+    @property
+    def is_connected(self) -> bool:
+        """True while the publishing connection is open. `enqueue` replaces a
+        lost one."""
+        # The channel notices a broker-side close first; the connection
+        # object may not mark itself closed at all.
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._confirm is not None
+            and not self._confirm.is_closed
+        )
+
     async def connect(self) -> Fleet:
-        if self._connection is None:
+        if not self.is_connected:
+            if self._connection is not None and not self._connection.is_closed:
+                try:
+                    await self._connection.close()
+                except Exception:  # noqa: BLE001 - it is being replaced because it broke
+                    pass
             self._connection = await aio_pika.connect(
                 self.url, client_properties={"connection_name": self._connection_name}
             )
@@ -165,6 +184,10 @@ class Fleet:
         confirm raises aio-pika's connection error: the task may or may not be
         queued."""
         self._connected()
+        # A connection lost since the last publish is replaced: this publish
+        # gets a fresh one. (One lost while waiting for a confirm is an error.)
+        if not self.is_connected:
+            await self.connect()
         assert self._confirm is not None
         if task.get("schema_version") != SCHEMA_VERSION:
             raise EnqueueError(
@@ -208,44 +231,91 @@ class Fleet:
         return Subscription(self, start, prefetch, dedup_capacity)
 
 
+class SubscriptionLost(ConnectionError):
+    """A results subscription lost its connection and could not get one back
+    within its reconnect timeout."""
+
+
 class Subscription:
     """A results consumer: an async iterator of `Received`, and an async context
-    manager that starts it on entry and cancels it on exit."""
+    manager that starts it on entry and cancels it on exit.
+
+    It has a connection of its own. When that connection is lost it reconnects
+    and resumes after the last offset it delivered (with backoff, for up to
+    `reconnect_timeout` seconds, then `SubscriptionLost`)."""
 
     def __init__(self, fleet: Fleet, start: StartAt, prefetch: int, dedup_capacity: int) -> None:
-        self._fleet = fleet
-        self._start = start
+        self._url = fleet.url
+        self._stream = fleet.results_stream
+        self._connection_name = f"{fleet._connection_name}-results"
         self._prefetch = max(1, prefetch)
         self._dedup = Dedup(dedup_capacity)
         self._not_before_ms: int | None = None
-        self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._iter: aio_pika.abc.AbstractQueueIterator | None = None
-
-    async def start(self) -> Subscription:
-        if self._iter is not None:
-            return self
-        offset: Any = self._start
-        if isinstance(self._start, datetime):
-            at = self._start if self._start.tzinfo else self._start.replace(tzinfo=timezone.utc)
+        self._first_offset: Any = start
+        if isinstance(start, datetime):
+            at = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
             self._not_before_ms = int(at.timestamp() * 1000)
             # The broker seeks timestamps by whole seconds and chunks: start a
             # second early and drop what was published before the asked time.
-            offset = at.replace(microsecond=0) - timedelta(seconds=1)
-        self._channel = await self._fleet._connected().channel()
-        await self._channel.set_qos(prefetch_count=self._prefetch)
-        queue = await self._channel.get_queue(self._fleet.results_stream, ensure=False)
+            self._first_offset = at.replace(microsecond=0) - timedelta(seconds=1)
+        self._last_offset: int | None = None
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._iter: aio_pika.abc.AbstractQueueIterator | None = None
+        self._closed = False
+        self.reconnect_timeout = 60.0
+
+    async def _open(self) -> None:
+        self._connection = await aio_pika.connect(
+            self._url, client_properties={"connection_name": self._connection_name}
+        )
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
+        queue = await channel.get_queue(self._stream, ensure=False)
+        offset = self._first_offset if self._last_offset is None else self._last_offset + 1
         self._iter = queue.iterator(arguments={"x-stream-offset": offset})
         # Registers the consumer now, so "next" means after this call.
         await self._iter.consume()
+
+    async def _drop(self) -> None:
+        connection, self._connection, self._iter = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            try:
+                await connection.close()
+            except Exception:  # noqa: BLE001 - a broken connection cannot close cleanly
+                pass
+
+    async def _reopen(self) -> None:
+        await self._drop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_timeout
+        delay = 0.1
+        while True:
+            try:
+                await self._open()
+                return
+            except (aio_pika.exceptions.AMQPError, OSError) as e:
+                await self._drop()
+                if loop.time() + delay > deadline:
+                    raise SubscriptionLost(
+                        f"the results subscription to {self._stream} lost its connection: {e!r}"
+                    ) from e
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def start(self) -> Subscription:
+        if self._closed:
+            raise RuntimeError("the subscription is closed")
+        if self._iter is None:
+            try:
+                await self._open()
+            except BaseException:
+                await self._drop()
+                raise
         return self
 
     async def close(self) -> None:
-        if self._iter is not None:
-            await self._iter.close()
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
-        self._iter = None
-        self._channel = None
+        self._closed = True
+        await self._drop()
 
     async def __aenter__(self) -> Subscription:
         return await self.start()
@@ -262,17 +332,31 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Received:
+        if self._closed:
+            raise StopAsyncIteration
         await self.start()
-        assert self._iter is not None
         while True:
+            assert self._iter is not None
             try:
                 msg = await self._iter.__anext__()
-            except StopAsyncIteration:
-                await self.close()
-                raise
-            # Stream acks only grant credit.
-            await msg.ack()
+            except (StopAsyncIteration, aio_pika.exceptions.AMQPError, OSError):
+                # The iterator ends quietly when its channel closes: unless we
+                # closed it, that is a lost connection, not the end of results.
+                if self._closed:
+                    raise StopAsyncIteration from None
+                await self._reopen()
+                continue
+            try:
+                # Stream acks only grant credit; a failed one costs nothing.
+                await msg.ack()
+            except (aio_pika.exceptions.AMQPError, OSError):
+                pass
             headers = msg.headers or {}
+            offset = _int(headers.get("x-stream-offset"))
+            if offset is not None:
+                if self._last_offset is not None and offset <= self._last_offset:
+                    continue
+                self._last_offset = offset
             published_ms = _int(headers.get(_HEADER_PUBLISHED_AT_MS))
             if published_ms is None and msg.timestamp is not None:
                 published_ms = int(msg.timestamp.timestamp()) * 1000
@@ -288,7 +372,7 @@ class Subscription:
             tp = headers.get(_HEADER_TRACEPARENT)
             return Received(
                 result=result,
-                offset=_int(headers.get("x-stream-offset")),
+                offset=offset,
                 published_at=(
                     datetime.fromtimestamp(published_ms / 1000, timezone.utc)
                     if published_ms is not None
