@@ -38,6 +38,15 @@ pub fn free_port() -> u16 {
 impl Env {
     /// `with_worker`: also run a worker with the local executor.
     pub async fn start(with_worker: bool, read_requires_token: bool) -> Env {
+        Env::start_with(with_worker, read_requires_token, |_| {}).await
+    }
+
+    /// Like [`Env::start`], with the console's settings adjusted by `tune`.
+    pub async fn start_with(
+        with_worker: bool,
+        read_requires_token: bool,
+        tune: impl FnOnce(&mut Settings),
+    ) -> Env {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
         let dir = tempfile::tempdir().unwrap();
         let mut settings = Settings::default();
@@ -84,6 +93,7 @@ impl Env {
                 role: ConsoleRole::Viewer,
             },
         ];
+        tune(&mut settings);
         settings.validate().unwrap();
         // Its own connection name, so a test can cut the console's
         // connections and no other.
