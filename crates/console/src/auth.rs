@@ -147,18 +147,32 @@ pub enum Refusal {
     Origin(String),
 }
 
+/// The origins a request to `host` (its `Host` header) comes from when a
+/// page of this console sent it: `http://host` and `https://host` (behind a
+/// TLS-terminating proxy). A cross-site request carries the other site's
+/// `Origin` with our `Host`, so comparing the two is enough.
+pub fn own_origins(host: Option<&str>) -> Vec<String> {
+    host.map(|h| vec![format!("http://{h}"), format!("https://{h}")])
+        .unwrap_or_default()
+}
+
+/// Whether an `Origin` header (when the browser sent one) is one of ours.
+/// `null` (sandboxed frames, cross-site redirects) is not.
+pub fn origin_ok(origin: Option<&str>, own: &[String]) -> bool {
+    origin.is_none_or(|o| own.iter().any(|own| own == o))
+}
+
 /// Decides whether `who` may act with a form that carried `csrf_field`.
-/// `origin` is the request's `Origin` header, `own_origins` the origins the
-/// console is reachable as.
+/// `origin` is the request's `Origin` header, `own` the origins the console
+/// is reachable as (see [`own_origins`]).
 pub fn authorize_action(
     who: Option<&Principal>,
     csrf_field: Option<&str>,
     origin: Option<&str>,
-    own_origins: &[String],
+    own: &[String],
 ) -> Result<(), Refusal> {
     if let Some(o) = origin
-        && o != "null"
-        && !own_origins.iter().any(|own| own == o)
+        && !origin_ok(Some(o), own)
     {
         return Err(Refusal::Origin(o.to_owned()));
     }
@@ -241,6 +255,29 @@ mod tests {
         assert_eq!(
             authorize_action(Some(&viewer), Some(&vcsrf), None, &own),
             Err(Refusal::NotOperator("bob".into()))
+        );
+        assert_eq!(
+            authorize_action(Some(&op), Some(&csrf), Some("null"), &own),
+            Err(Refusal::Origin("null".into()))
+        );
+        // Behind a proxy with TLS: the Host names the origin.
+        let proxied = own_origins(Some("console.example.com"));
+        assert_eq!(
+            authorize_action(
+                Some(&op),
+                Some(&csrf),
+                Some("https://console.example.com"),
+                &proxied
+            ),
+            Ok(())
+        );
+        assert!(!origin_ok(
+            Some("https://console.example.com.evil.net"),
+            &proxied
+        ));
+        assert!(
+            origin_ok(None, &proxied),
+            "no Origin header: the CSRF token decides"
         );
         // A bearer token has no cookie to forge: no CSRF field needed.
         let bearer = a.check_token("operator-token-0123456789").unwrap();

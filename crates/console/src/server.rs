@@ -57,8 +57,6 @@ struct App {
     auth: Auth,
     settings: Settings,
     topology: Topology,
-    /// Origins the console answers as; a form from any other is refused.
-    origins: Vec<String>,
     /// The confirmed task producer, opened on first use.
     sink: tokio::sync::OnceCell<BrokerSink>,
 }
@@ -100,15 +98,10 @@ impl Console {
             results_kept: c.results_kept,
         };
         let fleet = Fleet::start(amqp, topology.clone(), config, shutdown.clone());
-        let mut origins = vec![format!("http://{addr}")];
-        if addr.ip().is_loopback() {
-            origins.push(format!("http://localhost:{}", addr.port()));
-        }
         let app = Arc::new(App {
             fleet,
             auth: Auth::new(c.tokens.clone(), c.read_requires_token),
             topology,
-            origins,
             settings,
             sink: tokio::sync::OnceCell::new(),
         });
@@ -171,6 +164,11 @@ fn html(status: StatusCode, body: String) -> Response {
     r
 }
 
+/// The origins this request may come from: those of its `Host`.
+fn own_origins(headers: &HeaderMap) -> Vec<String> {
+    auth::own_origins(headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+}
+
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
@@ -211,7 +209,7 @@ impl App {
     fn actor(&self, headers: &HeaderMap, csrf: Option<&str>) -> Result<Principal, Response> {
         let who = self.principal(headers);
         let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-        match auth::authorize_action(who.as_ref(), csrf, origin, &self.origins) {
+        match auth::authorize_action(who.as_ref(), csrf, origin, &own_origins(headers)) {
             Ok(()) => Ok(who.unwrap_or_else(unreachable_principal)),
             Err(refusal) => {
                 tracing::warn!(%refusal, who = ?who.as_ref().map(|p| &p.name), "console action refused");
@@ -634,8 +632,7 @@ async fn login(
 ) -> Response {
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     if let Some(o) = origin
-        && o != "null"
-        && !app.origins.iter().any(|own| own == o)
+        && !auth::origin_ok(Some(o), &own_origins(&headers))
     {
         // Login CSRF: another site must not sign a browser in.
         return html(
