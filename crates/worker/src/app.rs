@@ -208,13 +208,24 @@ async fn run_with_http(
     let results = ResultPublisher::from_publisher(publisher.clone(), &topology);
     let config = dispatch_config(settings);
     let prefetch = u16::try_from(config.concurrency).unwrap_or(u16::MAX);
+    let background = CancellationToken::new();
+    // Every cancel on the stream, from its start: nothing runs until the
+    // feed has started (the dispatch loop's barrier waits for it).
+    let cancels = crate::cancel::Cancels::fed_from_stream();
+    tokio::spawn(crate::cancel::run_feed(
+        amqp.clone(),
+        topology.clone(),
+        publisher.clone(),
+        cancels.clone(),
+        config.worker.clone(),
+        background.clone(),
+    ));
     let broker = Arc::new(RabbitBroker::new(
         amqp.clone(),
         topology,
         publisher,
         prefetch,
     ));
-    let background = CancellationToken::new();
     tokio::spawn(poll_queue_depth(
         broker.clone(),
         metrics.clone(),
@@ -231,6 +242,7 @@ async fn run_with_http(
                 executor,
                 // A local sandbox dies with its worker; nothing to adopt.
                 delete_after_settle: false,
+                cancels,
             };
             dispatch(broker, choice, results, config, metrics, health, shutdown).await
         }
@@ -244,6 +256,7 @@ async fn run_with_http(
                 health,
                 shutdown,
                 &background,
+                cancels,
             )
             .await
         }
@@ -258,6 +271,7 @@ async fn run_with_http(
 pub(crate) struct ExecutorChoice<E> {
     pub(crate) executor: Arc<E>,
     pub(crate) delete_after_settle: bool,
+    pub(crate) cancels: Arc<crate::cancel::Cancels>,
 }
 
 pub(crate) async fn dispatch<B: Broker, E: Executor, S: ResultSink>(
@@ -271,6 +285,7 @@ pub(crate) async fn dispatch<B: Broker, E: Executor, S: ResultSink>(
 ) -> Result<(), WorkerError> {
     let report = Dispatcher::new(broker, choice.executor, sink, config, metrics, health)
         .delete_sandboxes_after_settle(choice.delete_after_settle)
+        .with_cancels(choice.cancels)
         .run(shutdown)
         .await?;
     info!(

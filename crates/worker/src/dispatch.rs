@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::broker::{Broker, BrokerError, Delivery, RetryMessage};
+use crate::cancel::{self, Cancels};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::retry::{AttemptEnd, Decision, RetryConfig, decide};
@@ -66,6 +67,11 @@ const UNAVAILABLE_HOLD: Duration = Duration::from_secs(1);
 /// released: the redelivery would likely come straight back to this worker,
 /// and an unroutable or refused result must not turn into a hot loop.
 const PUBLISH_FAILURE_HOLD: Duration = Duration::from_secs(2);
+
+/// How often a cancelled attempt's sandbox is deleted again while its run
+/// has not ended: a cancel that lands while the executor is still creating
+/// the Job can delete before the create; the next delete catches it.
+const RECANCEL_EVERY: Duration = Duration::from_millis(500);
 
 /// The dispatch loop's settings.
 #[derive(Debug, Clone)]
@@ -127,6 +133,8 @@ struct Inner<B, E, S> {
     /// is settled, for executors that keep finished sandboxes so that a
     /// redelivery adopts the finished one instead of running it again.
     delete_after_settle: bool,
+    /// The cancellations this worker knows, and the read barrier.
+    cancels: Arc<Cancels>,
     broker: Arc<B>,
     executor: Arc<E>,
     sink: S,
@@ -154,6 +162,7 @@ where
             inner: Arc::new(Inner {
                 attempts: AttemptLocks::default(),
                 delete_after_settle: false,
+                cancels: Cancels::new(),
                 broker,
                 executor,
                 sink,
@@ -174,6 +183,16 @@ where
     pub fn delete_sandboxes_after_settle(mut self, on: bool) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.delete_after_settle = on;
+        }
+        self
+    }
+
+    /// The cancellations index to honour (fed from the cancellations stream
+    /// in production; see [`crate::cancel`]). Without it, an empty index
+    /// whose barrier passes at once.
+    pub fn with_cancels(mut self, cancels: Arc<Cancels>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.cancels = cancels;
         }
         self
     }
@@ -449,17 +468,54 @@ where
             worker: self.config.worker.clone(),
         };
         let lost = delivery.lost();
+        // Watch first, then the barrier: a cancel read after the barrier
+        // fires the watch; one confirmed before it is in the index.
+        let guard = self.cancels.watch(&task);
+        let watch = guard.watch.clone();
+        if let Err(e) = self.cancels.barrier().await {
+            warn!(error = %e, "cancellations not readable; releasing the task for later");
+            tokio::time::sleep(UNAVAILABLE_HOLD).await;
+            return release(delivery).await;
+        }
+        self.metrics.set_cancels_recorded(self.cancels.recorded());
+        if let Some(info) = watch.info().cloned() {
+            info!(by = %info.by, reason = %info.reason, "task cancelled before it started");
+            let result = self.cancelled_result(&task, attempt, None, &info);
+            return self
+                .finish_cancelled(
+                    delivery,
+                    result,
+                    traceparent.as_deref(),
+                    "before_start",
+                    Duration::ZERO,
+                )
+                .await;
+        }
         let started = Instant::now();
         self.metrics.in_flight().inc();
         let _running = self.health.track_running(&task, attempt);
         // Neither branch but `run` is a completion: dropping the run future
         // (lost delivery, drain deadline) leaves the sandbox running, which is
-        // the point — the redelivery adopts it.
-        let run = tokio::select! {
-            biased;
-            _ = lost.cancelled() => RunEnd::Lost,
-            _ = abandon.cancelled() => RunEnd::Abandoned,
-            r = self.executor.run(&task, attempt, &ctx) => RunEnd::Done(r),
+        // the point — the redelivery adopts it. A cancel does not drop it:
+        // the sandbox is deleted and the run ends with what it saw (partial
+        // logs), which the cancelled result keeps.
+        let run_fut = self.executor.run(&task, attempt, &ctx);
+        tokio::pin!(run_fut);
+        let mut stopping = false;
+        let run = loop {
+            tokio::select! {
+                biased;
+                _ = lost.cancelled() => break RunEnd::Lost,
+                _ = abandon.cancelled() => break RunEnd::Abandoned,
+                r = &mut run_fut => break RunEnd::Done(r),
+                () = watch.fired(), if !stopping => {
+                    stopping = true;
+                    self.stop_sandbox(&task, attempt).await;
+                }
+                () = tokio::time::sleep(RECANCEL_EVERY), if stopping => {
+                    self.stop_sandbox(&task, attempt).await;
+                }
+            }
         };
         self.metrics.in_flight().dec();
         let run = match run {
@@ -482,6 +538,38 @@ where
             RunEnd::Done(run) => run,
         };
         let elapsed = started.elapsed();
+
+        // Exactly one final result: this worker holds the delivery, so it
+        // alone decides. A cancel that came while the sandbox ran wins; so
+        // does one known by now when the attempt would not be final by
+        // itself (a retry or a release would only meet the cancel later).
+        if let Some(info) = watch.info().cloned() {
+            let ended_by_itself = run
+                .as_ref()
+                .is_ok_and(|e| !e.outcome.is_retryable() && e.outcome != Outcome::Cancelled);
+            if stopping || !ended_by_itself {
+                info!(by = %info.by, reason = %info.reason, "task cancelled while it ran");
+                if !stopping {
+                    self.stop_sandbox(&task, attempt).await;
+                }
+                let result = self.cancelled_result(&task, attempt, run.as_ref().ok(), &info);
+                let stage = if run.is_ok() {
+                    "running"
+                } else {
+                    "before_start"
+                };
+                return match self
+                    .finish_cancelled(delivery, result, traceparent.as_deref(), stage, elapsed)
+                    .await
+                {
+                    Handled::Settled { .. } => Handled::Settled {
+                        sandbox: run.is_ok(),
+                    },
+                    other => other,
+                };
+            }
+        }
+        drop(guard);
 
         let end = match &run {
             Ok(exec) => AttemptEnd::Finished(exec.outcome),
@@ -569,6 +657,52 @@ where
             },
             other => other,
         }
+    }
+
+    /// Deletes the attempt's sandbox (a cancel); failures are logged, the
+    /// caller tries again while the run has not ended.
+    async fn stop_sandbox(&self, task: &Task, attempt: u32) {
+        if let Err(e) = self.executor.cancel(task.id, attempt).await {
+            warn!(error = %e, "could not delete the cancelled sandbox yet");
+        }
+    }
+
+    /// The final `cancelled` result, with what the run saw when it ran.
+    fn cancelled_result(
+        &self,
+        task: &Task,
+        attempt: u32,
+        exec: Option<&Execution>,
+        info: &sandfleet_proto::CancelInfo,
+    ) -> TaskResult {
+        let mut result = match exec {
+            Some(exec) => build_result(task, attempt, &Ok(exec.clone()), &self.config.worker),
+            None => TaskResult::from_task(task, attempt, Outcome::Cancelled, &self.config.worker),
+        };
+        result.outcome = Outcome::Cancelled;
+        result.is_final = true;
+        result.exit_code = None;
+        result.error = Some(cancel::describe(info));
+        result.cancellation = Some(info.clone());
+        result
+    }
+
+    /// Publishes a cancelled result and acks; releases when the publish
+    /// fails (the redelivery meets the same cancel).
+    async fn finish_cancelled(
+        &self,
+        delivery: B::Delivery,
+        result: TaskResult,
+        traceparent: Option<&str>,
+        stage: &'static str,
+        elapsed: Duration,
+    ) -> Handled {
+        if !self.publish(&result, traceparent).await {
+            return release(delivery).await;
+        }
+        self.metrics.task_finished(Outcome::Cancelled, elapsed);
+        self.metrics.task_cancelled(stage);
+        settle(delivery.ack().await)
     }
 
     /// Dead-letters an unrunnable message, after publishing its `rejected`

@@ -72,6 +72,7 @@ pub(crate) async fn run_kubernetes<B: Broker, S: ResultSink>(
     health: Arc<Health>,
     shutdown: CancellationToken,
     background: &CancellationToken,
+    cancels: Arc<crate::cancel::Cancels>,
 ) -> Result<(), WorkerError> {
     let k = &settings.sandbox.kubernetes;
     let gate = Arc::new(BreakerGate::new(
@@ -116,6 +117,7 @@ pub(crate) async fn run_kubernetes<B: Broker, S: ResultSink>(
     let choice = ExecutorChoice {
         executor: Arc::new(executor),
         delete_after_settle: true,
+        cancels,
     };
     dispatch(broker, choice, sink, config, metrics, health, shutdown).await
 }

@@ -17,6 +17,7 @@
 mod app;
 pub mod breaker;
 pub mod broker;
+pub mod cancel;
 pub mod dispatch;
 pub mod flow;
 pub mod gate;
@@ -31,6 +32,7 @@ pub mod trace;
 
 pub use app::{WorkerError, dispatch_config, poll_queue_depth, run, worker_name};
 pub use broker::{Broker, BrokerError, Delivery, RetryMessage};
+pub use cancel::Cancels;
 pub use dispatch::{DispatchConfig, Dispatcher};
 pub use memory::InMemoryBroker;
 pub use sink::{MemoryResults, ResultSink};

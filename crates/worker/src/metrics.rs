@@ -12,6 +12,8 @@
 //! | `sandfleet_breaker_state` | gauge | 0 closed, 1 half-open, 2 open |
 //! | `sandfleet_breaker_trips_total` | counter | (closed → open transitions) |
 //! | `sandfleet_task_releases_total` | counter | (deliveries handed back for later) |
+//! | `sandfleet_tasks_cancelled_total` | counter | `stage` (`before_start`: queued, prefetched or delayed; `running`: its sandbox was stopped) |
+//! | `sandfleet_cancellations_recorded` | gauge | (cancels and supersedes in this worker's index) |
 //! | `sandfleet_kube_api_request_duration_seconds` | histogram | `verb` |
 //! | `sandfleet_kube_api_errors_total` | counter | `verb`, `class` (`failure`, `ignored`, `throttled`, `refused`) |
 //! | `sandfleet_build_info` | info | `version`, `git_sha`, `component` |
@@ -73,6 +75,8 @@ pub struct Metrics {
     breaker_state: Gauge,
     breaker_trips: Counter,
     releases: Counter,
+    cancelled: Family<Labels, Counter>,
+    cancels_recorded: Gauge,
     kube_latency: Family<Labels, Histogram, fn() -> Histogram>,
     kube_errors: Family<Labels, Counter>,
 }
@@ -98,6 +102,8 @@ impl Metrics {
             breaker_state: Gauge::default(),
             breaker_trips: Counter::default(),
             releases: Counter::default(),
+            cancelled: Family::default(),
+            cancels_recorded: Gauge::default(),
             kube_latency: Family::new_with_constructor(api_latency_histogram as fn() -> _),
             kube_errors: Family::default(),
             registry: Registry::default(),
@@ -121,6 +127,16 @@ impl Metrics {
             "sandfleet_tasks_dead_lettered",
             "Task messages sent to the dead-letter queue",
             m.dead_lettered.clone(),
+        );
+        registry.register(
+            "sandfleet_tasks_cancelled",
+            "Tasks that ended cancelled, by where the cancel met them",
+            m.cancelled.clone(),
+        );
+        registry.register(
+            "sandfleet_cancellations_recorded",
+            "Cancels and supersedes in this worker's index",
+            m.cancels_recorded.clone(),
         );
         registry.register(
             "sandfleet_tasks_in_flight",
@@ -174,6 +190,11 @@ impl Metrics {
             let _ = m
                 .tasks
                 .get_or_create(&vec![("outcome", outcome.as_str().to_owned())]);
+        }
+        for stage in ["before_start", "running"] {
+            let _ = m
+                .cancelled
+                .get_or_create(&vec![("stage", stage.to_owned())]);
         }
         for reason in REJECT_REASONS {
             let _ = m
@@ -252,6 +273,19 @@ impl Metrics {
     /// Counts a closed → open transition of the breaker.
     pub fn breaker_tripped(&self) {
         self.breaker_trips.inc();
+    }
+
+    /// Counts a task that ended cancelled; `stage` is `before_start` or `running`.
+    pub fn task_cancelled(&self, stage: &'static str) {
+        self.cancelled
+            .get_or_create(&vec![("stage", stage.to_owned())])
+            .inc();
+    }
+
+    /// Sets how many cancels this worker's index holds.
+    pub fn set_cancels_recorded(&self, n: usize) {
+        self.cancels_recorded
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts a delivery handed back for later.

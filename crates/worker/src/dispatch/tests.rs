@@ -38,6 +38,8 @@ enum Act {
 struct Job {
     ends: Instant,
     act: Act,
+    /// Cancelled when the sandbox is deleted (`Executor::cancel`).
+    deleted: CancellationToken,
 }
 
 /// A scripted executor with Job semantics: attempt `(task, n)` has one
@@ -104,6 +106,7 @@ impl Executor for Scripted {
                     let j = Job {
                         ends: Instant::now() + Duration::from_secs(secs),
                         act,
+                        deleted: CancellationToken::new(),
                     };
                     jobs.insert((task.id, attempt), j.clone());
                     (j, false)
@@ -121,7 +124,26 @@ impl Executor for Scripted {
             }
         }
         let _running = Running(&self.running);
-        tokio::time::sleep_until(job.ends).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(job.ends) => {}
+            // Deleted under the run, as a cancel does: it ends at once, with
+            // the output so far.
+            () = job.deleted.cancelled() => {
+                return Ok(Execution {
+                    outcome: Outcome::Cancelled,
+                    exit_code: None,
+                    steps: Vec::new(),
+                    log_tail: format!("attempt {attempt} partial\n"),
+                    log_truncated: false,
+                    artifacts: Vec::new(),
+                    started_at: Some(Utc::now()),
+                    finished_at: Utc::now(),
+                    sandbox: format!("sf-{}-a{attempt}", task.id.simple()),
+                    error: Some("the attempt was cancelled".into()),
+                    adopted,
+                });
+            }
+        }
         match job.act {
             Act::Finish(_, outcome) => Ok(Execution {
                 outcome,
@@ -148,7 +170,9 @@ impl Executor for Scripted {
 
     async fn cancel(&self, task_id: TaskId, attempt: u32) -> Result<(), ExecError> {
         self.cancels.fetch_add(1, Ordering::SeqCst);
-        self.jobs.lock().unwrap().remove(&(task_id, attempt));
+        if let Some(job) = self.jobs.lock().unwrap().remove(&(task_id, attempt)) {
+            job.deleted.cancel();
+        }
         Ok(())
     }
 }
@@ -246,6 +270,7 @@ struct Harness {
     exec: Arc<Scripted>,
     sink: FlakySink,
     metrics: Arc<Metrics>,
+    cancels: Arc<Cancels>,
     shutdown: CancellationToken,
     handle: tokio::task::JoinHandle<Result<DrainReport, DispatchError>>,
 }
@@ -264,6 +289,7 @@ impl Harness {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new());
         let shutdown = CancellationToken::new();
+        let cancels = Cancels::new();
         let d = Dispatcher::new(
             Arc::new(broker.clone()),
             exec.clone(),
@@ -272,13 +298,15 @@ impl Harness {
             metrics.clone(),
             health,
         )
-        .delete_sandboxes_after_settle(delete_after);
+        .delete_sandboxes_after_settle(delete_after)
+        .with_cancels(cancels.clone());
         let handle = tokio::spawn(d.run(shutdown.clone()));
         Harness {
             broker,
             exec,
             sink,
             metrics,
+            cancels,
             shutdown,
             handle,
         }
@@ -769,5 +797,153 @@ async fn a_waiting_duplicate_keeps_the_sandbox_until_it_has_adopted_it() {
         1,
         "deleted once, by the last"
     );
+    h.stop().await;
+}
+
+// ------------------------------------------------------------ cancellation
+
+#[tokio::test(start_paused = true)]
+async fn a_task_cancelled_while_queued_never_runs_and_ends_cancelled_once() {
+    let h = Harness::start(config(2), InMemoryBroker::default());
+    let t = task();
+    h.cancels.apply(sandfleet_proto::Cancellation::task(
+        t.id,
+        "ops",
+        "runaway batch",
+    ));
+    publish(&h.broker, &t);
+    h.until("ack", |h| h.broker.acked_count() == 1).await;
+    assert!(h.exec.runs().is_empty(), "a cancelled task started");
+    let finals = h.finals(t.id);
+    assert_eq!(finals.len(), 1);
+    assert_eq!(finals[0].outcome, Outcome::Cancelled);
+    assert_eq!(
+        finals[0].error.as_deref(),
+        Some("cancelled by ops: runaway batch")
+    );
+    assert_eq!(finals[0].cancellation.as_ref().unwrap().by, "ops");
+    assert!(
+        h.metrics
+            .encode()
+            .contains("sandfleet_tasks_cancelled_total{stage=\"before_start\"} 1")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_stops_the_running_sandbox_and_the_result_keeps_its_output() {
+    let h = Harness::start(config(2), InMemoryBroker::default());
+    let t = task();
+    h.exec
+        .script(t.id, vec![Act::Finish(3600, Outcome::Succeeded)]);
+    publish(&h.broker, &t);
+    h.until("running", |h| h.exec.running.load(Ordering::SeqCst) == 1)
+        .await;
+    let asked = Instant::now();
+    h.cancels.apply(sandfleet_proto::Cancellation::task(
+        t.id,
+        "alice",
+        "wrong commit",
+    ));
+    h.until("ack", |h| h.broker.acked_count() == 1).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(
+        h.exec.cancels.load(Ordering::SeqCst) >= 1,
+        "sandbox not deleted"
+    );
+    let finals = h.finals(t.id);
+    assert_eq!(finals.len(), 1, "{finals:#?}");
+    assert_eq!(finals[0].outcome, Outcome::Cancelled);
+    assert_eq!(finals[0].log_tail, "attempt 1 partial\n");
+    assert!(h.results().iter().all(|r| r.task_id != t.id || r.is_final));
+    assert!(
+        h.metrics
+            .encode()
+            .contains("sandfleet_tasks_cancelled_total{stage=\"running\"} 1")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_cancelled_in_the_retry_delay_ends_cancelled_when_it_comes_back() {
+    let h = Harness::start(config(2), InMemoryBroker::default());
+    let t = task();
+    h.exec.script(
+        t.id,
+        vec![Act::ApiError(1, 500), Act::Finish(1, Outcome::Succeeded)],
+    );
+    publish(&h.broker, &t);
+    h.until("retry", |h| {
+        h.results().iter().any(|r| r.task_id == t.id && !r.is_final)
+    })
+    .await;
+    h.cancels
+        .apply(sandfleet_proto::Cancellation::task(t.id, "ops", "moot"));
+    h.until("final", |h| !h.finals(t.id).is_empty()).await;
+    h.until("ack", |h| h.broker.acked_count() == 2).await;
+    let finals = h.finals(t.id);
+    assert_eq!(finals.len(), 1);
+    assert_eq!(
+        (finals[0].outcome, finals[0].attempt),
+        (Outcome::Cancelled, 2)
+    );
+    assert_eq!(
+        h.exec.creates(t.id, 2),
+        0,
+        "attempt 2 started after the cancel"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_task_with_the_same_supersede_key_cancels_the_older_running_one() {
+    let h = Harness::start(config(2), InMemoryBroker::default());
+    let mut older = task();
+    older.supersede_key = Some("github:acme/widgets:ref:main".into());
+    older.created_at -= chrono::Duration::seconds(30);
+    let mut newer = task();
+    newer.supersede_key = older.supersede_key.clone();
+    for t in [&older, &newer] {
+        h.exec
+            .script(t.id, vec![Act::Finish(60, Outcome::Succeeded)]);
+    }
+    publish(&h.broker, &older);
+    h.until("older running", |h| {
+        h.exec.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    publish(&h.broker, &newer);
+    h.cancels
+        .apply(sandfleet_proto::Cancellation::supersede_by(&newer).unwrap());
+    h.until("both final", |h| {
+        h.finals(older.id).len() == 1 && h.finals(newer.id).len() == 1
+    })
+    .await;
+    let old = &h.finals(older.id)[0];
+    assert_eq!(old.outcome, Outcome::Cancelled);
+    assert_eq!(
+        old.cancellation.as_ref().unwrap().superseded_by,
+        Some(newer.id)
+    );
+    assert_eq!(h.finals(newer.id)[0].outcome, Outcome::Succeeded);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_that_finished_before_its_cancel_keeps_its_own_result() {
+    let h = Harness::start(config(1), InMemoryBroker::default());
+    let t = task();
+    h.exec.script(t.id, vec![Act::Finish(1, Outcome::Failed)]);
+    publish(&h.broker, &t);
+    h.until("ack", |h| h.broker.acked_count() == 1).await;
+    h.cancels
+        .apply(sandfleet_proto::Cancellation::task(t.id, "ops", "late"));
+    let finals = h.finals(t.id);
+    assert_eq!(finals.len(), 1);
+    assert_eq!(finals[0].outcome, Outcome::Failed);
     h.stop().await;
 }

@@ -1,0 +1,444 @@
+//! Cancellation as the worker sees it (design decision 14): an in-memory
+//! index of every cancel on the cancellations stream, the tasks this worker
+//! holds (so a cancel reaches a running attempt), and a read barrier.
+//!
+//! [`Cancels`] is fed by [`feed`] (RabbitMQ: the whole cancellations stream,
+//! read from its first retained message, so a worker that starts or
+//! reconnects later sees every cancel still retained) or by
+//! [`Cancels::apply`] directly (in-memory tests, the demo). Before an attempt
+//! starts, the dispatch loop [`Cancels::watch`]es its task and passes the
+//! [`Cancels::barrier`]: the worker publishes a marker to the stream and
+//! waits to read it back, so every cancel confirmed before the marker is in
+//! the index. A cancel confirmed later fires the watch while the attempt
+//! runs. Together: no attempt starts after its cancel was acknowledged and
+//! read, and a running one is stopped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sandfleet_amqp::{
+    Amqp, AmqpError, Consumer, ConsumerOptions, Publisher, StreamOffset, Topology,
+};
+use sandfleet_proto::{CancelInfo, CancelTarget, Cancellation, Task, TaskId};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+/// How long a barrier waits for its marker to come back before the attempt
+/// is released for later (the stream or the broker is unwell).
+pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the read barrier could not be passed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BarrierError {
+    /// The marker could not be published.
+    #[error("cancellations marker not published: {0}")]
+    Publish(String),
+    /// The cancellations feed has not started yet.
+    #[error("the cancellations stream is not being read yet")]
+    NotFed,
+    /// The marker did not come back within [`BARRIER_TIMEOUT`].
+    #[error("cancellations stream not read back within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The pure index: which tasks are cancelled.
+#[derive(Debug, Default)]
+pub struct CancelIndex {
+    by_id: HashMap<TaskId, Cancellation>,
+    /// Per supersede key, the supersede with the newest `created_before`
+    /// (every older task with the key is cancelled by it).
+    by_key: HashMap<String, Cancellation>,
+}
+
+impl CancelIndex {
+    /// Records a cancel. Markers are ignored.
+    pub fn apply(&mut self, c: Cancellation) {
+        match &c.target {
+            CancelTarget::Task { task_id } => {
+                self.by_id.entry(*task_id).or_insert(c);
+            }
+            CancelTarget::Supersede {
+                supersede_key,
+                created_before,
+                ..
+            } => {
+                let newer = self.by_key.get(supersede_key).is_none_or(|old| {
+                    matches!(&old.target, CancelTarget::Supersede { created_before: b, .. } if b < created_before)
+                });
+                if newer {
+                    self.by_key.insert(supersede_key.clone(), c);
+                }
+            }
+            CancelTarget::Marker => {}
+        }
+    }
+
+    /// Whether `task` is cancelled, and by whom.
+    pub fn check(&self, task: &Task) -> Option<CancelInfo> {
+        self.by_id
+            .get(&task.id)
+            .and_then(|c| c.applies_to(task))
+            .or_else(|| {
+                let key = task.supersede_key.as_ref()?;
+                self.by_key.get(key)?.applies_to(task)
+            })
+    }
+
+    /// Cancels recorded (for metrics and tests).
+    pub fn len(&self) -> usize {
+        self.by_id.len() + self.by_key.len()
+    }
+
+    /// True when nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A watched task: fires when a cancel for it is applied.
+#[derive(Debug, Clone)]
+pub struct CancelWatch {
+    token: CancellationToken,
+    info: Arc<OnceLock<CancelInfo>>,
+}
+
+impl CancelWatch {
+    fn fire(&self, info: CancelInfo) {
+        let _ = self.info.set(info);
+        self.token.cancel();
+    }
+
+    /// Who cancelled, once fired.
+    pub fn info(&self) -> Option<&CancelInfo> {
+        self.info.get()
+    }
+
+    /// Resolves once fired (cancel-safe).
+    pub async fn fired(&self) {
+        self.token.cancelled().await;
+    }
+}
+
+/// Removes its watch from the registry when dropped.
+pub struct WatchGuard {
+    cancels: Arc<Cancels>,
+    id: Uuid,
+    /// The watch itself.
+    pub watch: CancelWatch,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        let mut s = self.cancels.lock();
+        s.watched.remove(&self.id);
+    }
+}
+
+type Barrier =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), BarrierError>> + Send + Sync>;
+
+#[derive(Default)]
+struct State {
+    index: CancelIndex,
+    watched: HashMap<Uuid, (Task, CancelWatch)>,
+    /// Markers published by this worker, waiting to be read back.
+    markers: HashMap<Uuid, oneshot::Sender<()>>,
+}
+
+/// The index, the watched tasks and the barrier, shared by the dispatch
+/// loop and the feed.
+pub struct Cancels {
+    state: Mutex<State>,
+    barrier: OnceLock<Barrier>,
+    /// True when a [`feed`] will install the barrier: until then nothing
+    /// may start.
+    fed: bool,
+}
+
+impl std::fmt::Debug for Cancels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cancels")
+            .field("recorded", &self.lock().index.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cancels {
+    /// An empty index with no feed: the barrier passes at once (in-memory
+    /// tests and the demo, where [`Cancels::apply`] is called directly).
+    pub fn new() -> Arc<Cancels> {
+        Arc::new(Cancels {
+            state: Mutex::default(),
+            barrier: OnceLock::new(),
+            fed: false,
+        })
+    }
+
+    /// An empty index that a [`feed`] will fill: the barrier fails
+    /// ([`BarrierError::NotFed`]) until the feed has started.
+    pub fn fed_from_stream() -> Arc<Cancels> {
+        Arc::new(Cancels {
+            state: Mutex::default(),
+            barrier: OnceLock::new(),
+            fed: true,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a cancel and fires the watches of the tasks it applies to.
+    pub fn apply(&self, c: Cancellation) {
+        let mut s = self.lock();
+        if let CancelTarget::Marker = c.target {
+            if let Some(tx) = s.markers.remove(&c.id) {
+                let _ = tx.send(());
+            }
+            return;
+        }
+        for (task, watch) in s.watched.values() {
+            if let Some(info) = c.applies_to(task) {
+                watch.fire(info);
+            }
+        }
+        s.index.apply(c);
+    }
+
+    /// Whether `task` is cancelled.
+    pub fn check(&self, task: &Task) -> Option<CancelInfo> {
+        self.lock().index.check(task)
+    }
+
+    /// Watches `task` until the guard drops; fires at once when it is
+    /// already cancelled.
+    pub fn watch(self: &Arc<Self>, task: &Task) -> WatchGuard {
+        let watch = CancelWatch {
+            token: CancellationToken::new(),
+            info: Arc::new(OnceLock::new()),
+        };
+        let id = Uuid::new_v4();
+        let mut s = self.lock();
+        if let Some(info) = s.index.check(task) {
+            watch.fire(info);
+        }
+        s.watched.insert(id, (task.clone(), watch.clone()));
+        drop(s);
+        WatchGuard {
+            cancels: self.clone(),
+            id,
+            watch,
+        }
+    }
+
+    /// Waits until every cancel confirmed before this call is in the index
+    /// (see the module docs). Passes at once without a feed.
+    pub async fn barrier(&self) -> Result<(), BarrierError> {
+        match self.barrier.get() {
+            Some(b) => b().await,
+            None if self.fed => Err(BarrierError::NotFed),
+            None => Ok(()),
+        }
+    }
+
+    /// Cancels recorded.
+    pub fn recorded(&self) -> usize {
+        self.lock().index.len()
+    }
+}
+
+/// Feeds `cancels` from the cancellations stream until `stop`, and installs
+/// the marker barrier. Reads from the first retained message; the consumer
+/// resumes after its last offset when the connection comes back.
+pub async fn feed(
+    amqp: &Amqp,
+    topology: &Topology,
+    publisher: Publisher,
+    cancels: Arc<Cancels>,
+    worker: String,
+    stop: CancellationToken,
+) -> Result<(), AmqpError> {
+    let options = ConsumerOptions::new(&topology.cancellations_stream, 1000)
+        .tag("sandfleet-cancellations")
+        .stream_offset(StreamOffset::First);
+    let mut consumer = Consumer::start(amqp, options).await?;
+    let exchange = topology.cancellations_exchange.clone();
+    let weak = Arc::downgrade(&cancels);
+    let barrier: Barrier = Arc::new(move || {
+        let publisher = publisher.clone();
+        let exchange = exchange.clone();
+        let weak = weak.clone();
+        let worker = worker.clone();
+        Box::pin(async move {
+            let marker = Cancellation::marker(worker);
+            let (tx, rx) = oneshot::channel();
+            if let Some(c) = weak.upgrade() {
+                c.lock().markers.insert(marker.id, tx);
+            }
+            let forget = |id| {
+                if let Some(c) = weak.upgrade() {
+                    c.lock().markers.remove(&id);
+                }
+            };
+            let body = serde_json::to_vec(&marker).unwrap_or_default();
+            let msg = sandfleet_amqp::OutgoingMessage::new(&exchange, "", body)
+                .message_id(marker.id.to_string())
+                .kind(sandfleet_proto::CANCELLATION_MESSAGE_TYPE);
+            if let Err(e) = publisher.publish(&msg).await {
+                forget(marker.id);
+                return Err(BarrierError::Publish(e.to_string()));
+            }
+            match tokio::time::timeout(BARRIER_TIMEOUT, rx).await {
+                Ok(Ok(())) => Ok(()),
+                _ => {
+                    forget(marker.id);
+                    Err(BarrierError::Timeout(BARRIER_TIMEOUT))
+                }
+            }
+        })
+    });
+    let _ = cancels.barrier.set(barrier);
+    loop {
+        let delivery = tokio::select! {
+            _ = stop.cancelled() => break,
+            d = consumer.next_delivery() => match d {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        let _ = delivery.ack().await;
+        match serde_json::from_slice::<Cancellation>(delivery.body()) {
+            Ok(c) if c.validate().is_ok() => {
+                debug!(cancel = %c.id, "cancellation read");
+                cancels.apply(c);
+            }
+            Ok(c) => warn!(cancel = %c.id, "ignoring an invalid cancellation"),
+            Err(e) => warn!(error = %e, "ignoring an undecodable cancellation"),
+        }
+    }
+    consumer.cancel();
+    Ok(())
+}
+
+/// Runs [`feed`] until `stop`, starting it again after a failure to
+/// subscribe (broker down at start).
+pub async fn run_feed(
+    amqp: Amqp,
+    topology: Topology,
+    publisher: Publisher,
+    cancels: Arc<Cancels>,
+    worker: String,
+    stop: CancellationToken,
+) {
+    loop {
+        let fed = feed(
+            &amqp,
+            &topology,
+            publisher.clone(),
+            cancels.clone(),
+            worker.clone(),
+            stop.clone(),
+        )
+        .await;
+        match fed {
+            Ok(()) => return,
+            Err(e) => warn!(error = %e, "cannot read the cancellations stream; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// The error text of a cancelled result: `cancelled by <by>: <reason>`.
+pub fn describe(info: &CancelInfo) -> String {
+    format!("cancelled by {}: {}", info.by, info.reason)
+}
+
+/// A supersede cutoff for tests and callers that build one by hand.
+pub fn supersede(key: &str, superseded_by: TaskId, created_before: DateTime<Utc>) -> Cancellation {
+    let mut c = Cancellation::task(superseded_by, "supersede", "superseded");
+    c.target = CancelTarget::Supersede {
+        supersede_key: key.to_owned(),
+        superseded_by,
+        created_before,
+    };
+    c.reason = format!("superseded by the newer task {superseded_by}");
+    c
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use sandfleet_proto::{Provider, SandboxSpec, Source};
+
+    fn task(key: Option<&str>) -> Task {
+        let mut t = Task::fix_attempt(
+            Source {
+                provider: Provider::Api,
+                repository: "acme/widgets".into(),
+                commit: "4f2a9c1".into(),
+                git_ref: None,
+                ci_run_id: None,
+                pull_request: None,
+                url: None,
+            },
+            SandboxSpec {
+                image: "alpine:3".into(),
+                resources: Default::default(),
+                env: Default::default(),
+                deadline_secs: 60,
+                pending_timeout_secs: 60,
+            },
+        );
+        t.supersede_key = key.map(Into::into);
+        t
+    }
+
+    #[tokio::test]
+    async fn a_watch_fires_for_a_cancel_applied_before_or_after_it() {
+        let cancels = Cancels::new();
+        let (early, late, spared) = (task(None), task(None), task(None));
+        cancels.apply(Cancellation::task(early.id, "ops", "early"));
+        let g1 = cancels.watch(&early);
+        assert_eq!(g1.watch.info().unwrap().reason, "early");
+        let g2 = cancels.watch(&late);
+        let g3 = cancels.watch(&spared);
+        assert!(g2.watch.info().is_none());
+        cancels.apply(Cancellation::task(late.id, "ops", "late"));
+        tokio::time::timeout(Duration::from_secs(1), g2.watch.fired())
+            .await
+            .unwrap();
+        assert_eq!(g2.watch.info().unwrap().by, "ops");
+        assert!(g3.watch.info().is_none());
+        drop((g1, g2, g3));
+        assert!(cancels.lock().watched.is_empty(), "guards unregister");
+        assert!(cancels.barrier().await.is_ok(), "no feed: passes");
+    }
+
+    #[test]
+    fn the_newest_supersede_of_a_key_wins() {
+        let cancels = Cancels::new();
+        let mut t1 = task(Some("k"));
+        t1.created_at -= chrono::Duration::seconds(20);
+        let mut t2 = task(Some("k"));
+        t2.created_at -= chrono::Duration::seconds(10);
+        let t3 = task(Some("k"));
+        let g1 = cancels.watch(&t1);
+        cancels.apply(Cancellation::supersede_by(&t2).unwrap());
+        assert_eq!(g1.watch.info().unwrap().superseded_by, Some(t2.id));
+        assert!(cancels.check(&t2).is_none());
+        cancels.apply(Cancellation::supersede_by(&t3).unwrap());
+        // An older supersede arriving late does not roll the cutoff back.
+        cancels.apply(supersede("k", t1.id, t1.created_at));
+        assert_eq!(cancels.check(&t2).unwrap().superseded_by, Some(t3.id));
+        assert!(cancels.check(&t3).is_none());
+        assert!(cancels.check(&task(Some("other"))).is_none());
+    }
+}
