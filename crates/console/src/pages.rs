@@ -7,7 +7,7 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 use sandfleet_ops::dlq::DeadLetter;
-use sandfleet_proto::TaskResult;
+use sandfleet_proto::{Outcome, TaskResult};
 
 use crate::auth::Principal;
 use crate::fleet::{Overview, Sessions};
@@ -330,14 +330,6 @@ pub struct ResultQuery {
     pub window: String,
 }
 
-const OUTCOMES: &[&str] = &[
-    "succeeded",
-    "failed",
-    "timed_out",
-    "infra_error",
-    "invalid",
-    "cancelled",
-];
 const WINDOWS: &[(&str, &str)] = &[
     ("", "everything kept"),
     ("15m", "last 15 minutes"),
@@ -365,7 +357,7 @@ pub fn results(
     notice: Option<&str>,
 ) -> String {
     let mut outcomes = vec![("", "any")];
-    outcomes.extend(OUTCOMES.iter().map(|o| (*o, *o)));
+    outcomes.extend(Outcome::ALL.iter().map(|o| (o.as_str(), o.as_str())));
     let mut body = String::from("<h1>Results</h1>");
     if let Some(n) = notice {
         let _ = write!(body, r#"<p class="notice" role="status">{}</p>"#, esc(n));
@@ -576,6 +568,25 @@ pub fn message(title: &str, text: &str, who: Option<&Principal>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_outcome_filter_offers_every_outcome_and_keeps_the_choice() {
+        let q = ResultQuery {
+            repo: "acme/<b>".into(),
+            outcome: "timed_out".into(),
+            window: "1h".into(),
+        };
+        let page = results(&q, &[], 0, None, None);
+        for o in Outcome::ALL {
+            assert!(
+                page.contains(&format!(r#"value="{}""#, o.as_str())),
+                "{o:?}"
+            );
+        }
+        assert!(page.contains(r#"<option value="timed_out" selected>"#));
+        assert!(page.contains(r#"<option value="1h" selected>"#));
+        assert!(page.contains("acme/&lt;b&gt;") && !page.contains("acme/<b>"));
+    }
 
     #[test]
     fn text_from_outside_cannot_become_markup() {
