@@ -56,6 +56,37 @@ impl SessionsClient {
         ok(resp, "").await?.json().await.map_err(unavailable)
     }
 
+    /// Creates a session from warm pool `pool` (a cold start when the pool
+    /// has no idle member); the pool decides image and resources.
+    pub async fn create_in_pool(
+        &self,
+        spec: &SessionSpec,
+        pool: &str,
+    ) -> Result<SessionInfo, SessionError> {
+        let mut body = serde_json::to_value(spec)
+            .map_err(|e| SessionError::InvalidSpec(format!("session spec: {e}")))?;
+        if let Some(o) = body.as_object_mut() {
+            o.insert("pool".into(), serde_json::Value::String(pool.to_owned()));
+        }
+        let resp = self
+            .req(reqwest::Method::POST, "/v1/sessions")
+            .json(&body)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        ok(resp, "").await?.json().await.map_err(unavailable)
+    }
+
+    /// The warm pools and their counts.
+    pub async fn pools(&self) -> Result<Vec<crate::pool::PoolInfo>, SessionError> {
+        let resp = self
+            .req(reqwest::Method::GET, "/v1/pools")
+            .send()
+            .await
+            .map_err(unavailable)?;
+        ok(resp, "").await?.json().await.map_err(unavailable)
+    }
+
     /// This token's sessions.
     pub async fn list(&self) -> Result<Vec<SessionInfo>, SessionError> {
         let resp = self

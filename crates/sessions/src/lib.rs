@@ -9,6 +9,9 @@
 //! serves any session and a restart loses none. Sessions that end by
 //! themselves (idle timeout, max lifetime) are deleted by a periodic reaper.
 //!
+//! Warm pools ([`pool`]) keep idle sandboxes ready: a create that names a
+//! pool claims one instead of waiting for a pod to start.
+//!
 //! Where to start: [`server::Service`], then [`client::SessionsClient`] (the
 //! same [`SessionBackend`](sandfleet_sandbox::session::SessionBackend)
 //! contract, over HTTP). Limits are in [`limits`], metrics in [`metrics`].
@@ -18,6 +21,7 @@ pub mod client;
 mod error;
 pub mod limits;
 pub mod metrics;
+pub mod pool;
 pub mod server;
 pub mod wire;
 

@@ -8,6 +8,11 @@
 //! | `sandfleet_sessions_command_duration_seconds` | histogram | — (request → exit status) |
 //! | `sandfleet_sessions_exec_errors_total` | counter | `code` (`connection_lost`, `unavailable`, `not_found`, ...) |
 //! | `sandfleet_sessions_reaped_total` | counter | — (ended by idle timeout or lifetime, then deleted) |
+//! | `sandfleet_sessions_pool_size` | gauge | `pool` (configured idle members) |
+//! | `sandfleet_sessions_pool_idle` | gauge | `pool` (idle members ready to claim, as this replica sees them) |
+//! | `sandfleet_sessions_pool_claims_total` | counter | `pool` (sessions served by a warm member) |
+//! | `sandfleet_sessions_pool_misses_total` | counter | `pool` (sessions that asked for the pool and got a cold start) |
+//! | `sandfleet_sessions_pool_claim_duration_seconds` | histogram | — (create request → claimed member ready for commands) |
 //! | `sandfleet_build_info` | info | `version`, `git_sha`, `component="sessions"` |
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -23,6 +28,13 @@ use prometheus_client::registry::Registry;
 pub struct ErrorLabels {
     /// The error code.
     pub code: String,
+}
+
+/// Labels of the pool metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// The pool's name.
+    pub pool: String,
 }
 
 /// The service's metrics and their registry.
@@ -41,6 +53,16 @@ pub struct Metrics {
     pub exec_errors: Family<ErrorLabels, Counter>,
     /// Sessions reaped.
     pub reaped: Counter,
+    /// Configured size, by pool.
+    pub pool_size: Family<PoolLabels, Gauge>,
+    /// Idle members, by pool.
+    pub pool_idle: Family<PoolLabels, Gauge>,
+    /// Claims served warm, by pool.
+    pub pool_claims: Family<PoolLabels, Counter>,
+    /// Cold starts of sessions that asked for a pool, by pool.
+    pub pool_misses: Family<PoolLabels, Counter>,
+    /// Create → claimed member ready.
+    pub pool_claim_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -54,6 +76,37 @@ impl Default for Metrics {
         let command_duration = Histogram::new(exponential_buckets(0.001, 2.0, 21));
         let exec_errors = Family::<ErrorLabels, Counter>::default();
         let reaped = Counter::default();
+        let pool_size = Family::<PoolLabels, Gauge>::default();
+        let pool_idle = Family::<PoolLabels, Gauge>::default();
+        let pool_claims = Family::<PoolLabels, Counter>::default();
+        let pool_misses = Family::<PoolLabels, Counter>::default();
+        // 1 ms .. ~16 s: a claim is a patch and an exec, a miss is not in it.
+        let pool_claim_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "sandfleet_sessions_pool_size",
+            "Idle members each warm pool is configured to keep",
+            pool_size.clone(),
+        );
+        registry.register(
+            "sandfleet_sessions_pool_idle",
+            "Idle warm pool members ready to claim",
+            pool_idle.clone(),
+        );
+        registry.register(
+            "sandfleet_sessions_pool_claims",
+            "Sessions served by a warm pool member",
+            pool_claims.clone(),
+        );
+        registry.register(
+            "sandfleet_sessions_pool_misses",
+            "Sessions that asked for a warm pool and got a cold start",
+            pool_misses.clone(),
+        );
+        registry.register(
+            "sandfleet_sessions_pool_claim_duration_seconds",
+            "Time from a create request to a claimed pool member ready for commands",
+            pool_claim_duration.clone(),
+        );
         registry.register(
             "sandfleet_sessions_active",
             "Sessions alive",
@@ -97,6 +150,11 @@ impl Default for Metrics {
             command_duration,
             exec_errors,
             reaped,
+            pool_size,
+            pool_idle,
+            pool_claims,
+            pool_misses,
+            pool_claim_duration,
         }
     }
 }
@@ -107,6 +165,11 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The labels of `pool`.
+    pub fn pool(pool: &str) -> PoolLabels {
+        PoolLabels { pool: pool.into() }
     }
 
     /// Counts a failed operation.

@@ -32,7 +32,9 @@ use crate::auth::{ANNOTATION_OWNER, LABEL_OWNER, Owner, Tokens};
 use crate::error::ApiError;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::pool::{PoolInfo, Pools};
 use crate::wire::{RunRequest, SessionInfo, StreamLine, TRUNCATED_HEADER};
+use sandfleet_sandbox::session::pool::{LABEL_POOL_STATE, MemberState, PoolTemplate};
 
 /// The sessions service. Cheap to clone.
 #[derive(Clone)]
@@ -44,7 +46,9 @@ struct Inner {
     backend: KubeSessions,
     tokens: Tokens,
     limits: Limits,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
+    /// The warm pools (none configured: an empty set).
+    pools: Arc<Pools>,
     /// Session → owner hash, for sessions this replica has checked.
     owners: Mutex<HashMap<SessionId, String>>,
     ready: AtomicBool,
@@ -78,12 +82,25 @@ fn info(r: &SessionRecord) -> SessionInfo {
 impl Service {
     /// A service over `backend`, accepting `tokens`, within `limits`.
     pub fn new(backend: KubeSessions, tokens: Tokens, limits: Limits) -> Service {
+        Service::with_pools(backend, tokens, limits, Vec::new())
+    }
+
+    /// A service that also keeps the warm pools `pools` full and serves
+    /// `pool: NAME` creates from them.
+    pub fn with_pools(
+        backend: KubeSessions,
+        tokens: Tokens,
+        limits: Limits,
+        pools: Vec<PoolTemplate>,
+    ) -> Service {
+        let pools = Arc::new(Pools::new(backend.clone(), pools, limits.max_lifetime));
         Service {
             inner: Arc::new(Inner {
+                pools,
                 backend,
                 tokens,
                 limits,
-                metrics: Metrics::default(),
+                metrics: Arc::new(Metrics::default()),
                 owners: Mutex::default(),
                 ready: AtomicBool::new(true),
             }),
@@ -95,6 +112,21 @@ impl Service {
         &self.inner.metrics
     }
 
+    /// The warm pools.
+    pub fn pools(&self) -> &Arc<Pools> {
+        &self.inner.pools
+    }
+
+    /// Keeps the warm pools full until `shutdown` (part of [`Service::run`];
+    /// call it yourself when serving the router some other way).
+    pub async fn pool_loop(self, shutdown: CancellationToken) {
+        self.inner
+            .pools
+            .clone()
+            .run(self.inner.metrics.clone(), shutdown)
+            .await;
+    }
+
     /// All routes.
     pub fn router(&self) -> Router {
         // Bodies are files: the file limit plus slack for JSON requests.
@@ -104,6 +136,7 @@ impl Service {
             .route("/v1/sessions/{id}", get(show).delete(remove))
             .route("/v1/sessions/{id}/run", post(run))
             .route("/v1/sessions/{id}/files", get(get_file).put(put_file))
+            .route("/v1/pools", get(list_pools))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
@@ -120,12 +153,14 @@ impl Service {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let reaper = tokio::spawn(self.clone().reap_loop(reap_every, shutdown.clone()));
+        let pools = tokio::spawn(self.clone().pool_loop(shutdown.clone()));
         let stop = shutdown.clone();
         let result = axum::serve(listener, self.router())
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
         shutdown.cancel();
         let _ = reaper.await;
+        let _ = pools.await;
         result
     }
 
@@ -159,10 +194,12 @@ impl Service {
             }
         }
         let alive = self.inner.backend.list("").await?;
-        self.inner
-            .metrics
-            .active
-            .set(alive.iter().filter(|r| !r.ended).count() as i64);
+        self.inner.metrics.active.set(
+            alive
+                .iter()
+                .filter(|r| !r.ended && !unclaimed_member(r))
+                .count() as i64,
+        );
         Ok(reaped)
     }
 
@@ -216,6 +253,18 @@ impl Service {
     }
 }
 
+/// An idle or warming pool member: a sandbox, not (yet) a session.
+fn unclaimed_member(r: &SessionRecord) -> bool {
+    r.labels
+        .get(LABEL_POOL_STATE)
+        .is_some_and(|s| s != MemberState::Claimed.as_str())
+}
+
+async fn list_pools(State(s): State<Service>, headers: HeaderMap) -> Result<Json<Vec<PoolInfo>>> {
+    s.owner(&headers)?;
+    Ok(Json(s.inner.pools.list()))
+}
+
 async fn readyz(State(s): State<Service>) -> Response {
     if s.inner.ready.load(Ordering::Relaxed) {
         "ready".into_response()
@@ -245,8 +294,44 @@ async fn create(
     body: Bytes,
 ) -> Result<(StatusCode, Json<SessionInfo>)> {
     let owner = s.owner(&headers)?;
-    let spec: SessionSpec = serde_json::from_slice(&body)
+    let mut doc: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("session spec: {e}")))?;
+    // `pool` is optional: without it the body is a plain SessionSpec.
+    let pool = match doc.as_object_mut().and_then(|o| o.remove("pool")) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(name)) => Some(
+            s.inner
+                .pools
+                .template(&name)
+                .cloned()
+                .ok_or_else(|| ApiError::bad_request(format!("no pool named {name:?}")))?,
+        ),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "pool must be a pool's name, not {other}"
+            )));
+        }
+    };
+    if let (Some(t), Some(o)) = (&pool, doc.as_object_mut()) {
+        // The pool decides the image and resources; asking for others is a mistake.
+        match o.get("image").and_then(serde_json::Value::as_str) {
+            None => {
+                o.insert("image".into(), serde_json::Value::String(t.image.clone()));
+            }
+            Some(i) if i == t.image => {}
+            Some(i) => {
+                return Err(ApiError::bad_request(format!(
+                    "pool {} runs image {}, not {i}",
+                    t.name, t.image
+                )));
+            }
+        }
+    }
+    let mut spec: SessionSpec = serde_json::from_value(doc)
+        .map_err(|e| ApiError::bad_request(format!("session spec: {e}")))?;
+    if let Some(t) = &pool {
+        spec.resources = t.resources.clone();
+    }
     spec.validate()?;
     let limits = &s.inner.limits;
     limits.check_spec(spec.idle_timeout, spec.max_lifetime)?;
@@ -264,17 +349,43 @@ async fn create(
         annotations: [(ANNOTATION_OWNER.to_owned(), owner.hash.clone())].into(),
     };
     let started = Instant::now();
-    let id = s
-        .inner
-        .backend
-        .start_with(&spec, &meta)
-        .await
-        .map_err(ApiError::from)
-        .inspect_err(|e| s.count_error(e))?;
-    s.inner
-        .metrics
-        .start_duration
-        .observe(started.elapsed().as_secs_f64());
+    let warm = match &pool {
+        Some(t) => {
+            let got = s.inner.pools.claim(t, &spec, &meta).await;
+            let labels = Metrics::pool(&t.name);
+            match &got {
+                Some(_) => {
+                    s.inner.metrics.pool_claims.get_or_create(&labels).inc();
+                    s.inner
+                        .metrics
+                        .pool_claim_duration
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                None => {
+                    s.inner.metrics.pool_misses.get_or_create(&labels).inc();
+                }
+            }
+            got
+        }
+        None => None,
+    };
+    let id = match warm {
+        Some(id) => id,
+        None => {
+            let id = s
+                .inner
+                .backend
+                .start_with(&spec, &meta)
+                .await
+                .map_err(ApiError::from)
+                .inspect_err(|e| s.count_error(e))?;
+            s.inner
+                .metrics
+                .start_duration
+                .observe(started.elapsed().as_secs_f64());
+            id
+        }
+    };
     s.inner.metrics.started.inc();
     if let Ok(mut o) = s.inner.owners.lock() {
         o.insert(id.clone(), owner.hash.clone());

@@ -73,6 +73,8 @@ pub struct Settings {
     pub gateway: GatewaySettings,
     /// The operator console.
     pub console: ConsoleSettings,
+    /// The sessions service (its warm pools).
+    pub sessions: SessionsSettings,
     /// Logs and traces.
     pub telemetry: TelemetrySettings,
     /// Bounds every task must respect (message size, steps, timeouts, ...).
@@ -319,6 +321,7 @@ impl Settings {
         self.check_sandbox(&mut c);
         self.check_gateway(&mut c);
         self.check_console(&mut c);
+        self.check_sessions(&mut c);
         self.check_telemetry(&mut c);
         self.check_limits(&mut c);
         if c.0.is_empty() {
@@ -564,6 +567,34 @@ impl Settings {
                     );
                 }
             }
+        }
+    }
+
+    fn check_sessions(&self, c: &mut Check) {
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.sessions.pools.iter().enumerate() {
+            let key = |f: &str| format!("sessions.pools[{i}].{f}");
+            // The name goes into Job names (`sp-<pool>-<slot>-<gen>`) and label values.
+            let name_ok = !p.name.is_empty()
+                && p.name.len() <= 30
+                && !p.name.starts_with('-')
+                && !p.name.ends_with('-')
+                && p.name
+                    .chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-');
+            if !name_ok {
+                c.fail(
+                    &key("name"),
+                    "must be 1-30 lowercase letters, digits or '-'",
+                );
+            }
+            if !seen.insert(p.name.as_str()) {
+                c.fail(&key("name"), format!("pool {:?} is declared twice", p.name));
+            }
+            if p.image.trim().is_empty() {
+                c.fail(&key("image"), "must not be empty");
+            }
+            c.at_least(&key("max_age_secs"), p.max_age_secs, 60);
         }
     }
 

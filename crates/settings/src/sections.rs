@@ -369,6 +369,45 @@ impl Default for KubernetesSettings {
     }
 }
 
+/// The sessions service, `sandfleet sessions` (section `sessions`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsSettings {
+    /// Warm pools the service keeps full (`[[sessions.pools]]`).
+    pub pools: Vec<PoolSettings>,
+}
+
+/// One warm pool: idle sandboxes a session claims instead of waiting for a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    /// The pool's name, as sessions ask for it (`pool: NAME`).
+    pub name: String,
+    /// Container image of every member.
+    pub image: String,
+    /// Idle members kept ready.
+    pub size: usize,
+    /// Seconds after which an idle member is replaced.
+    #[serde(default = "default_pool_max_age")]
+    pub max_age_secs: u64,
+    /// CPU request of every member (the sandbox default when unset).
+    #[serde(default)]
+    pub cpu_request: Option<String>,
+    /// CPU limit.
+    #[serde(default)]
+    pub cpu_limit: Option<String>,
+    /// Memory request.
+    #[serde(default)]
+    pub memory_request: Option<String>,
+    /// Memory limit.
+    #[serde(default)]
+    pub memory_limit: Option<String>,
+}
+
+fn default_pool_max_age() -> u64 {
+    3600
+}
+
 /// The operator console, `sandfleet console` (section `console`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

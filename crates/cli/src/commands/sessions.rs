@@ -71,7 +71,11 @@ pub async fn run(
         .await
         .map_err(|e| CliError::Usage(format!("--listen {}: {e}", a.listen)))?;
     tracing::info!(listen = %a.listen, tokens = tokens.len(), "sessions service listening");
-    Service::new(backend, tokens, limits)
+    let pools = sandfleet_sessions::pool::templates(&settings.sessions);
+    for p in &pools {
+        tracing::info!(pool = %p.name, size = p.size, image = %p.image, "warm pool");
+    }
+    Service::with_pools(backend, tokens, limits, pools)
         .run(
             listener,
             Duration::from_secs(a.reap_interval_secs.max(1)),

@@ -169,6 +169,8 @@ pub struct Member {
     pub resource_version: String,
     /// The Job finished (its pod ended): it serves nobody any more.
     pub ended: bool,
+    /// The idle timeout of the session that claimed it.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Member {
@@ -195,6 +197,10 @@ impl Member {
                 .map(SystemTime::from),
             resource_version: job.metadata.resource_version.clone().unwrap_or_default(),
             ended: super::kubernetes::pod::job_ended(job),
+            idle_timeout: annotations
+                .get(super::kubernetes::pod::ANNOTATION_IDLE_SECS)
+                .and_then(|s| s.parse().ok())
+                .map(Duration::from_secs),
         })
     }
 
@@ -348,6 +354,35 @@ impl PoolIndex {
             .iter()
             .chain(&idle[..start])
             .cloned()
+            .collect()
+    }
+
+    /// Members still warming after `grace`: their creator may have died
+    /// before it marked them idle, so another replica adopts them.
+    pub fn warming_longer_than(&self, now: SystemTime, grace: Duration) -> Vec<String> {
+        self.members
+            .values()
+            .filter(|m| m.state == MemberState::Warming && !m.ended && m.age(now) >= grace)
+            .map(|m| m.name.clone())
+            .collect()
+    }
+
+    /// Claimed members to check: claimed longer ago than their session's
+    /// idle timeout and not yet seen serving it (`confirmed`). A replica that
+    /// died between the claim and handing over the session's values leaves
+    /// such a member behind; nobody will use it, and its own idle loop still
+    /// runs on the pool's long timeout, so the service deletes it.
+    pub fn unconfirmed_claims(&self, now: SystemTime, confirmed: &HashSet<String>) -> Vec<String> {
+        self.members
+            .values()
+            .filter(|m| m.state == MemberState::Claimed && !m.ended && !confirmed.contains(&m.name))
+            .filter(|m| {
+                let (Some(at), Some(idle)) = (m.claimed_at, m.idle_timeout) else {
+                    return false;
+                };
+                now.duration_since(at).is_ok_and(|d| d >= idle)
+            })
+            .map(|m| m.name.clone())
             .collect()
     }
 
@@ -628,6 +663,44 @@ mod tests {
             3,
             "the stale one still counts as idle"
         );
+    }
+
+    #[test]
+    fn a_claim_left_unconfirmed_past_its_idle_timeout_is_checked() {
+        let t = template(2);
+        let now = SystemTime::now();
+        let mut index = PoolIndex::new();
+        for (slot, claimed_ago) in [(0u32, 30u64), (1, 5)] {
+            let mut j = job(&t, slot, 0, MemberState::Claimed, now);
+            let at = chrono::DateTime::<chrono::Utc>::from(now - Duration::from_secs(claimed_ago));
+            j.metadata.annotations = Some(
+                [
+                    (ANNOTATION_CLAIMED_AT.to_owned(), at.to_rfc3339()),
+                    (
+                        crate::session::kubernetes::pod::ANNOTATION_IDLE_SECS.to_owned(),
+                        "10".to_owned(),
+                    ),
+                ]
+                .into(),
+            );
+            index.apply(&j);
+        }
+        index.apply(&job(
+            &t,
+            2,
+            0,
+            MemberState::Warming,
+            now - Duration::from_secs(20),
+        ));
+        index.apply(&job(&t, 3, 0, MemberState::Warming, now));
+        assert_eq!(
+            index.warming_longer_than(now, Duration::from_secs(10)),
+            ["sp-py-2-0"]
+        );
+        let none = HashSet::new();
+        assert_eq!(index.unconfirmed_claims(now, &none), ["sp-py-0-0"]);
+        let seen: HashSet<String> = ["sp-py-0-0".to_owned()].into();
+        assert!(index.unconfirmed_claims(now, &seen).is_empty());
     }
 
     #[test]

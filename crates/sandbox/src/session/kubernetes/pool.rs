@@ -69,18 +69,49 @@ impl KubeSessions {
             Err(kube::Error::Api(s)) if s.code == 409 => return Ok(false),
             Err(e) => return Err(api_error("create pool member", e)),
         }
-        let id = SessionId(name.clone());
-        if let Err(e) = self.await_ready(&id, &spec.working_dir).await {
-            let _ = self.delete_member(&name, None).await;
+        self.promote_member(&name).await?;
+        Ok(true)
+    }
+
+    /// Waits until warming member `name` can run commands, then labels it
+    /// idle. Its creator does this; another replica adopts a member whose
+    /// creator died while it warmed. A member that fails to start is deleted.
+    pub async fn promote_member(&self, name: &str) -> Result<(), SessionError> {
+        let id = SessionId(name.to_owned());
+        if let Err(e) = self.await_ready(&id, ".").await {
+            let _ = self.delete_member(name, None).await;
             return Err(e);
         }
-        // Only the state label changes; the member is still nobody's, so no precondition.
-        let patch = json!({"metadata": {"labels": {LABEL_POOL_STATE: MemberState::Idle.as_str()}}});
-        self.jobs
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        // Only a warming member becomes idle: never undo a claim.
+        let current = self
+            .jobs
+            .get_opt(name)
             .await
-            .map_err(|e| api_error("mark pool member idle", e))?;
-        Ok(true)
+            .map_err(|e| api_error("get pool member", e))?;
+        let Some(job) = current else { return Ok(()) };
+        let warming = job
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_POOL_STATE))
+            .is_some_and(|s| s == MemberState::Warming.as_str());
+        if !warming {
+            return Ok(());
+        }
+        let patch = json!({"metadata": {
+            "resourceVersion": job.metadata.resource_version,
+            "labels": {LABEL_POOL_STATE: MemberState::Idle.as_str()},
+        }});
+        match self
+            .jobs
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Changed meanwhile (another replica promoted or deleted it): its business.
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(()),
+            Err(e) => Err(api_error("mark pool member idle", e)),
+        }
     }
 
     /// Claims idle member `name` for a session, if it is still at
@@ -118,7 +149,7 @@ impl KubeSessions {
         );
         annotations.insert(
             ANNOTATION_CLAIMED_AT.into(),
-            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         );
         let patch = json!({"metadata": {
             "resourceVersion": resource_version,

@@ -1,0 +1,376 @@
+//! Warm pools: the service keeps each configured pool full and serves
+//! `pool: NAME` creates from it.
+//!
+//! Every replica runs the same manager: a watch on member Jobs feeds a
+//! [`PoolIndex`]; after each change (and every second, for max age) the
+//! index's [`plan`](PoolIndex::plan) says what to create and delete, and the
+//! manager does it. Member names are deterministic, so two replicas acting
+//! on the same view create each member once (the second gets 409), and
+//! deletes carry the resourceVersion they were planned on, so a member
+//! claimed meanwhile is never deleted. A claim is a conditional patch
+//! ([`KubeSessions::claim_member`]); losing it moves on to the next member,
+//! and an empty pool is a cold start, never an error.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt as _;
+use kube::runtime::watcher;
+use sandfleet_sandbox::session::kubernetes::SessionMeta;
+use sandfleet_sandbox::session::kubernetes::pool::ClaimOutcome;
+use sandfleet_sandbox::session::pool::{MemberState, POOL_SELECTOR, PoolIndex, PoolTemplate};
+use sandfleet_sandbox::session::{KubeSessions, SessionBackend as _, SessionId, SessionSpec};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// A member still warming after this long is taken for broken and replaced.
+const WARM_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A member warming this long with no local creator is adopted: its
+/// creator (another replica) may have died before marking it idle.
+const ADOPT_AFTER: Duration = Duration::from_secs(10);
+
+/// How often the plan runs without a change (max age, stuck members).
+const TICK: Duration = Duration::from_secs(1);
+
+/// The pools of the `[[sessions.pools]]` settings (validated at load).
+pub fn templates(settings: &sandfleet_settings::SessionsSettings) -> Vec<PoolTemplate> {
+    settings
+        .pools
+        .iter()
+        .map(|p| PoolTemplate {
+            name: p.name.clone(),
+            image: p.image.clone(),
+            resources: sandfleet_proto::Resources {
+                cpu_request: p.cpu_request.clone(),
+                cpu_limit: p.cpu_limit.clone(),
+                memory_request: p.memory_request.clone(),
+                memory_limit: p.memory_limit.clone(),
+            },
+            size: p.size,
+            max_age: Duration::from_secs(p.max_age_secs),
+        })
+        .collect()
+}
+
+/// A pool as the list endpoint shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PoolInfo {
+    /// The pool's name.
+    pub name: String,
+    /// Its image.
+    pub image: String,
+    /// Idle members it keeps.
+    pub size: usize,
+    /// Idle members now.
+    pub idle: usize,
+    /// Members starting now.
+    pub warming: usize,
+    /// Members serving sessions now.
+    pub claimed: usize,
+    /// Max age of an idle member, seconds.
+    pub max_age_secs: u64,
+}
+
+/// The warm pools of one replica.
+pub struct Pools {
+    backend: KubeSessions,
+    templates: Vec<PoolTemplate>,
+    /// The longest lifetime a session may ask for (members leave room for it).
+    max_lifetime: Duration,
+    index: Mutex<PoolIndex>,
+    /// Members this replica is claiming right now (not offered to its other claims).
+    claiming: Mutex<HashSet<String>>,
+    /// Members this replica is creating or deleting.
+    pending: Mutex<HashSet<String>>,
+    /// Claimed members seen serving their session.
+    confirmed: Mutex<HashSet<String>>,
+    synced: AtomicBool,
+    wake: Notify,
+    spread: AtomicU64,
+}
+
+impl std::fmt::Debug for Pools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pools")
+            .field("templates", &self.templates)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Pools {
+    /// The pools `templates` over `backend`; sessions live at most `max_lifetime`.
+    pub fn new(
+        backend: KubeSessions,
+        templates: Vec<PoolTemplate>,
+        max_lifetime: Duration,
+    ) -> Pools {
+        Pools {
+            backend,
+            templates,
+            max_lifetime,
+            index: Mutex::default(),
+            claiming: Mutex::default(),
+            pending: Mutex::default(),
+            confirmed: Mutex::default(),
+            synced: AtomicBool::new(false),
+            wake: Notify::new(),
+            spread: AtomicU64::new(rand_seed()),
+        }
+    }
+
+    /// The configured pool `name`.
+    pub fn template(&self, name: &str) -> Option<&PoolTemplate> {
+        self.templates.iter().find(|t| t.name == name)
+    }
+
+    /// Every configured pool with its counts.
+    pub fn list(&self) -> Vec<PoolInfo> {
+        let index = lock(&self.index);
+        self.templates
+            .iter()
+            .map(|t| PoolInfo {
+                name: t.name.clone(),
+                image: t.image.clone(),
+                size: t.size,
+                idle: index.count(&t.name, MemberState::Idle),
+                warming: index.count(&t.name, MemberState::Warming),
+                claimed: index.count(&t.name, MemberState::Claimed),
+                max_age_secs: t.max_age.as_secs(),
+            })
+            .collect()
+    }
+
+    /// Whether the watch has listed the members once (plans before that
+    /// would refill pools that are already full).
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Claims an idle member of `pool` for a session with `spec` and `meta`:
+    /// tries the idle members in turn (a lost race moves on), hands the
+    /// winner the session's values, and starts the refill. `None` when no
+    /// member could be had: the caller starts the session cold.
+    pub async fn claim(
+        &self,
+        pool: &PoolTemplate,
+        spec: &SessionSpec,
+        meta: &SessionMeta,
+    ) -> Option<SessionId> {
+        let spread = self
+            .spread
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        let candidates = {
+            let busy = lock(&self.claiming);
+            lock(&self.index).candidates(pool, &busy, spread >> 17)
+        };
+        for (name, rv) in candidates {
+            if !lock(&self.claiming).insert(name.clone()) {
+                continue;
+            }
+            let outcome = self.backend.claim_member(&name, &rv, spec, meta).await;
+            let claimed = match outcome {
+                Ok(ClaimOutcome::Claimed) => true,
+                Ok(ClaimOutcome::Lost) => false,
+                Err(e) => {
+                    tracing::warn!(member = %name, "claiming a pool member: {e}");
+                    false
+                }
+            };
+            if !claimed {
+                lock(&self.claiming).remove(&name);
+                continue;
+            }
+            lock(&self.index).mark_claimed(&name);
+            // Refill now, not when the watch reports the claim.
+            self.wake.notify_one();
+            let id = SessionId(name.clone());
+            let activated = self.backend.activate_member(&id, spec).await;
+            lock(&self.claiming).remove(&name);
+            match activated {
+                Ok(()) => {
+                    lock(&self.confirmed).insert(name);
+                    return Some(id);
+                }
+                Err(e) => {
+                    tracing::warn!(member = %name, "a claimed pool member failed to take the session: {e}");
+                    let _ = self.backend.teardown(&id).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// Keeps the pools full until `shutdown`: the watch feeds the index, the
+    /// plan runs after every change and every second.
+    pub async fn run(self: Arc<Self>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+        for t in &self.templates {
+            metrics
+                .pool_size
+                .get_or_create(&Metrics::pool(&t.name))
+                .set(i64::try_from(t.size).unwrap_or(i64::MAX));
+        }
+        let watch = tokio::spawn(self.clone().watch(shutdown.clone()));
+        let mut last_check = Instant::now();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(TICK) => {}
+            }
+            if !self.synced() {
+                continue;
+            }
+            self.reconcile();
+            for t in &self.templates {
+                let idle = lock(&self.index).count(&t.name, MemberState::Idle);
+                metrics
+                    .pool_idle
+                    .get_or_create(&Metrics::pool(&t.name))
+                    .set(i64::try_from(idle).unwrap_or(i64::MAX));
+            }
+            if last_check.elapsed() >= TICK {
+                last_check = Instant::now();
+                self.check_claims();
+                self.adopt_warming();
+            }
+        }
+        watch.abort();
+    }
+
+    async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        let config = watcher::Config::default().labels(POOL_SELECTOR);
+        let stream = watcher(self.backend.jobs_api(), config);
+        futures::pin_mut!(stream);
+        let mut listing = Vec::new();
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => return,
+                e = stream.next() => e,
+            };
+            let Some(event) = event else { return };
+            match event {
+                Ok(watcher::Event::Apply(job)) => lock(&self.index).apply(&job),
+                Ok(watcher::Event::Delete(job)) => {
+                    if let Some(name) = job.metadata.name.as_deref() {
+                        lock(&self.index).delete(name);
+                        lock(&self.confirmed).remove(name);
+                    }
+                }
+                Ok(watcher::Event::Init) => listing.clear(),
+                Ok(watcher::Event::InitApply(job)) => listing.push(job),
+                Ok(watcher::Event::InitDone) => {
+                    lock(&self.index).reset(listing.iter());
+                    listing.clear();
+                    self.synced.store(true, Ordering::Relaxed);
+                }
+                // The watcher retries by itself; say so and go on.
+                Err(e) => {
+                    tracing::warn!("pool member watch: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            self.wake.notify_one();
+        }
+    }
+
+    /// Runs the plan once: spawns the creates and deletes not already under way.
+    fn reconcile(self: &Arc<Self>) {
+        let plan = lock(&self.index).plan(&self.templates, SystemTime::now(), WARM_TIMEOUT);
+        for m in plan.create {
+            let name = m.name();
+            if !lock(&self.pending).insert(name.clone()) {
+                continue;
+            }
+            let Some(t) = self.template(&m.pool).cloned() else {
+                lock(&self.pending).remove(&name);
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.backend.create_member(&t, &m, this.max_lifetime).await {
+                    tracing::warn!(member = %name, "starting a pool member: {e}");
+                }
+                lock(&this.pending).remove(&name);
+                this.wake.notify_one();
+            });
+        }
+        for (name, rv, why) in plan.delete {
+            if lock(&self.claiming).contains(&name) || !lock(&self.pending).insert(name.clone()) {
+                continue;
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                tracing::info!(member = %name, reason = ?why, "removing a pool member");
+                if let Err(e) = this.backend.delete_member(&name, Some(&rv)).await {
+                    tracing::warn!(member = %name, "removing a pool member: {e}");
+                }
+                lock(&this.pending).remove(&name);
+            });
+        }
+    }
+
+    /// Finishes the start of members whose creator went quiet.
+    fn adopt_warming(self: &Arc<Self>) {
+        let stuck = lock(&self.index).warming_longer_than(SystemTime::now(), ADOPT_AFTER);
+        for name in stuck {
+            if !lock(&self.pending).insert(name.clone()) {
+                continue;
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.backend.promote_member(&name).await {
+                    tracing::warn!(member = %name, "adopting a warming pool member: {e}");
+                }
+                lock(&this.pending).remove(&name);
+            });
+        }
+    }
+
+    /// Deletes claimed members that never got their session's values (the
+    /// claiming replica died in between), once past the session's idle timeout.
+    fn check_claims(self: &Arc<Self>) {
+        let suspects = {
+            let confirmed = lock(&self.confirmed);
+            lock(&self.index).unconfirmed_claims(SystemTime::now(), &confirmed)
+        };
+        for name in suspects {
+            if lock(&self.claiming).contains(&name) || !lock(&self.pending).insert(name.clone()) {
+                continue;
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                let id = SessionId(name.clone());
+                match this.backend.member_activated(&id).await {
+                    Ok(true) => {
+                        lock(&this.confirmed).insert(name.clone());
+                    }
+                    Ok(false) => {
+                        tracing::warn!(member = %name, "a pool member was claimed but never handed its session: deleting it");
+                        let _ = this.backend.teardown(&id).await;
+                    }
+                    Err(e) => tracing::debug!(member = %name, "checking a claimed member: {e}"),
+                }
+                lock(&this.pending).remove(&name);
+            });
+        }
+    }
+}
+
+/// A per-replica starting point for spreading claims over members (two
+/// replicas starting at the same member would race for it every time).
+fn rand_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
+}

@@ -1,0 +1,523 @@
+//! Warm pools on kube-sim: a claim hands the session its own values, the
+//! pool refills, replicas racing never share a member, a template change
+//! replaces idle members only, a replica killed mid-claim leaves nothing
+//! claimed and unused, and a pooled session costs few API writes.
+//!
+//! Each replica runs on its own tokio runtime, so killing it (dropping the
+//! runtime) ends every task it had, request handlers included, as a crashed
+//! process would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandfleet_kube_sim::{FaultAction, FaultRule, KubeSim, SimOptions};
+use sandfleet_proto::Resources;
+use sandfleet_sandbox::session::kubernetes::SessionMeta;
+use sandfleet_sandbox::session::pool::{
+    LABEL_POOL, LABEL_POOL_STATE, LABEL_TEMPLATE, PoolTemplate,
+};
+use sandfleet_sandbox::session::{KubeSessions, SessionBackend, SessionId, SessionSpec};
+use sandfleet_sessions::auth::Tokens;
+use sandfleet_sessions::{Limits, Service, SessionsClient};
+use sandfleet_settings::KubernetesSettings;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const IMAGE: &str = "docker.io/library/alpine:3.20";
+
+fn settings(ns: &str) -> KubernetesSettings {
+    KubernetesSettings {
+        namespace: ns.into(),
+        ..KubernetesSettings::default()
+    }
+}
+
+fn pool(name: &str, image: &str, size: usize) -> PoolTemplate {
+    PoolTemplate {
+        name: name.into(),
+        image: image.into(),
+        resources: Resources::default(),
+        size,
+        max_age: Duration::from_secs(3600),
+    }
+}
+
+/// A service replica on a runtime of its own.
+struct Replica {
+    url: String,
+    rt: Option<tokio::runtime::Runtime>,
+    stop: CancellationToken,
+}
+
+impl Replica {
+    fn start(sim: &KubeSim, ns: &str, pools: Vec<PoolTemplate>) -> Replica {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let kubeconfig = sim.kubeconfig_yaml(ns);
+        let settings = settings(ns);
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        rt.spawn(async move {
+            let backend = KubeSessions::from_kubeconfig_yaml(&kubeconfig, settings)
+                .await
+                .unwrap()
+                .with_start_timeout(Duration::from_secs(20));
+            let service = Service::with_pools(
+                backend,
+                Tokens::from_tokens(["tok-a"]),
+                Limits::default(),
+                pools,
+            );
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            service
+                .run(listener, Duration::from_millis(200), until)
+                .await
+        });
+        Replica {
+            url,
+            rt: Some(rt),
+            stop,
+        }
+    }
+
+    fn client(&self) -> SessionsClient {
+        SessionsClient::new(&self.url, "tok-a")
+    }
+
+    /// Dies at once: every task of the replica ends where it stands.
+    fn kill(mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn idle(client: &SessionsClient, pool: &str) -> usize {
+    client
+        .pools()
+        .await
+        .ok()
+        .and_then(|p| p.into_iter().find(|p| p.name == pool))
+        .map_or(0, |p| p.idle)
+}
+
+fn label(job: &Value, key: &str) -> Option<String> {
+    job["metadata"]["labels"][key].as_str().map(str::to_owned)
+}
+
+fn members(sim: &KubeSim, ns: &str, pool: &str) -> Vec<Value> {
+    sim.jobs(ns)
+        .into_iter()
+        .filter(|j| label(j, LABEL_POOL).as_deref() == Some(pool))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_member_gets_the_sessions_own_values_and_the_pool_refills() {
+    const NS: &str = "pool-claim";
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let r = Replica::start(&sim, NS, vec![pool("py", IMAGE, 2), pool("none", IMAGE, 0)]);
+    let client = r.client();
+    eventually("the pool is full", Duration::from_secs(30), || async {
+        idle(&client, "py").await == 2
+    })
+    .await;
+
+    let secret = "s3cr3t-'quoted' $(not run) `nor this`";
+    let mut spec = SessionSpec::new(IMAGE);
+    spec.env.insert("API_TOKEN".into(), secret.into());
+    spec.working_dir = "src/app".into();
+    let info = client.create_in_pool(&spec, "py").await.unwrap();
+    assert!(info.id.starts_with("sp-py-"), "a warm member: {}", info.id);
+    let id = SessionId(info.id.clone());
+    let out = client
+        .run(
+            &id,
+            "printf '%s|' \"$API_TOKEN\"; pwd",
+            sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
+            None,
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.starts_with(&format!("{secret}|")) && text.trim_end().ends_with("/src/app"),
+        "env and working dir arrive at claim time: {text:?}"
+    );
+    // The secret is in no pod spec or Job another session could read.
+    for obj in sim.jobs(NS).into_iter().chain(sim.pods(NS)) {
+        assert!(
+            !obj.to_string().contains("s3cr3t"),
+            "secret leaked into {obj}"
+        );
+    }
+
+    // The pool refills at once; the claimed member is a session now.
+    eventually("the pool refilled", Duration::from_secs(30), || async {
+        idle(&client, "py").await == 2
+    })
+    .await;
+    let pools = client.pools().await.unwrap();
+    let py = pools.iter().find(|p| p.name == "py").unwrap();
+    assert_eq!(py.claimed, 1);
+
+    // An empty pool is a cold start, never an error.
+    let cold = client.create_in_pool(&spec, "none").await.unwrap();
+    assert!(cold.id.starts_with("ss-"), "a cold start: {}", cold.id);
+    let err = client.create_in_pool(&spec, "nope").await.unwrap_err();
+    assert!(err.to_string().contains("no pool named"), "{err}");
+
+    let metrics = reqwest::get(format!("{}/metrics", r.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "sandfleet_sessions_pool_claims_total{pool=\"py\"} 1",
+        "sandfleet_sessions_pool_misses_total{pool=\"none\"} 1",
+        "sandfleet_sessions_pool_size{pool=\"py\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+
+    // A member serves one session: teardown deletes it.
+    client.teardown(&id).await.unwrap();
+    client.teardown(&SessionId(cold.id)).await.unwrap();
+    eventually("the member is gone", Duration::from_secs(10), || async {
+        !sim.jobs(NS)
+            .iter()
+            .any(|j| j["metadata"]["name"] == info.id.as_str())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_ten_api_writes_per_pooled_session() {
+    const NS: &str = "pool-writes";
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let r = Replica::start(&sim, NS, vec![pool("w", IMAGE, 3)]);
+    let client = r.client();
+    eventually("the pool is full", Duration::from_secs(30), || async {
+        idle(&client, "w").await == 3
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let mut spec = SessionSpec::new(IMAGE);
+        spec.env.insert("N".into(), i.to_string());
+        let info = client.create_in_pool(&spec, "w").await.unwrap();
+        assert!(info.id.starts_with("sp-w-"));
+        let out = client
+            .run(
+                &SessionId(info.id.clone()),
+                "echo $N",
+                sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), i.to_string());
+        client.teardown(&SessionId(info.id.clone())).await.unwrap();
+        ids.push(info.id);
+    }
+    // Every write that names a session's member: its create, its idle mark,
+    // the claim, the teardown (and any lost race or retry on top).
+    let log = sim.request_log();
+    for id in &ids {
+        let writes = log
+            .iter()
+            .filter(|r| r.method != "GET")
+            .filter(|r| {
+                r.path.ends_with(&format!("/{id}"))
+                    || r.path.contains(&format!("/{id}/"))
+                    || r.body
+                        .as_ref()
+                        .is_some_and(|b| b["metadata"]["name"] == id.as_str())
+            })
+            .count();
+        assert!(
+            (1..=10).contains(&writes),
+            "{writes} API writes for pooled session {id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_racing_never_hand_one_member_to_two_sessions() {
+    const NS: &str = "pool-race";
+    const SIZE: usize = 6;
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let a = Replica::start(&sim, NS, vec![pool("r", IMAGE, SIZE)]);
+    let b = Replica::start(&sim, NS, vec![pool("r", IMAGE, SIZE)]);
+    let (ca, cb) = (Arc::new(a.client()), Arc::new(b.client()));
+    eventually(
+        "both replicas see a full pool",
+        Duration::from_secs(30),
+        || async { idle(&ca, "r").await == SIZE && idle(&cb, "r").await == SIZE },
+    )
+    .await;
+    assert_eq!(
+        members(&sim, NS, "r").len(),
+        SIZE,
+        "two replicas filled it once"
+    );
+
+    // Twice as many claims as idle members, half through each replica, at once.
+    let mut tasks = Vec::new();
+    for i in 0..2 * SIZE {
+        let client = if i % 2 == 0 { ca.clone() } else { cb.clone() };
+        tasks.push(tokio::spawn(async move {
+            let mut spec = SessionSpec::new(IMAGE);
+            spec.env.insert("MINE".into(), format!("session-{i}"));
+            let info = client.create_in_pool(&spec, "r").await.unwrap();
+            let out = client
+                .run(
+                    &SessionId(info.id.clone()),
+                    "echo $MINE",
+                    sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
+                    None,
+                )
+                .await
+                .unwrap();
+            (
+                i,
+                info.id,
+                String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            )
+        }));
+    }
+    let mut ids = HashSet::new();
+    let mut warm = 0;
+    for t in tasks {
+        let (i, id, echoed) = t.await.unwrap();
+        assert_eq!(
+            echoed,
+            format!("session-{i}"),
+            "{id} runs another session's env"
+        );
+        warm += usize::from(id.starts_with("sp-"));
+        assert!(ids.insert(id.clone()), "{id} was handed to two sessions");
+    }
+    assert!(
+        (1..=SIZE).contains(&warm),
+        "{warm} warm claims from {SIZE} members"
+    );
+    for id in ids {
+        ca.teardown(&SessionId(id)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_change_replaces_every_idle_member_and_none_in_use() {
+    const NS: &str = "pool-template";
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let old = pool("t", IMAGE, 3);
+    let a = Replica::start(&sim, NS, vec![old.clone()]);
+    let client = a.client();
+    eventually("the pool is full", Duration::from_secs(30), || async {
+        idle(&client, "t").await == 3
+    })
+    .await;
+    let in_use = client
+        .create_in_pool(&SessionSpec::new(IMAGE), "t")
+        .await
+        .unwrap();
+    eventually("the pool refilled", Duration::from_secs(30), || async {
+        idle(&client, "t").await == 3
+    })
+    .await;
+    // The operator changes the pool's image and rolls the service.
+    drop(a);
+    let new = pool("t", "docker.io/library/alpine:3.21", 3);
+    let b = Replica::start(&sim, NS, vec![new.clone()]);
+    let client = b.client();
+    eventually(
+        "every idle member runs the new template",
+        Duration::from_secs(30),
+        || async {
+            let m = members(&sim, NS, "t");
+            let idle: Vec<&Value> = m
+                .iter()
+                .filter(|j| label(j, LABEL_POOL_STATE).as_deref() == Some("idle"))
+                .collect();
+            idle.len() == 3
+                && idle
+                    .iter()
+                    .all(|j| label(j, LABEL_TEMPLATE) == Some(new.hash()))
+                && m.iter()
+                    .filter(|j| label(j, LABEL_TEMPLATE) == Some(old.hash()))
+                    .all(|j| j["metadata"]["name"] == in_use.id.as_str())
+        },
+    )
+    .await;
+    // The session in use was not touched.
+    let out = client
+        .run(
+            &SessionId(in_use.id.clone()),
+            "echo still here",
+            sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "still here");
+    client.teardown(&SessionId(in_use.id)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_claiming_leaves_no_member_claimed_and_unused() {
+    const NS: &str = "pool-kill";
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let a = Replica::start(&sim, NS, vec![pool("k", IMAGE, 2)]);
+    let b = Replica::start(&sim, NS, vec![pool("k", IMAGE, 2)]);
+    let (ca, cb) = (a.client(), b.client());
+    eventually("the pool is full", Duration::from_secs(30), || async {
+        idle(&ca, "k").await == 2 && idle(&cb, "k").await == 2
+    })
+    .await;
+    // The next exec (replica A handing the claimed member its session) hangs,
+    // so replica A is caught between the claim and the hand-over.
+    sim.faults().inject(
+        FaultRule::new("GET", "/exec", FaultAction::Delay(Duration::from_secs(60))).times(1),
+    );
+    let idle_timeout = Duration::from_secs(2);
+    let url = a.url.clone();
+    let claim = tokio::spawn(async move {
+        let mut spec = SessionSpec::new(IMAGE);
+        spec.idle_timeout = idle_timeout;
+        SessionsClient::new(&url, "tok-a")
+            .create_in_pool(&spec, "k")
+            .await
+    });
+    let mut claimed = String::new();
+    eventually(
+        "replica A claimed a member",
+        Duration::from_secs(10),
+        || {
+            let found = members(&sim, NS, "k")
+                .into_iter()
+                .find(|j| label(j, LABEL_POOL_STATE).as_deref() == Some("claimed"));
+            if let Some(j) = found {
+                claimed = j["metadata"]["name"].as_str().unwrap().to_owned();
+            }
+            let done = !claimed.is_empty();
+            async move { done }
+        },
+    )
+    .await;
+    // Seen claimed within one poll (25 ms) of the claim.
+    let killed_at = Instant::now();
+    a.kill();
+    assert!(
+        claim.await.unwrap().is_err(),
+        "the client sees its request fail"
+    );
+
+    // Replica B deletes the member nobody will use once the idle timeout has
+    // passed, and keeps the pool full.
+    eventually(
+        "the abandoned member is deleted",
+        Duration::from_secs(20),
+        || async {
+            !members(&sim, NS, "k")
+                .iter()
+                .any(|j| j["metadata"]["name"] == claimed.as_str())
+        },
+    )
+    .await;
+    assert!(
+        killed_at.elapsed() >= idle_timeout - Duration::from_millis(300),
+        "deleted before its idle timeout: a claim in progress must be given that long"
+    );
+    // A refill replica A had warming when it died is adopted by replica B.
+    eventually(
+        "the pool is full again",
+        Duration::from_secs(60),
+        || async { idle(&cb, "k").await == 2 },
+    )
+    .await;
+    let claimed_left: Vec<Value> = members(&sim, NS, "k")
+        .into_iter()
+        .filter(|j| label(j, LABEL_POOL_STATE).as_deref() == Some("claimed"))
+        .collect();
+    assert!(
+        claimed_left.is_empty(),
+        "claimed and unused: {claimed_left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conditional_claim_lets_exactly_one_of_two_through() {
+    const NS: &str = "pool-cas";
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let r = Replica::start(&sim, NS, vec![pool("c", IMAGE, 1)]);
+    let client = r.client();
+    eventually("the pool is full", Duration::from_secs(30), || async {
+        idle(&client, "c").await == 1
+    })
+    .await;
+    let job = members(&sim, NS, "c").pop().unwrap();
+    let name = job["metadata"]["name"].as_str().unwrap().to_owned();
+    let rv = job["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let kubeconfig = sim.kubeconfig_yaml(NS);
+    let x = KubeSessions::from_kubeconfig_yaml(&kubeconfig, settings(NS))
+        .await
+        .unwrap();
+    let y = KubeSessions::from_kubeconfig_yaml(&kubeconfig, settings(NS))
+        .await
+        .unwrap();
+    let spec = SessionSpec::new(IMAGE);
+    let meta = SessionMeta {
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+    };
+    let (p, q) = tokio::join!(
+        x.claim_member(&name, &rv, &spec, &meta),
+        y.claim_member(&name, &rv, &spec, &meta)
+    );
+    use sandfleet_sandbox::session::kubernetes::pool::ClaimOutcome::{Claimed, Lost};
+    let mut outcomes = [p.unwrap(), q.unwrap()];
+    outcomes.sort_by_key(|o| *o == Lost);
+    assert_eq!(outcomes, [Claimed, Lost]);
+    // The sandbox itself refuses a second hand-over too.
+    x.activate_member(&SessionId(name.clone()), &spec)
+        .await
+        .unwrap();
+    let again = y.activate_member(&SessionId(name.clone()), &spec).await;
+    assert!(again.is_err(), "a member serves one session");
+    x.teardown(&SessionId(name)).await.unwrap();
+}
