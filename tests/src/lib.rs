@@ -300,6 +300,41 @@ impl Env {
         Ok(())
     }
 
+    /// Records a cancel of `id` on the cancellations stream (confirmed, as
+    /// `Producer::cancel` does) and returns when the broker acknowledged it.
+    pub async fn cancel(
+        &self,
+        id: TaskId,
+        by: &str,
+        reason: &str,
+    ) -> Result<std::time::SystemTime> {
+        self.publish_cancellation(&sandfleet_proto::Cancellation::task(id, by, reason))
+            .await
+    }
+
+    /// Publishes a cancellation (confirmed); the acknowledgement's time.
+    pub async fn publish_cancellation(
+        &self,
+        c: &sandfleet_proto::Cancellation,
+    ) -> Result<std::time::SystemTime> {
+        let m = OutgoingMessage::new(
+            &self.topology.cancellations_exchange,
+            "",
+            serde_json::to_vec(c)?,
+        )
+        .message_id(c.id.to_string())
+        .kind(sandfleet_proto::CANCELLATION_MESSAGE_TYPE)
+        .content_type(CONTENT_TYPE);
+        self.publisher.publish(&m).await?;
+        Ok(std::time::SystemTime::now())
+    }
+
+    /// Pods in the simulated cluster now.
+    pub fn pods(&self) -> Vec<serde_json::Value> {
+        let sim = self.kube();
+        sim.sim.pods(&sim.namespace)
+    }
+
     /// Every result read from the stream so far (duplicates included).
     pub fn results(&self) -> Vec<TaskResult> {
         snapshot(&self.results)

@@ -480,6 +480,9 @@ where
         self.metrics.set_cancels_recorded(self.cancels.recorded());
         if let Some(info) = watch.info().cloned() {
             info!(by = %info.by, reason = %info.reason, "task cancelled before it started");
+            // A redelivery may find the Job a dead worker left running for
+            // this attempt: delete it too (a missing Job is not an error).
+            self.stop_sandbox(&task, attempt).await;
             let result = self.cancelled_result(&task, attempt, None, &info);
             return self
                 .finish_cancelled(

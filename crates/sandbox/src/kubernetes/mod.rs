@@ -469,6 +469,14 @@ impl Executor for KubeExecutor {
         let name = job_name(task.id, attempt);
         // Subscribe before creating, so no event about the new Job is missed.
         let sub = self.inner.hub.subscribe(&name);
+        // Cancelled between the subscription and here (the worker's cancel
+        // marks only attempts it sees subscribed): create nothing.
+        if self.is_cancelled(&name) {
+            if let Ok(mut c) = self.inner.cancelled.lock() {
+                c.remove(&name);
+            }
+            return Err(ExecError::Cancelled);
+        }
         let (created, adopted) = self.create_or_adopt(&manifest, task).await?;
         let before_create = Utc::now();
         // Our own clock for a Job we created (API timestamps have whole seconds,
