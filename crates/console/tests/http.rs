@@ -308,3 +308,54 @@ async fn replay_sends_each_failed_build_once_per_batch_like_the_cli() {
     assert_eq!(r.status(), 403);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn requeue_all_empties_the_dead_letters_into_the_task_queue() {
+    let env = Env::start(false, false).await;
+    let c = client();
+    let a = common::task("acme/a", &[("test", "true")]);
+    let b = common::task("acme/b", &[("test", "true")]);
+    env.dead_letter(&a, "max_attempts", "gave up").await;
+    env.dead_letter(&b, "max_attempts", "gave up").await;
+    // Nothing selected and not "all": nothing happens, and the page says why.
+    let page = c
+        .post(env.url("/dlq/requeue"))
+        .header(AUTHORIZATION, format!("Bearer {OPERATOR}"))
+        .form(&[("which", "selected")])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Select at least one dead letter"), "{page}");
+    assert!(page.contains(&format!("id=\"dlq-{}\"", a.id)), "{page}");
+    assert!(page.contains(&format!("id=\"dlq-{}\"", b.id)), "{page}");
+
+    let page = c
+        .post(env.url("/dlq/requeue"))
+        .header(AUTHORIZATION, format!("Bearer {OPERATOR}"))
+        .form(&[("which", "all")])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("2 requeued, 0 failed."), "{page}");
+    assert!(page.contains("Nothing is dead-lettered."), "{page}");
+    // Both wait in the task queue as their fourth attempt.
+    let held = sandfleet_ops::dlq::read(&env.amqp, &env.topology.tasks_queue, 10)
+        .await
+        .unwrap();
+    let mut got: Vec<(String, Option<u32>)> = held
+        .iter()
+        .map(|d| (d.message_id().unwrap().to_owned(), d.attempt()))
+        .collect();
+    sandfleet_ops::dlq::give_back(&held).await;
+    got.sort();
+    let mut want = vec![(a.id.to_string(), Some(4)), (b.id.to_string(), Some(4))];
+    want.sort();
+    assert_eq!(got, want);
+    env.cleanup().await;
+}
