@@ -19,6 +19,7 @@ use sandfleet_amqp::{Amqp, StreamOffset, Topology};
 use sandfleet_ops::stream::{Next, StreamReader};
 use sandfleet_ops::workers::{self, WorkerStatus};
 use sandfleet_proto::{TaskId, TaskResult};
+use sandfleet_sessions::pool::PoolInfo;
 use sandfleet_sessions::wire::SessionInfo;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -41,8 +42,13 @@ pub struct QueueDepth {
 pub enum Sessions {
     /// No sessions service is configured: the panel is left out.
     NotConfigured,
-    /// Its list.
-    Listed(Vec<SessionInfo>),
+    /// What the service said.
+    Listed {
+        /// The sessions the console's token sees.
+        sessions: Vec<SessionInfo>,
+        /// The warm pools with their counts.
+        pools: Vec<PoolInfo>,
+    },
     /// It did not answer.
     Unavailable(String),
 }
@@ -150,7 +156,10 @@ impl Fleet {
             queues: Vec::new(),
             workers: Vec::new(),
             sessions: if config.sessions.is_some() {
-                Sessions::Listed(Vec::new())
+                Sessions::Listed {
+                    sessions: Vec::new(),
+                    pools: Vec::new(),
+                }
             } else {
                 Sessions::NotConfigured
             },
@@ -218,11 +227,9 @@ impl Fleet {
         let sessions = match &config.sessions {
             None => Sessions::NotConfigured,
             Some((url, token)) => {
-                match sandfleet_sessions::SessionsClient::new(url.clone(), token.clone())
-                    .list()
-                    .await
-                {
-                    Ok(list) => Sessions::Listed(list),
+                let client = sandfleet_sessions::SessionsClient::new(url.clone(), token.clone());
+                match futures::future::try_join(client.list(), client.pools()).await {
+                    Ok((sessions, pools)) => Sessions::Listed { sessions, pools },
                     Err(e) => Sessions::Unavailable(e.to_string()),
                 }
             }

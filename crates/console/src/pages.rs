@@ -276,10 +276,29 @@ pub fn overview_live(o: &Overview) -> String {
                 esc(e)
             );
         }
-        Sessions::Listed(list) => {
+        Sessions::Listed {
+            sessions: list,
+            pools,
+        } => {
             s.push_str(
                 r#"<section aria-labelledby="h-sessions"><h2 id="h-sessions">Sessions</h2>"#,
             );
+            if !pools.is_empty() {
+                s.push_str(r#"<div class="scroll"><table class="pools"><caption>Warm pools</caption><thead><tr><th scope="col">Pool</th><th scope="col">Image</th><th scope="col">Idle / size</th><th scope="col">Warming</th><th scope="col">Claimed</th></tr></thead><tbody>"#);
+                for p in pools {
+                    let _ = write!(
+                        s,
+                        r#"<tr data-pool="{name}"><td>{name}</td><td><code>{}</code></td><td>{} / {}</td><td>{}</td><td>{}</td></tr>"#,
+                        esc(&p.image),
+                        p.idle,
+                        p.size,
+                        p.warming,
+                        p.claimed,
+                        name = esc(&p.name),
+                    );
+                }
+                s.push_str("</tbody></table></div>");
+            }
             if list.is_empty() {
                 s.push_str(r#"<p class="empty">No session is open.</p>"#);
             } else {

@@ -1,6 +1,6 @@
 //! The sessions panel: shown with the sessions the configured token sees
-//! when a sessions service is configured (here the real service on
-//! kube-sim), left out otherwise.
+//! and the warm pools when a sessions service is configured (here the real
+//! service on kube-sim), left out otherwise.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandfleet_kube_sim::{KubeSim, SimOptions};
+use sandfleet_sandbox::session::pool::PoolTemplate;
 use sandfleet_sandbox::session::{KubeSessions, Session, SessionSpec};
 use sandfleet_sessions::auth::Tokens;
 use sandfleet_sessions::{Limits, Service, SessionsClient};
@@ -43,10 +44,17 @@ async fn the_overview_lists_sessions_only_when_a_sessions_service_is_configured(
     .await
     .unwrap()
     .with_start_timeout(Duration::from_secs(20));
-    let service = Service::new(
+    let service = Service::with_pools(
         backend,
         Tokens::from_tokens(["console-token", "someone-else"]),
         Limits::default(),
+        vec![PoolTemplate {
+            name: "builds".into(),
+            image: "alpine:3.20".into(),
+            resources: Default::default(),
+            size: 1,
+            max_age: Duration::from_secs(3600),
+        }],
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sessions_url = format!("http://{}", listener.local_addr().unwrap());
@@ -58,8 +66,20 @@ async fn the_overview_lists_sessions_only_when_a_sessions_service_is_configured(
         s.console.sessions_token = Some("console-token".into());
     })
     .await;
-    let page = overview(&env.url("/")).await;
-    assert!(page.contains("No session is open."), "{page}");
+    // The warm pool fills up: one idle member of one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = overview(&env.url("/")).await;
+        if page.contains(r#"<tr data-pool="builds"><td>builds</td><td><code>alpine:3.20</code></td><td>1 / 1</td>"#) {
+            assert!(page.contains("No session is open."), "{page}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the overview never showed the warm pool full: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let client = Arc::new(SessionsClient::new(&sessions_url, "console-token"));
     let mut session = Session::start(client, &SessionSpec::new("alpine:3.20"))
