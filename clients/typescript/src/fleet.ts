@@ -95,36 +95,43 @@ export function newTask(fields: NewTask): Task {
  */
 export class Fleet {
   readonly prefix: string;
-  readonly #conn: ChannelModel;
-  readonly #confirm: ConfirmChannel;
+  readonly #url: string;
+  readonly #connectionName: string;
+  #conn: ChannelModel;
+  #confirm: ConfirmChannel;
+  #connected = true;
+  #closed = false;
   /** Message ids the broker returned as unroutable (basic.return comes before the ack). */
   readonly #returned = new Set<string>();
 
-  private constructor(conn: ChannelModel, confirm: ConfirmChannel, prefix: string) {
-    this.#conn = conn;
-    this.#confirm = confirm;
+  private constructor(url: string, connectionName: string, prefix: string, link: Link) {
+    this.#url = url;
+    this.#connectionName = connectionName;
     this.prefix = prefix;
-    confirm.on('return', (msg: ConsumeMessage) => {
-      const id = msg.properties.messageId as string | undefined;
-      if (id) this.#returned.add(id);
-    });
-    // Errors also reject the pending publishes; without a listener they would crash the process.
-    conn.on('error', () => {});
-    confirm.on('error', () => {});
+    this.#conn = link.conn;
+    this.#confirm = link.confirm;
+    this.#watch(link.confirm);
   }
 
   static async connect(opts: FleetOptions = {}): Promise<Fleet> {
     const url = opts.url ?? 'amqp://guest:guest@127.0.0.1:5672/%2f';
-    const conn = await amqp.connect(url, {
-      clientProperties: { connection_name: opts.connectionName ?? 'sandfleet-client-ts' },
+    const name = opts.connectionName ?? 'sandfleet-client-ts';
+    return new Fleet(url, name, opts.prefix ?? 'sandfleet', await openLink(url, name));
+  }
+
+  #watch(confirm: ConfirmChannel): void {
+    confirm.on('return', (msg: ConsumeMessage) => {
+      const id = msg.properties.messageId as string | undefined;
+      if (id) this.#returned.add(id);
     });
-    try {
-      const confirm = await conn.createConfirmChannel();
-      return new Fleet(conn, confirm, opts.prefix ?? 'sandfleet');
-    } catch (e) {
-      await conn.close().catch(() => {});
-      throw e;
-    }
+    confirm.on('close', () => {
+      if (confirm === this.#confirm) this.#connected = false;
+    });
+  }
+
+  /** True while the publishing connection is open; `enqueue` replaces a lost one. */
+  get isConnected(): boolean {
+    return this.#connected;
   }
 
   get tasksExchange(): string {
@@ -159,6 +166,17 @@ export class Fleet {
       headers,
     };
     const body = Buffer.from(JSON.stringify(task));
+    if (this.#closed) throw new EnqueueError('the fleet connection is closed');
+    // A connection lost since the last publish is replaced: this publish gets
+    // a fresh one. (One lost while waiting for the confirm is an error.)
+    if (!this.#connected) {
+      await this.#conn.close().catch(() => {});
+      const link = await openLink(this.#url, this.#connectionName);
+      this.#conn = link.conn;
+      this.#confirm = link.confirm;
+      this.#connected = true;
+      this.#watch(link.confirm);
+    }
     await new Promise<void>((resolve, reject) => {
       this.#confirm.publish(this.tasksExchange, TASK_ROUTING_KEY, body, props, (err: unknown) => {
         const returned = this.#returned.delete(task.id);
@@ -185,18 +203,17 @@ export class Fleet {
     }
   }
 
-  /** Starts a results consumer now; iterate it with `for await`, end it with `close()`. */
-  async subscribe(opts: ResultsOptions = {}): Promise<Subscription> {
-    const channel = await this.#conn.createChannel();
-    try {
-      return await Subscription.start(channel, this.resultsStream, opts);
-    } catch (e) {
-      await channel.close().catch(() => {});
-      throw e;
-    }
+  /**
+   * Starts a results consumer now, on a connection of its own; iterate it
+   * with `for await`, end it with `close()`. A lost connection is replaced and
+   * the consumer resumes after the last offset it delivered.
+   */
+  subscribe(opts: ResultsOptions = {}): Promise<Subscription> {
+    return Subscription.start(this.#url, `${this.#connectionName}-results`, this.resultsStream, opts);
   }
 
   async close(): Promise<void> {
+    this.#closed = true;
     await this.#confirm.close().catch(() => {});
     await this.#conn.close().catch(() => {});
   }
@@ -204,52 +221,108 @@ export class Fleet {
 
 /** A live results consumer: an async iterable of deduplicated results. */
 export class Subscription implements AsyncIterable<Received> {
-  readonly #channel: Channel;
-  readonly #consumerTag: string;
-  readonly #queue: ConsumeMessage[] = [];
-  readonly #dedup: Dedup;
+  /** How long a lost connection is retried before `next()` rejects. */
+  reconnectTimeoutMs = 60_000;
+  readonly #url: string;
+  readonly #connectionName: string;
+  readonly #stream: string;
+  readonly #prefetch: number;
+  readonly #firstOffset: unknown;
   readonly #notBeforeMs: number | undefined;
-  readonly #signal: AbortSignal | undefined;
-  #wake: (() => void) | undefined;
-  #ended: Error | 'done' | undefined;
+  readonly #dedup: Dedup;
+  readonly #queue: ConsumeMessage[] = [];
+  #conn: ChannelModel | undefined;
+  #channel: Channel | undefined;
+  #lastOffset: number | undefined;
+  #lost: Error | undefined;
   #closed = false;
+  #wake: (() => void) | undefined;
 
-  private constructor(channel: Channel, consumerTag: string, opts: ResultsOptions, notBeforeMs: number | undefined) {
-    this.#channel = channel;
-    this.#consumerTag = consumerTag;
+  private constructor(url: string, connectionName: string, stream: string, opts: ResultsOptions) {
+    this.#url = url;
+    this.#connectionName = connectionName;
+    this.#stream = stream;
+    this.#prefetch = opts.prefetch ?? 500;
     this.#dedup = new Dedup(opts.dedupCapacity ?? 100_000);
-    this.#notBeforeMs = notBeforeMs;
-    this.#signal = opts.signal;
+    const from = opts.from ?? 'next';
+    if (from instanceof Date) {
+      // The broker seeks timestamps by whole seconds and chunks: start a
+      // second early and drop what was published before the asked time.
+      this.#notBeforeMs = from.getTime();
+      this.#firstOffset = { '!': 'timestamp', value: Math.max(0, Math.floor(from.getTime() / 1000) - 1) };
+    } else {
+      this.#firstOffset = from;
+    }
   }
 
-  static async start(channel: Channel, stream: string, opts: ResultsOptions): Promise<Subscription> {
-    const from = opts.from ?? 'next';
-    // The broker seeks timestamps by whole seconds and chunks: start a second
-    // early and drop what was published before the asked time.
-    let offset: unknown = from;
-    let notBeforeMs: number | undefined;
-    if (from instanceof Date) {
-      notBeforeMs = from.getTime();
-      offset = { '!': 'timestamp', value: Math.max(0, Math.floor(notBeforeMs / 1000) - 1) };
+  static async start(url: string, connectionName: string, stream: string, opts: ResultsOptions = {}): Promise<Subscription> {
+    const sub = new Subscription(url, connectionName, stream, opts);
+    opts.signal?.addEventListener('abort', () => void sub.close(), { once: true });
+    try {
+      await sub.#open();
+    } catch (e) {
+      await sub.close();
+      throw e;
     }
-    channel.on('error', () => {});
-    await channel.prefetch(opts.prefetch ?? 500);
-    const consumerTag = `sandfleet-client-ts-${randomUUID()}`;
-    const sub = new Subscription(channel, consumerTag, opts, notBeforeMs);
-    channel.on('close', () => sub.#end(new Error('the results channel closed')));
-    opts.signal?.addEventListener('abort', () => sub.#end('done'), { once: true });
-    await channel.consume(
-      stream,
-      (msg) => {
-        if (msg === null) sub.#end(new Error('the results consumer was cancelled by the broker'));
-        else {
-          sub.#queue.push(msg);
-          sub.#notify();
-        }
-      },
-      { noAck: false, arguments: { 'x-stream-offset': offset }, consumerTag },
-    );
     return sub;
+  }
+
+  async #open(): Promise<void> {
+    const conn = await amqp.connect(this.#url, { clientProperties: { connection_name: this.#connectionName } });
+    conn.on('error', () => {});
+    this.#conn = conn;
+    const channel = await conn.createChannel();
+    channel.on('error', () => {});
+    channel.on('close', () => {
+      if (channel === this.#channel && !this.#closed) {
+        this.#lost = new Error(`the results subscription to ${this.#stream} lost its connection`);
+        this.#notify();
+      }
+    });
+    this.#channel = channel;
+    await channel.prefetch(this.#prefetch);
+    const offset = this.#lastOffset === undefined ? this.#firstOffset : this.#lastOffset + 1;
+    await channel.consume(
+      this.#stream,
+      (msg) => {
+        if (msg === null) {
+          // The broker cancelled the consumer (the stream was deleted).
+          this.#lost = new Error(`the broker cancelled the consumer of ${this.#stream}`);
+        } else if (channel === this.#channel) {
+          this.#queue.push(msg);
+        }
+        this.#notify();
+      },
+      { noAck: false, arguments: { 'x-stream-offset': offset }, consumerTag: `sandfleet-client-ts-${randomUUID()}` },
+    );
+  }
+
+  async #drop(): Promise<void> {
+    const conn = this.#conn;
+    this.#conn = undefined;
+    this.#channel = undefined;
+    await conn?.close().catch(() => {});
+  }
+
+  /** Reconnects with backoff until `reconnectTimeoutMs`, then rethrows. */
+  async #reopen(): Promise<void> {
+    const cause = this.#lost;
+    this.#lost = undefined;
+    await this.#drop();
+    const deadline = Date.now() + this.reconnectTimeoutMs;
+    for (let delay = 100; ; delay = Math.min(delay * 2, 2_000)) {
+      if (this.#closed) return;
+      try {
+        await this.#open();
+        return;
+      } catch (e) {
+        await this.#drop();
+        if (Date.now() + delay > deadline) {
+          throw new Error(`${cause?.message ?? 'the results subscription lost its connection'}; reconnecting failed: ${String(e)}`);
+        }
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    }
   }
 
   #notify(): void {
@@ -257,29 +330,35 @@ export class Subscription implements AsyncIterable<Received> {
     this.#wake = undefined;
   }
 
-  #end(why: Error | 'done'): void {
-    this.#ended ??= why;
-    this.#notify();
-  }
-
   /** The next result, or `undefined` once closed or aborted. */
   async next(): Promise<Received | undefined> {
     for (;;) {
-      if (this.#ended === 'done') return undefined;
+      if (this.#closed) return undefined;
       const msg = this.#queue.shift();
       if (msg === undefined) {
-        if (this.#ended) throw this.#ended;
+        if (this.#lost) {
+          await this.#reopen();
+          continue;
+        }
         await new Promise<void>((r) => (this.#wake = r));
         continue;
       }
-      // Stream acks only grant credit.
-      this.#channel.ack(msg);
+      try {
+        // Stream acks only grant credit; one on a lost channel costs nothing.
+        this.#channel?.ack(msg);
+      } catch {
+        // The channel closed under us: the resumed consumer has its own credit.
+      }
       const headers = msg.properties.headers ?? {};
+      const offset = numberOf(headers['x-stream-offset']);
+      if (offset !== undefined) {
+        if (this.#lastOffset !== undefined && offset <= this.#lastOffset) continue;
+        this.#lastOffset = offset;
+      }
       const publishedMs = numberOf(headers[HEADER_PUBLISHED_AT_MS]) ?? secondsToMs(msg.properties.timestamp);
       if (this.#notBeforeMs !== undefined && publishedMs !== undefined && publishedMs < this.#notBeforeMs) continue;
       const result = JSON.parse(msg.content.toString('utf8')) as TaskResult;
       if (!this.#dedup.firstTime(result)) continue;
-      const offset = numberOf(headers['x-stream-offset']);
       const tp = headers[HEADER_TRACEPARENT];
       return {
         result,
@@ -298,13 +377,32 @@ export class Subscription implements AsyncIterable<Received> {
     }
   }
 
-  /** Cancels the consumer. Idempotent. */
+  /** Cancels the consumer and closes its connection. Idempotent. */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    this.#end('done');
-    await this.#channel.cancel(this.#consumerTag).catch(() => {});
-    await this.#channel.close().catch(() => {});
+    this.#notify();
+    await this.#drop();
+  }
+}
+
+interface Link {
+  conn: ChannelModel;
+  confirm: ConfirmChannel;
+}
+
+async function openLink(url: string, connectionName: string): Promise<Link> {
+  const conn = await amqp.connect(url, { clientProperties: { connection_name: connectionName } });
+  // Errors also close the channels and reject pending publishes; without a
+  // listener they would crash the process.
+  conn.on('error', () => {});
+  try {
+    const confirm = await conn.createConfirmChannel();
+    confirm.on('error', () => {});
+    return { conn, confirm };
+  } catch (e) {
+    await conn.close().catch(() => {});
+    throw e;
   }
 }
 

@@ -33,7 +33,7 @@ function echoTask(text, labels = {}) {
   });
 }
 
-/** The final result of `taskId`, read from `sub`, within a bounded time. */
+/** The final result of `taskId`, read from `sub` within a bounded time; closes `sub`. */
 async function finalResult(sub, taskId, ms = 60_000) {
   const deadline = setTimeout(() => sub.close(), ms);
   try {
@@ -42,6 +42,7 @@ async function finalResult(sub, taskId, ms = 60_000) {
     }
   } finally {
     clearTimeout(deadline);
+    await sub.close();
   }
   throw new Error(`no final result for ${taskId} within ${ms} ms`);
 }
@@ -193,4 +194,55 @@ asyncio.run(main())
   const result = await finalResult(await fleet.subscribe({ from: since }), id);
   assert.equal(result.outcome, 'succeeded');
   assert.match(result.log_tail, /hello from python/);
+});
+
+/** Closes, through the management API, every connection the client named `name`; waits until the API lists one. */
+async function closeConnections(name, ms = 30_000) {
+  const auth = { authorization: `Basic ${Buffer.from('guest:guest').toString('base64')}` };
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const res = await fetch('http://127.0.0.1:15672/api/connections', { headers: auth });
+    const names = (await res.json()).filter((c) => c.client_properties?.connection_name === name).map((c) => c.name);
+    if (names.length) {
+      for (const n of names) {
+        const del = await fetch(`http://127.0.0.1:15672/api/connections/${encodeURIComponent(n)}`, { method: 'DELETE', headers: auth });
+        assert.ok(del.ok, `closing ${n}: ${del.status}`);
+      }
+      return names.length;
+    }
+    assert.ok(Date.now() < deadline, `the management API lists no connection ${name}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+test('after the broker closes its connections, results resume after the last offset and enqueue reconnects', async () => {
+  const name = `sandfleet-client-ts-test-${Math.random().toString(16).slice(2, 10)}`;
+  const own = await Fleet.connect({ url, prefix, connectionName: name });
+  const sub = await own.subscribe({ from: 'next' });
+  try {
+    const first = echoTask('before the cut');
+    const second = echoTask('after the cut');
+    await own.enqueue(first);
+    await finalResult({ close: () => {}, [Symbol.asyncIterator]: () => sub[Symbol.asyncIterator]() }, first.id);
+    // The subscription's own connection, then the publisher's.
+    assert.equal(await closeConnections(`${name}-results`), 1);
+    assert.equal(await closeConnections(name), 1);
+    for (const deadline = Date.now() + 30_000; own.isConnected; ) {
+      assert.ok(Date.now() < deadline, 'the cut went unnoticed');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    await own.enqueue(second);
+    const seen = [];
+    const timer = setTimeout(() => sub.close(), 60_000);
+    for await (const { result } of sub) {
+      seen.push(result.task_id);
+      if (result.task_id === second.id && result.final) break;
+    }
+    clearTimeout(timer);
+    assert.ok(seen.includes(second.id), 'the subscription did not read on after the cut');
+    assert.ok(!seen.includes(first.id), 'the resumed subscription started over');
+  } finally {
+    await sub.close();
+    await own.close();
+  }
 });
