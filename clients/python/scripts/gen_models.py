@@ -39,7 +39,7 @@ def generate(name: str, out: pathlib.Path) -> None:
 
 drift = []
 with tempfile.TemporaryDirectory() as tmp:
-    for name in ("task", "result"):
+    for name in ("task", "result", "cancellation"):
         target = models / f"{name}.py"
         if check:
             fresh = pathlib.Path(tmp) / f"{name}.py"

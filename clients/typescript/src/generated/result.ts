@@ -16,6 +16,11 @@ export interface TaskResult {
    */
   attempt: number;
   /**
+   * Who cancelled the task and why; present only when `outcome` is
+   * `cancelled`.
+   */
+  cancellation?: CancelInfo | null;
+  /**
    * A human-readable reason when the outcome is not `succeeded`.
    */
   error?: string | null;
@@ -113,6 +118,27 @@ export interface Artifact {
    * True when `content` holds only a prefix of the file, or is absent for size.
    */
   truncated?: boolean;
+}
+/**
+ * Who cancelled a task and why, as carried in a `cancelled` result.
+ */
+export interface CancelInfo {
+  /**
+   * Who asked.
+   */
+  by: string;
+  /**
+   * The cancel request's id.
+   */
+  cancel_id: string;
+  /**
+   * Why.
+   */
+  reason: string;
+  /**
+   * For a supersede: the newer task that replaced this one.
+   */
+  superseded_by?: string | null;
 }
 /**
  * Where the task comes from.
@@ -237,6 +263,12 @@ export interface Task {
    * Steps run in order in the workspace.
    */
   steps: Step[];
+  /**
+   * Tasks with the same supersede key replace each other: a newer one
+   * cancels the older ones wherever they are (the gateway sets
+   * `<provider>:<repository>:ref:<branch>` or `...:mr:<number>`).
+   */
+  supersede_key?: string | null;
 }
 /**
  * A file written into the workspace before the steps run.

@@ -57,6 +57,12 @@ export interface Task {
    * Steps run in order in the workspace.
    */
   steps: Step[];
+  /**
+   * Tasks with the same supersede key replace each other: a newer one
+   * cancels the older ones wherever they are (the gateway sets
+   * `<provider>:<repository>:ref:<branch>` or `...:mr:<number>`).
+   */
+  supersede_key?: string | null;
 }
 /**
  * A file written into the workspace before the steps run.

@@ -31,6 +31,29 @@ class Artifact(TypedDict, closed=True):
     """
 
 
+class CancelInfo(TypedDict, closed=True):
+    """
+    Who cancelled a task and why, as carried in a `cancelled` result.
+    """
+
+    by: str
+    """
+    Who asked.
+    """
+    cancel_id: str
+    """
+    The cancel request's id.
+    """
+    reason: str
+    """
+    Why.
+    """
+    superseded_by: NotRequired[str | None]
+    """
+    For a supersede: the newer task that replaced this one.
+    """
+
+
 class InputFile(TypedDict, closed=True):
     """
     A file written into the workspace before the steps run.
@@ -303,6 +326,12 @@ class Task(TypedDict, closed=True):
     """
     Steps run in order in the workspace.
     """
+    supersede_key: NotRequired[str | None]
+    """
+    Tasks with the same supersede key replace each other: a newer one
+    cancels the older ones wherever they are (the gateway sets
+    `<provider>:<repository>:ref:<branch>` or `...:mr:<number>`).
+    """
 
 
 class TaskResult(TypedDict, closed=True):
@@ -320,6 +349,11 @@ class TaskResult(TypedDict, closed=True):
     attempt: int
     """
     Attempt number, starting at 1.
+    """
+    cancellation: NotRequired[CancelInfo | None]
+    """
+    Who cancelled the task and why; present only when `outcome` is
+    `cancelled`.
     """
     error: NotRequired[str | None]
     """

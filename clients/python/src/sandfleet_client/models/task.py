@@ -228,3 +228,9 @@ class Task(TypedDict, closed=True):
     """
     Steps run in order in the workspace.
     """
+    supersede_key: NotRequired[str | None]
+    """
+    Tasks with the same supersede key replace each other: a newer one
+    cancels the older ones wherever they are (the gateway sets
+    `<provider>:<repository>:ref:<branch>` or `...:mr:<number>`).
+    """
