@@ -6,6 +6,8 @@
 #![allow(clippy::print_stdout)]
 
 mod kube;
+mod pipeline;
+mod procfs;
 mod producer;
 mod session;
 
@@ -30,6 +32,11 @@ enum Command {
     Kube(kube::KubeArgs),
     /// Start latency and per-command overhead of sessions, on kube-sim and locally.
     Session(session::SessionArgs),
+    /// Tasks through producer → RabbitMQ → worker → results, vs a raw lapin round trip.
+    Pipeline(pipeline::PipelineArgs),
+    /// One worker process for `pipeline` (started by it).
+    #[command(hide = true)]
+    PipelineWorker(pipeline::WorkerArgs),
 }
 
 #[tokio::main]
@@ -39,5 +46,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Producer(args) => producer::run(args).await,
         Command::Kube(args) => kube::run(args).await,
         Command::Session(args) => session::run(args).await,
+        Command::Pipeline(args) => pipeline::run(args).await,
+        Command::PipelineWorker(args) => pipeline::worker(args).await,
     }
 }
