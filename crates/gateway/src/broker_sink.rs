@@ -51,7 +51,8 @@ impl TaskSink for BrokerSink {
         let options = EnqueueOptions {
             traceparent: sandfleet_telemetry::inject_traceparent(&tracing::Span::current()),
         };
-        match self.producer.enqueue_with(task, &options).await {
+        // A task with a supersede key cancels the older ones with that key.
+        match self.producer.enqueue_superseding_with(task, &options).await {
             Ok(_) => Ok(()),
             Err(EnqueueError::Invalid(errors)) => Err(SinkError::Invalid(errors.to_string())),
             Err(e @ (EnqueueError::TooLarge { .. } | EnqueueError::Encode(_))) => {
@@ -60,6 +61,25 @@ impl TaskSink for BrokerSink {
             // Every broker-side failure (down, full, topology missing) may be
             // fixed on that side: the caller retries later.
             Err(e @ EnqueueError::Broker(_)) => Err(SinkError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn cancel(
+        &self,
+        task_id: sandfleet_proto::TaskId,
+        by: &str,
+        reason: &str,
+    ) -> Result<crate::sink::CancelAnswer, SinkError> {
+        use crate::sink::CancelAnswer;
+        use sandfleet_producer::{CancelError, CancelStatus};
+        match self.producer.cancel(task_id, by, reason).await {
+            Ok(CancelStatus::Recorded { cancel_id }) => Ok(CancelAnswer::Recorded(cancel_id)),
+            Ok(CancelStatus::AlreadyFinished { outcome }) => {
+                Ok(CancelAnswer::AlreadyFinished(outcome))
+            }
+            Err(e @ CancelError::Unknown { .. }) => Ok(CancelAnswer::Unknown(e.to_string())),
+            Err(e @ CancelError::Invalid(_)) => Err(SinkError::Invalid(e.to_string())),
+            Err(e) => Err(SinkError::Unavailable(e.to_string())),
         }
     }
 
@@ -152,6 +172,20 @@ impl TaskSink for ConnectingSink {
     async fn enqueue(&self, task: &Task) -> Result<(), SinkError> {
         match self.sink.get() {
             Some(sink) => sink.enqueue(task).await,
+            None => Err(SinkError::Unavailable(
+                "not connected to RabbitMQ yet".to_owned(),
+            )),
+        }
+    }
+
+    async fn cancel(
+        &self,
+        task_id: sandfleet_proto::TaskId,
+        by: &str,
+        reason: &str,
+    ) -> Result<crate::sink::CancelAnswer, SinkError> {
+        match self.sink.get() {
+            Some(sink) => sink.cancel(task_id, by, reason).await,
             None => Err(SinkError::Unavailable(
                 "not connected to RabbitMQ yet".to_owned(),
             )),

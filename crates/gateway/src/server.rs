@@ -109,6 +109,7 @@ impl Gateway {
             .route("/webhooks/github", post(github))
             .route("/webhooks/gitlab", post(gitlab))
             .route("/v1/tasks", post(api_task))
+            .route("/v1/tasks/{id}/cancel", post(api_cancel))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
@@ -294,7 +295,10 @@ async fn handle_intake(
         format!("sha256-{}", hex::encode(sha2::Sha256::digest(body)))
     });
     let key = format!("{provider}:{delivery}");
-    let task = build_task(&gw.inner.settings.template, &failure, key.clone());
+    let mut task = build_task(&gw.inner.settings.template, &failure, key.clone());
+    // Newer work for the same branch or merge request makes this task's
+    // predecessors moot: the sink cancels them once this one is confirmed.
+    task.supersede_key = sandfleet_proto::supersede_key_for(&task.source);
     enqueue_once(gw, &key, task, failure.provider).await
 }
 
@@ -320,6 +324,81 @@ async fn api_task(State(gw): State<Gateway>, headers: HeaderMap, body: Bytes) ->
     };
     let key = format!("api:{}", task.idempotency_key);
     enqueue_once(&gw, &key, task, Provider::Api).await
+}
+
+/// `POST /v1/tasks/{id}/cancel` (bearer token), optional body
+/// `{"reason": "...", "by": "..."}`: 202 recorded, 409 already finished,
+/// 404 unknown task, 503 broker unavailable.
+async fn api_cancel(
+    State(gw): State<Gateway>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if gw.inner.settings.api_tokens.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the task API is disabled (gateway.api_tokens is empty)",
+        );
+    }
+    if let Err(e) = signature::verify_bearer(
+        &gw.inner.settings.api_tokens,
+        header_str(&headers, "authorization"),
+    ) {
+        let mut resp = error(StatusCode::UNAUTHORIZED, e);
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return resp;
+    }
+    let Ok(task_id) = id.parse::<sandfleet_proto::TaskId>() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown task {id:?}: not a task id"),
+        );
+    };
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct CancelBody {
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        by: Option<String>,
+    }
+    let req: CancelBody = if body.is_empty() {
+        CancelBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed cancel: {e}")),
+        }
+    };
+    let by = req.by.unwrap_or_else(|| "task-api".to_owned());
+    let reason = req
+        .reason
+        .unwrap_or_else(|| "cancelled through the task API".to_owned());
+    match gw.inner.sink.cancel(task_id, &by, &reason).await {
+        Ok(crate::sink::CancelAnswer::Recorded(cancel_id)) => {
+            tracing::info!(%task_id, %cancel_id, by, "cancel recorded");
+            reply(
+                StatusCode::ACCEPTED,
+                json!({ "status": "recorded", "task_id": task_id, "cancel_id": cancel_id }),
+            )
+        }
+        Ok(crate::sink::CancelAnswer::AlreadyFinished(outcome)) => reply(
+            StatusCode::CONFLICT,
+            json!({ "status": "already_finished", "task_id": task_id, "outcome": outcome }),
+        ),
+        Ok(crate::sink::CancelAnswer::Unknown(why)) => error(StatusCode::NOT_FOUND, why),
+        Err(e @ SinkError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e),
+        Err(e @ SinkError::Unavailable(_)) => {
+            let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, e);
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+            resp
+        }
+    }
 }
 
 /// Enqueues `task` unless `key` was already enqueued by this process; answers

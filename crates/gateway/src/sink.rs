@@ -5,7 +5,7 @@
 //! hand in whatever producer it built.
 
 use async_trait::async_trait;
-use sandfleet_proto::Task;
+use sandfleet_proto::{Outcome, Task, TaskId};
 
 /// Why a task could not be enqueued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,11 +26,36 @@ impl SinkError {
     }
 }
 
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelAnswer {
+    /// Recorded (broker-confirmed) under this cancel id.
+    Recorded(uuid::Uuid),
+    /// The task already has a final result; nothing was recorded.
+    AlreadyFinished(Outcome),
+    /// The id cannot be a task of this fleet.
+    Unknown(String),
+}
+
 /// Accepts tasks; `enqueue` returns only once the broker confirmed the task.
 #[async_trait]
 pub trait TaskSink: Send + Sync + 'static {
     /// Publishes `task` and waits for the broker's confirm.
     async fn enqueue(&self, task: &Task) -> Result<(), SinkError>;
+
+    /// Records a cancel of `task_id` (`POST /v1/tasks/{id}/cancel`). Sinks
+    /// without a cancellations stream answer [`SinkError::Unavailable`].
+    async fn cancel(
+        &self,
+        task_id: TaskId,
+        by: &str,
+        reason: &str,
+    ) -> Result<CancelAnswer, SinkError> {
+        let _ = (task_id, by, reason);
+        Err(SinkError::Unavailable(
+            "this gateway cannot record cancels".to_owned(),
+        ))
+    }
 
     /// Whether the sink can currently accept tasks (drives `/readyz`).
     async fn is_ready(&self) -> bool {

@@ -395,7 +395,17 @@ impl Producer {
     /// cancellation of the older tasks with that key (after the task is
     /// confirmed, so a failed enqueue supersedes nothing).
     pub async fn enqueue_superseding(&self, task: &Task) -> Result<Receipt, EnqueueError> {
-        let receipt = self.enqueue(task).await?;
+        self.enqueue_superseding_with(task, &EnqueueOptions::default())
+            .await
+    }
+
+    /// [`enqueue_superseding`](Producer::enqueue_superseding) with options.
+    pub async fn enqueue_superseding_with(
+        &self,
+        task: &Task,
+        options: &EnqueueOptions,
+    ) -> Result<Receipt, EnqueueError> {
+        let receipt = self.enqueue_with(task, options).await?;
         // The key was validated with the task, so only the broker can refuse.
         if let Some(supersede) = Cancellation::supersede_by(task) {
             let body = serde_json::to_vec(&supersede).map_err(EnqueueError::Encode)?;

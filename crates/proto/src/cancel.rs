@@ -83,6 +83,25 @@ pub struct CancelInfo {
     pub superseded_by: Option<TaskId>,
 }
 
+/// The supersede key an intake sets on a CI task: newer work for the same
+/// merge request (`<provider>:<repository>:mr:<number>`) or, without one,
+/// the same branch (`<provider>:<repository>:ref:<branch>`). `None` when the
+/// source names neither.
+pub fn supersede_key_for(source: &crate::Source) -> Option<String> {
+    let provider = match source.provider {
+        crate::Provider::Github => "github",
+        crate::Provider::Gitlab => "gitlab",
+        crate::Provider::Api => "api",
+    };
+    match (source.pull_request, source.git_ref.as_deref()) {
+        (Some(n), _) => Some(format!("{provider}:{}:mr:{n}", source.repository)),
+        (None, Some(r)) if !r.is_empty() => {
+            Some(format!("{provider}:{}:ref:{r}", source.repository))
+        }
+        _ => None,
+    }
+}
+
 impl Cancellation {
     /// A cancel of one task, requested now.
     pub fn task(task_id: TaskId, by: impl Into<String>, reason: impl Into<String>) -> Self {
@@ -232,6 +251,23 @@ mod tests {
         assert!(s.applies_to(&other_key).is_none());
         assert!(s.applies_to(&unkeyed).is_none());
         assert!(Cancellation::supersede_by(&unkeyed).is_none());
+    }
+
+    #[test]
+    fn the_supersede_key_names_the_merge_request_else_the_branch() {
+        let mut t = task(None);
+        assert_eq!(
+            supersede_key_for(&t.source).as_deref(),
+            Some("github:acme/widgets:ref:main")
+        );
+        t.source.pull_request = Some(42);
+        assert_eq!(
+            supersede_key_for(&t.source).as_deref(),
+            Some("github:acme/widgets:mr:42")
+        );
+        t.source.pull_request = None;
+        t.source.git_ref = None;
+        assert_eq!(supersede_key_for(&t.source), None);
     }
 
     #[test]

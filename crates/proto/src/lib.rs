@@ -28,7 +28,9 @@ pub mod validate;
 pub use budget::{
     CONSUMER_TIMEOUT_MARGIN, DEADLINE_TOO_LONG_CODE, DeadlineTooLong, check_consumer_timeout,
 };
-pub use cancel::{CANCELLATION_MESSAGE_TYPE, CancelInfo, CancelTarget, Cancellation};
+pub use cancel::{
+    CANCELLATION_MESSAGE_TYPE, CancelInfo, CancelTarget, Cancellation, supersede_key_for,
+};
 pub use decode::{RejectReason, decode_task, encode_task};
 pub use image::ImageRef;
 pub use limits::Limits;

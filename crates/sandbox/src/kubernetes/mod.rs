@@ -65,6 +65,8 @@ struct Inner {
     settings: KubernetesSettings,
     hub: Arc<watch::Hub>,
     cancelled: Mutex<HashSet<String>>,
+    /// Wakes the runs waiting on their Jobs when one of them is cancelled.
+    cancel_wake: tokio::sync::Notify,
     keep_finished: AtomicBool,
     _stop: DropGuard,
 }
@@ -89,6 +91,7 @@ impl KubeExecutor {
                 settings,
                 hub,
                 cancelled: Mutex::default(),
+                cancel_wake: tokio::sync::Notify::new(),
                 keep_finished: AtomicBool::new(false),
                 _stop: stop.drop_guard(),
             }),
@@ -277,6 +280,11 @@ impl KubeExecutor {
         let mut confirmed = false;
         let mut lag_until: Option<Instant> = None;
         loop {
+            // Registered before the check, so a cancel between the check and
+            // the select below still wakes this run.
+            let woken = self.inner.cancel_wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             let mut obs = sub.rx.borrow_and_update().clone();
             if let Some(polled) = extra.take() {
                 obs = polled;
@@ -325,6 +333,7 @@ impl KubeExecutor {
             }
             let pending_timer = pending_at > Instant::now();
             tokio::select! {
+                () = &mut woken => {}
                 changed = sub.rx.changed() => {
                     if changed.is_err() {
                         return Err(ExecError::Config("the kubernetes watcher stopped".into()));
@@ -574,8 +583,15 @@ impl Executor for KubeExecutor {
     async fn cancel(&self, task_id: TaskId, attempt: u32) -> Result<(), ExecError> {
         let name = job_name(task_id, attempt);
         let in_flight = self.inner.hub.in_flight().contains(&name);
-        if in_flight && let Ok(mut c) = self.inner.cancelled.lock() {
-            c.insert(name.clone());
+        if in_flight {
+            // The run in flight reads the pod's log so far, then deletes the
+            // Job (Background propagation): the cancelled result keeps the
+            // partial output. One log read stands between cancel and delete.
+            if let Ok(mut c) = self.inner.cancelled.lock() {
+                c.insert(name.clone());
+            }
+            self.inner.cancel_wake.notify_waiters();
+            return Ok(());
         }
         self.inner.api.delete_job(&name).await
     }
