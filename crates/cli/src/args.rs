@@ -94,6 +94,15 @@ Examples:
 Values given with --repo, --commit and --ref reach the sandbox as the env vars
 SANDFLEET_REPOSITORY, SANDFLEET_COMMIT and SANDFLEET_REF.")]
     Enqueue(EnqueueArgs),
+    /// Cancel tasks wherever they are (queued, delayed, running); supersedes are automatic.
+    #[command(after_help = "\
+Examples:
+  sandfleet cancel 0190f3c2-7d1e-7a4b-9c2d-3e4f5a6b7c8d
+  sandfleet cancel --reason 'runaway batch' ID1 ID2 ID3
+
+Each task ends with one final `cancelled` result (who and why in it) unless it
+finished first; a finished or unknown task is reported and the exit code is 4.")]
+    Cancel(CancelArgs),
     /// Re-enqueue failed builds from the dead-letter queue, the results stream or a file.
     #[command(after_help = "\
 Examples:
@@ -275,6 +284,20 @@ pub struct GatewayArgs {
     /// Listen address; overrides `gateway.listen_addr`.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+}
+
+/// `sandfleet cancel`.
+#[derive(Debug, Clone, Args)]
+pub struct CancelArgs {
+    /// The tasks to cancel.
+    #[arg(value_name = "TASK_ID", required = true)]
+    pub task_ids: Vec<String>,
+    /// Why, recorded in each cancelled result.
+    #[arg(long, default_value = "cancelled from the command line")]
+    pub reason: String,
+    /// Who, recorded in each cancelled result (default `cli:$USER`).
+    #[arg(long)]
+    pub by: Option<String>,
 }
 
 /// `sandfleet enqueue`.

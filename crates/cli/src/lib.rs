@@ -165,6 +165,7 @@ async fn dispatch(
         Command::Worker(a) => commands::worker::run(a, settings, shutdown).await,
         Command::Gateway(a) => commands::gateway::run(a, settings, shutdown).await,
         Command::Enqueue(a) => commands::enqueue::run(a, &settings, out).await,
+        Command::Cancel(a) => commands::cancel::run(a, &settings, out).await,
         Command::Replay(a) => commands::replay::run(a, &settings, out, shutdown).await,
         Command::Results(c) => commands::results::run(c, &settings, out, shutdown).await,
         Command::Dlq(c) => commands::dlq::run(c, &settings, out).await,

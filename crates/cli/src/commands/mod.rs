@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod cancel;
 pub mod config_check;
 pub mod console;
 pub mod demo;
