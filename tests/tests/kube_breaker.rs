@@ -210,15 +210,17 @@ async fn a_429_with_retry_after_is_honoured_and_does_not_trip_the_breaker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_only_500s_hold_the_breaker_open_without_flapping_and_lose_no_log() {
-    // Cooldown 1 s, doubling per failed trial up to 8 s: 30 s of fault here
-    // is the same story as 2 minutes at the default 30 s cooldown (a trial
-    // at 1, 3, 7, 15, 23 s ... instead of 30, 90 s).
-    const FAULT: Duration = Duration::from_secs(30);
+    // Two minutes of create-only 500s, as operators met them. Cooldown 5 s,
+    // doubling per failed trial up to 40 s: trials near 5, 15, 35, 75 and
+    // 115 s (the default 30 s cooldown would try at 30 and 90 s). The old
+    // breaker, closed by a list probe that kept working, re-opened every
+    // cooldown.
+    const FAULT: Duration = Duration::from_secs(120);
     let env = Env::new("createonly", BIN, true, |s| {
         s.breaker.consecutive_failures = 3;
         s.breaker.min_calls = 10;
         s.breaker.window = 20;
-        s.breaker.cooldown_secs = 1;
+        s.breaker.cooldown_secs = 5;
         s.breaker.half_open_probes = 2;
         s.retry.api_retries = 0;
         s.worker.concurrency = 2;
