@@ -15,7 +15,7 @@ import aio_pika
 import pytest
 from conftest import close_connections, echo_task, env, final_result
 
-from sandfleet_client import EnqueueError, Fleet
+from sandfleet_client import CancelError, EnqueueError, Fleet, new_task
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 TS_CLIENT = REPO / "clients" / "typescript" / "dist" / "index.js"
@@ -186,3 +186,28 @@ async def test_after_the_broker_closes_its_connections_results_resume_and_enqueu
             await asyncio.wait_for(read_on(), 60)
         assert second["id"] in seen, "the subscription did not read on after the cut"
         assert first["id"] not in seen, "the resumed subscription started over"
+
+
+async def test_cancel_ends_a_long_task_with_one_cancelled_result_and_a_second_finds_it_finished(
+    fleet: Fleet,
+) -> None:
+    since = datetime.now(timezone.utc)
+    task = new_task(
+        source={"provider": "api", "repository": "acme/clients", "commit": "e" * 40},
+        sandbox={"image": "alpine:3.20", "deadline_secs": 300},
+        steps=[{"name": "long", "run": "echo started; sleep 240", "timeout_secs": 280}],
+    )
+    await fleet.enqueue(task)
+    status = await fleet.cancel(task["id"], by="client-test", reason="no longer needed")
+    assert status.status == "recorded" and status.cancel_id
+    async with fleet.results(since) as sub:
+        result = await final_result(sub, task["id"], timeout=90)
+    assert result["outcome"] == "cancelled"
+    assert (result.get("cancellation") or {}).get("by") == "client-test"
+    assert (result.get("cancellation") or {}).get("reason") == "no longer needed"
+    again = await fleet.cancel(task["id"])
+    assert (again.status, again.outcome) == ("already_finished", "cancelled")
+    with pytest.raises(CancelError):
+        await fleet.cancel("not-a-task-id")
+    with pytest.raises(CancelError):
+        await fleet.cancel("0193a6d2-5b1e-4c40-9a2f-3e4d5c6b7a01")  # a UUIDv4

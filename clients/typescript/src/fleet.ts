@@ -5,11 +5,19 @@ import amqp from 'amqplib';
 import type { Channel, ChannelModel, ConfirmChannel, ConsumeMessage, Options } from 'amqplib';
 import type { Task } from './generated/task.js';
 import type { TaskResult } from './generated/result.js';
+import type { Cancellation } from './generated/cancellation.js';
 
 /** The `type` property of task messages. */
 export const TASK_MESSAGE_TYPE = 'sandfleet.task.v1';
 /** The `type` property of result messages. */
 export const RESULT_MESSAGE_TYPE = 'sandfleet.result.v1';
+/** The `type` property of cancellation messages. */
+export const CANCELLATION_MESSAGE_TYPE = 'sandfleet.cancellation.v1';
+/** Longest `by` or `reason` of a cancellation, in bytes. */
+const MAX_CANCEL_TEXT = 512;
+/** How long the finished-check of `cancel` reads on after the last result it saw, and at most. */
+const LOOKUP_QUIET_MS = 300;
+const LOOKUP_BUDGET_MS = 5_000;
 /** The contract version this package speaks (`schema_version`). */
 export const SCHEMA_VERSION = 1;
 const CONTENT_TYPE = 'application/json';
@@ -55,6 +63,25 @@ export interface Received {
   /** When it was published (millisecond header, else the AMQP timestamp). */
   publishedAt?: Date;
   traceparent?: string;
+}
+
+export interface CancelOptions {
+  /** Who asks (a user, a token's name). Default `sandfleet-client-ts`. */
+  by?: string;
+  /** Why, for humans. */
+  reason?: string;
+}
+
+/** What `cancel` did. */
+export type CancelStatus =
+  /** The cancel is recorded (confirmed): the task ends with a `cancelled` result unless it finishes first. */
+  | { status: 'recorded'; cancelId: string }
+  /** The task already had a final result; nothing was recorded. */
+  | { status: 'already_finished'; outcome: TaskResult['outcome'] };
+
+/** A cancel that was refused before anything was published (an id that cannot be a task, a text too long). */
+export class CancelError extends Error {
+  override name = 'CancelError';
 }
 
 /** The broker returned or refused a task: it was not enqueued. */
@@ -119,6 +146,30 @@ export class Fleet {
     return new Fleet(url, name, opts.prefix ?? 'sandfleet', await openLink(url, name));
   }
 
+  /** Publishes with a confirm; a returned message (no queue bound) is an error too. */
+  async #publish(exchange: string, routingKey: string, body: Buffer, props: Options.Publish): Promise<void> {
+    if (this.#closed) throw new Error('the fleet connection is closed');
+    // A connection lost since the last publish is replaced: this publish gets
+    // a fresh one. (One lost while waiting for the confirm is an error.)
+    if (!this.#connected) {
+      await this.#conn.close().catch(() => {});
+      const link = await openLink(this.#url, this.#connectionName);
+      this.#conn = link.conn;
+      this.#confirm = link.confirm;
+      this.#connected = true;
+      this.#watch(link.confirm);
+    }
+    const id = props.messageId ?? '';
+    await new Promise<void>((resolve, reject) => {
+      this.#confirm.publish(exchange, routingKey, body, props, (err: unknown) => {
+        const returned = this.#returned.delete(id);
+        if (err) reject(new Error(`not confirmed: ${String(err)}`));
+        else if (returned) reject(new Error(`returned: no queue is bound to ${exchange}`));
+        else resolve();
+      });
+    });
+  }
+
   #watch(confirm: ConfirmChannel): void {
     confirm.on('return', (msg: ConsumeMessage) => {
       const id = msg.properties.messageId as string | undefined;
@@ -165,26 +216,11 @@ export class Fleet {
       mandatory: true,
       headers,
     };
-    const body = Buffer.from(JSON.stringify(task));
-    if (this.#closed) throw new EnqueueError('the fleet connection is closed');
-    // A connection lost since the last publish is replaced: this publish gets
-    // a fresh one. (One lost while waiting for the confirm is an error.)
-    if (!this.#connected) {
-      await this.#conn.close().catch(() => {});
-      const link = await openLink(this.#url, this.#connectionName);
-      this.#conn = link.conn;
-      this.#confirm = link.confirm;
-      this.#connected = true;
-      this.#watch(link.confirm);
+    try {
+      await this.#publish(this.tasksExchange, TASK_ROUTING_KEY, Buffer.from(JSON.stringify(task)), props);
+    } catch (e) {
+      throw new EnqueueError(`task ${task.id}: ${e instanceof Error ? e.message : String(e)}`);
     }
-    await new Promise<void>((resolve, reject) => {
-      this.#confirm.publish(this.tasksExchange, TASK_ROUTING_KEY, body, props, (err: unknown) => {
-        const returned = this.#returned.delete(task.id);
-        if (err) reject(new EnqueueError(`task ${task.id} not confirmed: ${String(err)}`));
-        else if (returned) reject(new EnqueueError(`task ${task.id} was returned: no queue is bound to ${this.tasksExchange}`));
-        else resolve();
-      });
-    });
     return task.id;
   }
 
@@ -210,6 +246,62 @@ export class Fleet {
    */
   subscribe(opts: ResultsOptions = {}): Promise<Subscription> {
     return Subscription.start(this.#url, `${this.#connectionName}-results`, this.resultsStream, opts);
+  }
+
+  /**
+   * Cancels one task, as `Producer::cancel` does: unless the results stream
+   * already holds the task's final result, records a cancellation (confirmed)
+   * on `<prefix>.cancellations`, which every worker reads. The finished check
+   * reads the stream from the task's creation time (its UUIDv7 timestamp)
+   * until it is quiet: a final result published meanwhile may be missed,
+   * which is harmless — the worker holding the task decides.
+   */
+  async cancel(taskId: string, opts: CancelOptions = {}): Promise<CancelStatus> {
+    const created = createdAt(taskId);
+    const by = opts.by ?? 'sandfleet-client-ts';
+    const reason = opts.reason ?? '';
+    for (const [field, text] of [['by', by], ['reason', reason]] as const) {
+      const len = Buffer.byteLength(text);
+      if (len > MAX_CANCEL_TEXT) throw new CancelError(`${field} is ${len} bytes, over ${MAX_CANCEL_TEXT}`);
+    }
+    const outcome = await this.#finalOutcome(taskId, created);
+    if (outcome !== undefined) return { status: 'already_finished', outcome };
+    const cancel: Cancellation = {
+      schema_version: 1,
+      id: uuidv7(),
+      target: { kind: 'task', task_id: taskId },
+      by,
+      reason,
+      requested_at: new Date().toISOString(),
+    };
+    await this.#publish(`${this.prefix}.cancellations`, '', Buffer.from(JSON.stringify(cancel)), {
+      messageId: cancel.id,
+      type: CANCELLATION_MESSAGE_TYPE,
+      contentType: CONTENT_TYPE,
+      timestamp: Math.floor(Date.now() / 1000),
+      persistent: true,
+      mandatory: true,
+    });
+    return { status: 'recorded', cancelId: cancel.id };
+  }
+
+  async #finalOutcome(taskId: string, created: Date): Promise<TaskResult['outcome'] | undefined> {
+    const sub = await Subscription.start(this.#url, `${this.#connectionName}-cancel-lookup`, this.resultsStream, {
+      from: new Date(created.getTime() - 1_000),
+    });
+    const giveUp = Date.now() + LOOKUP_BUDGET_MS;
+    try {
+      for (;;) {
+        let timer: NodeJS.Timeout | undefined;
+        const quiet = new Promise<'quiet'>((r) => (timer = setTimeout(() => r('quiet'), Math.min(LOOKUP_QUIET_MS, giveUp - Date.now()))));
+        const next = await Promise.race([sub.next(), quiet]);
+        clearTimeout(timer);
+        if (next === 'quiet' || next === undefined) return undefined;
+        if (next.result.task_id === taskId && next.result.final) return next.result.outcome;
+      }
+    } finally {
+      await sub.close();
+    }
   }
 
   async close(): Promise<void> {
@@ -404,6 +496,17 @@ async function openLink(url: string, connectionName: string): Promise<Link> {
     await conn.close().catch(() => {});
     throw e;
   }
+}
+
+/** The creation time of a task: the timestamp of its UUIDv7 id. */
+function createdAt(taskId: string): Date {
+  const hex = taskId.replace(/-/g, '');
+  if (!/^[0-9a-f]{32}$/i.test(hex) || hex[12] !== '7') {
+    throw new CancelError(`${taskId} is not a task id of this fleet (a UUIDv7)`);
+  }
+  const ms = parseInt(hex.slice(0, 12), 16);
+  if (ms > Date.now() + 5 * 60_000) throw new CancelError(`${taskId}: its timestamp is in the future`);
+  return new Date(ms);
 }
 
 /** Remembers recent `(task_id, attempt)` keys (results come at least once). */

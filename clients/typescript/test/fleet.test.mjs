@@ -8,7 +8,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import amqp from 'amqplib';
-import { Fleet, newTask, EnqueueError } from '../dist/index.js';
+import { Fleet, newTask, EnqueueError, CancelError } from '../dist/index.js';
 
 const url = process.env.SANDFLEET_AMQP_URL;
 const prefix = process.env.SANDFLEET_PREFIX;
@@ -245,4 +245,23 @@ test('after the broker closes its connections, results resume after the last off
     await sub.close();
     await own.close();
   }
+});
+
+test('cancel ends a long task with one cancelled result; a second cancel finds it finished', async () => {
+  const since = new Date();
+  const task = newTask({
+    source: { provider: 'api', repository: 'acme/clients', commit: 'e'.repeat(40) },
+    sandbox: { image: 'alpine:3.20', deadline_secs: 300 },
+    steps: [{ name: 'long', run: 'echo started; sleep 240', timeout_secs: 280 }],
+  });
+  await fleet.enqueue(task);
+  const status = await fleet.cancel(task.id, { by: 'client-test', reason: 'no longer needed' });
+  assert.equal(status.status, 'recorded');
+  const result = await finalResult(await fleet.subscribe({ from: since }), task.id, 90_000);
+  assert.equal(result.outcome, 'cancelled');
+  assert.equal(result.cancellation?.by, 'client-test');
+  assert.equal(result.cancellation?.reason, 'no longer needed');
+  assert.deepEqual(await fleet.cancel(task.id), { status: 'already_finished', outcome: 'cancelled' });
+  await assert.rejects(fleet.cancel('not-a-task-id'), CancelError);
+  await assert.rejects(fleet.cancel('0193a6d2-5b1e-4c40-9a2f-3e4d5c6b7a01'), CancelError);
 });

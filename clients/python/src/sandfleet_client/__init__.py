@@ -3,6 +3,9 @@
 Speaks version 1 of the message contract (schemas/*.v1.schema.json)."""
 
 from .fleet import (
+    CANCELLATION_MESSAGE_TYPE,
+    CancelError,
+    CancelStatus,
     RESULT_MESSAGE_TYPE,
     SCHEMA_VERSION,
     TASK_MESSAGE_TYPE,
@@ -16,6 +19,7 @@ from .fleet import (
     new_task,
     uuid7,
 )
+from .models.cancellation import Cancellation
 from .models.result import TaskResult
 from .models.task import Task
 from .sessions import CommandResult, Sandbox, SessionInfo, SessionsClient, SessionsError
@@ -23,6 +27,10 @@ from .sessions import CommandResult, Sandbox, SessionInfo, SessionsClient, Sessi
 __version__ = "1.0.0"
 
 __all__ = [
+    "CANCELLATION_MESSAGE_TYPE",
+    "CancelError",
+    "CancelStatus",
+    "Cancellation",
     "RESULT_MESSAGE_TYPE",
     "SCHEMA_VERSION",
     "TASK_MESSAGE_TYPE",

@@ -20,12 +20,18 @@ import aio_pika
 import aio_pika.abc
 from aio_pika.exceptions import DeliveryError, PublishError
 
-from .models.result import TaskResult
+from .models.cancellation import Cancellation
+from .models.result import Outcome, TaskResult
 from .models.task import Task
 
 TASK_MESSAGE_TYPE = "sandfleet.task.v1"
 RESULT_MESSAGE_TYPE = "sandfleet.result.v1"
+CANCELLATION_MESSAGE_TYPE = "sandfleet.cancellation.v1"
 SCHEMA_VERSION = 1
+_MAX_CANCEL_TEXT = 512
+# How long the finished-check of `cancel` reads on after the last result it saw, and at most.
+_LOOKUP_QUIET = 0.3
+_LOOKUP_BUDGET = 5.0
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
 _CONTENT_TYPE = "application/json"
 _TASK_ROUTING_KEY = "task"
@@ -36,6 +42,36 @@ _HEADER_PUBLISHED_AT_MS = "x-sandfleet-published-at-ms"
 
 StartAt = Union[Literal["first", "last", "next"], datetime]
 """Where a results subscription starts (`x-stream-offset`)."""
+
+
+class CancelError(Exception):
+    """A cancel refused before anything was published (an id that cannot be a
+    task of this fleet, a text too long)."""
+
+
+@dataclass(frozen=True)
+class CancelStatus:
+    """What `cancel` did: `recorded` (with `cancel_id`: the task ends with a
+    `cancelled` result unless it finishes first) or `already_finished` (with the
+    final `outcome`; nothing was recorded)."""
+
+    status: Literal["recorded", "already_finished"]
+    cancel_id: str | None = None
+    outcome: Outcome | None = None
+
+
+def _created_at(task_id: str) -> datetime:
+    """The creation time of a task: the timestamp of its UUIDv7 id."""
+    try:
+        u = uuid.UUID(task_id)
+    except ValueError:
+        raise CancelError(f"{task_id!r} is not a task id of this fleet (a UUIDv7)") from None
+    if u.version != 7:
+        raise CancelError(f"{task_id} is not a task id of this fleet (a UUIDv7)")
+    at = datetime.fromtimestamp((u.int >> 80) / 1000, timezone.utc)
+    if at > datetime.now(timezone.utc) + timedelta(minutes=5):
+        raise CancelError(f"{task_id}: its timestamp is in the future")
+    return at
 
 
 class EnqueueError(Exception):
@@ -209,14 +245,82 @@ class Fleet:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             headers=headers,
         )
-        exchange = await self._confirm.get_exchange(self.tasks_exchange, ensure=False)
         try:
-            await exchange.publish(message, routing_key=_TASK_ROUTING_KEY, mandatory=True)
+            await self._publish(self.tasks_exchange, _TASK_ROUTING_KEY, message)
         except (DeliveryError, PublishError) as e:
             raise EnqueueError(
                 f"task {task['id']} was not enqueued on {self.tasks_exchange}: {e!r}"
             ) from e
         return task["id"]
+
+    async def _publish(self, exchange_name: str, routing_key: str, message: aio_pika.Message) -> None:
+        """Publishes mandatory with a confirm (a returned message raises too)."""
+        assert self._confirm is not None
+        exchange = await self._confirm.get_exchange(exchange_name, ensure=False)
+        await exchange.publish(message, routing_key=routing_key, mandatory=True)
+
+    async def cancel(
+        self, task_id: str, *, by: str = "sandfleet-client-py", reason: str = ""
+    ) -> CancelStatus:
+        """Cancels one task, as `Producer::cancel` does: unless the results
+        stream already holds the task's final result, records a cancellation
+        (confirmed) on `<prefix>.cancellations`, which every worker reads. The
+        finished check reads the stream from the task's creation time (its
+        UUIDv7 timestamp) until it is quiet: a final result published meanwhile
+        may be missed, which is harmless (the worker holding the task decides)."""
+        self._connected()
+        created = _created_at(task_id)
+        for field, text in (("by", by), ("reason", reason)):
+            size = len(text.encode())
+            if size > _MAX_CANCEL_TEXT:
+                raise CancelError(f"{field} is {size} bytes, over {_MAX_CANCEL_TEXT}")
+        outcome = await self._final_outcome(task_id, created)
+        if outcome is not None:
+            return CancelStatus("already_finished", outcome=outcome)
+        cancel: Cancellation = {
+            "schema_version": 1,
+            "id": uuid7(),
+            "target": {"kind": "task", "task_id": task_id},
+            "by": by,
+            "reason": reason,
+            "requested_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        }
+        if not self.is_connected:
+            await self.connect()
+        await self._publish(
+            f"{self.prefix}.cancellations",
+            "",
+            aio_pika.Message(
+                json.dumps(cancel, separators=(",", ":")).encode(),
+                content_type=_CONTENT_TYPE,
+                type=CANCELLATION_MESSAGE_TYPE,
+                message_id=cancel["id"],
+                timestamp=datetime.now(timezone.utc),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+        )
+        return CancelStatus("recorded", cancel_id=cancel["id"])
+
+    async def _final_outcome(self, task_id: str, created: datetime) -> Outcome | None:
+        sub = Subscription(self, created - timedelta(seconds=1), 500, 100_000)
+        sub._connection_name = f"{self._connection_name}-cancel-lookup"
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _LOOKUP_BUDGET
+        try:
+            await sub.start()
+            while True:
+                quiet = min(_LOOKUP_QUIET, give_up - loop.time())
+                if quiet <= 0:
+                    return None
+                try:
+                    received = await asyncio.wait_for(sub.__anext__(), quiet)
+                except (asyncio.TimeoutError, StopAsyncIteration):
+                    return None
+                r = received.result
+                if r["task_id"] == task_id and r["final"]:
+                    return r["outcome"]
+        finally:
+            await sub.close()
 
     def results(
         self,
