@@ -211,3 +211,24 @@ async def test_cancel_ends_a_long_task_with_one_cancelled_result_and_a_second_fi
         await fleet.cancel("not-a-task-id")
     with pytest.raises(CancelError):
         await fleet.cancel("0193a6d2-5b1e-4c40-9a2f-3e4d5c6b7a01")  # a UUIDv4
+
+
+async def test_a_task_the_broker_nacks_a_full_task_queue_is_an_error_not_a_silent_success(
+    fleet: Fleet,
+) -> None:
+    full = f"{fleet.prefix}-full"
+    async with await aio_pika.connect(env("SANDFLEET_AMQP_URL")) as conn:
+        ch = await conn.channel()
+        exchange = await ch.declare_exchange(f"{full}.tasks", aio_pika.ExchangeType.DIRECT)
+        queue = await ch.declare_queue(
+            f"{full}.tasks", arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        await queue.bind(exchange, "task")
+        try:
+            async with Fleet(env("SANDFLEET_AMQP_URL"), prefix=full) as producer:
+                await producer.enqueue(echo_task("fits"))
+                with pytest.raises(EnqueueError):
+                    await producer.enqueue(echo_task("does not fit"))
+        finally:
+            await queue.delete(if_unused=False, if_empty=False)
+            await exchange.delete()

@@ -265,3 +265,22 @@ test('cancel ends a long task with one cancelled result; a second cancel finds i
   await assert.rejects(fleet.cancel('not-a-task-id'), CancelError);
   await assert.rejects(fleet.cancel('0193a6d2-5b1e-4c40-9a2f-3e4d5c6b7a01'), CancelError);
 });
+
+test('a task the broker nacks (a full task queue) is an error, not a silent success', async () => {
+  const full = `${prefix}-full`;
+  const conn = await amqp.connect(url);
+  const ch = await conn.createChannel();
+  await ch.assertExchange(`${full}.tasks`, 'direct', { durable: false });
+  await ch.assertQueue(`${full}.tasks`, { durable: false, arguments: { 'x-max-length': 1, 'x-overflow': 'reject-publish' } });
+  await ch.bindQueue(`${full}.tasks`, `${full}.tasks`, 'task');
+  const producer = await Fleet.connect({ url, prefix: full });
+  try {
+    await producer.enqueue(echoTask('fits'));
+    await assert.rejects(producer.enqueue(echoTask('does not fit')), (e) => e instanceof EnqueueError && /not confirmed/.test(e.message));
+  } finally {
+    await producer.close();
+    await ch.deleteQueue(`${full}.tasks`).catch(() => {});
+    await ch.deleteExchange(`${full}.tasks`).catch(() => {});
+    await conn.close();
+  }
+});
