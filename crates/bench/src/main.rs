@@ -5,6 +5,7 @@
 // A benchmark's output is its figures on stdout.
 #![allow(clippy::print_stdout)]
 
+mod inflight;
 mod kube;
 mod pipeline;
 mod procfs;
@@ -34,7 +35,9 @@ enum Command {
     Session(session::SessionArgs),
     /// Tasks through producer → RabbitMQ → worker → results, vs a raw lapin round trip.
     Pipeline(pipeline::PipelineArgs),
-    /// One worker process for `pipeline` (started by it).
+    /// Worker RSS, dispatch overhead and API requests with many Kubernetes sandboxes in flight.
+    Inflight(inflight::InflightArgs),
+    /// One worker process for `pipeline` and `inflight` (started by them).
     #[command(hide = true)]
     PipelineWorker(pipeline::WorkerArgs),
 }
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Kube(args) => kube::run(args).await,
         Command::Session(args) => session::run(args).await,
         Command::Pipeline(args) => pipeline::run(args).await,
+        Command::Inflight(args) => inflight::run(args).await,
         Command::PipelineWorker(args) => pipeline::worker(args).await,
     }
 }

@@ -161,7 +161,7 @@ pub(crate) async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 /// One task as the fleets run it: two steps, like the `kube` bench.
-fn task(i: usize) -> Task {
+pub(crate) fn task(i: usize) -> Task {
     Task::fix_attempt(
         Source {
             provider: Provider::Api,
@@ -197,14 +197,14 @@ struct Figures {
 }
 
 /// A running worker process, killed on drop.
-struct WorkerProcess {
+pub(crate) struct WorkerProcess {
     // Held for `kill_on_drop`.
     _child: tokio::process::Child,
-    pid: u32,
+    pub(crate) pid: u32,
 }
 
 impl WorkerProcess {
-    fn spawn(
+    pub(crate) fn spawn(
         settings: &Settings,
         instant: bool,
         kubeconfig: Option<&std::path::Path>,
