@@ -5,9 +5,11 @@
 // A benchmark's output is its figures on stdout.
 #![allow(clippy::print_stdout)]
 
+mod cancel;
 mod inflight;
 mod kube;
 mod pipeline;
+mod pool;
 mod procfs;
 mod producer;
 mod session;
@@ -33,8 +35,12 @@ enum Command {
     Kube(kube::KubeArgs),
     /// Start latency and per-command overhead of sessions, on kube-sim and locally.
     Session(session::SessionArgs),
+    /// Session start latency from a warm pool vs cold starts, on kube-sim.
+    Pool(pool::PoolArgs),
     /// Tasks through producer → RabbitMQ → worker → results, vs a raw lapin round trip.
     Pipeline(pipeline::PipelineArgs),
+    /// Random cancels across queued, delayed and running tasks with workers killed: pod-gone latency, leaks.
+    Cancel(cancel::CancelArgs),
     /// Worker RSS, dispatch overhead and API requests with many Kubernetes sandboxes in flight.
     Inflight(inflight::InflightArgs),
     /// One worker process for `pipeline` and `inflight` (started by them).
@@ -49,8 +55,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Producer(args) => producer::run(args).await,
         Command::Kube(args) => kube::run(args).await,
         Command::Session(args) => session::run(args).await,
+        Command::Pool(args) => pool::run(args).await,
         Command::Pipeline(args) => pipeline::run(args).await,
         Command::Inflight(args) => inflight::run(args).await,
+        Command::Cancel(args) => cancel::run(args).await,
         Command::PipelineWorker(args) => pipeline::worker(args).await,
     }
 }

@@ -34,6 +34,12 @@ const WARM_TIMEOUT: Duration = Duration::from_secs(600);
 /// creator (another replica) may have died before marking it idle.
 const ADOPT_AFTER: Duration = Duration::from_secs(10);
 
+/// Members one replica starts at once. A burst of claims refills at once but
+/// not all at once: a hundred Job creates, pod watches and readiness execs
+/// in the same instant would slow the claims of that burst (same API server,
+/// same replica) more than a slightly later refill costs.
+const START_CONCURRENCY: usize = 8;
+
 /// How often the plan runs without a change (max age, stuck members).
 const TICK: Duration = Duration::from_secs(1);
 
@@ -91,6 +97,7 @@ pub struct Pools {
     confirmed: Mutex<HashSet<String>>,
     synced: AtomicBool,
     wake: Notify,
+    starts: Arc<tokio::sync::Semaphore>,
     spread: AtomicU64,
 }
 
@@ -123,6 +130,7 @@ impl Pools {
             confirmed: Mutex::default(),
             synced: AtomicBool::new(false),
             wake: Notify::new(),
+            starts: Arc::new(tokio::sync::Semaphore::new(START_CONCURRENCY)),
             spread: AtomicU64::new(rand_seed()),
         }
     }
@@ -170,7 +178,7 @@ impl Pools {
             .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
         let candidates = {
             let busy = lock(&self.claiming);
-            lock(&self.index).candidates(pool, &busy, spread >> 17)
+            lock(&self.index).candidates(pool, &busy, spread)
         };
         for (name, rv) in candidates {
             if !lock(&self.claiming).insert(name.clone()) {
@@ -296,9 +304,11 @@ impl Pools {
             };
             let this = self.clone();
             tokio::spawn(async move {
+                let permit = this.starts.clone().acquire_owned().await;
                 if let Err(e) = this.backend.create_member(&t, &m, this.max_lifetime).await {
                     tracing::warn!(member = %name, "starting a pool member: {e}");
                 }
+                drop(permit);
                 lock(&this.pending).remove(&name);
                 this.wake.notify_one();
             });

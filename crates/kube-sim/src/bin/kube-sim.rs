@@ -1,25 +1,29 @@
 //! Runs kube-sim as a standalone process, for poking at it with `kubectl get --raw` or
 //! pointing a separately started worker at it.
 //!
-//! `kube-sim [--addr 127.0.0.1:6443] [--namespace default] [--kubeconfig FILE]`
+//! `kube-sim [--addr 127.0.0.1:6443] [--namespace default] [--kubeconfig FILE] [--pod-start-ms MS]`
 //! writes a kubeconfig for the server (to FILE, or to stderr) and serves until Ctrl-C.
+//! `--pod-start-ms` is the simulated create → Running delay of a pod (default 20;
+//! 2000 models a node with the image present).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use sandfleet_kube_sim::{KubeSim, SimOptions};
 
-const USAGE: &str = "usage: kube-sim [--addr HOST:PORT] [--namespace NS] [--kubeconfig FILE]";
+const USAGE: &str =
+    "usage: kube-sim [--addr HOST:PORT] [--namespace NS] [--kubeconfig FILE] [--pod-start-ms MS]";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut namespace = "default".to_owned();
     let mut kubeconfig = None;
+    let mut options = SimOptions::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = match arg.as_str() {
-            "--addr" | "--namespace" | "--kubeconfig" => args.next(),
+            "--addr" | "--namespace" | "--kubeconfig" | "--pod-start-ms" => args.next(),
             "-h" | "--help" => {
                 eprintln!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -42,15 +46,17 @@ async fn main() -> ExitCode {
                 }
             },
             "--namespace" => namespace = value,
+            "--pod-start-ms" => match value.parse() {
+                Ok(ms) => options.pod_start_delay = std::time::Duration::from_millis(ms),
+                Err(e) => {
+                    eprintln!("--pod-start-ms {value:?}: {e}");
+                    return ExitCode::from(2);
+                }
+            },
             _ => kubeconfig = Some(value),
         }
     }
-    let sim = match KubeSim::start(SimOptions {
-        addr,
-        ..SimOptions::default()
-    })
-    .await
-    {
+    let sim = match KubeSim::start(SimOptions { addr, ..options }).await {
         Ok(sim) => sim,
         Err(e) => {
             eprintln!("{e}");

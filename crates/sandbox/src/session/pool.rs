@@ -324,9 +324,10 @@ impl PoolIndex {
 
     /// The idle members of `template`'s pool a claim may take, in the order
     /// to try them: current template, not ended, not `busy` (claims this
-    /// replica has under way), starting at a position drawn from `spread`
-    /// so that concurrent claims (here and on other replicas) start on
-    /// different members instead of all racing for the first.
+    /// replica has under way), shuffled by `spread` so that concurrent
+    /// claims (here and on other replicas) try different members instead of
+    /// all racing for the first, and a claim that lost a race does not walk
+    /// into its neighbour's member next.
     pub fn candidates(
         &self,
         template: &PoolTemplate,
@@ -334,7 +335,7 @@ impl PoolIndex {
         spread: u64,
     ) -> Vec<(String, String)> {
         let hash = template.hash();
-        let idle: Vec<(String, String)> = self
+        let mut idle: Vec<(String, String)> = self
             .members
             .values()
             .filter(|m| {
@@ -346,15 +347,13 @@ impl PoolIndex {
             })
             .map(|m| (m.name.clone(), m.resource_version.clone()))
             .collect();
-        if idle.is_empty() {
-            return idle;
-        }
-        let start = (spread % idle.len() as u64) as usize;
-        idle[start..]
-            .iter()
-            .chain(&idle[..start])
-            .cloned()
-            .collect()
+        idle.sort_by_cached_key(|(name, _)| {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (spread, name).hash(&mut h);
+            h.finish()
+        });
+        idle
     }
 
     /// Members still warming after `grace`: their creator may have died
@@ -644,17 +643,22 @@ mod tests {
         index.apply(&job_with_hash(&t, "old", 4, 0, MemberState::Idle, now));
         let none = HashSet::new();
         let names = |v: Vec<(String, String)>| v.into_iter().map(|c| c.0).collect::<Vec<_>>();
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
         assert_eq!(
-            names(index.candidates(&t, &none, 0)),
+            sorted(names(index.candidates(&t, &none, 0))),
             ["sp-py-0-0", "sp-py-1-0", "sp-py-2-0"]
         );
-        assert_eq!(
-            names(index.candidates(&t, &none, 4)),
-            ["sp-py-1-0", "sp-py-2-0", "sp-py-0-0"]
-        );
+        // Different claims start on different members.
+        let firsts: HashSet<String> = (0..64)
+            .map(|s| names(index.candidates(&t, &none, s)).remove(0))
+            .collect();
+        assert_eq!(firsts.len(), 3, "{firsts:?}");
         let busy: HashSet<String> = ["sp-py-1-0".to_owned()].into();
         assert_eq!(
-            names(index.candidates(&t, &busy, 0)),
+            sorted(names(index.candidates(&t, &busy, 0))),
             ["sp-py-0-0", "sp-py-2-0"]
         );
         index.delete("sp-py-0-0");
