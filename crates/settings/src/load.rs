@@ -75,6 +75,8 @@ pub struct Settings {
     pub console: ConsoleSettings,
     /// The sessions service (its warm pools).
     pub sessions: SessionsSettings,
+    /// Fair sharing between tenants and keys.
+    pub fairness: FairnessSettings,
     /// Logs and traces.
     pub telemetry: TelemetrySettings,
     /// Bounds every task must respect (message size, steps, timeouts, ...).
@@ -322,6 +324,7 @@ impl Settings {
         self.check_gateway(&mut c);
         self.check_console(&mut c);
         self.check_sessions(&mut c);
+        self.check_fairness(&mut c);
         self.check_telemetry(&mut c);
         self.check_limits(&mut c);
         if c.0.is_empty() {
@@ -390,6 +393,30 @@ impl Settings {
             );
         }
         c.at_least("topology.results_max_bytes", t.results_max_bytes, 1);
+    }
+
+    fn check_fairness(&self, c: &mut Check) {
+        let f = &self.fairness;
+        c.at_least("fairness.default_weight", f.default_weight, 1);
+        c.at_least("fairness.prefetch_per_shard", f.prefetch_per_shard, 1);
+        c.at_least("fairness.max_hold_secs", f.max_hold_secs, 1);
+        if self.topology.task_shards > 1024 {
+            c.fail("topology.task_shards", "must be at most 1024");
+        }
+        for (section, list) in [("fairness.tenants", &f.tenants), ("fairness.keys", &f.keys)] {
+            let mut seen = std::collections::HashSet::new();
+            for (i, share) in list.iter().enumerate() {
+                if share.name.is_empty() {
+                    c.fail(&format!("{section}[{i}].name"), "must not be empty");
+                } else if !seen.insert(share.name.as_str()) {
+                    c.fail(
+                        &format!("{section}[{i}].name"),
+                        format!("{:?} is listed twice", share.name),
+                    );
+                }
+                c.at_least(&format!("{section}[{i}].weight"), share.weight, 1);
+            }
+        }
     }
 
     fn check_worker(&self, c: &mut Check) {
@@ -499,6 +526,15 @@ impl Settings {
         c.at_least(
             "sandbox.kubernetes.request_timeout_secs",
             k.request_timeout_secs,
+            1,
+        );
+        if let Some(q) = &k.kueue_queue {
+            // A LocalQueue name, used as a label value: a DNS label.
+            c.dns_label("sandbox.kubernetes.kueue_queue", q);
+        }
+        c.at_least(
+            "sandbox.kubernetes.admission_timeout_secs",
+            k.admission_timeout_secs,
             1,
         );
         self.check_resources(c);

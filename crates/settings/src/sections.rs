@@ -90,6 +90,11 @@ pub struct TopologySettings {
     /// Bound on ready messages in the task queue; publishes over it are
     /// rejected (`x-overflow: reject-publish`). 0 means unbounded.
     pub tasks_max_length: u64,
+    /// Task queue shards for fair sharing (`docs/fairness.md`): producers
+    /// publish each task to `<prefix>.tasks.<n>`, `n` a hash of its fairness
+    /// key, and workers consume every shard and choose by weight. 0 (the
+    /// default) keeps the single FIFO task queue.
+    pub task_shards: u16,
 }
 
 impl Default for TopologySettings {
@@ -101,6 +106,7 @@ impl Default for TopologySettings {
             results_max_age: "7D".to_owned(),
             results_max_bytes: 5_000_000_000,
             tasks_max_length: 0,
+            task_shards: 0,
         }
     }
 }
@@ -289,6 +295,15 @@ pub struct KubernetesSettings {
     pub default_resources: DefaultResources,
     /// The most a sandbox may get; a task asking for more is refused.
     pub max_resources: MaxResources,
+    /// Kueue `LocalQueue` for sandbox Jobs. When set, Jobs carry the label
+    /// `kueue.x-k8s.io/queue-name` and are created suspended; Kueue admits
+    /// (unsuspends) them against the cluster's quotas.
+    pub kueue_queue: Option<String>,
+    /// How long a Job may wait suspended for Kueue's admission, in seconds,
+    /// before the attempt ends as `unschedulable` (retried). The pending
+    /// timeout starts only at admission. The worker also keeps the wait
+    /// inside the broker's consumer timeout.
+    pub admission_timeout_secs: u64,
 }
 
 /// Requests and limits a sandbox pod gets where its task sets none (section
@@ -365,6 +380,8 @@ impl Default for KubernetesSettings {
             request_timeout_secs: 30,
             default_resources: DefaultResources::default(),
             max_resources: MaxResources::default(),
+            kueue_queue: None,
+            admission_timeout_secs: 3600,
         }
     }
 }
@@ -606,4 +623,62 @@ mod tests {
         assert!(printed.contains("amqps://worker:***@rabbit.internal:5671/prod"));
         assert_eq!(redact_url("amqp://localhost"), "amqp://localhost");
     }
+}
+
+/// Fair sharing between tenants and keys (section `fairness`); in force when
+/// `topology.task_shards` is above 0. See `docs/fairness.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FairnessSettings {
+    /// Weight of a tenant or key not listed below.
+    pub default_weight: u32,
+    /// Tasks of one key a worker runs at once at most, for keys not listed
+    /// below; 0 = no cap.
+    pub default_key_cap: u32,
+    /// Tenants with their own weight or cap.
+    pub tenants: Vec<FairShare>,
+    /// Keys (repositories) with their own weight or cap.
+    pub keys: Vec<FairShare>,
+    /// Unacknowledged deliveries a worker holds per shard queue (its
+    /// prefetch there): enough that a shard's next task is at hand when one
+    /// is taken, small so that no worker hoards.
+    pub prefetch_per_shard: u16,
+    /// A delivery held back this long (its key at its cap) is handed back to
+    /// its shard as a fresh copy, long before the broker's consumer timeout.
+    pub max_hold_secs: u64,
+    /// Distinct keys and tenants a worker names in its metrics; later ones
+    /// are counted under `other` (listed keys and tenants are always named).
+    pub metric_keys: usize,
+}
+
+impl Default for FairnessSettings {
+    fn default() -> Self {
+        FairnessSettings {
+            default_weight: 1,
+            default_key_cap: 0,
+            tenants: Vec::new(),
+            keys: Vec::new(),
+            prefetch_per_shard: 2,
+            max_hold_secs: 300,
+            metric_keys: 50,
+        }
+    }
+}
+
+/// The weight and cap of one tenant or key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FairShare {
+    /// The tenant or key (`acme`, `acme/web`).
+    pub name: String,
+    /// Its share of service relative to the others' weights.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Tasks of it a worker runs at once at most; 0 = no cap.
+    #[serde(default)]
+    pub cap: u32,
+}
+
+fn one() -> u32 {
+    1
 }

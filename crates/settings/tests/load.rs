@@ -392,3 +392,36 @@ fn sandbox_resource_defaults_and_bounds_are_checked() {
         Some("16")
     );
 }
+
+#[test]
+fn the_kueue_queue_is_a_dns_label_and_the_admission_timeout_positive() {
+    let s = load(
+        None,
+        &env(&[("SANDFLEET__SANDBOX__KUBERNETES__KUEUE_QUEUE", "sandboxes")]),
+    )
+    .unwrap();
+    assert_eq!(
+        s.sandbox.kubernetes.kueue_queue.as_deref(),
+        Some("sandboxes")
+    );
+    assert_eq!(s.sandbox.kubernetes.admission_timeout_secs, 3600);
+    let err = load(
+        None,
+        &env(&[
+            ("SANDFLEET__SANDBOX__KUBERNETES__KUEUE_QUEUE", "Team Queue"),
+            (
+                "SANDFLEET__SANDBOX__KUBERNETES__ADMISSION_TIMEOUT_SECS",
+                "0",
+            ),
+        ]),
+    )
+    .unwrap_err();
+    let keys: Vec<String> = err.errors().iter().map(|e| e.key.clone()).collect();
+    assert_eq!(
+        keys,
+        [
+            "sandbox.kubernetes.kueue_queue",
+            "sandbox.kubernetes.admission_timeout_secs"
+        ]
+    );
+}
