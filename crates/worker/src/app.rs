@@ -152,6 +152,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     if settings.worker.executor == ExecutorKind::Kubernetes {
         health.set_executor_syncing(true);
     }
+    // Likewise until the cancellations stream has been read up to its tail
+    // (the dispatch loop clears it when it starts taking tasks).
+    health.set_cancels_syncing(true);
     let http_stop = CancellationToken::new();
     let (addr, http) = health::bind(
         &settings.worker.http_addr,
@@ -209,8 +212,8 @@ async fn run_with_http(
     let config = dispatch_config(settings);
     let prefetch = u16::try_from(config.concurrency).unwrap_or(u16::MAX);
     let background = CancellationToken::new();
-    // Every cancel on the stream, from its start: nothing runs until the
-    // feed has started (the dispatch loop's barrier waits for it).
+    // Every cancel on the stream, from its start: the dispatch loop takes
+    // no task until the feed has read the stream up to its tail.
     let cancels = crate::cancel::Cancels::fed_from_stream();
     tokio::spawn(crate::cancel::run_feed(
         amqp.clone(),

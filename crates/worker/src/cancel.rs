@@ -12,6 +12,12 @@
 //! the index. A cancel confirmed later fires the watch while the attempt
 //! runs. Together: no attempt starts after its cancel was acknowledged and
 //! read, and a running one is stopped.
+//!
+//! A fed index is [caught up](Cancels::caught_up) once the feed has read the
+//! stream up to its tail (its first marker came back). The dispatch loop
+//! takes no task before that, so a freshly started worker never meets its
+//! first deliveries with a feed that is still subscribing or replaying the
+//! stream; a feed lost later still makes the barrier release the attempt.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -24,12 +30,16 @@ use sandfleet_amqp::{
 use sandfleet_proto::{CancelInfo, CancelTarget, Cancellation, Task, TaskId};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 /// How long a barrier waits for its marker to come back before the attempt
 /// is released for later (the stream or the broker is unwell).
 pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the feed waits for its first marker before it publishes another
+/// (and says that it is still reading): a long stream is replayed at start.
+const CATCH_UP_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Why the read barrier could not be passed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -138,8 +148,10 @@ impl Drop for WatchGuard {
     }
 }
 
-type Barrier =
-    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), BarrierError>> + Send + Sync>;
+/// Publishes a marker and waits up to the given time to read it back.
+type Barrier = Arc<
+    dyn Fn(Duration) -> futures::future::BoxFuture<'static, Result<(), BarrierError>> + Send + Sync,
+>;
 
 #[derive(Default)]
 struct State {
@@ -157,6 +169,9 @@ pub struct Cancels {
     /// True when a [`feed`] will install the barrier: until then nothing
     /// may start.
     fed: bool,
+    /// True once every cancel on the stream when the feed started is in the
+    /// index (always true without a feed).
+    caught_up: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Cancels {
@@ -175,17 +190,47 @@ impl Cancels {
             state: Mutex::default(),
             barrier: OnceLock::new(),
             fed: false,
+            caught_up: tokio::sync::watch::Sender::new(true),
         })
     }
 
     /// An empty index that a [`feed`] will fill: the barrier fails
-    /// ([`BarrierError::NotFed`]) until the feed has started.
+    /// ([`BarrierError::NotFed`]) until the feed has started, and the index
+    /// is not [caught up](Cancels::caught_up) until the feed has read the
+    /// stream up to its tail.
     pub fn fed_from_stream() -> Arc<Cancels> {
         Arc::new(Cancels {
             state: Mutex::default(),
             barrier: OnceLock::new(),
             fed: true,
+            caught_up: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Whether the index holds every cancel that was on the stream when the
+    /// feed started.
+    pub fn is_caught_up(&self) -> bool {
+        *self.caught_up.borrow()
+    }
+
+    /// Resolves once [`Cancels::is_caught_up`] (cancel-safe).
+    pub async fn caught_up(&self) {
+        let mut rx = self.caught_up.subscribe();
+        // The sender lives in `self`, so the wait cannot fail while we borrow it.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Records that the feed has read the stream up to its tail.
+    pub(crate) fn set_caught_up(&self) {
+        self.caught_up.send_replace(true);
+    }
+
+    /// Test seam for the dispatch loop's tests: a fed index whose feed has
+    /// caught up, with a barrier that passes at once (there is no stream).
+    #[cfg(test)]
+    pub(crate) fn caught_up_without_stream(&self) {
+        let _ = self.barrier.set(Arc::new(|_| Box::pin(async { Ok(()) })));
+        self.set_caught_up();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -239,7 +284,7 @@ impl Cancels {
     /// (see the module docs). Passes at once without a feed.
     pub async fn barrier(&self) -> Result<(), BarrierError> {
         match self.barrier.get() {
-            Some(b) => b().await,
+            Some(b) => b(BARRIER_TIMEOUT).await,
             None if self.fed => Err(BarrierError::NotFed),
             None => Ok(()),
         }
@@ -253,7 +298,8 @@ impl Cancels {
 
 /// Feeds `cancels` from the cancellations stream until `stop`, and installs
 /// the marker barrier. Reads from the first retained message; the consumer
-/// resumes after its last offset when the connection comes back.
+/// resumes after its last offset when the connection comes back. Marks the
+/// index caught up once a marker published after subscribing is read back.
 pub async fn feed(
     amqp: &Amqp,
     topology: &Topology,
@@ -268,7 +314,7 @@ pub async fn feed(
     let mut consumer = Consumer::start(amqp, options).await?;
     let exchange = topology.cancellations_exchange.clone();
     let weak = Arc::downgrade(&cancels);
-    let barrier: Barrier = Arc::new(move || {
+    let barrier: Barrier = Arc::new(move |patience| {
         let publisher = publisher.clone();
         let exchange = exchange.clone();
         let weak = weak.clone();
@@ -292,19 +338,27 @@ pub async fn feed(
                 forget(marker.id);
                 return Err(BarrierError::Publish(e.to_string()));
             }
-            match tokio::time::timeout(BARRIER_TIMEOUT, rx).await {
+            match tokio::time::timeout(patience, rx).await {
                 Ok(Ok(())) => Ok(()),
                 _ => {
                     forget(marker.id);
-                    Err(BarrierError::Timeout(BARRIER_TIMEOUT))
+                    Err(BarrierError::Timeout(patience))
                 }
             }
         })
     });
-    let _ = cancels.barrier.set(barrier);
+    let _ = cancels.barrier.set(barrier.clone());
+    // Polled beside the reads below, which bring its marker back.
+    let catch_up = catch_up(barrier, cancels.clone());
+    tokio::pin!(catch_up);
+    let mut caught_up = cancels.is_caught_up();
     loop {
         let delivery = tokio::select! {
             _ = stop.cancelled() => break,
+            () = &mut catch_up, if !caught_up => {
+                caught_up = true;
+                continue;
+            }
             d = consumer.next_delivery() => match d {
                 Some(d) => d,
                 None => break,
@@ -322,6 +376,31 @@ pub async fn feed(
     }
     consumer.cancel();
     Ok(())
+}
+
+/// Publishes markers until one is read back, then marks `cancels` caught up.
+async fn catch_up(barrier: Barrier, cancels: Arc<Cancels>) {
+    let started = std::time::Instant::now();
+    loop {
+        match barrier(CATCH_UP_PATIENCE).await {
+            Ok(()) => {
+                info!(
+                    recorded = cancels.recorded(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "cancellations stream read up to its tail"
+                );
+                cancels.set_caught_up();
+                return;
+            }
+            Err(e @ BarrierError::Timeout(_)) => {
+                warn!(error = %e, recorded = cancels.recorded(), "still reading the cancellations stream");
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot publish the catch-up marker; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 /// Runs [`feed`] until `stop`, starting it again after a failure to

@@ -210,16 +210,29 @@ where
         let released = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut result = Ok(());
 
+        if !inner.cancels.is_caught_up() {
+            inner.health.set_cancels_syncing(true);
+            info!("reading the cancellations stream before taking tasks");
+        }
+
         loop {
-            // A permit first, so no delivery is taken that cannot run now.
+            // A permit first, so no delivery is taken that cannot run now;
+            // and no task before the cancellations stream has been read up
+            // to its tail: a delivery meeting a feed that is still
+            // subscribing could not pass its barrier and would only be
+            // released again. Both waits are cancel-safe.
             let permit = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                p = permits.clone().acquire_owned() => match p {
+                p = async {
+                    inner.cancels.caught_up().await;
+                    permits.clone().acquire_owned().await
+                } => match p {
                     Ok(p) => p,
                     Err(_) => break,
                 },
             };
+            inner.health.set_cancels_syncing(false);
             // `next_delivery` is cancel-safe (Broker contract), so losing the
             // race against shutdown loses no message.
             let delivery = tokio::select! {

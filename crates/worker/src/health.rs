@@ -3,9 +3,10 @@
 //!
 //! `/healthz` answers 200 while the process serves HTTP at all. `/readyz`
 //! answers 200 only while the broker is connected, the circuit breaker is not
-//! open, the Kubernetes API grants every permission the worker needs and the
-//! worker is not draining; otherwise 503 with the reasons, one per line. Kubernetes takes a not-ready worker out of nothing (it has no Service
-//! traffic), but the signal shows up in dashboards and rollouts.
+//! open, the Kubernetes API grants every permission the worker needs, the
+//! cancellations stream has been read up to its tail and the worker is not
+//! draining; otherwise 503 with the reasons, one per line. Kubernetes takes
+//! a not-ready worker out of nothing (it has no Service traffic), but the signal shows up in dashboards and rollouts.
 //!
 //! `/tasks` lists the attempts running now (task, attempt, sandbox,
 //! repository, start time) as JSON: what the operator console shows as
@@ -33,6 +34,7 @@ pub struct Health {
     breaker_open: AtomicBool,
     draining: AtomicBool,
     executor_syncing: AtomicBool,
+    cancels_syncing: AtomicBool,
     /// One line per permission the API refused.
     denied: Mutex<Vec<String>>,
     /// The attempts running now, by `(task, attempt)`.
@@ -93,6 +95,12 @@ impl Health {
     /// executor's watchers have not listed Jobs and Pods yet).
     pub fn set_executor_syncing(&self, syncing: bool) {
         self.executor_syncing.store(syncing, Ordering::Relaxed);
+    }
+
+    /// Records whether the cancellations stream is still being read up to
+    /// its tail (no task is taken until it has been).
+    pub fn set_cancels_syncing(&self, syncing: bool) {
+        self.cancels_syncing.store(syncing, Ordering::Relaxed);
     }
 
     /// Records the permissions the Kubernetes API refuses (empty: none), as
@@ -160,6 +168,9 @@ impl Health {
         );
         if self.executor_syncing.load(Ordering::Relaxed) {
             why.push("executor watchers not synced yet".to_owned());
+        }
+        if self.cancels_syncing.load(Ordering::Relaxed) {
+            why.push("cancellations stream not read up to its tail yet".to_owned());
         }
         if self.draining.load(Ordering::Relaxed) {
             why.push("draining for shutdown".to_owned());

@@ -947,3 +947,62 @@ async fn a_task_that_finished_before_its_cancel_keeps_its_own_result() {
     assert_eq!(finals[0].outcome, Outcome::Failed);
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn no_task_is_taken_until_the_cancellations_stream_is_read_to_its_tail() {
+    let broker = InMemoryBroker::default();
+    let exec = Arc::new(Scripted::default());
+    let sink = FlakySink {
+        broker: Some(broker.clone()),
+        ..FlakySink::default()
+    };
+    let health = Arc::new(Health::new());
+    health.set_broker_connected(true);
+    let cancels = Cancels::fed_from_stream();
+    let shutdown = CancellationToken::new();
+    let d = Dispatcher::new(
+        Arc::new(broker.clone()),
+        exec.clone(),
+        sink.clone(),
+        config(2),
+        Arc::new(Metrics::new()),
+        health.clone(),
+    )
+    .with_cancels(cancels.clone());
+    let handle = tokio::spawn(d.run(shutdown.clone()));
+    let t = task();
+    exec.script(t.id, vec![Act::Finish(5, Outcome::Succeeded)]);
+    publish(&broker, &t);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(
+        exec.runs().is_empty(),
+        "a task ran before the index caught up"
+    );
+    assert_eq!(broker.acked_count(), 0);
+    assert_eq!(
+        health.readiness(),
+        Err(vec![
+            "cancellations stream not read up to its tail yet".to_owned()
+        ])
+    );
+    // A cancel read during the catch-up is honoured once tasks are taken.
+    cancels.apply(sandfleet_proto::Cancellation::task(t.id, "ops", "stale"));
+    cancels.caught_up_without_stream();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while broker.acked_count() == 0 {
+        assert!(Instant::now() < deadline, "the task was never taken");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(exec.runs().is_empty(), "a cancelled task started");
+    assert_eq!(health.readiness(), Ok(()));
+    let finals: Vec<_> = sink
+        .inner
+        .results()
+        .into_iter()
+        .filter(|r| r.is_final)
+        .collect();
+    assert_eq!(finals.len(), 1);
+    assert_eq!(finals[0].outcome, Outcome::Cancelled);
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+}
