@@ -8,6 +8,12 @@
 //! `backoffLimit` and `activeDeadlineSeconds`, and delete finished Jobs after
 //! `ttlSecondsAfterFinished`. A removed Job's pods are collected per its propagation
 //! policy.
+//!
+//! `spec.suspend` (KEP-2232, what Kueue drives): a suspended Job gets no pod, its
+//! active pods are deleted and released uncounted, and it carries
+//! `Suspended=True` (`JobSuspended`); resuming sets `Suspended=False`
+//! (`JobResumed`) and a fresh `startTime`, so `activeDeadlineSeconds` counts only
+//! time spent unsuspended.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -34,6 +40,9 @@ struct State {
     started: HashMap<String, Instant>,
     /// Timers already armed: (uid, "deadline" | "ttl").
     timers: HashSet<(String, &'static str)>,
+    /// Pods deleted because their Job was suspended: released without being
+    /// counted as failures, as the real controller does.
+    suspend_deleted: HashSet<String>,
 }
 
 /// Runs the controller until the sim shuts down.
@@ -191,6 +200,8 @@ struct Plan {
     start: bool,
     /// Conditions to add: (type, reason, message).
     conditions: Vec<(&'static str, &'static str, &'static str)>,
+    /// The `Suspended` condition to set: (status, reason, message).
+    suspension: Option<(&'static str, &'static str, &'static str)>,
     /// Mark the Job finished (`Complete`, or `Failed` with the FailureTarget reason).
     finish: Option<Finish>,
     /// Pods to delete (the Job has reached a terminal target).
@@ -263,7 +274,15 @@ fn plan(job: &Value, pods: &[Value], active_for: Duration) -> Plan {
         .sum();
 
     let finished = meta::has_condition(job, "Complete") || meta::has_condition(job, "Failed");
-    p.start = status.get("startTime").is_none_or(Value::is_null) && !suspended && !finished;
+    let was_suspended = meta::has_condition(job, "Suspended");
+    if !finished && suspended && !was_suspended {
+        p.suspension = Some(("True", "JobSuspended", "Job suspended"));
+    } else if !finished && !suspended && was_suspended {
+        // Resumed: `startTime` restarts, and with it the active deadline.
+        p.suspension = Some(("False", "JobResumed", "Job resumed"));
+        p.start = true;
+    }
+    p.start |= status.get("startTime").is_none_or(Value::is_null) && !suspended && !finished;
     let mut success = meta::has_condition(job, "SuccessCriteriaMet");
     let mut failure = failure_target(job);
     if !finished && !success && failure.is_none() {
@@ -272,7 +291,7 @@ fn plan(job: &Value, pods: &[Value], active_for: Duration) -> Plan {
             Some(("SuccessCriteriaMet", COMPLETIONS_REACHED))
         } else if p.failed + restarts > backoff_limit {
             Some(("FailureTarget", BACKOFF_LIMIT_EXCEEDED))
-        } else if deadline.is_some_and(|d| active_for >= d) {
+        } else if !suspended && deadline.is_some_and(|d| active_for >= d) {
             Some(("FailureTarget", DEADLINE_EXCEEDED))
         } else {
             None
@@ -304,6 +323,12 @@ fn plan(job: &Value, pods: &[Value], active_for: Duration) -> Plan {
     } else if !suspended {
         let remaining = (completions - p.succeeded).max(0);
         p.create = (parallelism.min(remaining) - p.active).max(0);
+    } else {
+        // Suspended (preempted by Kueue, or by a user): nothing may run.
+        p.delete = active
+            .iter()
+            .map(|pod| meta::name(pod).to_owned())
+            .collect();
     }
     p
 }
@@ -315,7 +340,18 @@ fn reconcile(shared: &Arc<Shared>, state: &mut State, tx: &mpsc::UnboundedSender
         return;
     };
     let uid = meta::uid(&job).to_owned();
-    let pods = owned_pods(shared, ns, &uid);
+    let mut pods = owned_pods(shared, ns, &uid);
+    // Pods stopped by a suspension are not failures: release them uncounted.
+    pods.retain(|p| {
+        if !state.suspend_deleted.contains(meta::name(p)) {
+            return true;
+        }
+        if is_terminal(p) && has_tracking_finalizer(p) {
+            remove_tracking_finalizer(shared, p);
+            state.suspend_deleted.remove(meta::name(p));
+        }
+        false
+    });
 
     if meta::is_deleting(&job) {
         if meta::finalizers(&job)
@@ -343,14 +379,25 @@ fn reconcile(shared: &Arc<Shared>, state: &mut State, tx: &mpsc::UnboundedSender
         return;
     }
 
-    let started_at = *state
-        .started
-        .entry(uid.clone())
-        .or_insert_with(Instant::now);
+    let suspended = job.pointer("/spec/suspend").and_then(Value::as_bool) == Some(true);
+    if suspended {
+        // The active deadline does not run while suspended; it restarts at resume.
+        state.started.remove(&uid);
+        state.timers.remove(&(uid.clone(), "deadline"));
+    }
+    let started_at = if suspended {
+        Instant::now()
+    } else {
+        *state
+            .started
+            .entry(uid.clone())
+            .or_insert_with(Instant::now)
+    };
     let plan = plan(&job, &pods, started_at.elapsed());
     let finished = meta::has_condition(&job, "Complete") || meta::has_condition(&job, "Failed");
     if let Some(secs) = int_at(&job["spec"], "/activeDeadlineSeconds")
         && !finished
+        && !suspended
         && state.timers.insert((uid.clone(), "deadline"))
     {
         // Wake up when the deadline passes, even if nothing else happens.
@@ -367,6 +414,9 @@ fn reconcile(shared: &Arc<Shared>, state: &mut State, tx: &mpsc::UnboundedSender
 
     let opts = default_delete();
     for pod in &plan.delete {
+        if suspended {
+            state.suspend_deleted.insert(pod.clone());
+        }
         let _ = deletion::delete_pod(shared, ns, pod, &opts);
     }
     let mut created = 0;
@@ -397,6 +447,9 @@ fn reconcile(shared: &Arc<Shared>, state: &mut State, tx: &mpsc::UnboundedSender
         }
         for (ty, reason, message) in &plan.conditions {
             meta::set_condition(j, ty, "True", reason, message);
+        }
+        if let Some((status, reason, message)) = plan.suspension {
+            meta::set_condition(j, "Suspended", status, reason, message);
         }
         match &plan.finish {
             Some(Finish::Complete) => {
@@ -664,5 +717,36 @@ mod tests {
         );
         assert_eq!(p.create, 0);
         assert!(!p.start);
+        assert_eq!(
+            p.suspension,
+            Some(("True", "JobSuspended", "Job suspended"))
+        );
+    }
+
+    #[test]
+    fn suspending_deletes_running_pods_and_never_hits_the_deadline() {
+        let j = job(
+            json!({"suspend": true, "activeDeadlineSeconds": 5}),
+            json!({"startTime": "t", "conditions": [{"type": "Suspended", "status": "True"}]}),
+        );
+        let p = plan(&j, &[pod("a", "Running", true)], Duration::from_secs(60));
+        assert_eq!(p.delete, vec!["a".to_owned()]);
+        assert!(p.conditions.is_empty(), "no deadline while suspended");
+        assert_eq!(p.suspension, None, "already marked suspended");
+    }
+
+    #[test]
+    fn resuming_restarts_the_job_and_creates_its_pod() {
+        let j = job(
+            json!({"suspend": false}),
+            json!({"startTime": "t", "conditions": [{"type": "Suspended", "status": "True"}]}),
+        );
+        let p = plan(&j, &[], Duration::ZERO);
+        assert!(p.start, "startTime is reset at resume");
+        assert_eq!(p.suspension, Some(("False", "JobResumed", "Job resumed")));
+        assert_eq!(p.create, 1);
+        // A Job never suspended gets no Suspended condition at all.
+        let p = plan(&job(json!({}), json!({})), &[], Duration::ZERO);
+        assert_eq!(p.suspension, None);
     }
 }

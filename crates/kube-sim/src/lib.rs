@@ -43,6 +43,7 @@ mod deletion;
 mod exec;
 mod faults;
 mod kubelet;
+mod kueue;
 mod meta;
 mod pod_log;
 mod request_log;
@@ -107,6 +108,10 @@ pub struct SimOptions {
     pub max_termination_grace: Duration,
     /// Interval of BOOKMARK events on watches that allow them.
     pub bookmark_interval: Duration,
+    /// Simulate Kueue: suspended Jobs labelled `kueue.x-k8s.io/queue-name`
+    /// are admitted (unsuspended) in FIFO order, at most this many admitted
+    /// and unfinished per queue. `None`: no Kueue, suspended Jobs stay so.
+    pub kueue_quota: Option<usize>,
 }
 
 impl Default for SimOptions {
@@ -118,6 +123,7 @@ impl Default for SimOptions {
             gc_delay: Duration::from_millis(50),
             max_termination_grace: Duration::from_secs(2),
             bookmark_interval: Duration::from_secs(5),
+            kueue_quota: None,
         }
     }
 }
@@ -146,6 +152,9 @@ impl KubeSim {
             .map_err(|source| SimError::Bind { addr, source })?;
         tokio::spawn(controller::run(shared.clone()));
         tokio::spawn(kubelet::run_events(shared.clone()));
+        if let Some(quota) = shared.options.kueue_quota {
+            tokio::spawn(kueue::run(shared.clone(), quota));
+        }
         Ok(Self { shared, server })
     }
 
@@ -212,6 +221,14 @@ impl KubeSim {
     /// The Pods in `namespace`, as stored.
     pub fn pods(&self, namespace: &str) -> Vec<Value> {
         self.shared.store.list(Kind::Pod, Some(namespace)).0
+    }
+
+    /// Preempts an admitted, unfinished Kueue-managed Job the way Kueue does
+    /// for a higher-priority workload: suspends it again (the Job controller
+    /// deletes its pods) and requeues it behind the Jobs already waiting.
+    /// Returns false when the Job is not admitted, not Kueue's, or finished.
+    pub fn kueue_preempt(&self, namespace: &str, job: &str) -> bool {
+        kueue::preempt(&self.shared, namespace, job)
     }
 
     /// The captured log of a pod's container, while the pod exists.

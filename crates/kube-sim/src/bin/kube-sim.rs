@@ -1,18 +1,19 @@
 //! Runs kube-sim as a standalone process, for poking at it with `kubectl get --raw` or
 //! pointing a separately started worker at it.
 //!
-//! `kube-sim [--addr 127.0.0.1:6443] [--namespace default] [--kubeconfig FILE] [--pod-start-ms MS]`
+//! `kube-sim [--addr 127.0.0.1:6443] [--namespace default] [--kubeconfig FILE] [--pod-start-ms MS] [--kueue-quota N]`
 //! writes a kubeconfig for the server (to FILE, or to stderr) and serves until Ctrl-C.
 //! `--pod-start-ms` is the simulated create → Running delay of a pod (default 20;
-//! 2000 models a node with the image present).
+//! 2000 models a node with the image present). `--kueue-quota N` simulates Kueue:
+//! suspended Jobs labelled `kueue.x-k8s.io/queue-name` are admitted in FIFO order,
+//! at most N admitted and unfinished per queue.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use sandfleet_kube_sim::{KubeSim, SimOptions};
 
-const USAGE: &str =
-    "usage: kube-sim [--addr HOST:PORT] [--namespace NS] [--kubeconfig FILE] [--pod-start-ms MS]";
+const USAGE: &str = "usage: kube-sim [--addr HOST:PORT] [--namespace NS] [--kubeconfig FILE] [--pod-start-ms MS] [--kueue-quota N]";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -23,7 +24,9 @@ async fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = match arg.as_str() {
-            "--addr" | "--namespace" | "--kubeconfig" | "--pod-start-ms" => args.next(),
+            "--addr" | "--namespace" | "--kubeconfig" | "--pod-start-ms" | "--kueue-quota" => {
+                args.next()
+            }
             "-h" | "--help" => {
                 eprintln!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -50,6 +53,17 @@ async fn main() -> ExitCode {
                 Ok(ms) => options.pod_start_delay = std::time::Duration::from_millis(ms),
                 Err(e) => {
                     eprintln!("--pod-start-ms {value:?}: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            "--kueue-quota" => match value.parse::<usize>() {
+                Ok(n) if n > 0 => options.kueue_quota = Some(n),
+                Ok(_) => {
+                    eprintln!("--kueue-quota must be at least 1");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("--kueue-quota {value:?}: {e}");
                     return ExitCode::from(2);
                 }
             },
