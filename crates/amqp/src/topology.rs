@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `<p>.tasks` | direct exchange | producers publish tasks here, routing key `task` |
 //! | `<p>.tasks` | quorum queue | the work queue; at-least-once dead-lettering to `<p>.dead`, delivery limit |
+//! | `<p>.tasks.<n>` | quorum queue per shard | with `task_shards` > 0: task queue shards, routing key `task.<n>`, same arguments (`docs/fairness.md`) |
 //! | `<p>.retry.<n>s` | quorum queue per tier | the retry ladder: messages wait `n` s, then dead-letter back to `<p>.tasks` |
 //! | `<p>.dead` | fanout exchange | dead letters: rejected, poison, exhausted tasks |
 //! | `<p>.dead` | quorum queue | where dead letters wait for an operator (`sandfleet dlq`) |
@@ -44,6 +45,11 @@ pub struct Topology {
     pub tasks_exchange: String,
     /// `<p>.tasks` (quorum queue).
     pub tasks_queue: String,
+    /// `<p>.tasks.<n>` for `n` in `0..task_shards` (quorum queues): the
+    /// shards fair sharing spreads tasks over by fairness key; empty when
+    /// `task_shards` is 0. `<p>.tasks` stays: retries and producers that do
+    /// not pick a shard (routing key `task`) land there.
+    pub task_shards: Vec<String>,
     /// The retry ladder, shortest delay first.
     pub retry_tiers: Vec<RetryTier>,
     /// `<p>.dead` (fanout exchange).
@@ -266,6 +272,9 @@ impl Topology {
             prefix: p.to_owned(),
             tasks_exchange: format!("{p}.tasks"),
             tasks_queue: format!("{p}.tasks"),
+            task_shards: (0..settings.task_shards)
+                .map(|n| format!("{p}.tasks.{n}"))
+                .collect(),
             retry_tiers: delays
                 .into_iter()
                 .map(|s| RetryTier {
@@ -286,6 +295,28 @@ impl Topology {
     /// The settings it was built from.
     pub fn settings(&self) -> &TopologySettings {
         &self.settings
+    }
+
+    /// Every queue tasks wait in: `<p>.tasks`, then the shards. Workers
+    /// consume all of them; the queue depth the autoscaler sees is their sum.
+    pub fn task_queues(&self) -> Vec<String> {
+        std::iter::once(self.tasks_queue.clone())
+            .chain(self.task_shards.iter().cloned())
+            .collect()
+    }
+
+    /// The routing key on the task exchange for a task with this fairness
+    /// key: `task.<n>` with shards (`n` = [`sandfleet_proto::shard_for`]),
+    /// plain `task` without.
+    pub fn routing_key_for(&self, fairness_key: &str) -> String {
+        if self.task_shards.is_empty() {
+            return TASK_ROUTING_KEY.to_owned();
+        }
+        let shards = u16::try_from(self.task_shards.len()).unwrap_or(u16::MAX);
+        format!(
+            "{TASK_ROUTING_KEY}.{}",
+            sandfleet_proto::shard_for(fairness_key, shards)
+        )
     }
 
     /// The shortest tier whose delay is at least `delay` (the longest tier
@@ -365,7 +396,7 @@ impl Topology {
             ObjectKind::Queue,
             &self.tasks_queue,
             "quorum",
-            table(task_args),
+            table(task_args.clone()),
             "The work queue. Replicated; crash loops end at the delivery limit; rejected and over-limit messages are dead-lettered at least once; publishes beyond x-max-length are nacked.",
         );
         push(
@@ -375,6 +406,22 @@ impl Topology {
             FieldTable::default(),
             "Routes tasks to the work queue.",
         );
+        for (n, shard) in self.task_shards.iter().enumerate() {
+            push(
+                ObjectKind::Queue,
+                shard,
+                "quorum",
+                table(task_args.clone()),
+                "A task queue shard for fair sharing: the tasks whose fairness key hashes here; the same arguments as the work queue.",
+            );
+            push(
+                ObjectKind::Binding,
+                &format!("{} -> {}", self.tasks_exchange, shard),
+                &format!("{TASK_ROUTING_KEY}.{n}"),
+                FieldTable::default(),
+                "Routes the tasks of this shard's fairness keys.",
+            );
+        }
         for tier in &self.retry_tiers {
             let ms = u64::try_from(tier.delay.as_millis()).unwrap_or(u64::MAX);
             push(
@@ -810,6 +857,48 @@ mod tests {
         assert_eq!(args["x-delivery-limit"], "20");
         assert_eq!(args["x-dead-letter-exchange"], "sf.dead");
         assert!(!args.contains_key("x-max-length"));
+    }
+
+    #[test]
+    fn shards_are_task_queues_with_the_same_arguments_and_their_own_keys() {
+        let t = Topology::new(&TopologySettings {
+            prefix: "sf".into(),
+            task_shards: 4,
+            ..TopologySettings::default()
+        });
+        assert_eq!(
+            t.task_queues(),
+            [
+                "sf.tasks",
+                "sf.tasks.0",
+                "sf.tasks.1",
+                "sf.tasks.2",
+                "sf.tasks.3"
+            ]
+        );
+        let decls = t.declarations();
+        let args = |name: &str| {
+            decls
+                .iter()
+                .find(|d| d.name == name && d.kind == ObjectKind::Queue)
+                .unwrap()
+                .arguments
+                .clone()
+        };
+        assert_eq!(args("sf.tasks.2"), args("sf.tasks"));
+        let bind = decls
+            .iter()
+            .find(|d| d.name == "sf.tasks -> sf.tasks.2")
+            .unwrap();
+        assert_eq!(bind.type_, "task.2");
+        let key = t.routing_key_for("acme/web");
+        assert_eq!(
+            key,
+            format!("task.{}", sandfleet_proto::shard_for("acme/web", 4))
+        );
+        // Without shards: the one queue, routing key `task`.
+        assert_eq!(topo().routing_key_for("acme/web"), "task");
+        assert_eq!(topo().task_queues(), ["sf.tasks"]);
     }
 
     #[test]

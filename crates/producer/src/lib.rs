@@ -60,11 +60,11 @@ use std::time::Duration;
 
 use sandfleet_amqp::{
     Amqp, AmqpError, Consumer, ConsumerOptions, OutgoingMessage, PublishError, Publisher,
-    StreamOffset, TASK_ROUTING_KEY, Topology, TopologyError,
+    StreamOffset, Topology, TopologyError,
 };
 use sandfleet_proto::{
-    CANCELLATION_MESSAGE_TYPE, CONTENT_TYPE, Cancellation, Limits, Outcome, TASK_MESSAGE_TYPE,
-    Task, TaskId, TaskResult, ValidationErrors,
+    CANCELLATION_MESSAGE_TYPE, CONTENT_TYPE, Cancellation, FairKey, Limits, Outcome,
+    TASK_MESSAGE_TYPE, Task, TaskId, TaskResult, ValidationErrors,
 };
 use sandfleet_settings::{AmqpSettings, TopologySettings};
 
@@ -526,15 +526,18 @@ pub fn cancellation_message(
 }
 
 /// The message for attempt 1 of `task` (already encoded as `body`): routing
-/// key `task`, `message_id` = task id, `type` = `sandfleet.task.v1`,
-/// `x-idempotency-key`, `x-sandfleet-attempt: 1`, `traceparent`.
+/// key `task` (`task.<shard>` of its fairness key when the topology has
+/// shards, `docs/fairness.md`), `message_id` = task id, `type` =
+/// `sandfleet.task.v1`, `x-idempotency-key`, `x-sandfleet-attempt: 1`,
+/// `traceparent`.
 pub fn task_message(
     topology: &Topology,
     task: &Task,
     body: Vec<u8>,
     traceparent: Option<&str>,
 ) -> OutgoingMessage {
-    OutgoingMessage::new(&topology.tasks_exchange, TASK_ROUTING_KEY, body)
+    let routing_key = topology.routing_key_for(&FairKey::of(task).key);
+    OutgoingMessage::new(&topology.tasks_exchange, routing_key, body)
         .message_id(task.id.to_string())
         .kind(TASK_MESSAGE_TYPE)
         .content_type(CONTENT_TYPE)

@@ -16,6 +16,7 @@
 pub mod budget;
 pub mod cancel;
 pub mod decode;
+pub mod fairness;
 pub mod image;
 pub mod limits;
 pub mod outcome;
@@ -32,6 +33,7 @@ pub use cancel::{
     CANCELLATION_MESSAGE_TYPE, CancelInfo, CancelTarget, Cancellation, supersede_key_for,
 };
 pub use decode::{RejectReason, decode_task, encode_task};
+pub use fairness::{FairKey, Fairness, MAX_FAIRNESS_KEY_BYTES, default_tenant, shard_for};
 pub use image::ImageRef;
 pub use limits::Limits;
 pub use outcome::Outcome;

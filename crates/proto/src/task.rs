@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::SCHEMA_VERSION;
+use crate::fairness::Fairness;
 
 /// A task's identifier: a UUIDv7, so ids sort by creation time.
 pub type TaskId = Uuid;
@@ -61,6 +62,11 @@ pub struct Task {
     /// `<provider>:<repository>:ref:<branch>` or `...:mr:<number>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supersede_key: Option<String>,
+    /// Who this task's service is accounted to when the fleet is saturated
+    /// (`docs/fairness.md`): a key (default: `source.repository`) under a
+    /// tenant (default: the repository's owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fairness: Option<Fairness>,
 }
 
 /// The kind of work a task asks for.
@@ -215,6 +221,7 @@ impl Task {
             labels: BTreeMap::new(),
             replay_of: None,
             supersede_key: None,
+            fairness: None,
         }
     }
 
@@ -226,6 +233,16 @@ impl Task {
             timeout_secs,
             env: BTreeMap::new(),
             continue_on_error: false,
+        });
+        self
+    }
+
+    /// Sets the fairness tenant and key (builder style); `None` keeps the
+    /// default (the repository's owner, the repository).
+    pub fn with_fairness(mut self, tenant: Option<&str>, key: Option<&str>) -> Task {
+        self.fairness = Some(Fairness {
+            tenant: tenant.map(str::to_owned),
+            key: key.map(str::to_owned),
         });
         self
     }

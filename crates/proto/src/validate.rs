@@ -216,6 +216,16 @@ impl Validator {
             self.max_len("supersede_key", key, crate::cancel::MAX_CANCEL_TEXT);
             self.no_control_chars("supersede_key", key);
         }
+        if let Some(f) = &t.fairness {
+            for (path, value) in [("fairness.tenant", &f.tenant), ("fairness.key", &f.key)] {
+                let Some(v) = value else { continue };
+                if v.is_empty() {
+                    self.fail(path, "not_empty", "must not be empty when present");
+                }
+                self.max_len(path, v, crate::fairness::MAX_FAIRNESS_KEY_BYTES);
+                self.no_control_chars(path, v);
+            }
+        }
         self.source(t);
         self.sandbox(t, l);
         self.files(t, l);

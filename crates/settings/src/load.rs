@@ -607,6 +607,14 @@ impl Settings {
     }
 
     fn check_sessions(&self, c: &mut Check) {
+        if self.sessions.backend == crate::SessionBackendKind::Local
+            && !self.sessions.pools.is_empty()
+        {
+            c.fail(
+                "sessions.pools",
+                "warm pools need sessions.backend = \"kubernetes\" (the local backend starts a session in milliseconds and keeps no pool)",
+            );
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.sessions.pools.iter().enumerate() {
             let key = |f: &str| format!("sessions.pools[{i}].{f}");

@@ -390,8 +390,23 @@ impl Default for KubernetesSettings {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionsSettings {
-    /// Warm pools the service keeps full (`[[sessions.pools]]`).
+    /// Where sessions run: `kubernetes` or `local`.
+    pub backend: SessionBackendKind,
+    /// Warm pools the service keeps full (`[[sessions.pools]]`; Kubernetes only).
     pub pools: Vec<PoolSettings>,
+}
+
+/// Where the sessions service runs sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionBackendKind {
+    /// A Job per session in `sandbox.kubernetes.namespace`, driven through
+    /// `pods/exec` (production; any number of replicas).
+    #[default]
+    Kubernetes,
+    /// Child processes in a temp dir on the service's own host: one replica,
+    /// no isolation; for trying the service out and for client tests.
+    Local,
 }
 
 /// One warm pool: idle sandboxes a session claims instead of waiting for a pod.

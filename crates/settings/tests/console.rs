@@ -81,3 +81,54 @@ tokens = [{ name = "x", token = "0123456789abcdef0123", role = "admin" }]
     let err = load_toml("[console]\nlisten_addr = \"nowhere\"\n").unwrap_err();
     assert_eq!(keys(err), vec!["console.listen_addr"]);
 }
+
+#[test]
+fn fairness_weights_and_caps_load_and_bad_ones_are_named() {
+    let s = load_toml(
+        r#"
+[topology]
+task_shards = 16
+
+[fairness]
+default_key_cap = 4
+
+[[fairness.tenants]]
+name = "acme"
+weight = 3
+
+[[fairness.keys]]
+name = "acme/web"
+weight = 2
+cap = 1
+"#,
+    )
+    .unwrap();
+    assert_eq!(s.topology.task_shards, 16);
+    assert_eq!(s.fairness.tenants[0].weight, 3);
+    assert_eq!(s.fairness.tenants[0].cap, 0);
+    assert_eq!(s.fairness.keys[0].cap, 1);
+    assert_eq!(s.fairness.default_key_cap, 4);
+    let err = load_toml(
+        r#"
+[topology]
+task_shards = 5000
+[fairness]
+prefetch_per_shard = 0
+[[fairness.keys]]
+name = "a/b"
+weight = 0
+[[fairness.keys]]
+name = "a/b"
+"#,
+    )
+    .unwrap_err();
+    let k = keys(err);
+    for want in [
+        "topology.task_shards",
+        "fairness.prefetch_per_shard",
+        "fairness.keys[0].weight",
+        "fairness.keys[1].name",
+    ] {
+        assert!(k.iter().any(|x| x == want), "{want} not in {k:?}");
+    }
+}

@@ -18,6 +18,12 @@ export interface Task {
    */
   created_at: string;
   /**
+   * Who this task's service is accounted to when the fleet is saturated
+   * (`docs/fairness.md`): a key (default: `source.repository`) under a
+   * tenant (default: the repository's owner).
+   */
+  fairness?: Fairness | null;
+  /**
    * Files written into the workspace before the first step (a patch, a config).
    */
   files?: InputFile[];
@@ -63,6 +69,23 @@ export interface Task {
    * `<provider>:<repository>:ref:<branch>` or `...:mr:<number>`).
    */
   supersede_key?: string | null;
+}
+/**
+ * The fairness key and tenant a producer chose for a task. Both are
+ * optional: a missing key is the task's repository, a missing tenant the
+ * repository's owner (the part before the first `/`).
+ */
+export interface Fairness {
+  /**
+   * The key service is shared between within a tenant, and the key of
+   * per-key concurrency caps. Default: `source.repository`.
+   */
+  key?: string | null;
+  /**
+   * The organisation or tenant the key belongs to; service is shared
+   * between tenants first. Default: the repository's owner or top-level group.
+   */
+  tenant?: string | null;
 }
 /**
  * A file written into the workspace before the steps run.

@@ -8,6 +8,25 @@ from typing import Literal, TypeAlias
 from typing_extensions import NotRequired, TypedDict
 
 
+class Fairness(TypedDict, closed=True):
+    """
+    The fairness key and tenant a producer chose for a task. Both are
+    optional: a missing key is the task's repository, a missing tenant the
+    repository's owner (the part before the first `/`).
+    """
+
+    key: NotRequired[str | None]
+    """
+    The key service is shared between within a tenant, and the key of
+    per-key concurrency caps. Default: `source.repository`.
+    """
+    tenant: NotRequired[str | None]
+    """
+    The organisation or tenant the key belongs to; service is shared
+    between tenants first. Default: the repository's owner or top-level group.
+    """
+
+
 class InputFile(TypedDict, closed=True):
     """
     A file written into the workspace before the steps run.
@@ -180,6 +199,12 @@ class Task(TypedDict, closed=True):
     created_at: str
     """
     When the producer created the task.
+    """
+    fairness: NotRequired[Fairness | None]
+    """
+    Who this task's service is accounted to when the fleet is saturated
+    (`docs/fairness.md`): a key (default: `source.repository`) under a
+    tenant (default: the repository's owner).
     """
     files: NotRequired[list[InputFile]]
     """
