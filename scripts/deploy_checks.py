@@ -76,22 +76,11 @@ WORKER_PERMISSIONS = {
     ("", "pods/log", "get"),
 }
 
-# The Kubernetes calls of the sessions service
-# (crates/sandbox/src/session/kubernetes: `SESSION_PERMISSIONS`): its Role,
-# k8s/base/sessions-rbac.yaml, must grant exactly these, and it is the only
-# Role that may grant pods/exec (design decision 12). kube-rs opens exec
-# with a WebSocket GET; `create` is what API servers that authorize
-# WebSocket exec as create need.
-SESSIONS_PERMISSIONS = {
-    ("batch", "jobs", "create"),
-    ("batch", "jobs", "get"),
-    ("batch", "jobs", "list"),
-    ("batch", "jobs", "delete"),
-    ("", "pods", "list"),
-    ("", "pods", "watch"),
-    ("", "pods/exec", "get"),
-    ("", "pods/exec", "create"),
-}
+# The Kubernetes calls of the sessions service are read from the code
+# (crates/sandbox/src/session/kubernetes: `SESSION_PERMISSIONS`, see
+# `sessions_permissions`): its Role, k8s/base/sessions-rbac.yaml, must grant
+# exactly these, and it is the only Role that may grant pods/exec (design
+# decision 12).
 
 # Metrics sandfleet exports (worker and gateway), without the `_bucket`,
 # `_sum`, `_count` suffixes of histograms.
@@ -420,7 +409,7 @@ def check_k8s(name: str, objs: list[dict], rep: Report, settings: SettingsSchema
     if rep.check(len(sroles) == 1, where, "one Role sandfleet-sessions"):
         srole = sroles[0]
         rep.check(srole["metadata"]["namespace"] == SANDBOX_NS, obj_id(srole), f"Role must be in {SANDBOX_NS}")
-        granted, used = role_permissions(srole), SESSIONS_PERMISSIONS
+        granted, used = role_permissions(srole), sessions_permissions()
         for g, r, v in sorted(used - granted):
             rep.fail(obj_id(srole), f"the sessions service calls {v} {r} (group '{g}') but its Role does not allow it")
         for g, r, v in sorted(granted - used):
@@ -624,16 +613,18 @@ def rbac_problems(granted: set, used: set, exact: bool) -> list[str]:
     return problems
 
 
-def code_permissions() -> tuple[set[tuple[str, str, str]] | None, str]:
-    """`sandfleet_sandbox::REQUIRED_PERMISSIONS` as (group, resource, verb)
-    triples, read from the sandbox crate's source; None when not defined.
+def code_permissions(const: str = "REQUIRED_PERMISSIONS") -> tuple[set[tuple[str, str, str]] | None, str]:
+    """A permissions constant of the sandbox crate (`REQUIRED_PERMISSIONS`,
+    the worker's; `SESSION_PERMISSIONS`, the sessions service's) as (group,
+    resource, verb) triples, read from the crate's source; None when not
+    defined.
 
     Understood forms: a slice of `("batch", "jobs", "create")` tuples, or of
     structs with `group: "batch", resource: "jobs", verbs: &["create", ...]`.
     """
     for f in sorted(glob.glob(str(ROOT / "crates/sandbox/src/**/*.rs"), recursive=True)):
         text = Path(f).read_text()
-        m = re.search(r"REQUIRED_PERMISSIONS\s*:[^=]*=\s*&?\[(.*?)\];", text, re.S)
+        m = re.search(const + r"\s*:[^=]*=\s*&?\[(.*?)\];", text, re.S)
         if not m:
             continue
         body = m.group(1)
@@ -644,6 +635,14 @@ def code_permissions() -> tuple[set[tuple[str, str, str]] | None, str]:
             perms |= {(g, r, v) for v in re.findall(r'"([^"]+)"', verbs)}
         return perms, where
     return None, ""
+
+
+def sessions_permissions() -> set[tuple[str, str, str]]:
+    """The sessions service's calls, `SESSION_PERMISSIONS` in the code."""
+    perms, where = code_permissions("SESSION_PERMISSIONS")
+    if not perms:
+        raise SystemExit("deploy_checks: SESSION_PERMISSIONS not found or not understood in crates/sandbox/src")
+    return perms
 
 
 def parse_observed(path: Path, sessions: bool = False) -> tuple[set[tuple[str, str, str]], int]:
@@ -665,9 +664,11 @@ def parse_observed(path: Path, sessions: bool = False) -> tuple[set[tuple[str, s
         # kube-sim's own tests play every client, not the worker.
         if rec.get("package") == "sandfleet-kube-sim":
             continue
-        # Session tests (namespaces `sessions*`) play the sessions service,
-        # whose calls `cmd_rbac` compares with its own Role.
-        if sessions != (rec.get("namespace") or "").startswith("sessions"):
+        # The sessions service's own tests, and session tests elsewhere
+        # (namespaces named `*sessions*`), play the sessions service, whose
+        # calls `cmd_rbac` compares with its own Role.
+        is_sessions = rec.get("package") == "sandfleet-sessions" or "sessions" in (rec.get("namespace") or "")
+        if sessions != is_sessions:
             continue
         n += 1
         resource = rec["resource"]
@@ -714,7 +715,7 @@ def cmd_rbac(args: argparse.Namespace) -> int:
             s_used, s_n = parse_observed(path, sessions=True)
             print(f"RBAC: {s_n} observed sessions-service requests: "
                   + ", ".join(f"{v} {r}" for _, r, v in sorted(s_used)))
-            for g, r, v in sorted(s_used - SESSIONS_PERMISSIONS):
+            for g, r, v in sorted(s_used - sessions_permissions()):
                 rep.fail(f"k8s/base/sessions-rbac.yaml vs {path}",
                          f"the sessions service calls {v} {r} (group '{g}') but its Role does not allow it")
     if not rep.failures:
