@@ -556,14 +556,13 @@ where
         let elapsed = started.elapsed();
 
         // Exactly one final result: this worker holds the delivery, so it
-        // alone decides. A cancel that came while the sandbox ran wins; so
-        // does one known by now when the attempt would not be final by
-        // itself (a retry or a release would only meet the cancel later).
+        // alone decides. A cancel known before the result is published wins,
+        // unless the attempt succeeded on its own first: a failure may be
+        // the cancel's own doing (another worker that held this attempt
+        // before dying deleted the Job, and the pod died with code 137).
         if let Some(info) = watch.info().cloned() {
-            let ended_by_itself = run
-                .as_ref()
-                .is_ok_and(|e| !e.outcome.is_retryable() && e.outcome != Outcome::Cancelled);
-            if stopping || !ended_by_itself {
+            let succeeded = run.as_ref().is_ok_and(|e| e.outcome.is_success());
+            if stopping || !succeeded {
                 info!(by = %info.by, reason = %info.reason, "task cancelled while it ran");
                 if !stopping {
                     self.stop_sandbox(&task, attempt).await;

@@ -55,6 +55,10 @@ struct Scripted {
     max_running: AtomicUsize,
     cancels: AtomicUsize,
     contexts: Mutex<Vec<RunContext>>,
+    /// A deleted Job's run ends `failed` with exit code 137 (its pod was
+    /// killed), as a run that watches a Job another worker deletes sees it;
+    /// by default it ends `cancelled`, as the deleting worker's own run does.
+    deleted_pods_fail: std::sync::atomic::AtomicBool,
 }
 
 impl Scripted {
@@ -129,6 +133,22 @@ impl Executor for Scripted {
             // Deleted under the run, as a cancel does: it ends at once, with
             // the output so far.
             () = job.deleted.cancelled() => {
+                if self.deleted_pods_fail.load(Ordering::SeqCst) {
+                    return Ok(Execution {
+                        outcome: Outcome::Failed,
+                        exit_code: Some(137),
+                        steps: Vec::new(),
+                        log_tail: format!("attempt {attempt} partial\n"),
+                        log_truncated: false,
+                        artifacts: Vec::new(),
+                        started_at: Some(Utc::now()),
+                        finished_at: Utc::now(),
+                        sandbox: format!("sf-{}-a{attempt}", task.id.simple()),
+                        error: Some("step `build` killed (exit 137)".into()),
+                        adopted,
+                        admission_wait: None,
+                    });
+                }
                 return Ok(Execution {
                     outcome: Outcome::Cancelled,
                     exit_code: None,
@@ -141,6 +161,7 @@ impl Executor for Scripted {
                     sandbox: format!("sf-{}-a{attempt}", task.id.simple()),
                     error: Some("the attempt was cancelled".into()),
                     adopted,
+                    admission_wait: None,
                 });
             }
         }
@@ -157,6 +178,7 @@ impl Executor for Scripted {
                 sandbox: format!("sf-{}-a{attempt}", task.id.simple()),
                 error: (!outcome.is_success()).then(|| outcome.to_string()),
                 adopted,
+                admission_wait: None,
             }),
             Act::ApiError(_, status) => Err(ExecError::Api {
                 verb: "create",
@@ -945,6 +967,68 @@ async fn a_task_that_finished_before_its_cancel_keeps_its_own_result() {
     let finals = h.finals(t.id);
     assert_eq!(finals.len(), 1);
     assert_eq!(finals[0].outcome, Outcome::Failed);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redelivery_whose_job_another_worker_deleted_for_a_cancel_ends_cancelled_not_failed() {
+    let h = Harness::start(config(2), InMemoryBroker::default());
+    let t = task();
+    h.exec
+        .script(t.id, vec![Act::Finish(600, Outcome::Succeeded)]);
+    h.exec.deleted_pods_fail.store(true, Ordering::SeqCst);
+    publish(&h.broker, &t);
+    h.until("running", |h| h.exec.running.load(Ordering::SeqCst) == 1)
+        .await;
+    // The first holder's channel dies; the redelivery adopts its Job.
+    h.broker.close_channel();
+    h.until("adopted", |h| {
+        h.exec.runs().iter().any(|(_, _, adopted)| *adopted)
+            && h.exec.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The first holder, not yet aware that it lost the delivery, reads the
+    // cancel and deletes the Job: this worker sees the pod killed (137) in
+    // the same instant as the cancel, and the run's end is polled first.
+    h.exec.cancel(t.id, 1).await.unwrap();
+    h.cancels
+        .apply(sandfleet_proto::Cancellation::task(t.id, "ops", "moot"));
+    h.until("ack", |h| h.broker.acked_count() == 1).await;
+    let finals = h.finals(t.id);
+    assert_eq!(finals.len(), 1, "one final result: {finals:?}");
+    assert_eq!(finals[0].outcome, Outcome::Cancelled);
+    assert_eq!(finals[0].exit_code, None);
+    assert_eq!(finals[0].error.as_deref(), Some("cancelled by ops: moot"));
+    assert_eq!(
+        finals[0].log_tail, "attempt 1 partial\n",
+        "partial log kept"
+    );
+    assert!(
+        h.results().iter().all(|r| r.outcome != Outcome::Failed),
+        "no failed result published"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_known_when_the_attempt_succeeds_loses() {
+    let h = Harness::start(config(1), InMemoryBroker::default());
+    let t = task();
+    h.exec
+        .script(t.id, vec![Act::Finish(5, Outcome::Succeeded)]);
+    publish(&h.broker, &t);
+    h.until("running", |h| h.exec.running.load(Ordering::SeqCst) == 1)
+        .await;
+    // The run ends at 5 s and the cancel is applied in the same instant:
+    // whether the dispatch loop sees it just before or just after the
+    // run's end, the success stands.
+    tokio::time::sleep_until(Instant::now() + Duration::from_secs(5)).await;
+    h.cancels
+        .apply(sandfleet_proto::Cancellation::task(t.id, "ops", "late"));
+    h.until("ack", |h| h.broker.acked_count() == 1).await;
+    let finals = h.finals(t.id);
+    assert_eq!(finals.len(), 1);
+    assert_eq!(finals[0].outcome, Outcome::Succeeded);
     h.stop().await;
 }
 
