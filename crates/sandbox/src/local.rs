@@ -86,6 +86,9 @@ pub struct LocalExecutor {
     settings: LocalSettings,
     base: PathBuf,
     bwrap: Option<PathBuf>,
+    /// Block size of the shell's `ulimit -f`, measured once (else each
+    /// script would measure it with a subshell).
+    file_block_bytes: Option<u64>,
     running: Arc<Mutex<HashMap<RunKey, CancellationToken>>>,
 }
 
@@ -132,10 +135,12 @@ impl LocalExecutor {
                 tracing::warn!(dir = %base.display(), error = %e, "could not sweep old local sandboxes")
             }
         }
+        let file_block_bytes = measure_block_bytes(Path::new(&settings.shell), &base);
         Ok(LocalExecutor {
             settings,
             base,
             bwrap,
+            file_block_bytes,
             running: Arc::default(),
         })
     }
@@ -184,6 +189,29 @@ impl LocalExecutor {
         };
         cmd.arg("-c").arg(script).current_dir(workspace);
         cmd
+    }
+}
+
+/// The block size of `ulimit -f` in `shell` ([`script::ULIMIT_PROBE`]);
+/// `None` when the probe cannot run (the scripts then measure it themselves).
+fn measure_block_bytes(shell: &Path, base: &Path) -> Option<u64> {
+    let probe = base.join(format!(".ulimit-probe-{}", std::process::id()));
+    let ran = std::process::Command::new(shell)
+        .arg("-c")
+        .arg(script::ULIMIT_PROBE)
+        .arg("sh")
+        .arg(&probe)
+        .env_clear()
+        .env("PATH", SANDBOX_PATH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let len = std::fs::metadata(&probe).map(|m| m.len());
+    let _ = std::fs::remove_file(&probe);
+    match (ran, len) {
+        (Ok(status), Ok(len)) if status.success() => Some(script::ulimit_block_bytes(len)),
+        _ => None,
     }
 }
 
@@ -260,6 +288,7 @@ impl Executor for LocalExecutor {
         let budget = self.settings.max_output_bytes as u64;
         let opts = ScriptOptions {
             max_file_bytes: Some(self.settings.max_file_bytes),
+            file_block_bytes: self.file_block_bytes,
             watch_parent: true,
             ..ScriptOptions::for_budget(task, budget)
         };
@@ -271,11 +300,21 @@ impl Executor for LocalExecutor {
         // two never run at once (workers sharing this work dir).
         wait_for_orphans(&self.base, &task_hex).await;
 
-        let dir = RunDir::create(&self.base, &task_hex, attempt)?;
+        // File-system work off the async threads: a slow disk must not
+        // stall the other tasks of this worker.
+        let (base, hex) = (self.base.clone(), task_hex.clone());
+        let (dir, output) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let dir = RunDir::create(&base, &hex, attempt)?;
+            std::fs::DirBuilder::new().create(dir.path().join("workspace"))?;
+            std::fs::DirBuilder::new().create(dir.path().join("state"))?;
+            let output = std::fs::File::create(dir.path().join("output.log"))?;
+            Ok((dir, output))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let dir = DropOffThread(Some(dir));
         let workspace = dir.path().join("workspace");
         let state = dir.path().join("state");
-        std::fs::create_dir_all(&workspace)?;
-        std::fs::create_dir_all(&state)?;
         let token = CancellationToken::new();
         {
             let mut running = self
@@ -300,7 +339,6 @@ impl Executor for LocalExecutor {
         };
         let summary_path = state.join("summary");
         let output_path = dir.path().join("output.log");
-        let output = std::fs::File::create(&output_path)?;
 
         let mut cmd = self.command(dir.path(), &workspace, &script.text);
         cmd.env_clear()
@@ -325,7 +363,9 @@ impl Executor for LocalExecutor {
         if let Some(pgid) = guard.pgid {
             // Tells a sweep or a redelivery whether this sandbox still lives
             // once this worker is gone.
-            dir.set_group(pgid.as_raw_nonzero().get())?;
+            if let Some(d) = dir.0.as_ref() {
+                d.set_group(pgid.as_raw_nonzero().get())?;
+            }
         }
         tracing::debug!(task = %task.id, attempt, dir = %dir.path().display(), "local sandbox started");
 
@@ -365,10 +405,21 @@ impl Executor for LocalExecutor {
         drop(guard);
 
         let finished_at = Utc::now();
-        let (summary_text, _) = read_bounded(&summary_path, 8 * 1024);
+        // Read back and remove the run directory off the async threads; the
+        // run directory is gone (and its lock let go) when this returns.
+        let sandbox = dir.path_display();
+        let mut dir = dir;
+        let run_dir = dir.0.take();
+        let ((summary_text, _), (log, log_cut)) = tokio::task::spawn_blocking(move || {
+            let summary = read_bounded(&summary_path, 8 * 1024);
+            // The script bounds its own output; the slack covers marker lines.
+            let log = read_bounded(&output_path, budget + 16 * 1024);
+            drop(run_dir);
+            (summary, log)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
         let summary = script::parse_summary(&String::from_utf8_lossy(&summary_text));
-        // The script bounds its own output; the slack covers marker lines.
-        let (log, log_cut) = read_bounded(&output_path, budget + 16 * 1024);
         let parsed = script::parse_log(&log);
         let report = report::assemble(task, &summary, &parsed, log_cut);
         let verdict = if cancelled {
@@ -400,11 +451,11 @@ impl Executor for LocalExecutor {
             artifacts: report.artifacts,
             started_at: Some(started_at),
             finished_at,
-            sandbox: dir.path().display().to_string(),
+            sandbox,
             error,
             adopted: false,
+            admission_wait: None,
         })
-        // `dir` drops here: the run directory is removed, then its lock.
     }
 
     async fn cancel(&self, task_id: TaskId, attempt: u32) -> Result<(), ExecError> {
@@ -438,6 +489,33 @@ async fn wait_for_orphans(base: &Path, task_hex: &str) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A run directory that is removed off the async threads when dropped on
+/// an early return (a failed spawn); the normal end removes it explicitly.
+struct DropOffThread(Option<RunDir>);
+
+impl DropOffThread {
+    fn path(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new(""), |d| d.path())
+    }
+
+    fn path_display(&self) -> String {
+        self.path().display().to_string()
+    }
+}
+
+impl Drop for DropOffThread {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(move || drop(dir));
+                }
+                Err(_) => drop(dir),
+            }
+        }
     }
 }
 

@@ -92,6 +92,12 @@ pub struct ScriptOptions {
     /// recorded as `limit` and stops the task. `None`: no limit from the
     /// script (pods are bounded by their ephemeral-storage limit instead).
     pub max_file_bytes: Option<u64>,
+    /// Bytes per block of the shell's `ulimit -f` (512 in POSIX shells, 1024
+    /// in bash outside POSIX mode), when the caller has measured it for the
+    /// shell that runs the script ([`ULIMIT_PROBE`]; the local executor does
+    /// once per shell). `None`: the script measures it itself, at the cost of
+    /// a subshell per run.
+    pub file_block_bytes: Option<u64>,
     /// The script's stdin is a pipe whose write end only the executor holds
     /// (the local executor). End of file on it means the executor is gone,
     /// however it died (SIGKILL included): the script's watcher then stops
@@ -120,9 +126,20 @@ impl ScriptOptions {
             artifact_bytes,
             kill_grace_secs: 2,
             max_file_bytes: None,
+            file_block_bytes: None,
             watch_parent: false,
         }
     }
+}
+
+/// A script that measures the block size of `ulimit -f` in the shell that
+/// runs it: writes 600 bytes under a limit of one block to the file named by
+/// its first argument, whose size is then over 512 where blocks are 1 KiB.
+pub const ULIMIT_PROBE: &str = "( ulimit -f 1 && printf '%0600d' 0 >\"$1\" ) 2>/dev/null; :";
+
+/// The block size [`ULIMIT_PROBE`] measured, from the size of its file.
+pub fn ulimit_block_bytes(probe_file_len: u64) -> u64 {
+    if probe_file_len > 512 { 1024 } else { 512 }
 }
 
 /// A generated script and the environment that carries the task's values.
@@ -271,8 +288,16 @@ sf_fblocks=
 sf_fcap=
 if command -v setsid >/dev/null 2>&1; then sf_setsid=setsid; else sf_setsid=; fi
 
-# Milliseconds since the epoch in sf_t (seconds * 1000 where date lacks %N).
+# A monotonic clock in milliseconds in sf_t. /proc/uptime (10 ms steps)
+# is read by a builtin; where it is missing, `date` (since the epoch,
+# seconds * 1000 where date lacks %N).
 sf_now() {
+  sf_up=
+  { read -r sf_up sf_x </proc/uptime; } 2>/dev/null || :
+  case "$sf_up" in
+    *[!0-9.]*|'') ;;
+    *.[0-9][0-9]) sf_t=$(( ${sf_up%.*} * 1000 + 1${sf_up#*.} * 10 - 1000 )); return 0 ;;
+  esac
   sf_t=$(date +%s%N 2>/dev/null) || sf_t=
   case "$sf_t" in
     *[!0-9]*|'') sf_t=$(date +%s)000 ;;
@@ -304,7 +329,9 @@ sf_kill_step() {
 }
 
 # Print the tail of a captured output file, marking what was dropped.
+# An empty file costs no process.
 sf_emit() {
+  [ -s "$1" ] || return 0
   sf_n=$(wc -c <"$1" 2>/dev/null) || sf_n=0
   sf_n=$(( $sf_n + 0 ))
   if [ "$sf_n" -gt "$2" ]; then
@@ -325,7 +352,7 @@ sf_setup_fail() {
 
 sf_start() {
   sf_step_idx=$1
-  rm -f "$sf_state/timeout.$1" 2>/dev/null
+  if [ -e "$sf_state/timeout.$1" ]; then rm -f "$sf_state/timeout.$1" 2>/dev/null; fi
   printf '::sandfleet:: step %s begin\n' "$1"
   sf_now
   sf_step_start=$sf_t
@@ -366,9 +393,11 @@ sf_stop_watchdog() {
   kill -s KILL "$sf_wd_pid" 2>/dev/null
   wait "$sf_wd_pid" 2>/dev/null
   sf_wd_pid=
-  if [ -f "$sf_state/watchdog.pid" ]; then
-    kill -s KILL "$(cat "$sf_state/watchdog.pid")" 2>/dev/null
-    rm -f "$sf_state/watchdog.pid"
+  sf_p=
+  { read -r sf_p <"$sf_state/watchdog.pid"; } 2>/dev/null || :
+  if [ -n "$sf_p" ]; then
+    kill -s KILL "$sf_p" 2>/dev/null
+    : >"$sf_state/watchdog.pid"
   fi
   return 0
 }
@@ -379,8 +408,9 @@ sf_abort() {
   # that step (the watchdog starts only after the pid is recorded).
   if [ -z "$sf_step_pid" ] && [ -n "$sf_step_idx" ]; then sf_step_pid=${!:-}; fi
   sf_kill_step KILL
-  # The pid may be reused once the step is gone: nobody may signal it later.
-  rm -f "$sf_state/step.pid"
+  # The pid may be reused once the step is gone: nobody may signal it later
+  # (an empty file names no process; truncating costs no process).
+  : >"$sf_state/step.pid"
   sf_stop_watchdog
   if [ -n "$sf_step_idx" ]; then sf_finish "$sf_step_idx" 143 killed; fi
   sf_note "end 143"
@@ -391,11 +421,12 @@ trap sf_abort TERM INT HUP
 # `ulimit -f` counts 512-byte blocks in POSIX shells but 1 KiB blocks in
 # bash outside POSIX mode: measure which, by letting a throw-away subshell
 # write 600 bytes under a limit of one block.
+# The probe is read back by a builtin (it holds no newline).
 sf_file_limit() {
   ( ulimit -f 1 && printf '%0600d' 0 >"$sf_state/fsize.probe" ) 2>/dev/null
-  sf_n=$(wc -c <"$sf_state/fsize.probe" 2>/dev/null) || sf_n=0
-  rm -f "$sf_state/fsize.probe"
-  if [ "$(( $sf_n + 0 ))" -gt 512 ]; then sf_u=1024; else sf_u=512; fi
+  sf_x=
+  { read -r sf_x <"$sf_state/fsize.probe"; } 2>/dev/null || :
+  if [ "${#sf_x}" -gt 512 ]; then sf_u=1024; else sf_u=512; fi
   sf_fblocks=$(( ($1 + sf_u - 1) / sf_u ))
   sf_fcap=$(( sf_fblocks * sf_u ))
 }
@@ -459,10 +490,11 @@ sf_wait() {
   # Leftovers of the step (background children) die with its group.
   if [ -n "$sf_setsid" ]; then sf_kill_step KILL; fi
   # No stale pid for anyone to signal later (the executor, the parent watcher).
-  rm -f "$sf_state/step.pid"
+  : >"$sf_state/step.pid"
   sf_step_pid=
   sf_n=0
-  if [ -n "$sf_fcap" ]; then
+  # Only a failed step can have hit the file limit.
+  if [ "$sf_rc" -ne 0 ] && [ -n "$sf_fcap" ]; then
     sf_n=$(wc -c <"$sf_state/out.$1" 2>/dev/null) || sf_n=0
     sf_n=$(( $sf_n + 0 ))
   fi
@@ -523,13 +555,21 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
 
     text.push_str(": >\"$sf_tlog\" 2>/dev/null || :\nsf_note sf1\n");
     text.push_str(
-        "mkdir -p \"$sf_ws\" \"$sf_state\" || { sf_note \"setup workspace\"; exit 125; }\n",
+        "{ [ -d \"$sf_ws\" ] && [ -d \"$sf_state\" ]; } || mkdir -p \"$sf_ws\" \"$sf_state\" || { sf_note \"setup workspace\"; exit 125; }\n",
     );
     text.push_str("printf '%s\\n' \"$$\" >\"$sf_state/script.pid\"\n");
     // Job-status chatter of the shell ("Killed", "Terminated") stays out of the log.
     text.push_str("exec 2>>\"$sf_state/script.err\"\n");
-    if let Some(bytes) = opts.max_file_bytes {
-        let _ = writeln!(text, "sf_file_limit {}", bytes.max(1));
+    match (opts.max_file_bytes, opts.file_block_bytes) {
+        (Some(bytes), Some(unit)) => {
+            let unit = unit.max(1);
+            let blocks = bytes.max(1).div_ceil(unit);
+            let _ = writeln!(text, "sf_fblocks={blocks}\nsf_fcap={}", blocks * unit);
+        }
+        (Some(bytes), None) => {
+            let _ = writeln!(text, "sf_file_limit {}", bytes.max(1));
+        }
+        (None, _) => {}
     }
     for (i, file) in task.files.iter().enumerate() {
         check_path(format!("files[{i}].path"), &file.path)?;
@@ -862,6 +902,7 @@ mod tests {
         artifact_bytes: 100,
         kill_grace_secs: 1,
         max_file_bytes: None,
+        file_block_bytes: None,
         watch_parent: false,
     };
 

@@ -47,6 +47,7 @@ const OPTS: ScriptOptions = ScriptOptions {
     artifact_bytes: 64,
     kill_grace_secs: 1,
     max_file_bytes: None,
+    file_block_bytes: None,
     watch_parent: false,
 };
 
@@ -509,6 +510,53 @@ fn large_input_files_arrive_whole() {
             content,
             "{name}"
         );
+    }
+}
+
+/// The block size of `ulimit -f` in a shell, measured once as the local
+/// executor does.
+fn block_bytes(argv: &[&str]) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = dir.path().join("probe");
+    let status = shell(argv)
+        .arg("-c")
+        .arg(script::ULIMIT_PROBE)
+        .arg("sh")
+        .arg(&probe)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    script::ulimit_block_bytes(std::fs::metadata(&probe).map_or(0, |m| m.len()))
+}
+
+#[test]
+fn a_block_size_measured_once_gives_the_same_exact_cap() {
+    let t = task().with_step("noisy", "echo begin; yes sandfleet", 30);
+    for (name, argv) in SHELLS {
+        let unit = block_bytes(argv);
+        assert_eq!(unit, if name == "bash" { 1024 } else { 512 }, "{name}");
+        let opts = ScriptOptions {
+            max_file_bytes: Some(64 * 1024 + 100),
+            file_block_bytes: Some(unit),
+            ..OPTS
+        };
+        let r = run_opts(argv, &t, PATH, &opts, |_, _| {});
+        assert_eq!(
+            r.summary.steps[0].status,
+            StepStatus::FileLimit,
+            "{name}: {}",
+            r.summary_text
+        );
+        // Rounded up to whole blocks of the shell's unit.
+        let captured = std::fs::metadata(r.dir.path().join("state/out.0"))
+            .unwrap()
+            .len();
+        assert_eq!(
+            captured,
+            (64 * 1024 + 100_u64).div_ceil(unit) * unit,
+            "{name}"
+        );
+        assert!(r.log.steps[&0].truncated, "{name}");
     }
 }
 
