@@ -38,7 +38,7 @@ pub use image::ImageRef;
 pub use limits::Limits;
 pub use outcome::Outcome;
 pub use quantity::Quantity;
-pub use result::{Artifact, StepResult, TaskResult};
+pub use result::{Artifact, StepResult, TaskResult, Timings};
 pub use task::{
     InputFile, Provider, Resources, RetryPolicy, SandboxSpec, Source, Step, Task, TaskId, TaskKind,
 };

@@ -69,6 +69,21 @@ pub struct TaskResult {
     /// `cancelled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancellation: Option<CancelInfo>,
+    /// Where the attempt's time went besides running; absent when there is
+    /// nothing to report (results from before it existed stay valid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+}
+
+/// Parts of an attempt's time, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Timings {
+    /// Time the sandbox Job waited suspended for Kueue's admission against
+    /// the cluster's quotas (`sandbox.kubernetes.kueue_queue`), preemptions
+    /// included. It does not count toward the task's pending timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission_wait_ms: Option<u64>,
 }
 
 /// What one step did.
@@ -185,6 +200,7 @@ impl TaskResult {
             labels: BTreeMap::new(),
             task: None,
             cancellation: None,
+            timings: None,
         }
     }
 }

@@ -49,6 +49,7 @@
 //!     labels: Default::default(),
 //!     task: None,
 //!     cancellation: None,
+//!     timings: None,
 //! };
 //! publisher.publish(&result, None).await?; // twice: delivery is at-least-once
 //! publisher.publish(&result, None).await?;
@@ -417,6 +418,7 @@ mod tests {
             labels: Default::default(),
             task: None,
             cancellation: None,
+            timings: None,
         }
     }
 

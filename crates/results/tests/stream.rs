@@ -99,6 +99,7 @@ fn result(n: u32, outcome: Outcome) -> TaskResult {
         labels: Default::default(),
         task: None,
         cancellation: None,
+        timings: None,
     }
 }
 

@@ -94,6 +94,11 @@ export interface TaskResult {
    */
   task_id: string;
   /**
+   * Where the attempt's time went besides running; absent when there is
+   * nothing to report (results from before it existed stay valid).
+   */
+  timings?: Timings | null;
+  /**
    * The worker that ran the attempt (its pod or host name).
    */
   worker: string;
@@ -424,4 +429,15 @@ export interface Step {
    * Timeout for this step, in seconds.
    */
   timeout_secs: number;
+}
+/**
+ * Parts of an attempt's time, in milliseconds.
+ */
+export interface Timings {
+  /**
+   * Time the sandbox Job waited suspended for Kueue's admission against
+   * the cluster's quotas (`sandbox.kubernetes.kueue_queue`), preemptions
+   * included. It does not count toward the task's pending timeout.
+   */
+  admission_wait_ms?: number | null;
 }

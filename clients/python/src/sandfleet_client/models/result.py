@@ -280,6 +280,19 @@ The kind of work a task asks for.
 """
 
 
+class Timings(TypedDict, closed=True):
+    """
+    Parts of an attempt's time, in milliseconds.
+    """
+
+    admission_wait_ms: NotRequired[int | None]
+    """
+    Time the sandbox Job waited suspended for Kueue's admission against
+    the cluster's quotas (`sandbox.kubernetes.kueue_queue`), preemptions
+    included. It does not count toward the task's pending timeout.
+    """
+
+
 class Task(TypedDict, closed=True):
     """
     One unit of sandbox work, as published to the task queue.
@@ -440,6 +453,11 @@ class TaskResult(TypedDict, closed=True):
     task_id: str
     """
     The task this result is for.
+    """
+    timings: NotRequired[Timings | None]
+    """
+    Where the attempt's time went besides running; absent when there is
+    nothing to report (results from before it existed stay valid).
     """
     worker: str
     """
