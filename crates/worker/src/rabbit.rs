@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backon::BackoffBuilder;
+use sandfleet_amqp::lapin::Channel;
 use sandfleet_amqp::lapin::options::BasicQosOptions;
 use sandfleet_amqp::{
     Amqp, AmqpError, Consumer, ConsumerOptions, OutgoingMessage, Publisher, TASK_ROUTING_KEY,
@@ -50,6 +51,8 @@ pub struct RabbitBroker {
     paused: watch::Sender<bool>,
     connected: Arc<AtomicBool>,
     closed: CancellationToken,
+    /// The settle barrier of the consumer's current channel.
+    barrier: std::sync::Mutex<Option<Arc<SettleBarrier>>>,
 }
 
 impl std::fmt::Debug for RabbitBroker {
@@ -81,6 +84,23 @@ impl RabbitBroker {
             paused: watch::channel(false).0,
             connected: Arc::new(AtomicBool::new(false)),
             closed: CancellationToken::new(),
+            barrier: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The settle barrier for deliveries of `channel`: one per channel, new
+    /// when the consumer moved to another channel.
+    fn barrier_for(&self, channel: &Channel) -> Arc<SettleBarrier> {
+        let mut slot = self.barrier.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some(b) if b.channel.id() == channel.id() && b.channel.status().connected() => {
+                b.clone()
+            }
+            _ => {
+                let b = Arc::new(SettleBarrier::new(channel.clone(), self.prefetch));
+                *slot = Some(b.clone());
+                b
+            }
         }
     }
 
@@ -111,7 +131,7 @@ impl RabbitBroker {
         });
         RabbitDelivery {
             tasks_queue: self.topology.tasks_queue.clone(),
-            prefetch: self.prefetch,
+            barrier: self.barrier_for(inner.channel()),
             attempt: inner.attempt().unwrap_or(1).max(1),
             inner,
             publisher: self.publisher.clone(),
@@ -286,7 +306,7 @@ impl Broker for RabbitBroker {
 pub struct RabbitDelivery {
     inner: sandfleet_amqp::Delivery,
     tasks_queue: String,
-    prefetch: u16,
+    barrier: Arc<SettleBarrier>,
     attempt: u32,
     publisher: Publisher,
     dead_exchange: String,
@@ -305,19 +325,78 @@ impl std::fmt::Debug for RabbitDelivery {
 }
 
 impl RabbitDelivery {
-    /// `basic.ack` has no reply: written to a socket that dies a moment
-    /// later it may never reach the broker, which then redelivers. A
-    /// synchronous round trip on the same channel afterwards proves it
-    /// arrived, since the broker handles a channel's frames in order (a
-    /// `basic.qos` with the prefetch already in force changes nothing). Only
-    /// then may the worker delete the attempt's finished sandbox; otherwise
-    /// the delivery counts as lost and its redelivery adopts the sandbox.
+    /// Returns once the broker has processed this delivery's settlement
+    /// ([`SettleBarrier`]).
     async fn confirm_settled(&self) -> Result<(), BrokerError> {
-        self.inner
-            .channel()
-            .basic_qos(self.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|_| BrokerError::DeliveryLost)
+        self.barrier.confirm().await
+    }
+}
+
+/// Proves that settlements written to one channel reached the broker.
+///
+/// `basic.ack` has no reply: written to a socket that dies a moment later
+/// it may never reach the broker, which then redelivers. A synchronous round
+/// trip on the same channel afterwards proves it arrived, since the broker
+/// handles a channel's frames in order (a `basic.qos` with the prefetch
+/// already in force changes nothing). Only then may the worker delete the
+/// attempt's finished sandbox; otherwise the delivery counts as lost and its
+/// redelivery adopts the sandbox.
+///
+/// One round trip proves every settlement written before it was sent, so
+/// concurrent settlements share one (group commit): each takes a ticket once
+/// its own frame is written, and a round trip covers the tickets taken
+/// before it started. At most one round trip is in flight per channel; the
+/// ones waiting meanwhile are covered by the next. Under load that is one
+/// round trip per broker RTT instead of one per task.
+struct SettleBarrier {
+    channel: Channel,
+    prefetch: u16,
+    /// Tickets handed out and tickets proven, in that order of locking.
+    tickets: std::sync::Mutex<(u64, u64)>,
+    /// Held by the one task whose round trip is in flight.
+    sender: Mutex<()>,
+}
+
+impl SettleBarrier {
+    fn new(channel: Channel, prefetch: u16) -> Self {
+        SettleBarrier {
+            channel,
+            prefetch,
+            tickets: std::sync::Mutex::new((0, 0)),
+            sender: Mutex::new(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
+        self.tickets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called after the caller's settlement frame was written: returns once
+    /// a round trip sent after it has come back.
+    async fn confirm(&self) -> Result<(), BrokerError> {
+        let ticket = {
+            let mut t = self.lock();
+            t.0 += 1;
+            t.0
+        };
+        loop {
+            let _sending = self.sender.lock().await;
+            let covers = {
+                let t = self.lock();
+                if t.1 >= ticket {
+                    return Ok(());
+                }
+                t.0
+            };
+            // Every ticket up to `covers` was taken after its frame was
+            // written, so before this round trip is.
+            self.channel
+                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|_| BrokerError::DeliveryLost)?;
+            let mut t = self.lock();
+            t.1 = t.1.max(covers);
+        }
     }
 }
 

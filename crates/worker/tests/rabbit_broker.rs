@@ -1,8 +1,9 @@
 //! `RabbitBroker` against the real RabbitMQ (127.0.0.1:5672, `AMQP_ADDR`
 //! overrides): pause holds the queue, retries wait in their delay queue with
 //! the attempt header, dead letters carry their reason, releases never spend
-//! the delivery budget (a requeueing nack does), and a delivery whose
-//! connection is cut is reported lost and redelivered.
+//! the delivery budget (a requeueing nack does), a delivery whose
+//! connection is cut is reported lost and redelivered, and concurrent acks
+//! have all reached the broker when they return.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -236,6 +237,38 @@ async fn a_cut_connection_marks_its_deliveries_lost_and_they_come_back() {
     assert_eq!(again.body(), b"inflight");
     assert!(again.redelivered());
     again.ack().await.unwrap();
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn concurrent_acks_share_round_trips_and_each_one_has_reached_the_broker() {
+    let f = fixture("acks").await;
+    for i in 0..4 {
+        f.publish(&format!("t{i}")).await;
+    }
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(next(&f.broker, Duration::from_secs(5)).await.unwrap());
+    }
+    // All four settle at once; each `Ok` means the broker has the ack.
+    let acks = futures::future::join_all(held.into_iter().map(|d| d.ack()));
+    let results = tokio::time::timeout(Duration::from_secs(5), acks)
+        .await
+        .expect("concurrent acks complete");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    // Then the connection dies: an ack still in a socket buffer would bring
+    // its message back now. None does.
+    let m = f.amqp.management();
+    let start = Instant::now();
+    while m.close_connections_named(&f.conn_name).await.unwrap() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "connection never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(next(&f.broker, Duration::from_secs(3)).await.is_none());
+    assert_eq!(f.depth().await, 0);
     f.cleanup().await;
 }
 
