@@ -79,8 +79,19 @@ impl WatchRequest {
     }
 }
 
+/// One watch event as it goes on the wire, borrowing the stored object:
+/// `json!` would deep-copy it (with the script a sandbox Job carries) for
+/// every event and every watcher, and sort `object` before `type`, which
+/// makes a client's decoder buffer the object before it knows the event.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    #[serde(rename = "type")]
+    ty: &'a str,
+    object: &'a Value,
+}
+
 fn line(ty: &str, object: &Value) -> Bytes {
-    let mut v = serde_json::to_vec(&json!({"type": ty, "object": object})).unwrap_or_default();
+    let mut v = serde_json::to_vec(&Line { ty, object }).unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)
 }

@@ -150,14 +150,13 @@ impl KubeApi {
         &self.namespace
     }
 
-    /// The Job API, for the shared watcher (whose list/watch traffic is not gated).
-    pub(crate) fn jobs_api(&self) -> Api<Job> {
-        self.jobs.clone()
-    }
-
-    /// The Pod API, for the shared watcher.
-    pub(crate) fn pods_api(&self) -> Api<Pod> {
-        self.pods.clone()
+    /// An API for the shared watchers (whose list/watch traffic is not
+    /// gated) in the namespace, typed as the watch decodes its objects.
+    pub(crate) fn watch_api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
     }
 
     /// The kube client.

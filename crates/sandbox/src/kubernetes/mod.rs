@@ -251,9 +251,13 @@ impl KubeExecutor {
             .max_by_key(|p| p.metadata.creation_timestamp.clone());
         Ok(Observed {
             job_gone: job.is_none(),
-            job: job.or_else(|| known.job.clone()),
+            job: job
+                .map(|j| Arc::new(watch::slim_job(j)))
+                .or_else(|| known.job.clone()),
             pod_gone: pod.is_none() && known.pod.is_some(),
-            pod: pod.or_else(|| known.pod.clone()),
+            pod: pod
+                .map(|p| Arc::new(watch::slim_pod(p)))
+                .or_else(|| known.pod.clone()),
         })
     }
 
@@ -285,6 +289,7 @@ impl KubeExecutor {
             let woken = self.inner.cancel_wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
+            // A snapshot shares the hub's objects: cloning it is cheap.
             let mut obs = sub.rx.borrow_and_update().clone();
             if let Some(polled) = extra.take() {
                 obs = polled;
@@ -299,7 +304,7 @@ impl KubeExecutor {
             }
             let job = view_job(&obs);
             let pod = view_pod(&obs);
-            let summary = summary_of(obs.pod.as_ref());
+            let summary = summary_of(obs.pod.as_deref());
             let pending_for = age + start.elapsed();
             if let Some(v) = classify::kubernetes(task, &job, pod.as_ref(), &summary, pending_for) {
                 let terminal = job.complete || job.failed.is_some() || job.deleted;
@@ -487,6 +492,9 @@ impl Executor for KubeExecutor {
             return Err(ExecError::Cancelled);
         }
         let (created, adopted) = self.create_or_adopt(&manifest, task).await?;
+        // Neither the manifest nor the API's copy of the Job is needed past
+        // here; both carry the script, and a run waits for minutes.
+        drop(manifest);
         let before_create = Utc::now();
         // Our own clock for a Job we created (API timestamps have whole seconds,
         // and in-place retries of the create must not eat the pending allowance);
@@ -501,6 +509,7 @@ impl Executor for KubeExecutor {
         } else {
             before_create
         };
+        drop(created);
         tracing::debug!(job = %name, adopted, "waiting for sandbox job");
 
         let waited = self.wait(task, &name, sub, created_at).await;
@@ -555,7 +564,7 @@ impl Executor for KubeExecutor {
         }
 
         let log_cut = log.len() as u64 >= u64::try_from(limit).unwrap_or(u64::MAX);
-        let summary = summary_of(obs.pod.as_ref());
+        let summary = summary_of(obs.pod.as_deref());
         let parsed = script::parse_log(&log);
         let mut report = report::assemble(task, &summary, &parsed, log_cut || log_note.is_some());
         if let Some(note) = log_note {

@@ -7,15 +7,18 @@
 //! anything we knew that the re-list did not return is marked gone — that is
 //! how a Job deleted (or a pod lost) during the gap is noticed.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::batch::v1::{Job, JobStatus};
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
+use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -23,14 +26,19 @@ use super::KubeApi;
 use super::job::{LABEL_JOB, MANAGED_SELECTOR};
 
 /// What the watchers know about one Job and its pod.
+///
+/// The objects are kept slim (metadata and status, see [`slim_job`]) and
+/// shared: the hub, every subscriber's snapshot and every wake-up of a
+/// waiting attempt hold the same allocation, so a clone is two reference
+/// counts, not a copy of the Job and Pod.
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
     /// The Job's latest state (kept after deletion).
-    pub job: Option<Job>,
+    pub job: Option<Arc<Job>>,
     /// The Job was deleted.
     pub job_gone: bool,
     /// The newest pod of the Job (kept after deletion).
-    pub pod: Option<Pod>,
+    pub pod: Option<Arc<Pod>>,
     /// That pod was deleted.
     pub pod_gone: bool,
 }
@@ -124,20 +132,24 @@ impl Hub {
 
     fn update(&self, name: &str, f: impl FnOnce(&mut Observed)) {
         let mut st = self.lock();
-        let entry = st.objects.entry(name.to_owned()).or_default();
+        let State {
+            objects,
+            subscribers,
+            ..
+        } = &mut *st;
+        let entry = objects.entry(name.to_owned()).or_default();
         f(entry);
-        let snapshot = entry.clone();
-        match st.subscribers.get(name) {
+        match subscribers.get(name) {
             Some((tx, _)) => {
-                tx.send_replace(snapshot);
+                // The subscribers' snapshot shares the objects with the map.
+                tx.send_replace(entry.clone());
             }
             None => {
                 // Nobody waits for it and it is finished with: forget it.
-                let done = |o: &Observed| {
-                    (o.job.is_none() || o.job_gone) && (o.pod.is_none() || o.pod_gone)
-                };
-                if done(&snapshot) {
-                    st.objects.remove(name);
+                let done = (entry.job.is_none() || entry.job_gone)
+                    && (entry.pod.is_none() || entry.pod_gone);
+                if done {
+                    objects.remove(name);
                 }
             }
         }
@@ -182,25 +194,24 @@ impl Hub {
         }
     }
 
-    fn apply_job(&self, job: Job) {
+    fn apply_job(&self, job: Job, deleted: bool) {
         let Some(name) = job.meta().name.clone() else {
             return;
         };
+        let job = Arc::new(slim_job(job));
         self.update(&name, |o| {
-            o.job = Some(job);
-            o.job_gone = false;
-        });
-    }
-
-    fn delete_job(&self, job: &Job) {
-        if let Some(name) = &job.meta().name {
-            self.update(name, |o| {
+            if deleted {
                 o.job_gone = true;
+                // The last state seen stays; the deleted object stands in
+                // only for a Job this hub never saw alive.
                 if o.job.is_none() {
-                    o.job = Some(job.clone());
+                    o.job = Some(job);
                 }
-            });
-        }
+            } else {
+                o.job = Some(job);
+                o.job_gone = false;
+            }
+        });
     }
 
     fn apply_pod(&self, pod: Pod, deleted: bool) {
@@ -213,6 +224,7 @@ impl Hub {
         else {
             return;
         };
+        let pod = Arc::new(slim_pod(pod));
         self.update(&job, |o| {
             let current = o
                 .pod
@@ -229,6 +241,96 @@ impl Hub {
     }
 }
 
+/// A Job as the hub keeps it: metadata and status. The executor decides on
+/// those alone and never reads the spec from the watch; the spec carries the
+/// whole generated script (~9 KB as an env var). Managed fields go too.
+pub(crate) fn slim_job(mut job: Job) -> Job {
+    job.spec = None;
+    job.metadata.managed_fields = None;
+    job
+}
+
+/// A Pod as the hub keeps it; see [`slim_job`]. Status (phase, conditions,
+/// container states and termination message) and metadata stay.
+pub(crate) fn slim_pod(mut pod: Pod) -> Pod {
+    pod.spec = None;
+    pod.metadata.managed_fields = None;
+    pod
+}
+
+/// A sandfleet Job as the shared watch decodes it: metadata and status.
+/// Decoding skips the spec (the script, once in the Job's template) without
+/// allocating it, on every event of every Job.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct JobState {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    status: Option<JobStatus>,
+}
+
+/// A sandfleet Pod as the shared watch decodes it; see [`JobState`] (the
+/// pod's spec carries the script again).
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct PodState {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    status: Option<PodStatus>,
+}
+
+impl From<JobState> for Job {
+    fn from(s: JobState) -> Job {
+        Job {
+            metadata: s.metadata,
+            spec: None,
+            status: s.status,
+        }
+    }
+}
+
+impl From<PodState> for Pod {
+    fn from(s: PodState) -> Pod {
+        Pod {
+            metadata: s.metadata,
+            spec: None,
+            status: s.status,
+        }
+    }
+}
+
+/// The slim types are read from the same API paths as the full ones.
+macro_rules! resource_as {
+    ($slim:ty, $full:ty) => {
+        impl Resource for $slim {
+            type DynamicType = ();
+            type Scope = k8s_openapi::NamespaceResourceScope;
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                <$full as k8s_openapi::Resource>::KIND.into()
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                <$full as k8s_openapi::Resource>::GROUP.into()
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                <$full as k8s_openapi::Resource>::VERSION.into()
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                <$full as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+resource_as!(JobState, Job);
+resource_as!(PodState, Pod);
+
 /// Starts the two watchers; they run until `stop` is cancelled.
 pub(crate) fn start(api: &KubeApi, stop: CancellationToken) -> Arc<Hub> {
     let (tx, _) = watch::channel(false);
@@ -237,33 +339,26 @@ pub(crate) fn start(api: &KubeApi, stop: CancellationToken) -> Arc<Hub> {
         synced: Some(tx),
     });
     let cfg = watcher::Config::default().labels(MANAGED_SELECTOR);
-    let jobs = watcher::watcher(api.jobs_api(), cfg.clone()).default_backoff();
-    let pods = watcher::watcher(api.pods_api(), cfg).default_backoff();
+    let jobs = watcher::watcher(api.watch_api::<JobState>(), cfg.clone()).default_backoff();
+    let pods = watcher::watcher(api.watch_api::<PodState>(), cfg).default_backoff();
     tokio::spawn(drive(jobs, hub.clone(), stop.clone(), true));
     tokio::spawn(drive(pods, hub.clone(), stop, false));
     hub
 }
 
 trait Watched: Resource + Clone + Send + 'static {
-    fn apply(hub: &Hub, obj: Self);
-    fn delete(hub: &Hub, obj: &Self);
+    fn observe(hub: &Hub, obj: Self, deleted: bool);
 }
 
-impl Watched for Job {
-    fn apply(hub: &Hub, obj: Self) {
-        hub.apply_job(obj);
-    }
-    fn delete(hub: &Hub, obj: &Self) {
-        hub.delete_job(obj);
+impl Watched for JobState {
+    fn observe(hub: &Hub, obj: Self, deleted: bool) {
+        hub.apply_job(obj.into(), deleted);
     }
 }
 
-impl Watched for Pod {
-    fn apply(hub: &Hub, obj: Self) {
-        hub.apply_pod(obj, false);
-    }
-    fn delete(hub: &Hub, obj: &Self) {
-        hub.apply_pod(obj.clone(), true);
+impl Watched for PodState {
+    fn observe(hub: &Hub, obj: Self, deleted: bool) {
+        hub.apply_pod(obj.into(), deleted);
     }
 }
 
@@ -291,14 +386,14 @@ async fn drive<K: Watched>(
                 if let Some(name) = obj.meta().name.clone() {
                     seen.insert(name);
                 }
-                K::apply(&hub, obj);
+                K::observe(&hub, obj, false);
             }
             Some(Ok(Event::InitDone)) => {
                 hub.reconcile(&seen, jobs);
                 hub.mark_synced(jobs);
             }
-            Some(Ok(Event::Apply(obj))) => K::apply(&hub, obj),
-            Some(Ok(Event::Delete(obj))) => K::delete(&hub, &obj),
+            Some(Ok(Event::Apply(obj))) => K::observe(&hub, obj, false),
+            Some(Ok(Event::Delete(obj))) => K::observe(&hub, obj, true),
         }
     }
 }
