@@ -223,12 +223,67 @@ async fn run_with_http(
         config.worker.clone(),
         background.clone(),
     ));
-    let broker = Arc::new(RabbitBroker::new(
-        amqp.clone(),
-        topology,
-        publisher,
-        prefetch,
-    ));
+    // With shards, a fair broker over the task queue and every shard
+    // (`docs/fairness.md`); without, the one FIFO queue.
+    let outcome = if topology.task_shards.is_empty() {
+        let broker = Arc::new(RabbitBroker::new(
+            amqp.clone(),
+            topology,
+            publisher,
+            prefetch,
+        ));
+        serve(
+            settings,
+            broker,
+            results,
+            config,
+            metrics,
+            health,
+            shutdown,
+            &background,
+            cancels,
+        )
+        .await
+    } else {
+        let broker = Arc::new(crate::fair::rabbit_shards(
+            &amqp,
+            &topology,
+            &publisher,
+            &settings.fairness,
+            prefetch,
+            metrics.clone(),
+        ));
+        serve(
+            settings,
+            broker,
+            results,
+            config,
+            metrics,
+            health,
+            shutdown,
+            &background,
+            cancels,
+        )
+        .await
+    };
+    background.cancel();
+    amqp.close();
+    outcome
+}
+
+/// Runs the dispatch loop on `broker` with the configured executor.
+#[allow(clippy::too_many_arguments)]
+async fn serve<B: Broker>(
+    settings: &Settings,
+    broker: Arc<B>,
+    results: ResultPublisher,
+    config: DispatchConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    background: &CancellationToken,
+    cancels: Arc<crate::cancel::Cancels>,
+) -> Result<(), WorkerError> {
     tokio::spawn(poll_queue_depth(
         broker.clone(),
         metrics.clone(),
@@ -237,7 +292,7 @@ async fn run_with_http(
         background.clone(),
     ));
 
-    let outcome = match settings.worker.executor {
+    match settings.worker.executor {
         ExecutorKind::Local => {
             let executor = Arc::new(LocalExecutor::new(settings.sandbox.local.clone())?);
             info!(worker = %config.worker, "worker running with the local executor");
@@ -251,22 +306,11 @@ async fn run_with_http(
         }
         ExecutorKind::Kubernetes => {
             crate::kube::run_kubernetes(
-                settings,
-                broker,
-                results,
-                config,
-                metrics,
-                health,
-                shutdown,
-                &background,
-                cancels,
+                settings, broker, results, config, metrics, health, shutdown, background, cancels,
             )
             .await
         }
-    };
-    background.cancel();
-    amqp.close();
-    outcome
+    }
 }
 
 /// The executor a dispatch loop runs on, and whether it keeps finished

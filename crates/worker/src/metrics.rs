@@ -17,6 +17,12 @@
 //! | `sandfleet_kube_api_request_duration_seconds` | histogram | `verb` |
 //! | `sandfleet_kube_api_errors_total` | counter | `verb`, `class` (`failure`, `ignored`, `throttled`, `refused`) |
 //! | `sandfleet_build_info` | info | `version`, `git_sha`, `component` |
+//! | `sandfleet_fair_queued` | gauge | `tenant`, `key`: deliveries this worker holds waiting for its fair scheduler (with `topology.task_shards`) |
+//! | `sandfleet_fair_running` | gauge | `tenant`, `key`: tasks it runs |
+//! | `sandfleet_fair_served_total` | counter | `tenant`, `key`: tasks it started |
+//!
+//! The fairness labels are bounded (`fairness.metric_keys`): listed tenants
+//! and keys by name, then the first ones seen, then `other`.
 //!
 //! The labelled counters are created at zero for every known label set
 //! (every outcome, [`REJECT_REASONS`], [`KUBE_VERBS`] × classes).
@@ -61,6 +67,10 @@ fn api_latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 13))
 }
 
+fn fair_labels(tenant: &str, key: &str) -> Labels {
+    vec![("tenant", tenant.to_owned()), ("key", key.to_owned())]
+}
+
 /// Every metric the worker exports, registered in one [`Registry`].
 #[derive(Debug)]
 pub struct Metrics {
@@ -78,6 +88,9 @@ pub struct Metrics {
     cancelled: Family<Labels, Counter>,
     cancels_recorded: Gauge,
     kube_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    fair_queued: Family<Labels, Gauge>,
+    fair_running: Family<Labels, Gauge>,
+    fair_served: Family<Labels, Counter>,
     kube_errors: Family<Labels, Counter>,
 }
 
@@ -106,8 +119,26 @@ impl Metrics {
             cancels_recorded: Gauge::default(),
             kube_latency: Family::new_with_constructor(api_latency_histogram as fn() -> _),
             kube_errors: Family::default(),
+            fair_queued: Family::default(),
+            fair_running: Family::default(),
+            fair_served: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "sandfleet_fair_queued",
+            "Deliveries held for the fair scheduler, by tenant and key",
+            m.fair_queued.clone(),
+        );
+        registry.register(
+            "sandfleet_fair_running",
+            "Tasks running, by tenant and key",
+            m.fair_running.clone(),
+        );
+        registry.register(
+            "sandfleet_fair_served",
+            "Tasks started by the fair scheduler, by tenant and key",
+            m.fair_served.clone(),
+        );
         registry.register(
             "sandfleet_tasks",
             "Tasks that reached a final result, by outcome",
@@ -286,6 +317,28 @@ impl Metrics {
     pub fn set_cancels_recorded(&self, n: usize) {
         self.cancels_recorded
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A delivery of `tenant`/`key` entered (`+1`) or left (`-1`) the fair
+    /// scheduler's buffer.
+    pub fn fair_queued(&self, tenant: &str, key: &str, delta: i64) {
+        self.fair_queued
+            .get_or_create(&fair_labels(tenant, key))
+            .inc_by(delta);
+    }
+
+    /// The fair scheduler started a task of `tenant`/`key`.
+    pub fn fair_started(&self, tenant: &str, key: &str) {
+        let l = fair_labels(tenant, key);
+        self.fair_running.get_or_create(&l).inc();
+        self.fair_served.get_or_create(&l).inc();
+    }
+
+    /// A task of `tenant`/`key` the fair scheduler started is over.
+    pub fn fair_finished(&self, tenant: &str, key: &str) {
+        self.fair_running
+            .get_or_create(&fair_labels(tenant, key))
+            .dec();
     }
 
     /// Counts a delivery handed back for later.
