@@ -169,21 +169,22 @@ async fn a_noisy_repository_does_not_starve_quiet_ones_across_two_workers() {
     })
     .await
     .expect("all tasks served within 90 s");
-    let l = log.lock().unwrap();
-    assert_eq!(l.started.len(), total);
-    // Three keys with work share equally: each quiet repository's 20 tasks
-    // are done within about the first 60 starts (20 each); allow for the
-    // two workers' buffers and refill latency.
-    for q in quiet {
-        let last = l.started.iter().rposition(|r| r == q).unwrap();
-        assert!(
-            last < 90,
-            "{q}'s last task started at position {last} of {total}: {:?}",
-            &l.started[..100]
-        );
+    {
+        let l = log.lock().unwrap();
+        assert_eq!(l.started.len(), total);
+        // Three keys with work share equally: each quiet repository's 20 tasks
+        // are done within about the first 60 starts (20 each); allow for the
+        // two workers' buffers and refill latency.
+        for q in quiet {
+            let last = l.started.iter().rposition(|r| r == q).unwrap();
+            assert!(
+                last < 90,
+                "{q}'s last task started at position {last} of {total}: {:?}",
+                &l.started[..100]
+            );
+        }
+        assert_eq!(l.budget_spent, 0, "no delivery was returned to the broker");
     }
-    assert_eq!(l.budget_spent, 0, "no delivery was returned to the broker");
-    drop(l);
     for b in brokers {
         b.close().await.unwrap();
     }
@@ -225,16 +226,17 @@ async fn per_key_caps_hold_without_spending_the_delivery_budget() {
     .expect("all tasks served within 60 s");
     // Let the last acks land.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let l = log.lock().unwrap();
-    assert_eq!(l.started.len(), 48);
-    assert_eq!(l.max_running[capped], 2, "the cap of 2 held");
-    assert!(
-        l.max_running[free] >= 4,
-        "the free key used the slots the capped one could not: {:?}",
-        l.max_running
-    );
-    assert_eq!(l.budget_spent, 0, "holding a capped delivery spent nothing");
-    drop(l);
+    {
+        let l = log.lock().unwrap();
+        assert_eq!(l.started.len(), 48);
+        assert_eq!(l.max_running[capped], 2, "the cap of 2 held");
+        assert!(
+            l.max_running[free] >= 4,
+            "the free key used the slots the capped one could not: {:?}",
+            l.max_running
+        );
+        assert_eq!(l.budget_spent, 0, "holding a capped delivery spent nothing");
+    }
     assert_eq!(metrics_probe.queue_depth().await.unwrap(), 0);
     metrics_probe.close().await.unwrap();
     t.delete(&amqp).await.unwrap();
