@@ -165,7 +165,20 @@ impl KubeApi {
     }
 
     /// Runs `call` through the gate, retrying transient failures in place.
+    ///
+    /// The request's future (kube's request and decoding, the timeout, the
+    /// retry loop) is boxed: inline, its several KB would be part of every
+    /// attempt's future for the attempt's whole life — minutes, for a
+    /// request that lasts milliseconds — and the worker holds thousands.
     async fn call<T, F, Fut>(&self, op: ApiOp, call: F) -> Result<T, ExecError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        Box::pin(self.call_inline(op, call)).await
+    }
+
+    async fn call_inline<T, F, Fut>(&self, op: ApiOp, call: F) -> Result<T, ExecError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,

@@ -329,7 +329,7 @@ impl KubeExecutor {
                 };
                 if read_now {
                     // Only in these cases: the steady state stays create, log, delete.
-                    extra = Some(self.read_directly(name, &obs).await?);
+                    extra = Some(Box::pin(self.read_directly(name, &obs)).await?);
                     confirmed = true;
                     continue;
                 }
@@ -349,7 +349,7 @@ impl KubeExecutor {
                 () = tokio::time::sleep_until(silent_at) => {
                     // The watch said nothing for too long: ask directly.
                     tracing::warn!(job = %name, "no watch event past the deadline; reading the job directly");
-                    extra = Some(self.read_directly(name, &obs).await?);
+                    extra = Some(Box::pin(self.read_directly(name, &obs)).await?);
                     silent_at = Instant::now() + SILENT_WATCH_SLACK;
                 }
             }
