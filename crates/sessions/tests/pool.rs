@@ -406,11 +406,23 @@ async fn a_replica_killed_while_claiming_leaves_no_member_claimed_and_unused() {
         idle(&ca, "k").await == 2 && idle(&cb, "k").await == 2
     })
     .await;
-    // The next exec (replica A handing the claimed member its session) hangs,
-    // so replica A is caught between the claim and the hand-over.
-    sim.faults().inject(
-        FaultRule::new("GET", "/exec", FaultAction::Delay(Duration::from_secs(60))).times(1),
-    );
+    // The next exec into an idle member (replica A handing the member it
+    // claimed its session) hangs, so replica A is caught between the claim and
+    // the hand-over. The rules name the idle members' pods (`<job>-<suffix>`):
+    // a rule on every exec would as well catch the readiness exec of the
+    // refill the claim starts, which can come first, and let the hand-over
+    // through.
+    for job in members(&sim, NS, "k") {
+        let name = job["metadata"]["name"].as_str().unwrap();
+        sim.faults().inject(
+            FaultRule::new(
+                "GET",
+                &format!("/pods/{name}-"),
+                FaultAction::Delay(Duration::from_secs(60)),
+            )
+            .times(1),
+        );
+    }
     let idle_timeout = Duration::from_secs(2);
     let url = a.url.clone();
     let claim = tokio::spawn(async move {
@@ -460,7 +472,8 @@ async fn a_replica_killed_while_claiming_leaves_no_member_claimed_and_unused() {
         killed_at.elapsed() >= idle_timeout - Duration::from_millis(300),
         "deleted before its idle timeout: a claim in progress must be given that long"
     );
-    // A refill replica A had warming when it died is adopted by replica B.
+    // The pool is full again: a refill replica A still had warming when it
+    // died is adopted by replica B (after ADOPT_AFTER, 10 s).
     eventually(
         "the pool is full again",
         Duration::from_secs(60),
