@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 
-use sandfleet_settings::{SettingsError, load};
+use sandfleet_settings::{SessionBackendKind, SettingsError, load};
 
 fn load_toml(text: &str) -> Result<sandfleet_settings::Settings, SettingsError> {
     let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
@@ -75,4 +75,28 @@ size = 1
             "sessions.pools[2].name",
         ]
     );
+}
+
+#[test]
+fn the_backend_is_kubernetes_unless_set_and_pools_need_it() {
+    let s = load_toml("").unwrap();
+    assert_eq!(s.sessions.backend, SessionBackendKind::Kubernetes);
+    let s = load_toml("[sessions]\nbackend = \"local\"\n").unwrap();
+    assert_eq!(s.sessions.backend, SessionBackendKind::Local);
+
+    let err = load_toml(
+        r#"
+[sessions]
+backend = "local"
+
+[[sessions.pools]]
+name = "python"
+image = "python:3.12"
+size = 2
+"#,
+    )
+    .unwrap_err();
+    let e = &err.errors()[0];
+    assert_eq!(e.key, "sessions.pools");
+    assert!(e.reason.contains("backend = \"kubernetes\""), "{e}");
 }
