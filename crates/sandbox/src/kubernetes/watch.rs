@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::batch::v1::{Job, JobStatus};
+use k8s_openapi::api::batch::v1::{Job, JobSpec, JobStatus};
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
@@ -266,7 +266,17 @@ pub(crate) struct JobState {
     #[serde(default)]
     metadata: ObjectMeta,
     #[serde(default)]
+    spec: Option<JobSpecState>,
+    #[serde(default)]
     status: Option<JobStatus>,
+}
+
+/// Of a Job's spec, the watch reads `suspend` alone (Kueue's admission
+/// decision); everything else in it is skipped unallocated.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct JobSpecState {
+    #[serde(default)]
+    suspend: Option<bool>,
 }
 
 /// A sandfleet Pod as the shared watch decodes it; see [`JobState`] (the
@@ -283,7 +293,10 @@ impl From<JobState> for Job {
     fn from(s: JobState) -> Job {
         Job {
             metadata: s.metadata,
-            spec: None,
+            spec: s.spec.and_then(|spec| spec.suspend).map(|suspend| JobSpec {
+                suspend: Some(suspend),
+                ..JobSpec::default()
+            }),
             status: s.status,
         }
     }
