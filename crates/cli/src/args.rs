@@ -139,10 +139,13 @@ The three tasks: one that passes, one whose tests fail, one that times out.")]
     #[command(after_help = "\
 Examples:
   sandfleet sessions --tokens-file /var/run/sandfleet-sessions/tokens
+  sandfleet sessions --backend local --tokens-file ./tokens --listen 127.0.0.1:8081
 
 Sessions run as Jobs in sandbox.kubernetes.namespace; state lives on them, so
-replicas are interchangeable. Routes: /v1/sessions[/{id}[/run|/files]],
-/healthz, /readyz, /metrics (docs/sessions.md).")]
+replicas are interchangeable. `--backend local` (sessions.backend) runs them as
+child processes of one replica instead: no isolation, no warm pools. Routes:
+/v1/sessions[/{id}[/run|/files]], /v1/pools, /healthz, /readyz, /metrics
+(docs/sessions.md).")]
     Sessions(crate::commands::sessions::SessionsArgs),
     /// Serve the operator console: overview, results, dead letters, replay.
     #[command(after_help = "\
@@ -335,6 +338,12 @@ pub struct EnqueueArgs {
     /// Idempotency key (default: the task id).
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Fairness tenant (default: the repository's owner; docs/fairness.md).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Fairness key (default: the repository; docs/fairness.md).
+    #[arg(long)]
+    pub fairness_key: Option<String>,
 }
 
 /// `sandfleet replay`.

@@ -12,11 +12,16 @@
 //! Warm pools ([`pool`]) keep idle sandboxes ready: a create that names a
 //! pool claims one instead of waiting for a pod to start.
 //!
+//! Sessions run on Kubernetes in production; the [`backend`] can also run
+//! them as local child processes of a single replica (no pools, no
+//! isolation), for trying the service out and for the client packages' tests.
+//!
 //! Where to start: [`server::Service`], then [`client::SessionsClient`] (the
 //! same [`SessionBackend`](sandfleet_sandbox::session::SessionBackend)
 //! contract, over HTTP). Limits are in [`limits`], metrics in [`metrics`].
 
 pub mod auth;
+pub mod backend;
 pub mod client;
 mod error;
 pub mod limits;

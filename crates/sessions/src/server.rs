@@ -2,8 +2,9 @@
 //!
 //! Every handler authenticates the bearer token, checks that the session
 //! belongs to it (another token's session is a 404, so ids reveal nothing),
-//! applies the [`Limits`], and calls [`KubeSessions`]. Ownership is read
-//! from the Job's labels once per replica and cached: it never changes.
+//! applies the [`Limits`], and calls the [`Backend`] (Kubernetes or local).
+//! Ownership is read from the session's record (on Kubernetes, the Job's
+//! labels) once per replica and cached: it never changes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +22,7 @@ use base64::engine::general_purpose::STANDARD;
 use futures::StreamExt as _;
 use sandfleet_sandbox::session::kubernetes::{SessionMeta, SessionRecord};
 use sandfleet_sandbox::session::{
-    KubeSessions, OutputChunk, RunOptions, SessionBackend, SessionId, SessionSpec,
+    KubeSessions, LocalSessions, OutputChunk, RunOptions, SessionBackend, SessionId, SessionSpec,
 };
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -29,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ANNOTATION_OWNER, LABEL_OWNER, Owner, Tokens};
+use crate::backend::{Backend, LocalBackend};
 use crate::error::ApiError;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -43,12 +45,12 @@ pub struct Service {
 }
 
 struct Inner {
-    backend: KubeSessions,
+    backend: Backend,
     tokens: Tokens,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// The warm pools (none configured: an empty set).
-    pools: Arc<Pools>,
+    /// The warm pools (Kubernetes only; none configured: an empty set).
+    pools: Option<Arc<Pools>>,
     /// Session → owner hash, for sessions this replica has checked.
     owners: Mutex<HashMap<SessionId, String>>,
     ready: AtomicBool,
@@ -85,6 +87,17 @@ impl Service {
         Service::with_pools(backend, tokens, limits, Vec::new())
     }
 
+    /// A service whose sessions run on this host (see [`crate::backend`]):
+    /// the same routes, tokens, limits, reaper and metrics, no warm pools.
+    pub fn local(sessions: LocalSessions, tokens: Tokens, limits: Limits) -> Service {
+        Service::build(
+            Backend::Local(LocalBackend::new(sessions)),
+            tokens,
+            limits,
+            None,
+        )
+    }
+
     /// A service that also keeps the warm pools `pools` full and serves
     /// `pool: NAME` creates from them.
     pub fn with_pools(
@@ -94,6 +107,15 @@ impl Service {
         pools: Vec<PoolTemplate>,
     ) -> Service {
         let pools = Arc::new(Pools::new(backend.clone(), pools, limits.max_lifetime));
+        Service::build(Backend::Kubernetes(backend), tokens, limits, Some(pools))
+    }
+
+    fn build(
+        backend: Backend,
+        tokens: Tokens,
+        limits: Limits,
+        pools: Option<Arc<Pools>>,
+    ) -> Service {
         Service {
             inner: Arc::new(Inner {
                 pools,
@@ -112,19 +134,23 @@ impl Service {
         &self.inner.metrics
     }
 
-    /// The warm pools.
-    pub fn pools(&self) -> &Arc<Pools> {
-        &self.inner.pools
+    /// The warm pools (`None` on the local backend).
+    pub fn pools(&self) -> Option<&Arc<Pools>> {
+        self.inner.pools.as_ref()
+    }
+
+    /// Where the sessions run.
+    pub fn backend(&self) -> &Backend {
+        &self.inner.backend
     }
 
     /// Keeps the warm pools full until `shutdown` (part of [`Service::run`];
-    /// call it yourself when serving the router some other way).
+    /// call it yourself when serving the router some other way). Returns at
+    /// once on the local backend.
     pub async fn pool_loop(self, shutdown: CancellationToken) {
-        self.inner
-            .pools
-            .clone()
-            .run(self.inner.metrics.clone(), shutdown)
-            .await;
+        if let Some(pools) = self.inner.pools.clone() {
+            pools.run(self.inner.metrics.clone(), shutdown).await;
+        }
     }
 
     /// All routes.
@@ -161,6 +187,7 @@ impl Service {
         shutdown.cancel();
         let _ = reaper.await;
         let _ = pools.await;
+        self.inner.backend.shutdown().await;
         result
     }
 
@@ -262,7 +289,9 @@ fn unclaimed_member(r: &SessionRecord) -> bool {
 
 async fn list_pools(State(s): State<Service>, headers: HeaderMap) -> Result<Json<Vec<PoolInfo>>> {
     s.owner(&headers)?;
-    Ok(Json(s.inner.pools.list()))
+    Ok(Json(
+        s.inner.pools.as_ref().map(|p| p.list()).unwrap_or_default(),
+    ))
 }
 
 async fn readyz(State(s): State<Service>) -> Response {
@@ -299,11 +328,12 @@ async fn create(
     // `pool` is optional: without it the body is a plain SessionSpec.
     let pool = match doc.as_object_mut().and_then(|o| o.remove("pool")) {
         None | Some(serde_json::Value::Null) => None,
+        // The local backend has no pools: every name is unknown there.
         Some(serde_json::Value::String(name)) => Some(
             s.inner
                 .pools
-                .template(&name)
-                .cloned()
+                .as_ref()
+                .and_then(|p| Some((p.clone(), p.template(&name)?.clone())))
                 .ok_or_else(|| ApiError::bad_request(format!("no pool named {name:?}")))?,
         ),
         Some(other) => {
@@ -312,7 +342,7 @@ async fn create(
             )));
         }
     };
-    if let (Some(t), Some(o)) = (&pool, doc.as_object_mut()) {
+    if let (Some((_, t)), Some(o)) = (&pool, doc.as_object_mut()) {
         // The pool decides the image and resources; asking for others is a mistake.
         match o.get("image").and_then(serde_json::Value::as_str) {
             None => {
@@ -329,7 +359,7 @@ async fn create(
     }
     let mut spec: SessionSpec = serde_json::from_value(doc)
         .map_err(|e| ApiError::bad_request(format!("session spec: {e}")))?;
-    if let Some(t) = &pool {
+    if let Some((_, t)) = &pool {
         spec.resources = t.resources.clone();
     }
     spec.validate()?;
@@ -350,8 +380,8 @@ async fn create(
     };
     let started = Instant::now();
     let warm = match &pool {
-        Some(t) => {
-            let got = s.inner.pools.claim(t, &spec, &meta).await;
+        Some((pools, t)) => {
+            let got = pools.claim(t, &spec, &meta).await;
             let labels = Metrics::pool(&t.name);
             match &got {
                 Some(_) => {

@@ -1,13 +1,15 @@
-//! `sandfleet sessions`: the sessions service, until SIGTERM/SIGINT.
+//! `sandfleet sessions`: the sessions service, until SIGTERM/SIGINT, over
+//! Kubernetes (`sessions.backend = "kubernetes"`, the default) or on this
+//! host (`local`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use sandfleet_sandbox::session::KubeSessions;
+use sandfleet_sandbox::session::{KubeSessions, LocalSessions};
 use sandfleet_sessions::auth::Tokens;
 use sandfleet_sessions::{Limits, Service};
-use sandfleet_settings::Settings;
+use sandfleet_settings::{SessionBackendKind, Settings};
 use tokio_util::sync::CancellationToken;
 
 use crate::exit::{CliError, CliResult, Exit};
@@ -15,6 +17,9 @@ use crate::exit::{CliError, CliResult, Exit};
 /// `sandfleet sessions`.
 #[derive(Debug, Clone, Args)]
 pub struct SessionsArgs {
+    /// Where sessions run: `kubernetes` or `local`; overrides `sessions.backend`.
+    #[arg(long, value_name = "KIND")]
+    pub backend: Option<String>,
     /// Listen address.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8081")]
     pub listen: String,
@@ -41,12 +46,28 @@ pub struct SessionsArgs {
     pub reap_interval_secs: u64,
 }
 
-/// Serves the sessions API over the cluster of `sandbox.kubernetes`.
+/// Serves the sessions API over the cluster of `sandbox.kubernetes`, or
+/// with local sessions.
 pub async fn run(
     a: &SessionsArgs,
-    settings: Settings,
+    mut settings: Settings,
     shutdown: CancellationToken,
 ) -> CliResult<Exit> {
+    if let Some(b) = &a.backend {
+        settings.sessions.backend = match b.as_str() {
+            "kubernetes" => SessionBackendKind::Kubernetes,
+            "local" => SessionBackendKind::Local,
+            other => {
+                return Err(CliError::Usage(format!(
+                    "--backend {other:?}: expected kubernetes or local"
+                )));
+            }
+        };
+    }
+    // Warm pools with the local backend are refused here, before anything starts.
+    settings
+        .validate()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let text = std::fs::read_to_string(&a.tokens_file)
         .map_err(|e| CliError::Usage(format!("--tokens-file {}: {e}", a.tokens_file.display())))?;
     let tokens = Tokens::from_tokens(text.lines());
@@ -64,18 +85,35 @@ pub async fn run(
         max_command_timeout: Duration::from_secs(a.max_command_timeout_secs),
         ..Limits::default()
     };
-    let backend = KubeSessions::infer(settings.sandbox.kubernetes.clone())
-        .await
-        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let token_count = tokens.len();
+    let service = match settings.sessions.backend {
+        SessionBackendKind::Kubernetes => {
+            let backend = KubeSessions::infer(settings.sandbox.kubernetes.clone())
+                .await
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            let pools = sandfleet_sessions::pool::templates(&settings.sessions);
+            for p in &pools {
+                tracing::info!(pool = %p.name, size = p.size, image = %p.image, "warm pool");
+            }
+            Service::with_pools(backend, tokens, limits, pools)
+        }
+        SessionBackendKind::Local => {
+            tracing::warn!(
+                "local backend: sessions run as child processes of this service, with no isolation"
+            );
+            Service::local(LocalSessions::new(), tokens, limits)
+        }
+    };
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .map_err(|e| CliError::Usage(format!("--listen {}: {e}", a.listen)))?;
-    tracing::info!(listen = %a.listen, tokens = tokens.len(), "sessions service listening");
-    let pools = sandfleet_sessions::pool::templates(&settings.sessions);
-    for p in &pools {
-        tracing::info!(pool = %p.name, size = p.size, image = %p.image, "warm pool");
-    }
-    Service::with_pools(backend, tokens, limits, pools)
+    tracing::info!(
+        listen = %a.listen,
+        tokens = token_count,
+        backend = ?settings.sessions.backend,
+        "sessions service listening"
+    );
+    service
         .run(
             listener,
             Duration::from_secs(a.reap_interval_secs.max(1)),
