@@ -12,6 +12,7 @@ mod pool;
 mod procfs;
 mod producer;
 mod session;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +41,8 @@ enum Command {
     Pipeline(pipeline::PipelineArgs),
     /// Worker RSS, dispatch overhead and API requests with many Kubernetes sandboxes in flight.
     Inflight(inflight::InflightArgs),
+    /// M workers, N tasks, kills, restarts, connection cuts and API fault storms: lost, doubled, p99 to final.
+    Soak(soak::SoakArgs),
     /// One worker process for `pipeline` and `inflight` (started by them).
     #[command(hide = true)]
     PipelineWorker(pipeline::WorkerArgs),
@@ -55,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Pool(args) => pool::run(args).await,
         Command::Pipeline(args) => pipeline::run(args).await,
         Command::Inflight(args) => inflight::run(args).await,
+        Command::Soak(args) => soak::run(args).await,
         Command::PipelineWorker(args) => pipeline::worker(args).await,
     }
 }

@@ -11,6 +11,11 @@
 //!   in-process at once. What remains is the fleet's own overhead.
 //! - `kube`: the real worker (`sandfleet_worker::run`) with the Kubernetes
 //!   executor on kube-sim, pods scripted `Instant`.
+//! - `local`: the real worker with the local executor, each task one `true`
+//!   step, one task in flight by default (`--local-concurrency`): the
+//!   latency a user of the embedded executor sees, and the CPU of the worker
+//!   *and* its sandboxes (the worker's own time plus that of the children it
+//!   reaped: the script shells and every process they waited for).
 //!
 //! The raw round trip is the least a broker-based request/reply can do:
 //! publish the request with a confirm, consume it, publish the reply with a
@@ -62,6 +67,12 @@ pub(crate) struct PipelineArgs {
     /// Skip the Kubernetes fleet (b).
     #[arg(long)]
     no_kube: bool,
+    /// Tasks through the local executor fleet (c); 0 skips it.
+    #[arg(long, default_value_t = 300)]
+    local_tasks: usize,
+    /// Tasks in flight at once in the local executor fleet (c).
+    #[arg(long, default_value_t = 1)]
+    local_concurrency: usize,
     /// Broker URL.
     #[arg(
         long,
@@ -119,6 +130,7 @@ impl Executor for InstantExecutor {
             sandbox: format!("instant-{}-{attempt}", task.id),
             error: None,
             adopted: false,
+            admission_wait: None,
         })
     }
 
@@ -133,6 +145,16 @@ pub(crate) async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let json = std::env::var(SETTINGS_ENV).with_context(|| format!("{SETTINGS_ENV} unset"))?;
     let settings: Settings = serde_json::from_str(&json).context("decoding the settings")?;
     let shutdown = CancellationToken::new();
+    // SIGTERM drains, as `sandfleet worker` does (a second one exits at once).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let draining = shutdown.clone();
+    tokio::spawn(async move {
+        term.recv().await;
+        draining.cancel();
+        term.recv().await;
+        std::process::exit(130);
+    });
     if !args.instant {
         return sandfleet_worker::run(settings, shutdown)
             .await
@@ -184,6 +206,23 @@ pub(crate) fn task(i: usize) -> Task {
     .with_step("test", "make test", 30)
 }
 
+/// One task of the local fleet: a single `true` step.
+fn local_task(i: usize) -> Task {
+    let mut t = task(i);
+    t.steps.truncate(1);
+    t.steps[0].run = "true".into();
+    t
+}
+
+/// The executor a fleet's worker process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// [`InstantExecutor`] in the dispatch loop.
+    Instant,
+    /// `sandfleet_worker::run` with the executor its settings choose.
+    Worker,
+}
+
 /// What one fleet (or the raw client) measured.
 #[derive(Debug, Clone, Copy)]
 struct Figures {
@@ -201,6 +240,25 @@ pub(crate) struct WorkerProcess {
     // Held for `kill_on_drop`.
     _child: tokio::process::Child,
     pub(crate) pid: u32,
+}
+
+impl WorkerProcess {
+    /// Sends SIGTERM: the worker drains (its `drain_timeout_secs`) and exits.
+    pub(crate) fn terminate(&self) {
+        if let Some(pid) = i32::try_from(self.pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+
+    /// Waits at most `timeout` for the process to exit; true when it did.
+    pub(crate) async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self._child.wait())
+            .await
+            .is_ok()
+    }
 }
 
 impl WorkerProcess {
@@ -231,6 +289,11 @@ impl WorkerProcess {
     /// User + system CPU of the process so far.
     fn cpu(&self) -> Duration {
         crate::procfs::cpu_of(self.pid)
+    }
+
+    /// User + system CPU of the process and of the children it has reaped.
+    fn cpu_with_children(&self) -> Duration {
+        crate::procfs::cpu_with_children(self.pid)
     }
 }
 
@@ -284,6 +347,26 @@ pub(crate) async fn run(args: PipelineArgs) -> anyhow::Result<()> {
         Some(figures)
     };
 
+    let local = if args.local_tasks == 0 {
+        None
+    } else {
+        let mut s = base.clone();
+        s.topology.prefix = format!("sfbench-{run_id}-local");
+        s.worker.executor = ExecutorKind::Local;
+        s.worker.concurrency =
+            u16::try_from(args.local_concurrency.max(1)).context("--local-concurrency")?;
+        let shape = Shape {
+            tasks: args.local_tasks,
+            concurrency: args.local_concurrency.max(1),
+            task: local_task,
+        };
+        let figures = fleet_with(&shape, s, None, Flavor::Worker)
+            .await
+            .context("local executor fleet")?;
+        print_fleet("(c) fleet, local executor, `true`:", &figures);
+        Some(figures)
+    };
+
     let ratio = instant.per_sec / raw.per_sec;
     println!(
         "(a) / raw: rate ratio {ratio:.3}, p50 {:.2}x raw",
@@ -305,6 +388,10 @@ pub(crate) async fn run(args: PipelineArgs) -> anyhow::Result<()> {
             "kube_per_s": kube.map(|k| k.per_sec.round()),
             "kube_p50_ms": kube.map(|k| round3(k.p50_ms)),
             "kube_cpu_ms_per_task": kube.and_then(|k| k.cpu_ms_per_task).map(round3),
+            "local_concurrency": args.local_concurrency,
+            "local_p50_ms": local.map(|l| round3(l.p50_ms)),
+            "local_p99_ms": local.map(|l| round3(l.p99_ms)),
+            "local_cpu_ms_per_task": local.and_then(|l| l.cpu_ms_per_task).map(round3),
         })
     );
     Ok(())
@@ -326,6 +413,13 @@ fn print_fleet(label: &str, f: &Figures) {
     );
 }
 
+/// How many tasks a fleet runs, how many in flight, and what they are.
+struct Shape {
+    tasks: usize,
+    concurrency: usize,
+    task: fn(usize) -> Task,
+}
+
 /// Declares the topology, starts a worker process, warms it up with one
 /// task, then runs `args.tasks` with `args.concurrency` in flight; deletes
 /// the topology whatever happened.
@@ -334,21 +428,41 @@ async fn fleet(
     settings: Settings,
     kubeconfig: Option<&std::path::Path>,
 ) -> anyhow::Result<Figures> {
+    let shape = Shape {
+        tasks: args.tasks,
+        concurrency: args.concurrency,
+        task,
+    };
+    let flavor = if kubeconfig.is_none() {
+        Flavor::Instant
+    } else {
+        Flavor::Worker
+    };
+    fleet_with(&shape, settings, kubeconfig, flavor).await
+}
+
+async fn fleet_with(
+    shape: &Shape,
+    settings: Settings,
+    kubeconfig: Option<&std::path::Path>,
+    flavor: Flavor,
+) -> anyhow::Result<Figures> {
     let amqp = Amqp::connect(&settings.amqp, "bench").await?;
     let topology = Topology::new(&settings.topology);
     topology.apply(&amqp).await?;
-    let out = fleet_on(args, &settings, &amqp, &topology, kubeconfig).await;
+    let out = fleet_on(shape, &settings, &amqp, &topology, kubeconfig, flavor).await;
     let _ = topology.delete(&amqp).await;
     amqp.close();
     out
 }
 
 async fn fleet_on(
-    args: &PipelineArgs,
+    args: &Shape,
     settings: &Settings,
     amqp: &Amqp,
     topology: &Topology,
     kubeconfig: Option<&std::path::Path>,
+    flavor: Flavor,
 ) -> anyhow::Result<Figures> {
     let producer =
         Arc::new(Producer::with_amqp(amqp, topology.clone(), Limits::default(), false).await?);
@@ -369,10 +483,15 @@ async fn fleet_on(
             }
         }
     });
-    let worker = WorkerProcess::spawn(settings, kubeconfig.is_none(), kubeconfig)?;
+    let worker = WorkerProcess::spawn(settings, flavor == Flavor::Instant, kubeconfig)?;
+    // The local fleet counts its sandboxes' CPU too.
+    let cpu_of = |w: &WorkerProcess| match (flavor, kubeconfig) {
+        (Flavor::Worker, None) => w.cpu_with_children(),
+        _ => w.cpu(),
+    };
     let outcome = async {
         // Warm-up: connections, topology, watchers.
-        let warm = task(usize::MAX);
+        let warm = (args.task)(usize::MAX);
         producer.enqueue(&warm).await?;
         let deadline = Instant::now() + PHASE_DEADLINE;
         loop {
@@ -388,9 +507,9 @@ async fn fleet_on(
                 break;
             }
         }
-        let tasks: Vec<Task> = (0..args.tasks).map(task).collect();
+        let tasks: Vec<Task> = (0..args.tasks).map(args.task).collect();
         let idle = crate::procfs::rss_kib(worker.pid).map(|(rss, _)| rss);
-        let cpu0 = worker.cpu();
+        let cpu0 = cpu_of(&worker);
         let started = Instant::now();
         let window = Arc::new(Semaphore::new(args.concurrency));
         let mut sent: HashMap<TaskId, (Instant, tokio::sync::OwnedSemaphorePermit)> =
@@ -431,7 +550,7 @@ async fn fleet_on(
             }
         }
         let elapsed = started.elapsed();
-        let cpu = worker.cpu().saturating_sub(cpu0);
+        let cpu = cpu_of(&worker).saturating_sub(cpu0);
         if failed > 0 {
             bail!("{failed} tasks did not succeed");
         }

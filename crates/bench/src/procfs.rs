@@ -17,6 +17,18 @@ pub(crate) fn cpu_of(pid: u32) -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
+/// [`cpu_of`] plus the CPU time of the children `pid` has waited for
+/// (`cutime`, `cstime`), which include their own reaped descendants.
+pub(crate) fn cpu_with_children(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((ticks(11) + ticks(12) + ticks(13) + ticks(14)) * 10)
+}
+
 /// Resident set size and its high-water mark of process `pid`, in KiB
 /// (`VmRSS`, `VmHWM` of `/proc/<pid>/status`).
 pub(crate) fn rss_kib(pid: u32) -> Option<(u64, u64)> {
