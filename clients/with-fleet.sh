@@ -4,12 +4,10 @@
 #
 #   clients/with-fleet.sh node --test test/
 #
-# It starts, from target/debug (build them first: `cargo build -p sandfleet-cli
-# -p sandfleet-kube-sim`):
-#   - kube-sim (the project's fake Kubernetes API server; its kubelet runs pod
-#     commands as local processes), for the sessions service to create session
-#     pods in;
-#   - `sandfleet sessions` on a free port with a fresh token;
+# It starts, from target/debug (build it first: `cargo build -p sandfleet-cli`):
+#   - `sandfleet sessions --backend local` on a free port with a fresh token:
+#     the real service (routes, tokens, limits, reaper) with its sessions run
+#     as local child processes, so no Kubernetes API is needed;
 #   - `sandfleet worker --executor local` on a topology prefix of its own, so
 #     tasks the clients enqueue are really run and their results published.
 # RabbitMQ must run on 127.0.0.1:5672 (scripts/setup.sh starts it). The command
@@ -20,12 +18,10 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin="$repo/target/debug"
-for b in sandfleet kube-sim; do
-  [[ -x "$bin/$b" ]] || {
-    echo "with-fleet: $bin/$b is missing (cargo build -p sandfleet-cli -p sandfleet-kube-sim)" >&2
-    exit 2
-  }
-done
+[[ -x "$bin/sandfleet" ]] || {
+  echo "with-fleet: $bin/sandfleet is missing (cargo build -p sandfleet-cli)" >&2
+  exit 2
+}
 
 suffix="$(date +%s)-$$-$RANDOM"
 prefix="sf-clients-$suffix"
@@ -36,10 +32,9 @@ amqp_url="amqp://guest:guest@127.0.0.1:5672/%2f"
 pids=()
 cleanup() {
   local rc=$?
-  # kube-sim kills its pods' processes on SIGINT; the others drain on SIGTERM.
+  # Both drain on SIGTERM; the sessions service ends its local sessions.
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  [[ -n "${sim_pid:-}" ]] && kill -INT "$sim_pid" 2>/dev/null || true
-  for pid in "${pids[@]}" ${sim_pid:-}; do wait "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   "$bin/sandfleet" topology delete --yes --force --prefix "$prefix" --amqp-url "$amqp_url" \
     >/dev/null 2>"$dir/topology-delete.log" ||
     echo "with-fleet: could not delete topology $prefix (see $dir/topology-delete.log)" >&2
@@ -64,17 +59,12 @@ wait_for() {
   done
 }
 
-namespace="sessions-clients"
-"$bin/kube-sim" --namespace "$namespace" --kubeconfig "$dir/kubeconfig" 2>"$dir/kube-sim.log" &
-sim_pid=$!
-wait_for 30 "kube-sim" test -s "$dir/kubeconfig"
-
 token="clients-$(python3 -c 'import secrets; print(secrets.token_hex(24))')"
 printf '%s\n' "$token" >"$dir/tokens"
 sessions_port=$(free_port)
-KUBECONFIG="$dir/kubeconfig" SANDFLEET__SANDBOX__KUBERNETES__NAMESPACE="$namespace" \
-  "$bin/sandfleet" sessions --listen "127.0.0.1:$sessions_port" --tokens-file "$dir/tokens" \
-  --max-file-bytes 1048576 --reap-interval-secs 2 2>"$dir/sessions.log" &
+"$bin/sandfleet" sessions --backend local --listen "127.0.0.1:$sessions_port" \
+  --tokens-file "$dir/tokens" --max-file-bytes 1048576 --reap-interval-secs 2 \
+  2>"$dir/sessions.log" &
 pids+=($!)
 
 worker_port=$(free_port)

@@ -58,10 +58,10 @@ run_clients() {
   # The TypeScript and Python client packages (clients/), each against a small
   # real fleet that clients/with-fleet.sh starts and removes: RabbitMQ, a Rust
   # worker (local executor) on its own topology prefix, and `sandfleet sessions`
-  # over kube-sim. Both packages are installed before either suite runs: each
+  # on its local backend. Both packages are installed before either suite runs: each
   # suite enqueues through the other language's client too.
-  step "cargo build -p sandfleet-cli -p sandfleet-kube-sim (the fleet's binaries)"
-  cargo build -p sandfleet-cli -p sandfleet-kube-sim --bin sandfleet --bin kube-sim
+  step "cargo build -p sandfleet-cli (the fleet's binary)"
+  cargo build -p sandfleet-cli --bin sandfleet
   step "clients/typescript: npm ci, types drift check, build"
   (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && npm run --silent check:types && npm run --silent build)
   # A venv under target/: nothing installed globally. Reinstalled only when
