@@ -28,8 +28,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::pipeline::{WorkerProcess, task};
 use crate::procfs::rss_kib;
 
-/// How long the worker may take to become ready, and the sandboxes to start.
+/// How long the worker may take to become ready, and the sandboxes to start
+/// (plus [`START_ALLOWANCE`] per sandbox).
 const PHASE_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Time allowed per sandbox for every one to be created and running, on top
+/// of [`PHASE_DEADLINE`] and the enqueue interval: 5,000 on a loaded 2-core
+/// machine (broker, kube-sim and worker sharing it) need more than 3 minutes.
+const START_ALLOWANCE: Duration = Duration::from_millis(40);
 
 /// How long RSS is sampled once every sandbox runs.
 const SAMPLE_WINDOW: Duration = Duration::from_secs(3);
@@ -157,6 +163,7 @@ async fn measure(
     sim.clear_request_log();
 
     let n = usize::from(args.tasks);
+    let deadline = Instant::now() + PHASE_DEADLINE + START_ALLOWANCE * u32::from(args.tasks);
     let mut confirmed: HashMap<String, SystemTime> = HashMap::with_capacity(n);
     let interval = Duration::from_millis(args.interval_ms);
     let started = tokio::time::Instant::now();
