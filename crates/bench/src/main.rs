@@ -5,6 +5,7 @@
 // A benchmark's output is its figures on stdout.
 #![allow(clippy::print_stdout)]
 
+mod cancel;
 mod inflight;
 mod kube;
 mod pipeline;
@@ -39,6 +40,8 @@ enum Command {
     Pool(pool::PoolArgs),
     /// Tasks through producer → RabbitMQ → worker → results, vs a raw lapin round trip.
     Pipeline(pipeline::PipelineArgs),
+    /// Random cancels across queued, delayed and running tasks with workers killed: pod-gone latency, leaks.
+    Cancel(cancel::CancelArgs),
     /// Worker RSS, dispatch overhead and API requests with many Kubernetes sandboxes in flight.
     Inflight(inflight::InflightArgs),
     /// M workers, N tasks, kills, restarts, connection cuts and API fault storms: lost, doubled, p99 to final.
@@ -58,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Pool(args) => pool::run(args).await,
         Command::Pipeline(args) => pipeline::run(args).await,
         Command::Inflight(args) => inflight::run(args).await,
+        Command::Cancel(args) => cancel::run(args).await,
         Command::Soak(args) => soak::run(args).await,
         Command::PipelineWorker(args) => pipeline::worker(args).await,
     }
