@@ -169,8 +169,12 @@ async fn measure(
     let started = tokio::time::Instant::now();
     for i in 0..n {
         let mut t = task(i);
-        // Long enough that no sandbox ends during the run.
-        t.sandbox.deadline_secs = 1800 - 120;
+        // Long enough that no sandbox ends during the run, with a pending
+        // allowance long enough that thousands of pods starting slowly are
+        // not given up on (the retry would create a second Job); together
+        // within the default consumer timeout's budget (30 min less 60 s).
+        t.sandbox.pending_timeout_secs = 600;
+        t.sandbox.deadline_secs = 1800 - 120 - 600;
         // Before the publish: the Job create can arrive before the confirm.
         confirmed.insert(t.id.to_string(), SystemTime::now());
         producer.enqueue(&t).await?;
