@@ -114,9 +114,27 @@ pub trait Broker: Send + Sync + 'static {
     async fn close(&self) -> Result<(), BrokerError>;
 }
 
+/// The bound on unacknowledged deliveries of the channel a delivery came on
+/// (RabbitMQ's channel-wide `basic.qos`). The fair broker keeps it at the
+/// tasks it runs from that shard plus a small buffer, so no worker hoards a
+/// shard's messages that another worker could choose.
+#[async_trait]
+pub trait ChannelLimit: Send + Sync + 'static {
+    /// Sets the bound.
+    async fn set(&self, unacked: u16) -> Result<(), BrokerError>;
+    /// True while the channel is open (a new channel needs the bound again).
+    fn is_open(&self) -> bool;
+}
+
 /// One received task message, to be settled exactly once.
 #[async_trait]
 pub trait Delivery: Send + Sync + 'static {
+    /// The bound on unacknowledged deliveries of this delivery's channel,
+    /// where the broker has one.
+    fn channel_limit(&self) -> Option<Arc<dyn ChannelLimit>> {
+        None
+    }
+
     /// The message body.
     fn body(&self) -> &[u8];
 

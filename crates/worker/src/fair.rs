@@ -23,12 +23,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sandfleet_proto::FairKey;
 use sandfleet_settings::FairnessSettings;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::broker::{Broker, BrokerError, Delivery, RetryMessage};
+use crate::broker::{Broker, BrokerError, ChannelLimit, Delivery, RetryMessage};
 use crate::metrics::Metrics;
 use crate::rabbit::RabbitBroker;
 use sandfleet_amqp::{Amqp, Publisher, Topology};
@@ -263,6 +263,9 @@ struct State<D> {
     scheduler: Scheduler,
     buffer: VecDeque<Held<D>>,
     labels: LabelBudget,
+    /// Per source: tasks from it running here, and its channel's bound.
+    running: Vec<u16>,
+    limiters: Vec<Option<Arc<dyn ChannelLimit>>>,
 }
 
 struct Shared<D> {
@@ -270,6 +273,44 @@ struct Shared<D> {
     /// Woken when a delivery arrives or a running task finishes.
     changed: Notify,
     metrics: Option<Arc<Metrics>>,
+    /// Per source: the bound its channel should have (applied by
+    /// [`apply_limits`]).
+    targets: Vec<watch::Sender<u16>>,
+    per_shard: u16,
+}
+
+impl<D> Shared<D> {
+    /// Asks for source `i`'s channel bound to be its running tasks plus the
+    /// buffer, now (always notifies, so a new channel gets it too).
+    fn retarget(&self, st: &State<D>, i: usize) {
+        let target = self.per_shard.saturating_add(st.running[i]);
+        if let Some(t) = self.targets.get(i) {
+            t.send_modify(|v| *v = target);
+        }
+    }
+}
+
+/// Keeps source `i`'s channel bound at its target: no worker holds more of
+/// a shard than it runs plus `prefetch_per_shard`.
+async fn apply_limits<D: Send + 'static>(
+    i: usize,
+    shared: Arc<Shared<D>>,
+    mut target: watch::Receiver<u16>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = target.changed() => if r.is_err() { return },
+        }
+        let n = *target.borrow_and_update();
+        let limiter = shared.lock().limiters.get(i).cloned().flatten();
+        if let Some(l) = limiter
+            && let Err(e) = l.set(n).await
+        {
+            debug!(error = %e, source = i, "setting a shard channel's bound");
+        }
+    }
 }
 
 impl<D> Shared<D> {
@@ -292,7 +333,17 @@ pub struct FairBroker<B: Broker> {
     max_hold: Duration,
     queue_name: String,
     stop: CancellationToken,
+    /// False until every source is subscribed (at start, after a resume).
+    warm: std::sync::atomic::AtomicBool,
 }
+
+/// How long, once every shard is subscribed, the first choice waits for the
+/// shards' first deliveries: without it the first tasks would go to whichever
+/// shard happened to deliver first.
+const WARM_UP_GRACE: Duration = Duration::from_millis(200);
+
+/// The longest the first choice waits for every shard to be subscribed.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(5);
 
 impl<B: Broker> std::fmt::Debug for FairBroker<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -314,6 +365,10 @@ impl<B: Broker> FairBroker<B> {
         metrics: Option<Arc<Metrics>>,
     ) -> FairBroker<B> {
         let per = usize::from(settings.prefetch_per_shard.max(1));
+        let n = sources.len();
+        let (targets, receivers): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| watch::channel(settings.prefetch_per_shard.max(1)))
+            .unzip();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 scheduler: Scheduler::new(Weights::new(settings)),
@@ -322,11 +377,18 @@ impl<B: Broker> FairBroker<B> {
                     limit: settings.metric_keys,
                     named: HashSet::new(),
                 },
+                running: vec![0; n],
+                limiters: (0..n).map(|_| None).collect(),
             }),
             changed: Notify::new(),
             metrics,
+            targets,
+            per_shard: settings.prefetch_per_shard.max(1),
         });
         let stop = CancellationToken::new();
+        for (i, rx) in receivers.into_iter().enumerate() {
+            tokio::spawn(apply_limits(i, shared.clone(), rx, stop.clone()));
+        }
         let sources: Vec<Arc<B>> = sources.into_iter().map(Arc::new).collect();
         let room: Vec<Arc<Semaphore>> = sources
             .iter()
@@ -348,7 +410,29 @@ impl<B: Broker> FairBroker<B> {
             max_hold: Duration::from_secs(settings.max_hold_secs.max(1)),
             queue_name,
             stop,
+            warm: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Waits (once) until every shard is subscribed and has had a moment to
+    /// deliver, so the first choices see every shard's head.
+    async fn warm_up(&self) {
+        use std::sync::atomic::Ordering;
+        if self.warm.load(Ordering::Acquire) {
+            return;
+        }
+        let until = Instant::now() + WARM_UP_LIMIT;
+        while !self.sources.iter().all(|s| s.is_connected()) && Instant::now() < until {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        tokio::select! {
+            _ = self.stop.cancelled() => return,
+            _ = tokio::time::sleep(WARM_UP_GRACE) => {}
+        }
+        self.warm.store(true, Ordering::Release);
     }
 
     /// Tasks of `k` this worker runs now.
@@ -412,11 +496,14 @@ impl<B: Broker> FairBroker<B> {
             m.fair_queued(&t, &k, -1);
             m.fair_started(&t, &k);
         }
+        st.running[h.source] = st.running[h.source].saturating_add(1);
+        self.shared.retarget(&st, h.source);
         drop(st);
         self.room[h.source].add_permits(1);
         let finish = Finish {
             shared: self.shared.clone(),
             key: h.key,
+            source: h.source,
             labels: (t, k),
         };
         (
@@ -490,6 +577,13 @@ async fn pump<B: Broker>(
                 });
                 {
                     let mut st = shared.lock();
+                    let stale = st.limiters[index].as_ref().is_none_or(|l| !l.is_open());
+                    if stale && let Some(l) = d.channel_limit() {
+                        // A new channel (first delivery, or a resubscribe):
+                        // it gets its bound now.
+                        st.limiters[index] = Some(l);
+                        shared.retarget(&st, index);
+                    }
                     let (t, k) = labels(&mut st, &key);
                     if let Some(m) = &shared.metrics {
                         m.fair_queued(&t, &k, 1);
@@ -522,6 +616,7 @@ impl<B: Broker> Broker for FairBroker<B> {
     type Delivery = FairDelivery<B::Delivery>;
 
     async fn next_delivery(&self) -> Result<Self::Delivery, BrokerError> {
+        self.warm_up().await;
         loop {
             if self.stop.is_cancelled() {
                 return Err(BrokerError::Closed);
@@ -568,6 +663,7 @@ impl<B: Broker> Broker for FairBroker<B> {
     }
 
     async fn resume(&self) -> Result<(), BrokerError> {
+        self.warm.store(false, std::sync::atomic::Ordering::Release);
         for s in &self.sources {
             s.resume().await?;
         }
@@ -612,12 +708,18 @@ impl<B: Broker> Broker for FairBroker<B> {
 struct Finish<D> {
     shared: Arc<Shared<D>>,
     key: FairKey,
+    source: usize,
     labels: (String, String),
 }
 
 impl<D> Drop for Finish<D> {
     fn drop(&mut self) {
-        self.shared.lock().scheduler.finished(&self.key);
+        {
+            let mut st = self.shared.lock();
+            st.scheduler.finished(&self.key);
+            st.running[self.source] = st.running[self.source].saturating_sub(1);
+            self.shared.retarget(&st, self.source);
+        }
         if let Some(m) = &self.shared.metrics {
             m.fair_finished(&self.labels.0, &self.labels.1);
         }

@@ -400,8 +400,31 @@ impl SettleBarrier {
     }
 }
 
+/// The channel-wide prefetch of a delivery's channel.
+struct RabbitChannelLimit(sandfleet_amqp::lapin::Channel);
+
+#[async_trait]
+impl crate::broker::ChannelLimit for RabbitChannelLimit {
+    async fn set(&self, unacked: u16) -> Result<(), BrokerError> {
+        // `global: true` is channel-wide on RabbitMQ and applies at once;
+        // the consumer's own prefetch (global false) stays the upper bound.
+        self.0
+            .basic_qos(unacked.max(1), BasicQosOptions { global: true })
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+    }
+
+    fn is_open(&self) -> bool {
+        self.0.status().connected()
+    }
+}
+
 #[async_trait]
 impl Delivery for RabbitDelivery {
+    fn channel_limit(&self) -> Option<Arc<dyn crate::broker::ChannelLimit>> {
+        Some(Arc::new(RabbitChannelLimit(self.inner.channel().clone())))
+    }
+
     fn body(&self) -> &[u8] {
         self.inner.body()
     }
