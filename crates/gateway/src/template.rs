@@ -86,6 +86,11 @@ pub fn build_task(template: &FixTemplate, failure: &CiFailure, idempotency_key: 
         .insert("sandfleet.dev/provider".to_owned(), provider);
     task.labels
         .insert("sandfleet.dev/event".to_owned(), failure.event.clone());
+    // Fair sharing (`docs/fairness.md`): the repository under its owner
+    // (GitHub) or top-level group (GitLab), written out so every consumer
+    // of the message sees who it is accounted to.
+    let tenant = sandfleet_proto::default_tenant(&failure.repository);
+    task = task.with_fairness(Some(&tenant), Some(&failure.repository));
     task
 }
 
@@ -136,5 +141,8 @@ mod tests {
         assert_eq!(task.retry.max_attempts, template.max_attempts);
         assert_eq!(task.sandbox.image, template.image);
         assert_eq!(task.id.get_version_num(), 7);
+        let fairness = task.fairness.as_ref().unwrap();
+        assert_eq!(fairness.tenant.as_deref(), Some("octo-org"));
+        assert_eq!(fairness.key.as_deref(), Some("octo-org/octo-repo"));
     }
 }

@@ -23,8 +23,21 @@ fn pair(s: &str, what: &str) -> CliResult<(String, String)> {
     }
 }
 
-/// The task the flags describe (or the file/stdin holds).
+/// The task the flags describe (or the file/stdin holds), with the
+/// `--tenant` / `--fairness-key` given (`docs/fairness.md`).
 pub fn build(a: &EnqueueArgs, settings: &Settings) -> CliResult<Task> {
+    let mut task = build_task(a, settings)?;
+    if a.tenant.is_some() || a.fairness_key.is_some() {
+        let current = task.fairness.take().unwrap_or_default();
+        task.fairness = Some(sandfleet_proto::Fairness {
+            tenant: a.tenant.clone().or(current.tenant),
+            key: a.fairness_key.clone().or(current.key),
+        });
+    }
+    Ok(task)
+}
+
+fn build_task(a: &EnqueueArgs, settings: &Settings) -> CliResult<Task> {
     if let Some(path) = &a.file {
         let text = if path.as_os_str() == "-" {
             let mut s = String::new();
