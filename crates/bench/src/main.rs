@@ -6,6 +6,7 @@
 #![allow(clippy::print_stdout)]
 
 mod cancel;
+mod fairness;
 mod inflight;
 mod kube;
 mod pipeline;
@@ -46,6 +47,8 @@ enum Command {
     Inflight(inflight::InflightArgs),
     /// M workers, N tasks, kills, restarts, connection cuts and API fault storms: lost, doubled, p99 to final.
     Soak(soak::SoakArgs),
+    /// Fair share between repositories on a saturated fleet (kube-sim, two workers, 16 sandboxes) vs FIFO.
+    Fairness(fairness::FairnessArgs),
     /// One worker process for `pipeline` and `inflight` (started by them).
     #[command(hide = true)]
     PipelineWorker(pipeline::WorkerArgs),
@@ -63,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Inflight(args) => inflight::run(args).await,
         Command::Cancel(args) => cancel::run(args).await,
         Command::Soak(args) => soak::run(args).await,
+        Command::Fairness(args) => fairness::run(args).await,
         Command::PipelineWorker(args) => pipeline::worker(args).await,
     }
 }
