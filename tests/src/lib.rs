@@ -272,16 +272,17 @@ impl Env {
     /// Publishes a task with a `traceparent` header.
     pub async fn publish_with(&self, task: &Task, traceparent: Option<&str>) -> Result<()> {
         let body = serde_json::to_vec(task)?;
-        let m = OutgoingMessage::new(
-            &self.topology.tasks_exchange,
-            sandfleet_amqp::TASK_ROUTING_KEY,
-            body,
-        )
-        .message_id(task.id.to_string())
-        .kind(TASK_MESSAGE_TYPE)
-        .content_type(CONTENT_TYPE)
-        .attempt(1)
-        .traceparent(traceparent);
+        // The producer's routing: `task`, or the task's shard when the
+        // topology has shards (docs/fairness.md).
+        let routing_key = self
+            .topology
+            .routing_key_for(&sandfleet_proto::FairKey::of(task).key);
+        let m = OutgoingMessage::new(&self.topology.tasks_exchange, routing_key, body)
+            .message_id(task.id.to_string())
+            .kind(TASK_MESSAGE_TYPE)
+            .content_type(CONTENT_TYPE)
+            .attempt(1)
+            .traceparent(traceparent);
         self.publisher.publish(&m).await?;
         if let Ok(mut p) = self.published.lock() {
             p.push(task.clone());
