@@ -62,6 +62,9 @@ pub struct Execution {
     pub error: Option<String>,
     /// True when a Job created earlier (by a worker that lost the delivery) was adopted.
     pub adopted: bool,
+    /// Time the sandbox waited suspended for Kueue's admission (preemptions
+    /// included); `None` when no cluster queue manages it.
+    pub admission_wait: Option<Duration>,
 }
 
 /// Why an executor could not run or observe an attempt.

@@ -290,3 +290,46 @@ async fn the_executor_refuses_a_task_above_the_bounds_before_any_api_call() {
     assert_eq!(resources["requests"]["ephemeral-storage"], "1Gi");
     sim.stop().await;
 }
+
+#[test]
+fn under_kueue_the_job_is_created_suspended_with_the_queue_label() {
+    // Without a queue: no label, not suspended (the snapshot above).
+    let plain = manifest();
+    assert!(plain["spec"].get("suspend").is_none());
+    assert!(
+        plain["metadata"]["labels"]
+            .get(job::LABEL_KUEUE_QUEUE)
+            .is_none()
+    );
+
+    let kueue = KubernetesSettings {
+        kueue_queue: Some("sandboxes".into()),
+        ..settings()
+    };
+    let m = serde_json::to_value(job::build(&task(), 2, &ctx(), &kueue).unwrap()).unwrap();
+    assert_eq!(m["spec"]["suspend"], true);
+    assert_eq!(
+        m["metadata"]["labels"][job::LABEL_KUEUE_QUEUE],
+        "sandboxes",
+        "Kueue reads the queue from the Job's labels"
+    );
+    // Kueue manages the Job; its pods carry no queue label (a labelled
+    // pod would be managed as a plain pod workload of its own).
+    assert!(
+        m["spec"]["template"]["metadata"]["labels"]
+            .get(job::LABEL_KUEUE_QUEUE)
+            .is_none()
+    );
+    // Everything else is the same manifest.
+    let (mut a, mut b) = (plain, m);
+    a["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove(job::LABEL_KUEUE_QUEUE);
+    b["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove(job::LABEL_KUEUE_QUEUE);
+    b["spec"].as_object_mut().unwrap().remove("suspend");
+    assert_eq!(a, b);
+}

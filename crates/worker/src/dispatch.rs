@@ -828,6 +828,9 @@ pub fn build_result(
             r.finished_at = exec.finished_at;
             r.sandbox = Some(exec.sandbox.clone());
             r.error = exec.error.clone();
+            r.timings = exec.admission_wait.map(|w| sandfleet_proto::Timings {
+                admission_wait_ms: Some(u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+            });
             r
         }
         Err(e) => {

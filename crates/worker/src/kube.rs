@@ -88,7 +88,13 @@ pub(crate) async fn run_kubernetes<B: Broker, S: ResultSink>(
     // Finished Jobs stay until the delivery is settled, then the dispatch
     // loop deletes them: a crash between the result and the ack leaves the
     // finished Job for the redelivery to adopt instead of re-running it.
-    let executor = KubeExecutor::new(api.clone(), k.clone()).keep_finished_jobs(true);
+    // Under Kueue, a suspended Job is given up in time for the task to
+    // still fit in the broker's consumer timeout.
+    let executor = KubeExecutor::new(api.clone(), k.clone())
+        .keep_finished_jobs(true)
+        .hold_deliveries_for(Duration::from_secs(
+            settings.limits.broker_consumer_timeout_secs,
+        ));
     info!(namespace = api.namespace(), worker = %config.worker, "worker running with the kubernetes executor");
     health.set_executor_syncing(true);
     {

@@ -42,6 +42,10 @@ pub const ANNOTATION_TRACEPARENT: &str = "sandfleet.dev/traceparent";
 pub const ANNOTATION_LABELS: &str = "sandfleet.dev/labels";
 /// Annotation with the worker that created the Job.
 pub const ANNOTATION_WORKER: &str = "sandfleet.dev/worker";
+/// Job label naming the Kueue `LocalQueue` the Job is submitted to
+/// (`sandbox.kubernetes.kueue_queue`). Only the Job carries it: Kueue manages
+/// the Job, not its pods.
+pub const LABEL_KUEUE_QUEUE: &str = "kueue.x-k8s.io/queue-name";
 
 /// The workspace mount in the pod.
 pub const WORKSPACE_PATH: &str = "/workspace";
@@ -121,6 +125,10 @@ pub fn build(
     ]);
     let mut pod_labels = labels.clone();
     pod_labels.insert(LABEL_JOB.to_owned(), name.clone());
+    let mut labels = labels;
+    if let Some(queue) = &settings.kueue_queue {
+        labels.insert(LABEL_KUEUE_QUEUE.to_owned(), queue.clone());
+    }
 
     let mut annotations = BTreeMap::new();
     annotations.insert(LABEL_TASK_ID.to_owned(), task_id.clone());
@@ -160,6 +168,8 @@ pub fn build(
     )?;
 
     // The pending phase counts toward activeDeadlineSeconds, so it gets its own allowance.
+    // (A suspended Job's deadline does not run: the Job controller restarts
+    // `startTime` when Kueue admits it.)
     let active_deadline = task
         .sandbox
         .deadline_secs
@@ -178,6 +188,10 @@ pub fn build(
             parallelism: Some(1),
             active_deadline_seconds: Some(i64::try_from(active_deadline).unwrap_or(i64::MAX)),
             ttl_seconds_after_finished: Some(settings.ttl_seconds_after_finished),
+            // Under Kueue the Job waits suspended (no pod) until admitted:
+            // Kueue's own webhook would suspend it anyway, and creating it
+            // suspended keeps a pod from starting before admission.
+            suspend: settings.kueue_queue.is_some().then_some(true),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),

@@ -14,10 +14,11 @@
 mod api;
 pub mod gc;
 pub mod job;
+mod kueue;
 mod watch;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,6 +69,9 @@ struct Inner {
     /// Wakes the runs waiting on their Jobs when one of them is cancelled.
     cancel_wake: tokio::sync::Notify,
     keep_finished: AtomicBool,
+    /// The broker's consumer timeout in seconds (0: unknown), which bounds
+    /// a Kueue admission wait; see [`KubeExecutor::hold_deliveries_for`].
+    hold_budget_secs: AtomicU64,
     _stop: DropGuard,
 }
 
@@ -93,6 +97,7 @@ impl KubeExecutor {
                 cancelled: Mutex::default(),
                 cancel_wake: tokio::sync::Notify::new(),
                 keep_finished: AtomicBool::new(false),
+                hold_budget_secs: AtomicU64::new(0),
                 _stop: stop.drop_guard(),
             }),
         }
@@ -106,6 +111,17 @@ impl KubeExecutor {
     /// task a second time. The Job's TTL removes it if nobody does.
     pub fn keep_finished_jobs(self, keep: bool) -> KubeExecutor {
         self.inner.keep_finished.store(keep, Ordering::Relaxed);
+        self
+    }
+
+    /// The broker's consumer timeout: how long the worker may hold a task's
+    /// delivery. Under Kueue a suspended Job is then given up early enough
+    /// for the task's pending timeout and deadline to still fit in it, so
+    /// the broker never takes the delivery away mid-run.
+    pub fn hold_deliveries_for(self, consumer_timeout: Duration) -> KubeExecutor {
+        self.inner
+            .hold_budget_secs
+            .store(consumer_timeout.as_secs(), Ordering::Relaxed);
         self
     }
 
@@ -268,6 +284,7 @@ impl KubeExecutor {
         name: &str,
         mut sub: watch::Subscription,
         created_at: DateTime<Utc>,
+        admission: &mut kueue::Admission,
     ) -> Result<(Verdict, Observed), ExecError> {
         // No waiting for the watchers' first list: a broken watch (403, API
         // down) must not hang the attempt; the direct reads cover for it.
@@ -276,7 +293,6 @@ impl KubeExecutor {
         // keep its age as a duration instead of an Instant in the past.
         let age = (Utc::now() - created_at).to_std().unwrap_or_default();
         let start = Instant::now();
-        let pending_at = start + pending_timeout.saturating_sub(age);
         let silent_after =
             Duration::from_secs(task.sandbox.deadline_secs) + pending_timeout + SILENT_WATCH_SLACK;
         let mut silent_at = start + silent_after.saturating_sub(age);
@@ -302,11 +318,35 @@ impl KubeExecutor {
                 };
                 return Ok((v, obs));
             }
+            // Kueue (a no-op for Jobs it does not manage): the pending clock
+            // runs from admission, and a preempted run's pod is not ours.
+            let job_time = age + start.elapsed();
+            let pod_name = obs.pod.as_ref().and_then(|p| p.metadata.name.clone());
+            let suspended = admission.observe(
+                obs.job.as_deref(),
+                pod_name.as_deref(),
+                created_at,
+                job_time,
+            );
+            if pod_name.is_some_and(|p| admission.hides(&p)) {
+                obs.pod = None;
+                obs.pod_gone = false;
+            }
+            if suspended {
+                // A quiet watch is expected while Kueue holds the Job; the
+                // admission timer asks the API when the wait is over.
+                silent_at = Instant::now() + silent_after;
+            }
             let job = view_job(&obs);
             let pod = view_pod(&obs);
             let summary = summary_of(obs.pod.as_deref());
-            let pending_for = age + start.elapsed();
-            if let Some(v) = classify::kubernetes(task, &job, pod.as_ref(), &summary, pending_for) {
+            let pending_for = admission.pending_for(job_time);
+            let decided = if suspended && !job.deleted {
+                admission.verdict(job_time)
+            } else {
+                classify::kubernetes(task, &job, pod.as_ref(), &summary, pending_for)
+            };
+            if let Some(v) = decided {
                 let terminal = job.complete || job.failed.is_some() || job.deleted;
                 // A finished Job whose pod the (lagging) pod watch has not shown
                 // ended yet: the pod carries the summary and names the log.
@@ -336,7 +376,10 @@ impl KubeExecutor {
             } else {
                 confirmed = false;
             }
-            let pending_timer = pending_at > Instant::now();
+            let pending_at = admission
+                .next_deadline(pending_timeout)
+                .map(|t| start + t.saturating_sub(age));
+            let pending_timer = pending_at.is_some_and(|t| t > Instant::now());
             tokio::select! {
                 () = &mut woken => {}
                 changed = sub.rx.changed() => {
@@ -344,7 +387,7 @@ impl KubeExecutor {
                         return Err(ExecError::Config("the kubernetes watcher stopped".into()));
                     }
                 }
-                () = tokio::time::sleep_until(pending_at), if pending_timer => {}
+                () = tokio::time::sleep_until(pending_at.unwrap_or(silent_at)), if pending_timer => {}
                 () = tokio::time::sleep_until(lag_until.unwrap_or(silent_at)), if lag_until.is_some() => {}
                 () = tokio::time::sleep_until(silent_at) => {
                     // The watch said nothing for too long: ask directly.
@@ -509,10 +552,21 @@ impl Executor for KubeExecutor {
         } else {
             before_create
         };
+        let hold = self.inner.hold_budget_secs.load(Ordering::Relaxed);
+        let mut admission = kueue::Admission::new(
+            &created,
+            task,
+            Duration::from_secs(settings.admission_timeout_secs),
+            (hold > 0).then(|| Duration::from_secs(hold)),
+        );
         drop(created);
         tracing::debug!(job = %name, adopted, "waiting for sandbox job");
 
-        let waited = self.wait(task, &name, sub, created_at).await;
+        let waited = self
+            .wait(task, &name, sub, created_at, &mut admission)
+            .await;
+        let admission_wait =
+            admission.waited((Utc::now() - created_at).to_std().unwrap_or_default());
         let (verdict, obs) = match waited {
             Ok(v) => v,
             Err(e) => {
@@ -586,6 +640,7 @@ impl Executor for KubeExecutor {
             sandbox: name,
             error: verdict.error,
             adopted,
+            admission_wait,
         })
     }
 

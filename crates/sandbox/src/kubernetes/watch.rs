@@ -244,8 +244,18 @@ impl Hub {
 /// A Job as the hub keeps it: metadata and status. The executor decides on
 /// those alone and never reads the spec from the watch; the spec carries the
 /// whole generated script (~9 KB as an env var). Managed fields go too.
+///
+/// Only `spec.suspend` stays, in an otherwise empty spec: it is Kueue's
+/// admission decision (see `kueue`), and the Job controller's `Suspended`
+/// condition may lag it.
 pub(crate) fn slim_job(mut job: Job) -> Job {
-    job.spec = None;
+    job.spec =
+        job.spec
+            .and_then(|s| s.suspend)
+            .map(|suspend| k8s_openapi::api::batch::v1::JobSpec {
+                suspend: Some(suspend),
+                ..Default::default()
+            });
     job.metadata.managed_fields = None;
     job
 }
