@@ -207,9 +207,29 @@ async fn a_claimed_member_gets_the_sessions_own_values_and_the_pool_refills() {
         "sandfleet_sessions_pool_claims_total{pool=\"py\"} 1",
         "sandfleet_sessions_pool_misses_total{pool=\"none\"} 1",
         "sandfleet_sessions_pool_size{pool=\"py\"} 2",
+        "sandfleet_sessions_pool_claim_duration_seconds_count 1",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
+    // The idle gauge follows the refill (the pool loop sets it after each plan).
+    let url = r.url.clone();
+    eventually(
+        "the idle gauge shows the refilled pool",
+        Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move {
+                reqwest::get(format!("{url}/metrics"))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap()
+                    .contains("sandfleet_sessions_pool_idle{pool=\"py\"} 2")
+            }
+        },
+    )
+    .await;
 
     // A member serves one session: teardown deletes it.
     client.teardown(&id).await.unwrap();
@@ -448,7 +468,23 @@ async fn a_replica_killed_while_claiming_leaves_no_member_claimed_and_unused() {
         },
     )
     .await;
-    // Seen claimed within one poll (25 ms) of the claim.
+    // Killed once its hand-over exec has reached the API server (and hangs
+    // there): killed sooner, replica A would leave that member's delay rule
+    // armed for replica B's check of the member, which then hangs instead.
+    let exec_path = format!("/pods/{claimed}-");
+    eventually(
+        "replica A's hand-over exec reached the API server",
+        Duration::from_secs(10),
+        || {
+            let sent = sim
+                .request_log()
+                .iter()
+                .any(|r| r.path.contains(&exec_path) && r.path.ends_with("/exec"));
+            async move { sent }
+        },
+    )
+    .await;
+    // Seen within one poll (25 ms) of the exec, a few ms after the claim.
     let killed_at = Instant::now();
     a.kill();
     assert!(
