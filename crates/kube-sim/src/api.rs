@@ -261,11 +261,9 @@ fn list_or_watch(
     {
         return Err(ApiError::gone(rv));
     }
-    let (items, rev) = shared.store.list(kind, ns.as_deref());
-    let mut items: Vec<Value> = items
-        .into_iter()
-        .filter(|o| labels.matches_object(o) && fields.matches_object(o))
-        .collect();
+    let (mut items, rev) = shared.store.list_matching(kind, ns.as_deref(), |o| {
+        labels.matches_object(o) && fields.matches_object(o)
+    });
     if let Some(token) = q.get("continue").filter(|t| !t.is_empty()) {
         let after = decode_continue(token)
             .ok_or_else(|| ApiError::bad_request(format!("invalid continue token {token:?}")))?;

@@ -264,6 +264,29 @@ impl Store {
         (items, inner.rev)
     }
 
+    /// The objects of `kind` (in `ns`, or in every namespace) for which `keep`
+    /// holds, and the store's revision. Only the kept objects are cloned: the
+    /// lock that every write waits for is held for a scan, not a deep copy of
+    /// the namespace (a list with a label selector in a busy namespace would
+    /// otherwise stall every other request for its whole copy).
+    pub(crate) fn list_matching(
+        &self,
+        kind: Kind,
+        ns: Option<&str>,
+        keep: impl Fn(&Value) -> bool,
+    ) -> (Vec<Value>, u64) {
+        let inner = self.lock();
+        let from = (kind, ns.unwrap_or("").to_owned(), String::new());
+        let items = inner
+            .objects
+            .range(from..)
+            .take_while(|((k, n, _), _)| *k == kind && ns.is_none_or(|ns| ns == n))
+            .filter(|(_, v)| keep(v))
+            .map(|(_, v)| v.clone())
+            .collect();
+        (items, inner.rev)
+    }
+
     /// The objects of `kind` in `ns` for which `keep` holds, cloning only those.
     pub(crate) fn list_where(
         &self,
