@@ -3,13 +3,15 @@
 //! or a replica dies.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use sandfleet_kube_sim::{KubeSim, SimOptions};
 use sandfleet_sandbox::session::{
-    KubeSessions, OutputChunk, RunOptions, Session, SessionBackend, SessionError, SessionId,
-    SessionSpec, conformance,
+    KubeSessions, RunOptions, Session, SessionBackend, SessionError, SessionId, SessionSpec,
+    conformance,
 };
 use sandfleet_sessions::auth::Tokens;
 use sandfleet_sessions::{Limits, Service, SessionsClient};
@@ -71,27 +73,7 @@ async fn the_service_passes_the_shared_scenario() {
     assert_eq!(transcript, conformance::expected());
 
     // Streamed over HTTP too.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let out = session
-        .run_streaming(
-            "echo one; echo two >&2",
-            RunOptions::new(Duration::from_secs(10)),
-            tx,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (out.stdout.as_slice(), out.stderr.as_slice()),
-        (&b"one\n"[..], &b"two\n"[..])
-    );
-    let mut chunks = Vec::new();
-    while let Ok(c) = rx.try_recv() {
-        chunks.push(c);
-    }
-    assert!(
-        chunks.contains(&OutputChunk::Stdout("one\n".into())),
-        "{chunks:?}"
-    );
+    common::streams_stdout_and_stderr_apart(&session).await;
 
     session.teardown().await.unwrap();
     session.teardown().await.unwrap();

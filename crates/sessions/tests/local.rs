@@ -4,17 +4,17 @@
 //! with child processes on this host.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sandfleet_sandbox::session::{
-    LocalSessions, OutputChunk, RunOptions, Session, SessionBackend, SessionError, SessionSpec,
-    conformance,
+    LocalSessions, RunOptions, Session, SessionBackend, SessionError, SessionSpec, conformance,
 };
 use sandfleet_sessions::auth::Tokens;
 use sandfleet_sessions::{Limits, Service, SessionsClient};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 struct Server {
@@ -61,17 +61,7 @@ fn entries(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, Iterator::count)
 }
 
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
+use common::eventually;
 
 #[tokio::test]
 async fn the_local_service_passes_the_shared_scenario() {
@@ -85,27 +75,7 @@ async fn the_local_service_passes_the_shared_scenario() {
     let transcript = conformance::scenario(&session).await.unwrap();
     assert_eq!(transcript, conformance::expected());
 
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let out = session
-        .run_streaming(
-            "echo one; echo two >&2",
-            RunOptions::new(Duration::from_secs(10)),
-            tx,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (out.stdout.as_slice(), out.stderr.as_slice()),
-        (&b"one\n"[..], &b"two\n"[..])
-    );
-    let mut chunks = Vec::new();
-    while let Ok(c) = rx.try_recv() {
-        chunks.push(c);
-    }
-    assert!(
-        chunks.contains(&OutputChunk::Stdout("one\n".into())),
-        "{chunks:?}"
-    );
+    common::streams_stdout_and_stderr_apart(&session).await;
 
     let listed = client.list().await.unwrap();
     assert_eq!(listed.len(), 1);
