@@ -145,12 +145,22 @@ async fn an_operator_watches_a_task_run_and_requeues_a_dead_letter() {
     let id = task.id;
     env.enqueue(&task).await;
     // It shows as in flight, with its sandbox and attempt...
-    let row = wait_for(c, &format!("#inflight-{id}"), 30).await;
-    let text = row.text().await.unwrap();
-    assert!(text.contains("acme/widgets"), "{text}");
-    let cells = row.find_all(Locator::Css("td")).await.unwrap();
-    assert_eq!(cells[1].text().await.unwrap(), "1", "attempt");
-    assert!(!cells[2].text().await.unwrap().is_empty(), "sandbox");
+    wait_for(c, &format!("#inflight-{id}"), 30).await;
+    // Read in one call inside the page: the live section is re-rendered as
+    // events arrive, so an element found by one WebDriver call can be
+    // replaced before the next one reads it.
+    let row = c
+        .execute(
+            "const r = document.querySelector(arguments[0]);
+             return r ? [r.innerText, ...Array.from(r.querySelectorAll('td'), d => d.innerText)] : null;",
+            vec![serde_json::json!(format!("#inflight-{id}"))],
+        )
+        .await
+        .unwrap();
+    let row: Vec<String> = serde_json::from_value(row).expect("the task is still in flight");
+    assert!(row[0].contains("acme/widgets"), "{row:?}");
+    assert_eq!(row[2].trim(), "1", "attempt");
+    assert!(!row[3].trim().is_empty(), "sandbox");
     screenshot(c, "overview.png").await;
     // ...then moves to the results, still without a reload.
     wait_for(c, &format!("#result-{id}-1"), 60).await;
@@ -167,13 +177,22 @@ async fn an_operator_watches_a_task_run_and_requeues_a_dead_letter() {
         .unwrap();
     assert_eq!(same, serde_json::json!("yes"), "the overview was reloaded");
 
-    // Its page: every step with its exit code, the log tail.
-    c.find(Locator::Css(&format!("#result-{id}-1 a")))
-        .await
-        .unwrap()
-        .click()
+    // Its page: every step with its exit code, the log tail. The link is
+    // clicked inside the page: the live overview re-renders its lists as
+    // events arrive, so an element found by one WebDriver call can be
+    // replaced before the next one clicks it.
+    let clicked = c
+        .execute(
+            "const a = document.querySelector(arguments[0]); if (a) { a.click(); } return !!a;",
+            vec![serde_json::json!(format!("#result-{id}-1 a"))],
+        )
         .await
         .unwrap();
+    assert_eq!(
+        clicked,
+        serde_json::json!(true),
+        "the result links to its task"
+    );
     let build = wait_for(c, "tr.step[data-step='build'] td.exit", 10).await;
     assert_eq!(build.text().await.unwrap(), "0");
     let test = c
