@@ -700,6 +700,11 @@ async fn the_same_attempt_twice_on_one_worker_runs_one_job() {
     let env = env().await;
     let task = one_step("sleep 0.3; echo shared");
     let ctx = ctx();
+    // Whichever run reads the log first waits a second for it: the other
+    // run finishes first and must leave the Job (and its pod's log) in place.
+    env.sim
+        .faults()
+        .inject(FaultRule::new("GET", "/log", FaultAction::Delay(Duration::from_secs(1))).times(1));
     let (a, b) = tokio::join!(env.exec.run(&task, 1, &ctx), env.exec.run(&task, 1, &ctx));
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(
@@ -708,13 +713,16 @@ async fn the_same_attempt_twice_on_one_worker_runs_one_job() {
     );
     assert!(a.adopted != b.adopted, "one creates, the other adopts");
     assert_eq!(a.steps[0].output_tail, "shared\n");
-    let creates = env
-        .sim
-        .request_log()
+    assert_eq!(b.steps[0].output_tail, "shared\n");
+    let log = env.sim.request_log();
+    let creates = log
         .iter()
         .filter(|r| r.verb() == "create" && r.status == 201)
         .count();
     assert_eq!(creates, 1);
+    let deletes = log.iter().filter(|r| r.verb() == "delete").count();
+    assert_eq!(deletes, 1, "only the last run deletes the job");
+    assert_deleted_in_background(&env.sim, &job_name(task.id, 1));
 }
 
 #[tokio::test]

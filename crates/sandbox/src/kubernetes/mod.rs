@@ -175,6 +175,16 @@ impl KubeExecutor {
         Ok(doomed)
     }
 
+    /// Ends a run's subscription to its Job; the last run of the attempt
+    /// here also forgets its cancellation. `true` when it was the last.
+    fn leave(&self, sub: watch::Subscription, name: &str) -> bool {
+        let last = sub.leave();
+        if last && let Ok(mut c) = self.inner.cancelled.lock() {
+            c.remove(name);
+        }
+        last
+    }
+
     fn is_cancelled(&self, name: &str) -> bool {
         self.inner.cancelled.lock().is_ok_and(|c| c.contains(name))
     }
@@ -282,7 +292,7 @@ impl KubeExecutor {
         &self,
         task: &Task,
         name: &str,
-        mut sub: watch::Subscription,
+        sub: &mut watch::Subscription,
         created_at: DateTime<Utc>,
         admission: &mut kueue::Admission,
     ) -> Result<(Verdict, Observed), ExecError> {
@@ -525,13 +535,11 @@ impl Executor for KubeExecutor {
         })?;
         let name = job_name(task.id, attempt);
         // Subscribe before creating, so no event about the new Job is missed.
-        let sub = self.inner.hub.subscribe(&name);
+        let mut sub = self.inner.hub.subscribe(&name);
         // Cancelled between the subscription and here (the worker's cancel
         // marks only attempts it sees subscribed): create nothing.
         if self.is_cancelled(&name) {
-            if let Ok(mut c) = self.inner.cancelled.lock() {
-                c.remove(&name);
-            }
+            self.leave(sub, &name);
             return Err(ExecError::Cancelled);
         }
         let (created, adopted) = self.create_or_adopt(&manifest, task).await?;
@@ -563,16 +571,14 @@ impl Executor for KubeExecutor {
         tracing::debug!(job = %name, adopted, "waiting for sandbox job");
 
         let waited = self
-            .wait(task, &name, sub, created_at, &mut admission)
+            .wait(task, &name, &mut sub, created_at, &mut admission)
             .await;
         let admission_wait =
             admission.waited((Utc::now() - created_at).to_std().unwrap_or_default());
         let (verdict, obs) = match waited {
             Ok(v) => v,
             Err(e) => {
-                if let Ok(mut c) = self.inner.cancelled.lock() {
-                    c.remove(&name);
-                }
+                self.leave(sub, &name);
                 return Err(e);
             }
         };
@@ -607,14 +613,16 @@ impl Executor for KubeExecutor {
             verdict.outcome,
             Outcome::Succeeded | Outcome::Failed | Outcome::TimedOut | Outcome::OomKilled
         ) && !obs.job_gone;
-        if (!self.keeps_finished_jobs() || !ran_to_end)
+        // Two runs of one attempt here (a redelivery reaching the worker that
+        // still runs the first delivery) share the Job: only the last one to
+        // finish deletes it, so the other's log read never finds it gone.
+        let last = self.leave(sub, &name);
+        if last
+            && (!self.keeps_finished_jobs() || !ran_to_end)
             && let Err(e) = self.inner.api.delete_job(&name).await
         {
             // The garbage collector (and the Job's TTL) will get it.
             tracing::warn!(job = %name, error = %e, "could not delete the sandbox job");
-        }
-        if let Ok(mut c) = self.inner.cancelled.lock() {
-            c.remove(&name);
         }
 
         let log_cut = log.len() as u64 >= u64::try_from(limit).unwrap_or(u64::MAX);

@@ -60,31 +60,30 @@ pub(crate) struct Hub {
     synced: Option<watch::Sender<bool>>,
 }
 
-/// A subscription; dropping it unsubscribes.
+/// A subscription; dropping it (or [`Subscription::leave`]) unsubscribes.
 pub(crate) struct Subscription {
     hub: Arc<Hub>,
     name: String,
     /// Changes of the Job's observed state.
     pub(crate) rx: watch::Receiver<Observed>,
+    left: bool,
+}
+
+impl Subscription {
+    /// Unsubscribes and tells whether this was the Job's last subscription
+    /// here. Decided under the hub's lock, so of several runs of one attempt
+    /// leaving at once exactly one is the last: the one that deletes the Job
+    /// (the others may still be reading its log).
+    pub(crate) fn leave(mut self) -> bool {
+        self.left = true;
+        self.hub.unsubscribe(&self.name)
+    }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut st = self.hub.lock();
-        if let Some((_, count)) = st.subscribers.get_mut(&self.name) {
-            *count -= 1;
-            if *count > 0 {
-                return;
-            }
-        }
-        st.subscribers.remove(&self.name);
-        // Forget finished business: nothing more will be asked about it.
-        if st
-            .objects
-            .get(&self.name)
-            .is_some_and(|o| o.job_gone || o.job.is_none())
-        {
-            st.objects.remove(&self.name);
+        if !self.left {
+            self.hub.unsubscribe(&self.name);
         }
     }
 }
@@ -114,7 +113,29 @@ impl Hub {
             hub: self.clone(),
             name: name.to_owned(),
             rx,
+            left: false,
         }
+    }
+
+    /// Drops one subscription to `name`; `true` when it was the last.
+    fn unsubscribe(&self, name: &str) -> bool {
+        let mut st = self.lock();
+        if let Some((_, count)) = st.subscribers.get_mut(name) {
+            *count -= 1;
+            if *count > 0 {
+                return false;
+            }
+        }
+        st.subscribers.remove(name);
+        // Forget finished business: nothing more will be asked about it.
+        if st
+            .objects
+            .get(name)
+            .is_some_and(|o| o.job_gone || o.job.is_none())
+        {
+            st.objects.remove(name);
+        }
+        true
     }
 
     /// Names of the Jobs with a subscriber (the attempts in flight here).
