@@ -4,10 +4,12 @@
 //! even then only a light one: read-only host, private /tmp, own IPC/UTS).
 //!
 //! Layout of a run's directory (`<base>/sf-<task>-a<attempt>-<random>/`,
-//! see [`crate::rundir`]): `workspace/` (the step's cwd and `$HOME`),
-//! `state/` (captured step output, the summary, pid files) and `output.log`
-//! (the script's stdout+stderr, bounded by construction: steps write to
-//! their own files and the script prints only their bounded tails).
+//! see [`crate::rundir`]): `workspace/` (the step's cwd and `$HOME`) and
+//! `state/` (captured step output, the summary, pid files). The script's
+//! stdout (bounded by construction: steps write to their own files and the
+//! script prints only their bounded tails) is a pipe the executor reads as
+//! it comes: its step markers drive the per-step watchdog, which runs in
+//! the executor rather than in the script ([`watchdog`]).
 //!
 //! ## A sandbox dies with its worker
 //!
@@ -41,7 +43,10 @@
 //! `max_workspace_bytes` caps the disk space of the whole run (many files):
 //! the executor measures it every second and stops the run when it passes.
 
+mod watchdog;
+
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -54,6 +59,7 @@ use sandfleet_proto::{Outcome, Task, TaskId};
 use sandfleet_settings::LocalSettings;
 use tokio::process::{ChildStdin, Command};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::classify::{self, LocalEnd};
 use crate::executor::{ExecError, Execution, Executor, RunContext};
@@ -74,6 +80,10 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How often a run's disk usage is measured against `max_workspace_bytes`.
 const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Longest wait, once the script is gone, for the end of its stdout (a
+/// process it started may hold the pipe a moment longer).
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
+
 /// Longest wait for the dying sandbox of a dead worker's run of the same
 /// task (its watcher needs the script's grace period and a little more).
 const ORPHAN_WAIT: Duration = Duration::from_secs(15);
@@ -89,6 +99,10 @@ pub struct LocalExecutor {
     /// Block size of the shell's `ulimit -f`, measured once (else each
     /// script would measure it with a subshell).
     file_block_bytes: Option<u64>,
+    /// `setsid` is installed: steps run in sessions of their own, so the
+    /// executor can be their watchdog ([`watchdog`]); else the script's
+    /// watchdog stops a step's process tree itself.
+    has_setsid: bool,
     running: Arc<Mutex<HashMap<RunKey, CancellationToken>>>,
 }
 
@@ -136,11 +150,13 @@ impl LocalExecutor {
             }
         }
         let file_block_bytes = measure_block_bytes(Path::new(&settings.shell), &base);
+        let has_setsid = std::env::split_paths(SANDBOX_PATH).any(|d| d.join("setsid").is_file());
         Ok(LocalExecutor {
             settings,
             base,
             bwrap,
             file_block_bytes,
+            has_setsid,
             running: Arc::default(),
         })
     }
@@ -259,10 +275,7 @@ impl Drop for ProcessGuard {
     }
 }
 
-fn read_pid(path: &Path) -> Option<Pid> {
-    let text = std::fs::read_to_string(path).ok()?;
-    Pid::from_raw(text.trim().parse().ok()?)
-}
+use watchdog::read_pid;
 
 /// Reads at most `limit` bytes of `path`; the flag says more was there.
 fn read_bounded(path: &Path, limit: u64) -> (Vec<u8>, bool) {
@@ -290,6 +303,7 @@ impl Executor for LocalExecutor {
             max_file_bytes: Some(self.settings.max_file_bytes),
             file_block_bytes: self.file_block_bytes,
             watch_parent: true,
+            executor_watchdog: self.has_setsid,
             ..ScriptOptions::for_budget(task, budget)
         };
         let script = script::generate(task, attempt, &opts)?;
@@ -303,12 +317,11 @@ impl Executor for LocalExecutor {
         // File-system work off the async threads: a slow disk must not
         // stall the other tasks of this worker.
         let (base, hex) = (self.base.clone(), task_hex.clone());
-        let (dir, output) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let dir = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
             let dir = RunDir::create(&base, &hex, attempt)?;
             std::fs::DirBuilder::new().create(dir.path().join("workspace"))?;
             std::fs::DirBuilder::new().create(dir.path().join("state"))?;
-            let output = std::fs::File::create(dir.path().join("output.log"))?;
-            Ok((dir, output))
+            Ok(dir)
         })
         .await
         .map_err(std::io::Error::other)??;
@@ -338,7 +351,8 @@ impl Executor for LocalExecutor {
             lifeline: None,
         };
         let summary_path = state.join("summary");
-        let output_path = dir.path().join("output.log");
+        // The script's stdout and stderr: one pipe, read as it comes.
+        let (out_read, out_write) = std::io::pipe()?;
 
         let mut cmd = self.command(dir.path(), &workspace, &script.text);
         cmd.env_clear()
@@ -351,13 +365,36 @@ impl Executor for LocalExecutor {
             .env(ENV_LOCAL_RUN_DIR, dir.path())
             // The lifeline: see the module docs.
             .stdin(Stdio::piped())
-            .stdout(Stdio::from(output.try_clone()?))
-            .stderr(Stdio::from(output))
+            .stdout(Stdio::from(out_write.try_clone()?))
+            .stderr(Stdio::from(out_write))
             .process_group(0)
             .kill_on_drop(true);
 
         let started_at = Utc::now();
         let mut child = cmd.spawn()?;
+        // Our copies of the pipe's write end go with the command, so the
+        // read end sees end of file once the script's processes are done.
+        drop(cmd);
+        let out = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(out_read))?;
+        let watchdog = opts.executor_watchdog.then(|| {
+            watchdog::Watchdog::new(
+                task.steps
+                    .iter()
+                    .map(|s| Duration::from_secs(s.timeout_secs))
+                    .collect(),
+                Duration::from_secs(opts.kill_grace_secs.max(1)),
+            )
+        });
+        let stop_reading = CancellationToken::new();
+        // The script bounds its own output; the slack covers marker lines.
+        let log_cap = usize::try_from(budget + 16 * 1024).unwrap_or(usize::MAX);
+        let mut reader = AbortOnDropHandle::new(tokio::spawn(watchdog::pump(
+            out,
+            log_cap,
+            watchdog,
+            state.clone(),
+            stop_reading.clone(),
+        )));
         guard.pgid = child.id().and_then(|id| Pid::from_raw(id as i32));
         guard.lifeline = child.stdin.take();
         if let Some(pgid) = guard.pgid {
@@ -403,6 +440,15 @@ impl Executor for LocalExecutor {
         guard.kill_all();
         let cancelled = token.is_cancelled();
         drop(guard);
+        // Everything the script printed is in the pipe by now.
+        let log = match tokio::time::timeout(OUTPUT_DRAIN, &mut reader).await {
+            Ok(log) => log,
+            Err(_) => {
+                stop_reading.cancel();
+                (&mut reader).await
+            }
+        }
+        .unwrap_or_default();
 
         let finished_at = Utc::now();
         // Read back and remove the run directory off the async threads; the
@@ -410,18 +456,16 @@ impl Executor for LocalExecutor {
         let sandbox = dir.path_display();
         let mut dir = dir;
         let run_dir = dir.0.take();
-        let ((summary_text, _), (log, log_cut)) = tokio::task::spawn_blocking(move || {
+        let (summary_text, _) = tokio::task::spawn_blocking(move || {
             let summary = read_bounded(&summary_path, 8 * 1024);
-            // The script bounds its own output; the slack covers marker lines.
-            let log = read_bounded(&output_path, budget + 16 * 1024);
             drop(run_dir);
-            (summary, log)
+            summary
         })
         .await
         .map_err(std::io::Error::other)?;
         let summary = script::parse_summary(&String::from_utf8_lossy(&summary_text));
-        let parsed = script::parse_log(&log);
-        let report = report::assemble(task, &summary, &parsed, log_cut);
+        let parsed = script::parse_log(&log.bytes);
+        let report = report::assemble(task, &summary, &parsed, log.cut);
         let verdict = if cancelled {
             classify::Verdict {
                 outcome: Outcome::Cancelled,

@@ -105,6 +105,16 @@ pub struct ScriptOptions {
     /// (and its `.lock`) when set, and kills the script's process group.
     /// Off in pods, whose stdin is not a pipe and whose life the kubelet owns.
     pub watch_parent: bool,
+    /// The executor enforces each step's timeout itself, so the script
+    /// starts no watchdog (a subshell and a `sleep` per step). The executor
+    /// reads the script's stdout as it comes, starts a step's clock at its
+    /// `step <i> begin` marker and, when the timeout passes, creates
+    /// `$SANDFLEET_STATE_DIR/timeout.<i>` (the script then records the step
+    /// as `timeout`), sends TERM to the process group named in
+    /// `$SANDFLEET_STATE_DIR/step.pid` and KILL after the grace period: what
+    /// the watchdog does. Needs `setsid`, which makes that pid a group.
+    /// The local executor only; off in pods, which have no executor beside them.
+    pub executor_watchdog: bool,
 }
 
 impl ScriptOptions {
@@ -128,6 +138,7 @@ impl ScriptOptions {
             max_file_bytes: None,
             file_block_bytes: None,
             watch_parent: false,
+            executor_watchdog: false,
         }
     }
 }
@@ -286,6 +297,7 @@ sf_wd_pid=
 sf_t=0
 sf_fblocks=
 sf_fcap=
+sf_ext_wd=
 if command -v setsid >/dev/null 2>&1; then sf_setsid=setsid; else sf_setsid=; fi
 
 # A monotonic clock in milliseconds in sf_t. /proc/uptime (10 ms steps)
@@ -473,7 +485,8 @@ sf_wait() {
   printf '%s\n' "$sf_step_pid" >"$sf_state/step.pid" 2>/dev/null
   # The watchdog is stopped with KILL, not a trap: a TERM that races the
   # subshell's trap reset is lost in dash. Its sleep is killed through the
-  # pid it records.
+  # pid it records. Where the executor is the watchdog (sf_ext_wd), none.
+  if [ -z "$sf_ext_wd" ]; then
   (
     sleep "$2" & printf '%s\n' "$!" >"$sf_state/watchdog.pid"
     wait "$!"
@@ -484,6 +497,7 @@ sf_wait() {
     sf_kill_step KILL
   ) </dev/null >/dev/null 2>&1 &
   sf_wd_pid=$!
+  fi
   wait "$sf_step_pid"
   sf_rc=$?
   sf_stop_watchdog
@@ -543,6 +557,9 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
     let _ = writeln!(text, "sf_art_limit={}", opts.artifact_bytes.max(1));
     if opts.watch_parent {
         text.push_str("sf_watch_parent\n");
+    }
+    if opts.executor_watchdog {
+        text.push_str("sf_ext_wd=1\n");
     }
 
     text.push_str("sf_artifacts() {\n  :\n");
@@ -904,6 +921,7 @@ mod tests {
         max_file_bytes: None,
         file_block_bytes: None,
         watch_parent: false,
+        executor_watchdog: false,
     };
 
     #[test]

@@ -205,6 +205,66 @@ async fn overall_deadline_kills_everything() {
 }
 
 #[tokio::test]
+async fn a_step_past_its_timeout_is_stopped_with_its_process_group() {
+    let mut task = example("python-fix-attempt.json");
+    task.files.clear();
+    task.steps.truncate(1);
+    // The step and everything it starts ignore TERM, so only the KILL after
+    // the grace period (2 s) stops them; the next step still runs.
+    task.steps[0].run =
+        "trap '' TERM; sleep 300 & echo $! > gc.pid; echo started; while :; do sleep 1; done"
+            .into();
+    task.steps[0].timeout_secs = 1;
+    task.steps[0].continue_on_error = true;
+    task.steps.push(sandfleet_proto::Step {
+        name: "after".into(),
+        run: "echo after".into(),
+        timeout_secs: 5,
+        env: Default::default(),
+        continue_on_error: false,
+    });
+    task.sandbox.deadline_secs = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let exec = LocalExecutor::new(LocalSettings {
+        work_dir: Some(dir.path().display().to_string()),
+        ..LocalSettings::default()
+    })
+    .unwrap();
+    let started = Instant::now();
+    let ctx = ctx();
+    let (result, gc) = tokio::join!(exec.run(&task, 1, &ctx), async {
+        let ws = loop {
+            if let Some(ws) = run_dir(dir.path()) {
+                break ws.join("workspace");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        wait_for_file(&ws.join("gc.pid"))
+            .await
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    });
+    let r = result.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(10),
+        "timeout 1 s and grace 2 s, took {took:?}"
+    );
+    assert!(r.steps[0].timed_out, "{r:#?}");
+    assert_eq!(r.steps[0].exit_code, Some(137), "{r:#?}");
+    assert_eq!(r.steps[0].output_tail, "started\n");
+    assert!(!r.steps[1].timed_out);
+    assert_eq!(r.steps[1].output_tail, "after\n", "{r:#?}");
+    wait_until(
+        "the step's background child dies with its group",
+        Duration::from_secs(5),
+        || dead(gc),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn dropping_the_run_leaves_nothing_running() {
     let mut task = example("python-fix-attempt.json");
     task.files.clear();

@@ -49,6 +49,7 @@ const OPTS: ScriptOptions = ScriptOptions {
     max_file_bytes: None,
     file_block_bytes: None,
     watch_parent: false,
+    executor_watchdog: false,
 };
 
 struct Run {
