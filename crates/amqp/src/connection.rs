@@ -81,6 +81,9 @@ impl Amqp {
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(settings.heartbeat_secs);
         }
+        if uri.query.frame_max.is_none() {
+            uri.query.frame_max = Some(FRAME_MAX_BYTES);
+        }
         if uri.query.connection_timeout.is_none() {
             uri.query.connection_timeout = Some(settings.connect_timeout_secs.saturating_mul(1000));
         }
@@ -312,6 +315,16 @@ pub struct OutageLog {
     /// When the last line was written, and the error it quoted.
     last: Option<(std::time::Instant, String)>,
 }
+
+/// Largest AMQP frame this client asks for (the broker's, 128 KiB by
+/// default, when it is smaller); a URL's `frame_max` query parameter wins.
+/// lapin keeps a send and a receive ring buffer of 32 frames per connection:
+/// asked for up front they are allocated zeroed by the kernel and become
+/// resident only as traffic passes through them, where growing them to the
+/// broker's size after the handshake wrote every byte (8 MiB per connection,
+/// most of an idle worker's memory). 16 KiB frames bound each connection's
+/// buffers to 1 MiB; task and result bodies larger than a frame are split.
+pub(crate) const FRAME_MAX_BYTES: u32 = 16 * 1024;
 
 /// How often a continuing outage is reported.
 pub const OUTAGE_LOG_INTERVAL: Duration = Duration::from_secs(60);

@@ -626,3 +626,52 @@ async fn connections_negotiate_the_configured_heartbeat() {
         assert_eq!(c["client_properties"]["product"], "sandfleet");
     }
 }
+
+#[tokio::test]
+async fn connections_use_small_frames_and_large_bodies_arrive_whole() {
+    let p = unique("frames");
+    let amqp = connect(&p).await;
+    let (t, _cleanup) = applied(&amqp, &p, topology_settings(&p)).await;
+    let publisher = Publisher::new(&amqp).await.unwrap();
+    // A body of many frames, every byte checked.
+    let body: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 251) as u8).collect();
+    publisher
+        .publish(&OutgoingMessage::new(
+            &t.tasks_exchange,
+            TASK_ROUTING_KEY,
+            body.clone(),
+        ))
+        .await
+        .unwrap();
+    let mut consumer = Consumer::start(&amqp, ConsumerOptions::new(&t.tasks_queue, 4))
+        .await
+        .unwrap();
+    let d = next(&mut consumer, Duration::from_secs(5)).await;
+    assert_eq!(d.body(), &body[..]);
+    d.ack().await.unwrap();
+
+    // The idle worker's memory depends on it: lapin keeps 32 frames of
+    // buffer per direction and connection.
+    wait_visible(&amqp, &format!("{p}-conn")).await;
+    let all: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!("{}/api/connections", amqp.management().base_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ours: Vec<_> = all
+        .iter()
+        .filter(|c| {
+            c["client_properties"]["connection_name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(&format!("{p}-conn")))
+        })
+        .collect();
+    assert!(!ours.is_empty());
+    for c in ours {
+        assert_eq!(c["frame_max"], 16 * 1024, "frame_max of {}", c["name"]);
+    }
+}
