@@ -10,7 +10,7 @@
 //! publishes a new overview on a watch channel: the overview page's
 //! server-sent events follow it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -53,6 +53,118 @@ pub enum Sessions {
     Unavailable(String),
 }
 
+/// One fairness key's figures, summed over the workers that answered
+/// (`docs/fairness.md`, "Metrics").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FairRow {
+    /// The tenant the key belongs to.
+    pub tenant: String,
+    /// The key (a repository by default); `other` past a worker's label bound.
+    pub key: String,
+    /// Deliveries the workers hold waiting for their fair schedulers.
+    pub queued: u64,
+    /// Tasks of the key running now.
+    pub running: u64,
+    /// Tasks of the key started since the workers started.
+    pub served: u64,
+}
+
+/// The fairness samples in a worker's `/metrics` text, one row per
+/// tenant and key.
+pub fn fair_rows(text: &str) -> Vec<FairRow> {
+    let mut rows: BTreeMap<(String, String), FairRow> = BTreeMap::new();
+    for line in text.lines() {
+        let Some((name, rest)) = line.split_once('{') else {
+            continue;
+        };
+        if !matches!(
+            name,
+            "sandfleet_fair_queued" | "sandfleet_fair_running" | "sandfleet_fair_served_total"
+        ) {
+            continue;
+        }
+        let Some((labels, value)) = rest.rsplit_once('}') else {
+            continue;
+        };
+        let Some(value) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let labels = parse_labels(labels);
+        let label = |n: &str| {
+            labels
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let (tenant, key) = (label("tenant"), label("key"));
+        let row = rows
+            .entry((tenant.clone(), key.clone()))
+            .or_insert_with(|| FairRow {
+                tenant,
+                key,
+                ..FairRow::default()
+            });
+        // Gauges and counters of tasks: whole numbers, never negative.
+        let n = value.max(0.0) as u64;
+        match name {
+            "sandfleet_fair_queued" => row.queued = n,
+            "sandfleet_fair_running" => row.running = n,
+            _ => row.served = n,
+        }
+    }
+    rows.into_values().collect()
+}
+
+/// `a="x",b="y\"z"` → pairs, with the text format's escapes undone.
+fn parse_labels(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        let name: String = chars
+            .by_ref()
+            .skip_while(|c| *c == ',' || c.is_whitespace())
+            .take_while(|c| *c != '=')
+            .collect();
+        if name.is_empty() || chars.next() != Some('"') {
+            return out;
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => break,
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(c) => value.push(c),
+                    None => break,
+                },
+                c => value.push(c),
+            }
+        }
+        out.push((name, value));
+    }
+}
+
+/// Adds one worker's rows into the fleet's.
+fn add_rows(total: &mut BTreeMap<(String, String), FairRow>, rows: Vec<FairRow>) {
+    for r in rows {
+        let t = total
+            .entry((r.tenant.clone(), r.key.clone()))
+            .or_insert_with(|| FairRow {
+                tenant: r.tenant.clone(),
+                key: r.key.clone(),
+                ..FairRow::default()
+            });
+        t.queued += r.queued;
+        t.running += r.running;
+        t.served += r.served;
+    }
+}
+
 /// Everything the overview shows.
 #[derive(Debug, Clone)]
 pub struct Overview {
@@ -64,6 +176,9 @@ pub struct Overview {
     pub workers: Vec<WorkerStatus>,
     /// Sessions, when a sessions service is configured.
     pub sessions: Sessions,
+    /// Per tenant and key, summed over the workers, ordered by tenant then
+    /// key; empty when no worker shares fairly (`topology.task_shards` 0).
+    pub fair: Vec<FairRow>,
     /// The newest results (newest first), for the overview's short list.
     pub recent: Vec<TaskResult>,
 }
@@ -163,6 +278,7 @@ impl Fleet {
             } else {
                 Sessions::NotConfigured
             },
+            fair: Vec::new(),
             recent: Vec::new(),
         }));
         let fleet = Arc::new(Fleet {
@@ -200,7 +316,36 @@ impl Fleet {
 
     /// Gathers a fresh overview now.
     pub async fn gather(&self, config: &FleetConfig, client: &reqwest::Client) -> Overview {
-        let mut queues = vec![("tasks".to_owned(), self.topology.tasks_queue.clone())];
+        let mut depths = Vec::new();
+        // With fair sharing the backlog waits in the shards: the tasks card
+        // counts `<p>.tasks` and every shard, as the worker's queue gauge does.
+        let mut ready = Some(0u32);
+        let mut error = None;
+        for q in self.topology.task_queues() {
+            match self.amqp.queue_depth(&q).await {
+                Ok(n) => ready = ready.map(|r| r.saturating_add(n)),
+                Err(e) => {
+                    ready = None;
+                    error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        depths.push(QueueDepth {
+            role: "tasks".to_owned(),
+            name: if self.topology.task_shards.is_empty() {
+                self.topology.tasks_queue.clone()
+            } else {
+                format!(
+                    "{} + {} shards",
+                    self.topology.tasks_queue,
+                    self.topology.task_shards.len()
+                )
+            },
+            ready,
+            error,
+        });
+        let mut queues = Vec::new();
         for tier in &self.topology.retry_tiers {
             queues.push((
                 format!("retry {}s", tier.delay.as_secs()),
@@ -208,7 +353,6 @@ impl Fleet {
             ));
         }
         queues.push(("dead letters".to_owned(), self.topology.dead_queue.clone()));
-        let mut depths = Vec::new();
         for (role, name) in queues {
             let (ready, error) = match self.amqp.queue_depth(&name).await {
                 Ok(n) => (Some(n), None),
@@ -221,9 +365,15 @@ impl Fleet {
                 error,
             });
         }
-        let workers =
-            futures::future::join_all(config.workers.iter().map(|u| workers::probe(client, u)))
-                .await;
+        let (workers, fair_texts) = futures::future::join(
+            futures::future::join_all(config.workers.iter().map(|u| workers::probe(client, u))),
+            futures::future::join_all(config.workers.iter().map(|u| metrics_text(client, u))),
+        )
+        .await;
+        let mut fair = BTreeMap::new();
+        for text in fair_texts.into_iter().flatten() {
+            add_rows(&mut fair, fair_rows(&text));
+        }
         let sessions = match &config.sessions {
             None => Sessions::NotConfigured,
             Some((url, token)) => {
@@ -239,9 +389,23 @@ impl Fleet {
             queues: depths,
             workers,
             sessions,
+            fair: fair.into_values().collect(),
             recent: self.recent(10),
         }
     }
+}
+
+/// A worker's `/metrics` text; `None` when it did not answer.
+async fn metrics_text(client: &reqwest::Client, url: &str) -> Option<String> {
+    let resp = client
+        .get(format!("{}/metrics", workers::base_url(url)))
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.text().await.ok()
 }
 
 async fn refresh(
@@ -329,6 +493,47 @@ mod tests {
             "final": is_final, "finished_at": Utc::now(), "worker": "w",
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn fair_rows_are_read_from_worker_metrics_and_summed_over_workers() {
+        let a = "# HELP sandfleet_fair_queued Deliveries held\n\
+# TYPE sandfleet_fair_queued gauge
+sandfleet_fair_queued{tenant=\"acme\",key=\"acme/web\"} 2
+sandfleet_fair_running{tenant=\"acme\",key=\"acme/web\"} 3
+sandfleet_fair_served_total{tenant=\"acme\",key=\"acme/web\"} 40
+sandfleet_fair_served_total{tenant=\"odd\",key=\"odd/q\\\"x\\\\y\"} 1
+sandfleet_tasks_total{outcome=\"succeeded\"} 7
+sandfleet_tasks_in_flight 3
+";
+        let rows = fair_rows(a);
+        assert_eq!(
+            rows,
+            vec![
+                FairRow {
+                    tenant: "acme".into(),
+                    key: "acme/web".into(),
+                    queued: 2,
+                    running: 3,
+                    served: 40
+                },
+                FairRow {
+                    tenant: "odd".into(),
+                    key: r#"odd/q"x\y"#.into(),
+                    queued: 0,
+                    running: 0,
+                    served: 1
+                },
+            ]
+        );
+        let b = "sandfleet_fair_running{tenant=\"acme\",key=\"acme/web\"} 1\n\
+                 sandfleet_fair_served_total{tenant=\"acme\",key=\"acme/web\"} 2\n";
+        let mut total = BTreeMap::new();
+        add_rows(&mut total, rows);
+        add_rows(&mut total, fair_rows(b));
+        let web = &total[&("acme".to_owned(), "acme/web".to_owned())];
+        assert_eq!((web.queued, web.running, web.served), (2, 4, 42));
+        assert!(fair_rows("sandfleet_tasks_in_flight 3\n").is_empty());
     }
 
     #[test]

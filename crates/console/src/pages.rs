@@ -10,7 +10,7 @@ use sandfleet_ops::dlq::DeadLetter;
 use sandfleet_proto::{Outcome, TaskResult};
 
 use crate::auth::Principal;
-use crate::fleet::{Overview, Sessions};
+use crate::fleet::{FairRow, Overview, Sessions};
 
 /// Escapes text for HTML content and attribute values.
 pub fn esc(s: &str) -> String {
@@ -227,6 +227,10 @@ pub fn overview_live(o: &Overview) -> String {
         s.push_str("</tbody></table></div>");
     }
     s.push_str("</section>");
+    // Fair share, once a worker shares fairly.
+    if !o.fair.is_empty() {
+        s.push_str(&fair_share(&o.fair));
+    }
     // Workers.
     s.push_str(r#"<section aria-labelledby="h-workers"><h2 id="h-workers">Workers</h2>"#);
     if o.workers.is_empty() {
@@ -322,6 +326,42 @@ pub fn overview_live(o: &Overview) -> String {
     s.push_str(r#"<section aria-labelledby="h-recent"><h2 id="h-recent">Latest results</h2>"#);
     s.push_str(&results_table(&o.recent, "The ten newest results"));
     s.push_str(r#"<p><a href="/results">All results</a></p></section>"#);
+    s
+}
+
+/// The fair-share panel: per tenant (its keys summed), then each of its
+/// keys, over every worker (`docs/fairness.md`).
+fn fair_share(rows: &[FairRow]) -> String {
+    let mut s = String::from(
+        r#"<section aria-labelledby="h-fair"><h2 id="h-fair">Fair share</h2><div class="scroll"><table class="fair"><caption>Over every worker. Queued: held by the workers' schedulers (the backlog waits in the shards). Served: started.</caption>
+<thead><tr><th scope="col">Tenant</th><th scope="col">Key</th><th scope="col">Queued</th><th scope="col">Running</th><th scope="col">Served</th></tr></thead><tbody>"#,
+    );
+    // Rows arrive ordered by tenant, then key.
+    for tenant_rows in rows.chunk_by(|a, b| a.tenant == b.tenant) {
+        let tenant = &tenant_rows[0].tenant;
+        let sum = |f: fn(&FairRow) -> u64| tenant_rows.iter().map(f).sum::<u64>();
+        let _ = write!(
+            s,
+            r#"<tr class="tenant" data-fair-tenant="{t}"><th scope="row">{t}</th><td>{n} key{plural}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
+            sum(|r| r.queued),
+            sum(|r| r.running),
+            sum(|r| r.served),
+            t = esc(tenant),
+            n = tenant_rows.len(),
+            plural = if tenant_rows.len() == 1 { "" } else { "s" },
+        );
+        for r in tenant_rows {
+            let _ = write!(
+                s,
+                r#"<tr class="key" data-fair-key="{k}"><td></td><td>{k}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
+                r.queued,
+                r.running,
+                r.served,
+                k = esc(&r.key),
+            );
+        }
+    }
+    s.push_str("</tbody></table></div></section>");
     s
 }
 
@@ -605,6 +645,44 @@ mod tests {
         assert!(page.contains(r#"<option value="timed_out" selected>"#));
         assert!(page.contains(r#"<option value="1h" selected>"#));
         assert!(page.contains("acme/&lt;b&gt;") && !page.contains("acme/<b>"));
+    }
+
+    #[test]
+    fn the_fair_share_panel_sums_each_tenant_over_its_keys() {
+        let row = |t: &str, k: &str, q, r, n| FairRow {
+            tenant: t.into(),
+            key: k.into(),
+            queued: q,
+            running: r,
+            served: n,
+        };
+        let mut o = Overview {
+            at: Utc::now(),
+            queues: Vec::new(),
+            workers: Vec::new(),
+            sessions: Sessions::NotConfigured,
+            fair: Vec::new(),
+            recent: Vec::new(),
+        };
+        assert!(
+            !overview_live(&o).contains("Fair share"),
+            "no panel without fair sharing"
+        );
+        o.fair = vec![
+            row("acme", "acme/<api>", 1, 2, 30),
+            row("acme", "acme/web", 2, 3, 12),
+            row("zeta", "zeta/app", 0, 1, 5),
+        ];
+        let page = overview_live(&o);
+        assert!(page.contains(
+            r#"<tr class="tenant" data-fair-tenant="acme"><th scope="row">acme</th><td>2 keys</td><td>3</td><td>5</td><td>42</td></tr>"#
+        ), "{page}");
+        assert!(page.contains(
+            r#"<tr class="key" data-fair-key="acme/&lt;api&gt;"><td></td><td>acme/&lt;api&gt;</td><td>1</td><td>2</td><td>30</td></tr>"#
+        ));
+        assert!(
+            page.contains(r#"data-fair-tenant="zeta"><th scope="row">zeta</th><td>1 key</td>"#)
+        );
     }
 
     #[test]

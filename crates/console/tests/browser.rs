@@ -122,9 +122,53 @@ async fn body_text(c: &Client) -> String {
         .unwrap()
 }
 
+/// The fair-share panel's rows of `tenant` and `key` (their cells' text),
+/// once the key's queued / running / served read `counts`. The figures are
+/// gathered every second, each worker's `/tasks` and `/metrics` separately,
+/// so the panel may lag the in-flight list by a refresh.
+async fn fair_row(
+    c: &Client,
+    tenant: &str,
+    key: &str,
+    counts: [u64; 3],
+) -> (Vec<String>, Vec<String>) {
+    let want: Vec<String> = counts.iter().map(u64::to_string).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        // One call inside the page: the live section is re-rendered as
+        // events arrive.
+        let rows = c
+            .execute(
+                "const cells = sel => { const r = document.querySelector(sel);
+                   return r ? Array.from(r.querySelectorAll('th, td'), d => d.innerText.trim()) : null; };
+                 return [cells(arguments[0]), cells(arguments[1])];",
+                vec![
+                    serde_json::json!(format!("#live tr[data-fair-tenant='{tenant}']")),
+                    serde_json::json!(format!("#live tr[data-fair-key='{key}']")),
+                ],
+            )
+            .await
+            .unwrap();
+        let (t, k): (Option<Vec<String>>, Option<Vec<String>>) =
+            serde_json::from_value(rows).unwrap();
+        if let (Some(t), Some(k)) = (t, k)
+            && k[2..] == want[..]
+        {
+            return (t, k);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fair-share panel never showed {key} with queued/running/served {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_watches_a_task_run_and_requeues_a_dead_letter() {
-    let env = Env::start(true, false).await;
+    // The worker shares fairly (task queue shards), so the overview has its
+    // fair-share panel.
+    let env = Env::start_with(true, false, |s| s.topology.task_shards = 4).await;
     env.worker_ready().await;
     let d = driver().await;
     let c = &d.client;
@@ -161,6 +205,11 @@ async fn an_operator_watches_a_task_run_and_requeues_a_dead_letter() {
     assert!(row[0].contains("acme/widgets"), "{row:?}");
     assert_eq!(row[2].trim(), "1", "attempt");
     assert!(!row[3].trim().is_empty(), "sandbox");
+    // The fair-share panel counts it under its tenant and key: running, and
+    // served once.
+    let fair = fair_row(c, "acme", "acme/widgets", [0, 1, 1]).await;
+    assert_eq!(fair.0[0], "acme", "{fair:?}");
+    assert_eq!(fair.1[1], "acme/widgets", "{fair:?}");
     screenshot(c, "overview.png").await;
     // ...then moves to the results, still without a reload.
     wait_for(c, &format!("#result-{id}-1"), 60).await;
@@ -171,6 +220,8 @@ async fn an_operator_watches_a_task_run_and_requeues_a_dead_letter() {
             .is_empty(),
         "a finished task is no longer in flight"
     );
+    // Done: no longer running, still served once.
+    fair_row(c, "acme", "acme/widgets", [0, 0, 1]).await;
     let same = c
         .execute("return window.__sameDocument || null;", vec![])
         .await

@@ -41,7 +41,8 @@ impl Env {
         Env::start_with(with_worker, read_requires_token, |_| {}).await
     }
 
-    /// Like [`Env::start`], with the console's settings adjusted by `tune`.
+    /// Like [`Env::start`], with the settings (the console's, the topology,
+    /// the worker's) adjusted by `tune`.
     pub async fn start_with(
         with_worker: bool,
         read_requires_token: bool,
@@ -57,26 +58,8 @@ impl Env {
             .unwrap_or_else(|e| {
                 panic!("RabbitMQ must be running on 127.0.0.1:5672 for the console tests: {e}")
             });
-        let topology = Topology::new(&settings.topology);
-        topology.apply(&amqp).await.unwrap();
-        let stop = CancellationToken::new();
-        let mut worker = None;
-        if with_worker {
-            let mut ws = settings.clone();
-            ws.worker.executor = ExecutorKind::Local;
-            ws.worker.concurrency = 2;
-            let port = free_port();
-            ws.worker.http_addr = format!("127.0.0.1:{port}");
-            ws.worker.name = Some(format!("console-test-{suffix}"));
-            ws.sandbox.local.work_dir = Some(dir.path().display().to_string());
-            let s = stop.clone();
-            tokio::spawn(async move {
-                if let Err(e) = sandfleet_worker::run(ws, s).await {
-                    eprintln!("worker ended: {e}");
-                }
-            });
-            worker = Some(format!("http://127.0.0.1:{port}"));
-        }
+        let worker_port = with_worker.then(free_port);
+        let worker = worker_port.map(|port| format!("http://127.0.0.1:{port}"));
         settings.console.listen_addr = "127.0.0.1:0".to_owned();
         settings.console.refresh_secs = 1;
         settings.console.read_requires_token = read_requires_token;
@@ -93,8 +76,27 @@ impl Env {
                 role: ConsoleRole::Viewer,
             },
         ];
+        // Before the worker starts: the topology (e.g. task shards) is the
+        // worker's too.
         tune(&mut settings);
         settings.validate().unwrap();
+        let topology = Topology::new(&settings.topology);
+        topology.apply(&amqp).await.unwrap();
+        let stop = CancellationToken::new();
+        if let Some(port) = worker_port {
+            let mut ws = settings.clone();
+            ws.worker.executor = ExecutorKind::Local;
+            ws.worker.concurrency = 2;
+            ws.worker.http_addr = format!("127.0.0.1:{port}");
+            ws.worker.name = Some(format!("console-test-{suffix}"));
+            ws.sandbox.local.work_dir = Some(dir.path().display().to_string());
+            let s = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = sandfleet_worker::run(ws, s).await {
+                    eprintln!("worker ended: {e}");
+                }
+            });
+        }
         // Its own connection name, so a test can cut the console's
         // connections and no other.
         let mut cs = settings.clone();
