@@ -134,6 +134,17 @@ impl Env {
         kube_sim: bool,
         tweak: impl FnOnce(&mut Settings),
     ) -> Result<Env> {
+        Env::with_sim(name, bin, kube_sim.then(SimOptions::default), tweak).await
+    }
+
+    /// Like [`Env::new`], with a kube-sim started with `sim` (e.g. a Kueue
+    /// quota) when it is `Some`.
+    pub async fn with_sim(
+        name: &str,
+        bin: &str,
+        sim: Option<SimOptions>,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Result<Env> {
         let prefix = format!(
             "e2e-{name}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -152,10 +163,8 @@ impl Env {
         settings.worker.queue_depth_poll_secs = 1;
         settings.telemetry.log_filter = "info,sandfleet_worker=debug".into();
 
-        let sim = if kube_sim {
-            let sim = KubeSim::start(SimOptions::default())
-                .await
-                .context("starting kube-sim")?;
+        let sim = if let Some(options) = sim {
+            let sim = KubeSim::start(options).await.context("starting kube-sim")?;
             let namespace = "sandboxes".to_owned();
             let mut kubeconfig = tempfile::NamedTempFile::new()?;
             std::io::Write::write_all(&mut kubeconfig, sim.kubeconfig_yaml(&namespace).as_bytes())?;
