@@ -462,6 +462,10 @@ sf_watch_parent() {
   # An asynchronous list gets /dev/null as stdin unless it redirects it.
   (
     trap '' TERM INT HUP
+    # Out of the run directory: a process whose cwd is in it makes its
+    # removal wait (the kernel's dentry shrinking spins until the process is
+    # gone), and the executor removes it while this watcher is being killed.
+    cd / || :
     while read -r sf_x; do :; done
     # The running step first and at once: a redelivery of this attempt may
     # start on another worker any moment now.
