@@ -7,6 +7,7 @@
 
 mod cancel;
 mod fairness;
+mod idle;
 mod inflight;
 mod kube;
 mod pipeline;
@@ -47,6 +48,8 @@ enum Command {
     Inflight(inflight::InflightArgs),
     /// M workers, N tasks, kills, restarts, connection cuts and API fault storms: lost, doubled, p99 to final.
     Soak(soak::SoakArgs),
+    /// Resident memory of an idle `sandfleet worker` (the release binary beside this one).
+    Idle(idle::IdleArgs),
     /// Fair share between repositories on a saturated fleet (kube-sim, two workers, 16 sandboxes) vs FIFO.
     Fairness(fairness::FairnessArgs),
     /// One worker process for `pipeline` and `inflight` (started by them).
@@ -67,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Cancel(args) => cancel::run(args).await,
         Command::Soak(args) => soak::run(args).await,
         Command::Fairness(args) => fairness::run(args).await,
+        Command::Idle(args) => idle::run(args).await,
         Command::PipelineWorker(args) => pipeline::worker(args).await,
     }
 }
