@@ -312,19 +312,7 @@ impl Executor for LocalExecutor {
         // A redelivery after a worker's death may arrive while that worker's
         // sandbox is still being stopped by its watcher: wait for it, so the
         // two never run at once (workers sharing this work dir).
-        wait_for_orphans(&self.base, &task_hex).await;
-
-        // File-system work off the async threads: a slow disk must not
-        // stall the other tasks of this worker.
-        let (base, hex) = (self.base.clone(), task_hex.clone());
-        let dir = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            let dir = RunDir::create(&base, &hex, attempt)?;
-            std::fs::DirBuilder::new().create(dir.path().join("workspace"))?;
-            std::fs::DirBuilder::new().create(dir.path().join("state"))?;
-            Ok(dir)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+        let dir = create_run_dir(&self.base, &task_hex, attempt).await?;
         let dir = DropOffThread(Some(dir));
         let workspace = dir.path().join("workspace");
         let state = dir.path().join("state");
@@ -512,27 +500,44 @@ impl Executor for LocalExecutor {
     }
 }
 
-/// Waits (at most [`ORPHAN_WAIT`]) until no run of the task under `base` is
-/// dying: worker gone, sandbox processes still alive.
-async fn wait_for_orphans(base: &Path, task_hex: &str) {
+/// Creates the run directory of attempt `attempt` of the task (32 hex)
+/// under `base` once no run of the task there is dying (worker gone, sandbox
+/// processes still alive), waiting for that at most [`ORPHAN_WAIT`]. The
+/// check and the creation are one trip to the blocking pool: file-system
+/// work stays off the async threads (a slow disk must not stall the other
+/// tasks of this worker), and each trip costs two thread switches.
+async fn create_run_dir(base: &Path, task_hex: &str, attempt: u32) -> std::io::Result<RunDir> {
     let start = tokio::time::Instant::now();
+    let mut wait = true;
     loop {
         let (b, t) = (base.to_owned(), task_hex.to_owned());
-        let dying = tokio::task::spawn_blocking(move || rundir::dying_runs_of(&b, &t))
+        let made =
+            tokio::task::spawn_blocking(move || -> std::io::Result<Result<RunDir, usize>> {
+                if wait {
+                    let dying = rundir::dying_runs_of(&b, &t);
+                    if dying > 0 {
+                        return Ok(Err(dying));
+                    }
+                }
+                let dir = RunDir::create(&b, &t, attempt)?;
+                std::fs::DirBuilder::new().create(dir.path().join("workspace"))?;
+                std::fs::DirBuilder::new().create(dir.path().join("state"))?;
+                Ok(Ok(dir))
+            })
             .await
-            .unwrap_or(0);
-        if dying == 0 {
-            return;
+            .map_err(std::io::Error::other)??;
+        match made {
+            Ok(dir) => return Ok(dir),
+            Err(dying) if start.elapsed() >= ORPHAN_WAIT => {
+                tracing::warn!(
+                    task = task_hex,
+                    dying,
+                    "a dead worker's sandbox of this task is still running; starting anyway"
+                );
+                wait = false;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-        if start.elapsed() >= ORPHAN_WAIT {
-            tracing::warn!(
-                task = task_hex,
-                dying,
-                "a dead worker's sandbox of this task is still running; starting anyway"
-            );
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
