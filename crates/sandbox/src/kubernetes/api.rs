@@ -17,6 +17,7 @@ use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Client, Config};
 use sandfleet_settings::{KubernetesSettings, RetrySettings};
 
+use super::watch::JobState;
 use crate::executor::ExecError;
 
 /// Every (API group, resource, verb) the Kubernetes executor calls, through
@@ -360,12 +361,28 @@ impl KubeApi {
         }
     }
 
-    /// Lists Jobs matching a label selector.
+    /// Lists Jobs matching a label selector, slim: metadata, status and
+    /// `spec.suspend` (as the shared watch decodes them; the rest of the
+    /// spec, with the generated script, is skipped unallocated), in pages of
+    /// 500. A namespace holds thousands of sandbox Jobs at ~10 KB
+    /// of JSON each: listed whole and decoded in full, the orphan collector
+    /// held them all at once, hundreds of MB at 5,000 in flight.
     pub async fn list_jobs(&self, selector: &str) -> Result<Vec<Job>, ExecError> {
-        let lp = ListParams::default().labels(selector);
-        self.call(ApiOp::ListJobs, || self.jobs.list(&lp))
-            .await
-            .map(|l| l.items)
+        let api: Api<JobState> = self.watch_api();
+        let mut jobs = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut lp = ListParams::default().labels(selector).limit(LIST_PAGE);
+            if let Some(t) = token.take() {
+                lp = lp.continue_token(&t);
+            }
+            let page = self.call(ApiOp::ListJobs, || api.list(&lp)).await?;
+            jobs.extend(page.items.into_iter().map(Job::from));
+            match page.metadata.continue_ {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => return Ok(jobs),
+            }
+        }
     }
 
     /// Lists Pods matching a label selector.
@@ -406,6 +423,10 @@ impl KubeApi {
 /// The name probes read and delete: no Job or Pod has it (sandbox Jobs are
 /// `sf-<task>-a<n>`), so a permitted read answers 404.
 const PROBE_NAME: &str = "sandfleet-api-probe";
+
+/// Items per page of a list (`limit`); a real API server's default page
+/// size for kube's own watcher too.
+const LIST_PAGE: u32 = 500;
 
 /// The smallest valid Job, for the dry-run create probe; the server validates
 /// and admits it, then persists nothing.

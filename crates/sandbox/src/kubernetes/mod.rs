@@ -542,7 +542,10 @@ impl Executor for KubeExecutor {
             self.leave(sub, &name);
             return Err(ExecError::Cancelled);
         }
-        let (created, adopted) = self.create_or_adopt(&manifest, task).await?;
+        // Boxed, with the manifest: a Job held inline across the create would
+        // be part of this future, which lives for the whole run.
+        let manifest = Box::new(manifest);
+        let (created, adopted) = Box::pin(self.create_or_adopt(&manifest, task)).await?;
         // Neither the manifest nor the API's copy of the Job is needed past
         // here; both carry the script, and a run waits for minutes.
         drop(manifest);
