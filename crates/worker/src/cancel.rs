@@ -364,7 +364,9 @@ pub async fn feed(
                 None => break,
             },
         };
-        let _ = delivery.ack().await;
+        // Applied before the ack: a marker read back releases the attempts
+        // waiting at the barrier at once, not after one more trip through
+        // the AMQP client (the ack only returns the stream's credit).
         match serde_json::from_slice::<Cancellation>(delivery.body()) {
             Ok(c) if c.validate().is_ok() => {
                 debug!(cancel = %c.id, "cancellation read");
@@ -373,6 +375,7 @@ pub async fn feed(
             Ok(c) => warn!(cancel = %c.id, "ignoring an invalid cancellation"),
             Err(e) => warn!(error = %e, "ignoring an undecodable cancellation"),
         }
+        let _ = delivery.ack().await;
     }
     consumer.cancel();
     Ok(())

@@ -73,6 +73,24 @@ const PUBLISH_FAILURE_HOLD: Duration = Duration::from_secs(2);
 /// the Job can delete before the create; the next delete catches it.
 const RECANCEL_EVERY: Duration = Duration::from_millis(500);
 
+tokio::task_local! {
+    /// When the delivery the current task handles reached the dispatch loop;
+    /// taken by [`dispatch_elapsed`].
+    static RECEIVED: std::cell::Cell<Option<Instant>>;
+}
+
+/// Time since the delivery the current task handles reached the dispatch
+/// loop, once per delivery (later calls, and calls outside a delivery's
+/// task, get `None`). The Kubernetes gate takes it when the attempt's create
+/// request goes out: `sandfleet_dispatch_duration_seconds`.
+pub(crate) fn dispatch_elapsed() -> Option<Duration> {
+    RECEIVED
+        .try_with(std::cell::Cell::take)
+        .ok()
+        .flatten()
+        .map(|at| at.elapsed())
+}
+
 /// The dispatch loop's settings.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
@@ -242,15 +260,16 @@ where
             };
             match delivery {
                 Ok(delivery) => {
+                    let received = std::cell::Cell::new(Some(Instant::now()));
                     let inner = inner.clone();
                     let abandon = abandon.clone();
                     let released = released.clone();
-                    tracker.spawn(async move {
+                    tracker.spawn(RECEIVED.scope(received, async move {
                         let _permit = permit;
                         if inner.handle(delivery, abandon).await == Handled::Abandoned {
                             released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
-                    });
+                    }));
                 }
                 Err(BrokerError::Closed) => {
                     result = Err(DispatchError::BrokerClosed);
@@ -497,15 +516,15 @@ where
             // this attempt: delete it too (a missing Job is not an error).
             self.stop_sandbox(&task, attempt).await;
             let result = self.cancelled_result(&task, attempt, None, &info);
-            return self
-                .finish_cancelled(
-                    delivery,
-                    result,
-                    traceparent.as_deref(),
-                    "before_start",
-                    Duration::ZERO,
-                )
-                .await;
+            // Boxed like `conclude`: not part of a running attempt's future.
+            return Box::pin(self.finish_cancelled(
+                delivery,
+                result,
+                traceparent.as_deref(),
+                "before_start",
+                Duration::ZERO,
+            ))
+            .await;
         }
         let started = Instant::now();
         self.metrics.in_flight().inc();
@@ -515,8 +534,9 @@ where
         // the point — the redelivery adopts it. A cancel does not drop it:
         // the sandbox is deleted and the run ends with what it saw (partial
         // logs), which the cancelled result keeps.
-        let run_fut = self.executor.run(&task, attempt, &ctx);
-        tokio::pin!(run_fut);
+        // (Boxed by the trait, so it can be dropped once it is done with:
+        // it borrows the task, which moves on to `conclude`.)
+        let mut run_fut = self.executor.run(&task, attempt, &ctx);
         let mut stopping = false;
         let run = loop {
             tokio::select! {
@@ -533,6 +553,7 @@ where
                 }
             }
         };
+        drop(run_fut);
         self.metrics.in_flight().dec();
         let run = match run {
             RunEnd::Lost => {
@@ -554,6 +575,39 @@ where
             RunEnd::Done(run) => run,
         };
         let elapsed = started.elapsed();
+        // Boxed: what follows the run (results, retry messages, the ack) is
+        // most of this future's size, and inline it would be held for the
+        // whole run, by every task in flight.
+        Box::pin(self.conclude(
+            delivery,
+            task,
+            attempt,
+            traceparent,
+            span,
+            run,
+            elapsed,
+            (guard, stopping),
+        ))
+        .await
+    }
+
+    /// Publishes the attempt's result (or the next attempt) and settles
+    /// its delivery, once the run has ended. `cancel_watch` is the attempt's
+    /// cancel watch and whether its sandbox is being stopped for it.
+    #[allow(clippy::too_many_arguments)]
+    async fn conclude(
+        &self,
+        delivery: B::Delivery,
+        task: Task,
+        attempt: u32,
+        traceparent: Option<String>,
+        span: tracing::Span,
+        run: Result<Execution, ExecError>,
+        elapsed: Duration,
+        cancel_watch: (cancel::WatchGuard, bool),
+    ) -> Handled {
+        let (guard, stopping) = cancel_watch;
+        let watch = &guard.watch;
 
         // Exactly one final result: this worker holds the delivery, so it
         // alone decides. A cancel known before the result is published wins,

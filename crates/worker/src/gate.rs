@@ -144,7 +144,15 @@ impl ApiGate for BreakerGate {
         r.map_err(|_| {
             self.metrics.kube_error("any", "refused");
             GateClosed
-        })
+        })?;
+        // The first create an attempt sends ends its dispatch (the clock the
+        // dispatch loop started for the delivery this task handles).
+        if verb == "create"
+            && let Some(elapsed) = crate::dispatch::dispatch_elapsed()
+        {
+            self.metrics.observe_dispatch(elapsed);
+        }
+        Ok(())
     }
 
     fn record(&self, verb: &'static str, class: CallClass, elapsed: Duration) {

@@ -15,6 +15,7 @@
 //! | `sandfleet_tasks_cancelled_total` | counter | `stage` (`before_start`: queued, prefetched or delayed; `running`: its sandbox was stopped) |
 //! | `sandfleet_cancellations_recorded` | gauge | (cancels and supersedes in this worker's index) |
 //! | `sandfleet_kube_api_request_duration_seconds` | histogram | `verb` |
+//! | `sandfleet_dispatch_duration_seconds` | histogram | (a delivery's arrival at the dispatch loop → its sandbox's create request sent) |
 //! | `sandfleet_kube_api_errors_total` | counter | `verb`, `class` (`failure`, `ignored`, `throttled`, `refused`) |
 //! | `sandfleet_build_info` | info | `version`, `git_sha`, `component` |
 //! | `sandfleet_fair_queued` | gauge | `tenant`, `key`: deliveries this worker holds waiting for its fair scheduler (with `topology.task_shards`) |
@@ -67,6 +68,13 @@ fn api_latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 13))
 }
 
+/// Dispatch overhead: from 250 µs, fine around the milliseconds it should
+/// take, up to seconds when something queues.
+const DISPATCH_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
 fn fair_labels(tenant: &str, key: &str) -> Labels {
     vec![("tenant", tenant.to_owned()), ("key", key.to_owned())]
 }
@@ -88,6 +96,7 @@ pub struct Metrics {
     cancelled: Family<Labels, Counter>,
     cancels_recorded: Gauge,
     kube_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    dispatch: Histogram,
     fair_queued: Family<Labels, Gauge>,
     fair_running: Family<Labels, Gauge>,
     fair_served: Family<Labels, Counter>,
@@ -119,6 +128,7 @@ impl Metrics {
             cancels_recorded: Gauge::default(),
             kube_latency: Family::new_with_constructor(api_latency_histogram as fn() -> _),
             kube_errors: Family::default(),
+            dispatch: Histogram::new(DISPATCH_BUCKETS.iter().copied()),
             fair_queued: Family::default(),
             fair_running: Family::default(),
             fair_served: Family::default(),
@@ -204,6 +214,11 @@ impl Metrics {
             "sandfleet_kube_api_request_duration_seconds",
             "Latency of Kubernetes API requests, by verb",
             m.kube_latency.clone(),
+        );
+        registry.register(
+            "sandfleet_dispatch_duration_seconds",
+            "Time from a delivery's arrival at the dispatch loop to its sandbox's create request",
+            m.dispatch.clone(),
         );
         registry.register(
             "sandfleet_kube_api_errors",
@@ -357,6 +372,12 @@ impl Metrics {
         }
     }
 
+    /// Records one attempt's dispatch overhead: delivery arrival → sandbox
+    /// create request sent.
+    pub fn observe_dispatch(&self, elapsed: Duration) {
+        self.dispatch.observe(elapsed.as_secs_f64());
+    }
+
     /// Counts one Kubernetes API error of `class` (also used for calls the
     /// gate refused: class `refused`).
     pub fn kube_error(&self, verb: &'static str, class: &'static str) {
@@ -422,6 +443,7 @@ mod tests {
         m.set_queue_depth("sandfleet.tasks", 42);
         m.set_breaker_state(BreakerState::Open);
         m.kube_request("create", Some("failure"), Duration::from_millis(20));
+        m.observe_dispatch(Duration::from_micros(1500));
         let text = m.encode();
         for needle in [
             "sandfleet_tasks_total{outcome=\"failed\"} 1",
@@ -434,6 +456,8 @@ mod tests {
             "sandfleet_breaker_state 2",
             "sandfleet_kube_api_request_duration_seconds_count{verb=\"create\"} 1",
             "sandfleet_kube_api_errors_total{verb=\"create\",class=\"failure\"} 1",
+            "sandfleet_dispatch_duration_seconds_bucket{le=\"0.002\"} 1",
+            "sandfleet_dispatch_duration_seconds_bucket{le=\"0.001\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -1090,3 +1090,84 @@ async fn no_task_is_taken_until_the_cancellations_stream_is_read_to_its_tail() {
     shutdown.cancel();
     handle.await.unwrap().unwrap();
 }
+
+/// An executor whose attempts take 2.5 ms (building the Job) before their
+/// create request goes through the worker's gate, then retry it once.
+struct GatedCreate {
+    gate: crate::gate::BreakerGate,
+}
+
+#[async_trait]
+impl Executor for GatedCreate {
+    async fn run(
+        &self,
+        task: &Task,
+        attempt: u32,
+        _ctx: &RunContext,
+    ) -> Result<Execution, ExecError> {
+        use sandfleet_sandbox::ApiGate;
+        tokio::time::sleep(Duration::from_micros(2500)).await;
+        self.gate.permit("create").unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.gate.permit("create").unwrap();
+        self.gate.permit("delete").unwrap();
+        let now = Utc::now();
+        Ok(Execution {
+            outcome: Outcome::Succeeded,
+            exit_code: Some(0),
+            steps: Vec::new(),
+            log_tail: String::new(),
+            log_truncated: false,
+            artifacts: Vec::new(),
+            started_at: Some(now),
+            finished_at: now,
+            sandbox: format!("sf-{}-{attempt}", task.id),
+            error: None,
+            adopted: false,
+            admission_wait: None,
+        })
+    }
+
+    async fn cancel(&self, _: TaskId, _: u32) -> Result<(), ExecError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_time_from_delivery_to_the_sandbox_create_is_measured_once_per_attempt() {
+    let broker = InMemoryBroker::default();
+    let metrics = Arc::new(Metrics::new());
+    let gate = crate::gate::BreakerGate::new(
+        crate::breaker::BreakerConfig::from(&sandfleet_settings::BreakerSettings::default()),
+        metrics.clone(),
+    );
+    let sink = MemoryResults::default();
+    let shutdown = CancellationToken::new();
+    let d = Dispatcher::new(
+        Arc::new(broker.clone()),
+        Arc::new(GatedCreate { gate }),
+        sink.clone(),
+        config(4),
+        metrics.clone(),
+        Arc::new(Health::new()),
+    );
+    let handle = tokio::spawn(d.run(shutdown.clone()));
+    for _ in 0..2 {
+        publish(&broker, &task());
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while broker.acked_count() < 2 {
+        assert!(Instant::now() < deadline, "tasks not acked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = metrics.encode();
+    for needle in [
+        "sandfleet_dispatch_duration_seconds_count 2",
+        "sandfleet_dispatch_duration_seconds_bucket{le=\"0.002\"} 0",
+        "sandfleet_dispatch_duration_seconds_bucket{le=\"0.003\"} 2",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+}
