@@ -94,14 +94,18 @@ impl PoolTemplate {
         Ok(())
     }
 
-    /// A short hash of what shapes a member's pod (image, resources): a member
-    /// whose label differs was made from an older template and is replaced.
-    /// Size and max age are not in it: changing them replaces nobody.
+    /// A short hash of what shapes a member's pod (image, resources, and the
+    /// idle loop it runs, which the claim wrapper talks to): a member whose
+    /// label differs was made from an older template, or by an older
+    /// release, and is replaced. Size and max age are not in it: changing
+    /// them replaces nobody.
     pub fn hash(&self) -> String {
         let mut h = Sha256::new();
         h.update(self.image.as_bytes());
         h.update([0]);
         h.update(serde_json::to_vec(&self.resources).unwrap_or_default());
+        h.update([0]);
+        h.update(crate::session::script::IDLE_LOOP.as_bytes());
         h.finalize()
             .iter()
             .take(6)

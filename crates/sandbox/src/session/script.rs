@@ -63,7 +63,7 @@ wait "$pid"
 rc=$?
 kill -s KILL "$wd" 2>/dev/null
 wait "$wd" 2>/dev/null
-if [ -f "$s/watchdog.$$" ]; then kill -s KILL "$(cat "$s/watchdog.$$")" 2>/dev/null; fi
+if [ -f "$s/watchdog.$$" ] && read -r w <"$s/watchdog.$$"; then kill -s KILL "$w" 2>/dev/null; fi
 if [ -n "$sid" ]; then kill_cmd KILL; fi
 rm -f "$s/running.$$" "$s/watchdog.$$"
 : >"$s/active" 2>/dev/null
@@ -114,17 +114,24 @@ mkdir -p -- "$1"
 /// lines, mode 600) where the run wrapper sources it, and hands the idle
 /// loop the session's idle timeout `$2` and max lifetime `$3` (seconds from
 /// now). A member that was already claimed refuses (exit 125): a sandbox
-/// serves one session.
+/// serves one session, and `claimed` is created exclusively (`set -C`; with
+/// `true`, a regular builtin, since a failed redirection of `:` ends the
+/// shell). It forks only `head` (for a non-empty env) and `mkdir` (for a
+/// working dir that does not exist yet): every fork here is on the path of
+/// the session's first command. `idle` and `lifetime` are written in place,
+/// with no rename: the idle loop skips a file caught between its truncation
+/// and its one write.
 const CLAIM: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:?}"
 : >"$s/active"
-if [ -e "$s/claimed" ]; then printf 'this sandbox already serves a session\n' >&2; exit 125; fi
-: >"$s/claimed" || exit 125
+set -C
+if ! true 2>/dev/null >"$s/claimed"; then printf 'this sandbox already serves a session\n' >&2; exit 125; fi
+set +C
 umask 077
-head -c "$4" >"$s/session.env" || exit 125
-mkdir -p -- "$1" || exit 125
-printf '%s\n' "$3" >"$s/lifetime.new" && mv -f "$s/lifetime.new" "$s/lifetime" || exit 125
-printf '%s\n' "$2" >"$s/idle.new" && mv -f "$s/idle.new" "$s/idle" || exit 125
+if [ "$4" -gt 0 ]; then head -c "$4" >"$s/session.env" || exit 125; fi
+if [ ! -d "$1" ]; then mkdir -p -- "$1" || exit 125; fi
+printf '%s\n' "$3" >"$s/lifetime" || exit 125
+printf '%s\n' "$2" >"$s/idle" || exit 125
 "#;
 
 /// Exits 0 when the sandbox was claimed (the claim wrapper ran), 1 if not.
@@ -136,7 +143,9 @@ const CLAIMED: &str = r#"test -e "${SANDFLEET_STATE_DIR:?}/claimed""#;
 /// running command keeps a `running.<pid>` file whose process is alive.
 /// Once a pool member is claimed, the session's idle timeout (`idle`) and
 /// remaining lifetime (`lifetime`, counted from the claim) take over from
-/// the pool's values; `read` is a builtin, so the loop forks only `sleep`.
+/// the pool's values (a value read while the claim wrapper writes it, an
+/// empty file, is skipped until the next second); `read` is a builtin, so
+/// the loop forks only `sleep`.
 pub const IDLE_LOOP: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:?}"
 idle="${SANDFLEET_IDLE_SECS:?}"
@@ -144,13 +153,14 @@ trap 'exit 0' TERM INT
 : >"$s/active"
 n=0
 life=0
+max=
 while [ "$n" -lt "$idle" ]; do
   sleep 1
-  if [ -f "$s/idle" ]; then read -r idle <"$s/idle" || :; fi
+  if [ -f "$s/idle" ] && read -r v <"$s/idle"; then idle=$v; fi
   if [ -f "$s/lifetime" ]; then
-    read -r max <"$s/lifetime" || max=0
+    if read -r v <"$s/lifetime"; then max=$v; fi
     life=$(( life + 1 ))
-    if [ "$life" -ge "$max" ]; then exit 0; fi
+    if [ -n "$max" ] && [ "$life" -ge "$max" ]; then exit 0; fi
   fi
   busy=
   for r in "$s"/running.*; do
