@@ -164,7 +164,8 @@ impl Pools {
     }
 
     /// Claims an idle member of `pool` for a session with `spec` and `meta`:
-    /// tries the idle members in turn (a lost race moves on), hands the
+    /// tries the idle members in turn, those this replica started first (a
+    /// lost race moves on), hands the
     /// winner the session's values, and starts the refill. `None` when no
     /// member could be had: the caller starts the session cold.
     pub async fn claim(
@@ -176,10 +177,14 @@ impl Pools {
         let spread = self
             .spread
             .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        let candidates = {
+        let mut candidates = {
             let busy = lock(&self.claiming);
             lock(&self.index).candidates(pool, &busy, spread)
         };
+        // Members this replica started first (in spread order still): their
+        // pods are known here, so the hand-over needs no lookup, and two
+        // replicas claiming at once mostly claim different members.
+        candidates.sort_by_key(|(name, _)| !self.backend.knows(&SessionId(name.clone())));
         for (name, rv) in candidates {
             if !lock(&self.claiming).insert(name.clone()) {
                 continue;

@@ -564,3 +564,61 @@ async fn a_conditional_claim_lets_exactly_one_of_two_through() {
     assert!(again.is_err(), "a member serves one session");
     x.teardown(&SessionId(name)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_member_ends_on_the_sessions_own_idle_timeout_and_lifetime() {
+    const NS: &str = "pool-timeouts";
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let r = Replica::start(&sim, NS, vec![pool("t", IMAGE, 2)]);
+    let client = r.client();
+    eventually("the pool is full", Duration::from_secs(30), || async {
+        idle(&client, "t").await == 2
+    })
+    .await;
+    // The members themselves idle for an hour and a minute: only the values
+    // handed over at claim time can end these sessions within seconds.
+    let mut quiet = SessionSpec::new(IMAGE);
+    quiet.idle_timeout = Duration::from_secs(2);
+    let mut short = SessionSpec::new(IMAGE);
+    short.idle_timeout = Duration::from_secs(600);
+    short.max_lifetime = Duration::from_secs(3);
+    let started = Instant::now();
+    let a = client.create_in_pool(&quiet, "t").await.unwrap();
+    let b = client.create_in_pool(&short, "t").await.unwrap();
+    for info in [&a, &b] {
+        assert!(info.id.starts_with("sp-t-"), "a warm member: {}", info.id);
+        let out = client
+            .run(
+                &SessionId(info.id.clone()),
+                "true",
+                sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.exit_code, 0);
+    }
+    for (info, what) in [(&a, "idle timeout"), (&b, "lifetime")] {
+        let id = SessionId(info.id.clone());
+        eventually(
+            &format!("the session ends on its own {what}"),
+            Duration::from_secs(20),
+            // Ended, or already deleted by the reaper.
+            || async {
+                match client.info(&id).await {
+                    Ok(i) => i.ended,
+                    Err(e) => matches!(e, sandfleet_sandbox::session::SessionError::NotFound(_)),
+                }
+            },
+        )
+        .await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "not before the idle timeout: {:?}",
+        started.elapsed()
+    );
+    for info in [a, b] {
+        let _ = client.teardown(&SessionId(info.id)).await;
+    }
+}

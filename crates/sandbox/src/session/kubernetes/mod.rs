@@ -368,6 +368,12 @@ impl KubeSessions {
         Ok(t)
     }
 
+    /// Whether this process knows where session `id` runs (it started the
+    /// pod, or has served the session): its execs need no lookup first.
+    pub fn knows(&self, id: &SessionId) -> bool {
+        self.targets.lock().is_ok_and(|t| t.contains_key(id))
+    }
+
     fn forget(&self, id: &SessionId) {
         if let Ok(mut t) = self.targets.lock() {
             t.remove(id);
