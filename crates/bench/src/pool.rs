@@ -19,10 +19,10 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use sandfleet_kube_sim::{KubeSim, SimOptions};
+use sandfleet_kube_sim::{KubeSim, RequestRecord, SimOptions};
 use sandfleet_proto::Resources;
 use sandfleet_sandbox::session::pool::PoolTemplate;
 use sandfleet_sandbox::session::{
@@ -82,15 +82,28 @@ async fn replica(
     Ok(SessionsClient::new(&url, TOKEN))
 }
 
-/// One session: create (from `pool`, or cold) → first command. Returns the
-/// latency in ms, the id, and whether the command echoed this session's mark.
+/// One session as the client saw it.
+struct Session {
+    /// Create request → its response, ms.
+    create_ms: f64,
+    /// Create request → the first command's result, ms.
+    ms: f64,
+    id: String,
+    /// The first command echoed this session's own mark.
+    own: bool,
+    /// When the create request left.
+    sent: SystemTime,
+}
+
+/// One session: create (from `pool`, or cold) → first command.
 async fn one(
     client: Arc<SessionsClient>,
     pool: Option<&'static str>,
     mark: String,
-) -> anyhow::Result<(f64, f64, String, bool)> {
+) -> anyhow::Result<Session> {
     let mut spec = SessionSpec::new(IMAGE);
     spec.env.insert("MARK".into(), mark.clone());
+    let sent = SystemTime::now();
     let t = Instant::now();
     let info = match pool {
         Some(p) => client.create_in_pool(&spec, p).await,
@@ -109,7 +122,13 @@ async fn one(
         .context("first command")?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let own = String::from_utf8_lossy(&out.stdout).trim() == mark;
-    Ok((created, ms, info.id, own))
+    Ok(Session {
+        create_ms: created,
+        ms,
+        id: info.id,
+        own,
+        sent,
+    })
 }
 
 struct Round {
@@ -117,6 +136,7 @@ struct Round {
     ms: Vec<f64>,
     ids: Vec<String>,
     foreign: usize,
+    sessions: Vec<Session>,
 }
 
 async fn round(
@@ -135,17 +155,116 @@ async fn round(
         ms: Vec::new(),
         ids: Vec::new(),
         foreign: 0,
+        sessions: Vec::new(),
     };
     for t in tasks {
-        let (created, ms, id, own) = t.await??;
-        r.create_ms.push(created);
-        r.ms.push(ms);
-        r.ids.push(id);
-        r.foreign += usize::from(!own);
+        let s = t.await??;
+        r.create_ms.push(s.create_ms);
+        r.ms.push(s.ms);
+        r.ids.push(s.id.clone());
+        r.foreign += usize::from(!s.own);
+        r.sessions.push(s);
     }
     r.ms.sort_by(f64::total_cmp);
     r.create_ms.sort_by(f64::total_cmp);
     Ok(r)
+}
+
+/// Where a warm claim's time went, from kube-sim's request log: create
+/// request → the winning claim patch reached the API server → the hand-over
+/// exec reached it → the first command's exec reached it → its result at the
+/// client. Medians in ms, and the claim patches that lost a race.
+fn stages(
+    log: &[RequestRecord],
+    warm: &Round,
+) -> ([f64; 4], usize, std::collections::BTreeMap<String, usize>) {
+    let ms =
+        |a: SystemTime, b: SystemTime| b.duration_since(a).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    let mut parts: [Vec<f64>; 4] = Default::default();
+    for s in warm.sessions.iter().filter(|s| s.id.starts_with("sp-")) {
+        let job = format!("/jobs/{}", s.id);
+        let pod = format!("/pods/{}-", s.id);
+        let after = |r: &&RequestRecord| r.at >= s.sent;
+        let Some(claim) = log
+            .iter()
+            .filter(after)
+            .find(|r| r.method == "PATCH" && r.path.ends_with(&job) && r.status == 200)
+        else {
+            continue;
+        };
+        let execs: Vec<&RequestRecord> = log
+            .iter()
+            .filter(after)
+            .filter(|r| r.path.contains(&pod) && r.path.ends_with("/exec"))
+            .collect();
+        let [hand_over, first, ..] = execs[..] else {
+            continue;
+        };
+        let done = s.sent + Duration::from_secs_f64(s.ms / 1e3);
+        parts[0].push(ms(s.sent, claim.at));
+        parts[1].push(ms(claim.at, hand_over.at));
+        parts[2].push(ms(hand_over.at, first.at));
+        parts[3].push(ms(first.at, done));
+    }
+    let start = warm.sessions.iter().map(|s| s.sent).min();
+    let end = warm
+        .sessions
+        .iter()
+        .map(|s| s.sent + Duration::from_secs_f64(s.ms / 1e3))
+        .max();
+    let mut requests = std::collections::BTreeMap::<String, usize>::new();
+    for r in log
+        .iter()
+        .filter(|r| start.is_some_and(|t| r.at >= t) && end.is_some_and(|t| r.at <= t))
+    {
+        *requests
+            .entry(format!("{} {}", r.verb(), r.resource()))
+            .or_default() += 1;
+    }
+    let lost = log
+        .iter()
+        .filter(|r| start.is_some_and(|t| r.at >= t))
+        .filter(|r| r.method == "PATCH" && r.status == 409)
+        .count();
+    let med = parts.map(|mut v| {
+        v.sort_by(f64::total_cmp);
+        pct(&v, 0.5)
+    });
+    (med, lost, requests)
+}
+
+/// CPU time in seconds: the whole machine's busy time (all cores, from
+/// `/proc/stat`) and this process's own (user + system, from
+/// `/proc/self/stat`, which includes the reaped sandbox commands it spawned:
+/// kube-sim runs them as this process's children).
+fn cpu_now() -> (f64, f64) {
+    let tick = 100.0;
+    let machine = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?.to_owned();
+            let v: Vec<f64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal
+            Some((v.iter().take(8).sum::<f64>() - v.get(3)? - v.get(4)?) / tick)
+        })
+        .unwrap_or(0.0);
+    let own = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_owned();
+            let v: Vec<f64> = rest
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // after the name: state(skipped: not a number) ppid .. utime(14) stime(15) cutime(16) cstime(17)
+            Some(v.get(10)? + v.get(11)? + v.get(12)? + v.get(13)?)
+        })
+        .map_or(0.0, |t| t / tick);
+    (machine, own)
 }
 
 async fn idle(client: &SessionsClient, pool: &str) -> usize {
@@ -213,7 +332,11 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
 
     let cold = round(&clients, None, a.cold, "cold").await?;
     let empty = round(&clients, Some("empty"), a.cold, "empty").await?;
+    let (machine0, own0) = cpu_now();
+    let warm_started = Instant::now();
     let warm = round(&clients, Some("bench"), a.claims, "warm").await?;
+    let warm_wall = warm_started.elapsed().as_secs_f64();
+    let (machine1, own1) = cpu_now();
 
     let unique: HashSet<&String> = warm.ids.iter().chain(&cold.ids).chain(&empty.ids).collect();
     let all = warm.ids.len() + cold.ids.len() + empty.ids.len();
@@ -225,6 +348,7 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
         clients[0].teardown(&SessionId(id.clone())).await?;
     }
     let log = sim.request_log();
+    let (stage, lost, requests) = stages(&log, &warm);
     let pooled: Vec<&String> = warm.ids.iter().filter(|id| id.starts_with("sp-")).collect();
     let writes: usize = pooled
         .iter()
@@ -257,6 +381,17 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
     line("cold", &cold);
     line("empty pool", &empty);
     line("warm claim", &warm);
+    println!(
+        "warm claim stages (p50): create -> claim patch {:.1} ms, -> hand-over exec {:.1} ms, -> first command exec {:.1} ms, -> its result {:.1} ms; claim patches that lost a race: {lost}",
+        stage[0], stage[1], stage[2], stage[3]
+    );
+    println!("API requests during the claim round: {requests:?}");
+    println!(
+        "claim round: {warm_wall:.2} s wall; CPU busy on the machine {:.2} s of {:.2} s available, this process and its reaped children {:.2} s",
+        machine1 - machine0,
+        warm_wall * std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
+        own1 - own0
+    );
     println!(
         "warm claims served by a member: {warm_hits} of {}; double claims: {double_claims}; API writes per pooled session: {writes_per_session:.1}",
         warm.ids.len()
