@@ -80,10 +80,6 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How often a run's disk usage is measured against `max_workspace_bytes`.
 const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Longest wait, once the script is gone, for the end of its stdout (a
-/// process it started may hold the pipe a moment longer).
-const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
-
 /// Longest wait for the dying sandbox of a dead worker's run of the same
 /// task (its watcher needs the script's grace period and a little more).
 const ORPHAN_WAIT: Duration = Duration::from_secs(15);
@@ -429,14 +425,8 @@ impl Executor for LocalExecutor {
         let cancelled = token.is_cancelled();
         drop(guard);
         // Everything the script printed is in the pipe by now.
-        let log = match tokio::time::timeout(OUTPUT_DRAIN, &mut reader).await {
-            Ok(log) => log,
-            Err(_) => {
-                stop_reading.cancel();
-                (&mut reader).await
-            }
-        }
-        .unwrap_or_default();
+        stop_reading.cancel();
+        let log = (&mut reader).await.unwrap_or_default();
 
         let finished_at = Utc::now();
         // Read back and remove the run directory off the async threads; the

@@ -190,9 +190,15 @@ impl Log {
     }
 }
 
-/// Reads the script's stdout until end of file (or until `stop` fires, then
-/// what is already there), keeping `cap` bytes, and acts as the watchdog of
-/// its steps. `state` is the script's state directory.
+/// Reads the script's stdout until end of file, or until `stop` fires: then
+/// what is in the pipe, without waiting for end of file. Keeps `cap` bytes
+/// and acts as the watchdog of the steps. `state` is the script's state
+/// directory.
+///
+/// The executor fires `stop` once the script has exited: everything it
+/// printed is in the pipe by then, while end of file would also wait for
+/// every killed process of its group that inherited the pipe (the parent
+/// watcher) to be scheduled and exit.
 pub(crate) async fn pump(
     mut out: Receiver,
     cap: usize,
@@ -200,28 +206,46 @@ pub(crate) async fn pump(
     state: PathBuf,
     stop: CancellationToken,
 ) -> Log {
+    enum Next {
+        Read(std::io::Result<usize>),
+        Fire,
+        Stop,
+    }
     let mut log = Log::default();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let deadline = watchdog.as_ref().and_then(Watchdog::deadline);
-        tokio::select! {
+        let next = tokio::select! {
             // Cancel-safe: a read that loses the race has read nothing.
-            r = out.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return log,
-                Ok(n) => {
-                    log.push(&buf[..n], cap);
-                    if let Some(w) = watchdog.as_mut() {
-                        w.feed(&buf[..n], Instant::now());
-                    }
-                }
-            },
-            () = sleep_until(deadline), if deadline.is_some() => {
+            r = out.read(&mut buf) => Next::Read(r),
+            () = sleep_until(deadline), if deadline.is_some() => Next::Fire,
+            () = stop.cancelled() => Next::Stop,
+        };
+        match next {
+            Next::Read(Ok(0) | Err(_)) => return log,
+            Next::Read(Ok(n)) => {
+                log.push(&buf[..n], cap);
                 if let Some(w) = watchdog.as_mut() {
-                    act(w.fire(Instant::now(), read_pid(&state.join("step.pid"))), &state);
+                    w.feed(&buf[..n], Instant::now());
                 }
             }
-            () = stop.cancelled() => {
-                while let Ok(n) = out.try_read(&mut buf) {
+            Next::Fire => {
+                if let Some(w) = watchdog.as_mut() {
+                    act(
+                        w.fire(Instant::now(), read_pid(&state.join("step.pid"))),
+                        &state,
+                    );
+                }
+            }
+            Next::Stop => {
+                // Plain non-blocking reads until the pipe is empty: tokio's
+                // `try_read` trusts readiness the reactor may not have seen yet.
+                use std::io::Read;
+                let Ok(fd) = out.into_nonblocking_fd() else {
+                    return log;
+                };
+                let mut pipe = std::fs::File::from(fd);
+                while let Ok(n) = pipe.read(&mut buf) {
                     if n == 0 {
                         break;
                     }
