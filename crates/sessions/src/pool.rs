@@ -1,8 +1,9 @@
 //! Warm pools: the service keeps each configured pool full and serves
 //! `pool: NAME` creates from it.
 //!
-//! Every replica runs the same manager: a watch on member Jobs feeds a
-//! [`PoolIndex`]; after each change (and every second, for max age) the
+//! Every replica runs the same manager: a watch on session Jobs feeds a
+//! [`PoolIndex`] with the members (and the per-token session count with the
+//! owned ones); after each change (and every second, for max age) the
 //! index's [`plan`](PoolIndex::plan) says what to create and delete, and the
 //! manager does it. Member names are deterministic, so two replicas acting
 //! on the same view create each member once (the second gets 409), and
@@ -11,20 +12,21 @@
 //! ([`KubeSessions::claim_member`]); losing it moves on to the next member,
 //! and an empty pool is a cold start, never an error.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt as _;
 use kube::runtime::watcher;
-use sandfleet_sandbox::session::kubernetes::SessionMeta;
 use sandfleet_sandbox::session::kubernetes::pool::ClaimOutcome;
-use sandfleet_sandbox::session::pool::{MemberState, POOL_SELECTOR, PoolIndex, PoolTemplate};
+use sandfleet_sandbox::session::kubernetes::{SESSION_SELECTOR, SessionMeta, pod};
+use sandfleet_sandbox::session::pool::{MemberState, PoolIndex, PoolTemplate};
 use sandfleet_sandbox::session::{KubeSessions, SessionBackend as _, SessionId, SessionSpec};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::LABEL_OWNER;
 use crate::metrics::Metrics;
 
 /// A member still warming after this long is taken for broken and replaced.
@@ -95,6 +97,9 @@ pub struct Pools {
     pending: Mutex<HashSet<String>>,
     /// Claimed members seen serving their session.
     confirmed: Mutex<HashSet<String>>,
+    /// Live (not ended) sessions by Job name, with their owner label: the
+    /// per-token count of the session limit, read without a LIST per create.
+    sessions: Mutex<HashMap<String, String>>,
     synced: AtomicBool,
     wake: Notify,
     starts: Arc<tokio::sync::Semaphore>,
@@ -128,6 +133,7 @@ impl Pools {
             claiming: Mutex::default(),
             pending: Mutex::default(),
             confirmed: Mutex::default(),
+            sessions: Mutex::default(),
             synced: AtomicBool::new(false),
             wake: Notify::new(),
             starts: Arc::new(tokio::sync::Semaphore::new(START_CONCURRENCY)),
@@ -161,6 +167,48 @@ impl Pools {
     /// would refill pools that are already full).
     pub fn synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
+    }
+
+    /// How many live sessions the owner labelled `owner` holds, as the watch
+    /// and this replica's own creates and teardowns say; `None` until the
+    /// watch has listed them once. Another replica's create shows once the
+    /// watch brings it (as with a LIST, two creates at the same moment can
+    /// both pass a limit).
+    pub fn sessions_of(&self, owner: &str) -> Option<usize> {
+        if !self.synced() {
+            return None;
+        }
+        Some(
+            lock(&self.sessions)
+                .values()
+                .filter(|o| *o == owner)
+                .count(),
+        )
+    }
+
+    /// Counts session `id` of `owner` at once (this replica just started it).
+    pub fn note_session(&self, id: &SessionId, owner: &str) {
+        lock(&self.sessions).insert(id.0.clone(), owner.to_owned());
+    }
+
+    /// Stops counting session `id` (this replica just tore it down).
+    pub fn forget_session(&self, id: &SessionId) {
+        lock(&self.sessions).remove(&id.0);
+    }
+
+    /// Counts Job `name` as a live session of `owner`, or stops counting it
+    /// (no owner: a member not claimed yet; or ended).
+    fn count(&self, name: Option<&String>, owner: Option<&String>, ended: bool) {
+        let Some(name) = name else { return };
+        let mut sessions = lock(&self.sessions);
+        match owner {
+            Some(o) if !ended => {
+                sessions.insert(name.clone(), o.clone());
+            }
+            _ => {
+                sessions.remove(name);
+            }
+        }
     }
 
     /// Claims an idle member of `pool` for a session with `spec` and `meta`:
@@ -260,7 +308,9 @@ impl Pools {
     }
 
     async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
-        let config = watcher::Config::default().labels(POOL_SELECTOR);
+        // Every session Job, not only members: the index takes the members,
+        // the session count the owned ones.
+        let config = watcher::Config::default().labels(SESSION_SELECTOR);
         let stream = watcher(self.backend.jobs_api(), config);
         futures::pin_mut!(stream);
         let mut listing = Vec::new();
@@ -271,17 +321,39 @@ impl Pools {
             };
             let Some(event) = event else { return };
             match event {
-                Ok(watcher::Event::Apply(job)) => lock(&self.index).apply(&job),
+                Ok(watcher::Event::Apply(job)) => {
+                    lock(&self.index).apply(&job);
+                    self.count(
+                        job.metadata.name.as_ref(),
+                        job.metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(LABEL_OWNER)),
+                        pod::job_ended(&job),
+                    );
+                }
                 Ok(watcher::Event::Delete(job)) => {
                     if let Some(name) = job.metadata.name.as_deref() {
                         lock(&self.index).delete(name);
                         lock(&self.confirmed).remove(name);
+                        lock(&self.sessions).remove(name);
                     }
                 }
                 Ok(watcher::Event::Init) => listing.clear(),
                 Ok(watcher::Event::InitApply(job)) => listing.push(job),
                 Ok(watcher::Event::InitDone) => {
                     lock(&self.index).reset(listing.iter());
+                    lock(&self.sessions).clear();
+                    for job in &listing {
+                        self.count(
+                            job.metadata.name.as_ref(),
+                            job.metadata
+                                .labels
+                                .as_ref()
+                                .and_then(|l| l.get(LABEL_OWNER)),
+                            pod::job_ended(job),
+                        );
+                    }
                     listing.clear();
                     self.synced.store(true, Ordering::Relaxed);
                 }

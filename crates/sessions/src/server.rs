@@ -365,14 +365,24 @@ async fn create(
     spec.validate()?;
     let limits = &s.inner.limits;
     limits.check_spec(spec.idle_timeout, spec.max_lifetime)?;
-    let held = s
+    // The pool manager's watch counts sessions; a LIST per create returned
+    // every session of the token and was the largest cost of a burst of creates.
+    let counted = s
         .inner
-        .backend
-        .list(&owner.selector())
-        .await?
-        .iter()
-        .filter(|r| !r.ended)
-        .count();
+        .pools
+        .as_ref()
+        .and_then(|p| p.sessions_of(owner.label()));
+    let held = match counted {
+        Some(n) => n,
+        None => s
+            .inner
+            .backend
+            .list(&owner.selector())
+            .await?
+            .iter()
+            .filter(|r| !r.ended)
+            .count(),
+    };
     limits.check_count(held)?;
     let meta = SessionMeta {
         labels: [(LABEL_OWNER.to_owned(), owner.label().to_owned())].into(),
@@ -417,6 +427,9 @@ async fn create(
         }
     };
     s.inner.metrics.started.inc();
+    if let Some(p) = &s.inner.pools {
+        p.note_session(&id, owner.label());
+    }
     if let Ok(mut o) = s.inner.owners.lock() {
         o.insert(id.clone(), owner.hash.clone());
     }
@@ -470,6 +483,9 @@ async fn remove(
     let owner = s.owner(&headers)?;
     let id = s.owned(&owner, &id).await?;
     s.inner.backend.teardown(&id).await?;
+    if let Some(p) = &s.inner.pools {
+        p.forget_session(&id);
+    }
     if let Ok(mut o) = s.inner.owners.lock() {
         o.remove(&id);
     }
