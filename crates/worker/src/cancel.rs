@@ -364,9 +364,7 @@ pub async fn feed(
                 None => break,
             },
         };
-        // Applied before the ack: a marker read back releases the attempts
-        // waiting at the barrier at once, not after one more trip through
-        // the AMQP client (the ack only returns the stream's credit).
+        let _ = delivery.ack().await;
         match serde_json::from_slice::<Cancellation>(delivery.body()) {
             Ok(c) if c.validate().is_ok() => {
                 debug!(cancel = %c.id, "cancellation read");
@@ -375,7 +373,6 @@ pub async fn feed(
             Ok(c) => warn!(cancel = %c.id, "ignoring an invalid cancellation"),
             Err(e) => warn!(error = %e, "ignoring an undecodable cancellation"),
         }
-        let _ = delivery.ack().await;
     }
     consumer.cancel();
     Ok(())
