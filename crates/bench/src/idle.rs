@@ -58,18 +58,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let binary = match &args.sandfleet {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("locating this binary")?
-            .with_file_name("sandfleet"),
-    };
-    if !binary.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p sandfleet-cli` (or pass --sandfleet)",
-            binary.display()
-        );
-    }
+    let binary = sandfleet_binary(args.sandfleet.as_deref())?;
     let run_id = std::process::id();
     let local = measure(
         &args,
@@ -114,6 +103,24 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// The `sandfleet` binary operators run: `given`, or the one beside this
+/// benchmark (built with `cargo build --release -p sandfleet-cli`).
+pub(crate) fn sandfleet_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let binary = match given {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .context("locating this binary")?
+            .with_file_name("sandfleet"),
+    };
+    if !binary.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p sandfleet-cli` (or pass --sandfleet)",
+            binary.display()
+        );
+    }
+    Ok(binary)
 }
 
 fn print_reading(label: &str, r: &Reading) {

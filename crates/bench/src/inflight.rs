@@ -1,6 +1,7 @@
-//! `sandfleet-bench inflight`: one worker process, the Kubernetes executor
-//! on kube-sim, `--tasks` sandboxes that run until deleted (pods scripted
-//! `Hang`), all in flight at once.
+//! `sandfleet-bench inflight`: one worker process — `sandfleet worker`, the
+//! release binary beside this one that operators run — with the Kubernetes
+//! executor on kube-sim, `--tasks` sandboxes that run until deleted (pods
+//! scripted `Hang`), all in flight at once.
 //!
 //! Measured on the worker process, from `/proc/<pid>/status`: RSS once
 //! `/readyz` answers 200 (connected, watchers synced, nothing in flight),
@@ -52,6 +53,10 @@ pub(crate) struct InflightArgs {
     /// Time between two enqueues, in milliseconds.
     #[arg(long, default_value_t = 5)]
     interval_ms: u64,
+    /// The `sandfleet` binary whose `worker` is measured; default: the one
+    /// beside this binary.
+    #[arg(long)]
+    sandfleet: Option<std::path::PathBuf>,
     /// Broker URL.
     #[arg(
         long,
@@ -66,6 +71,7 @@ pub(crate) async fn run(args: InflightArgs) -> anyhow::Result<()> {
     if args.tasks == 0 {
         bail!("--tasks must be at least 1");
     }
+    let binary = crate::idle::sandfleet_binary(args.sandfleet.as_deref())?;
     let run_id = std::process::id();
     let sim = KubeSim::start(SimOptions::default())
         .await
@@ -78,7 +84,6 @@ pub(crate) async fn run(args: InflightArgs) -> anyhow::Result<()> {
     let mut settings = Settings::default();
     settings.amqp.url = args.url.clone();
     settings.topology.prefix = format!("sfbench-{run_id}-inflight");
-    settings.topology.retry_delays_secs = vec![1, 2, 5];
     settings.worker.concurrency = args.tasks;
     settings.worker.executor = ExecutorKind::Kubernetes;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -91,7 +96,16 @@ pub(crate) async fn run(args: InflightArgs) -> anyhow::Result<()> {
     let amqp = Amqp::connect(&settings.amqp, "bench").await?;
     let topology = Topology::new(&settings.topology);
     topology.apply(&amqp).await?;
-    let out = measure(&args, &settings, &amqp, &topology, &sim, &kubeconfig).await;
+    let out = measure(
+        &args,
+        &binary,
+        &settings,
+        &amqp,
+        &topology,
+        &sim,
+        &kubeconfig,
+    )
+    .await;
     let _ = topology.delete(&amqp).await;
     amqp.close();
     let _ = std::fs::remove_file(&kubeconfig);
@@ -152,6 +166,7 @@ struct Figures {
 
 async fn measure(
     args: &InflightArgs,
+    binary: &std::path::Path,
     settings: &Settings,
     amqp: &Amqp,
     topology: &Topology,
@@ -159,7 +174,7 @@ async fn measure(
     kubeconfig: &std::path::Path,
 ) -> anyhow::Result<Figures> {
     let producer = Producer::with_amqp(amqp, topology.clone(), Limits::default(), false).await?;
-    let worker = WorkerProcess::spawn(settings, false, Some(kubeconfig))?;
+    let worker = WorkerProcess::spawn_sandfleet(binary, settings, Some(kubeconfig))?;
     let http = settings.worker.http_addr.clone();
     let deadline = Instant::now() + PHASE_DEADLINE;
     while http_status(&http, "/readyz").await != Some(200) {

@@ -286,6 +286,43 @@ impl WorkerProcess {
         Ok(WorkerProcess { _child: child, pid })
     }
 
+    /// `sandfleet worker` from `binary`, the process operators run, with
+    /// the parts of `settings` a worker benchmark sets (broker, prefix,
+    /// concurrency, executor, HTTP address, namespace) as its flags and
+    /// `SANDFLEET__*` variables; everything else at its default.
+    pub(crate) fn spawn_sandfleet(
+        binary: &std::path::Path,
+        settings: &Settings,
+        kubeconfig: Option<&std::path::Path>,
+    ) -> anyhow::Result<WorkerProcess> {
+        let executor = match settings.worker.executor {
+            ExecutorKind::Kubernetes => "kubernetes",
+            ExecutorKind::Local => "local",
+        };
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.args(["--amqp-url", &settings.amqp.url])
+            .args(["--prefix", &settings.topology.prefix])
+            .args(["--log", "warn", "worker"])
+            .args(["--http-addr", &settings.worker.http_addr])
+            .args(["--concurrency", &settings.worker.concurrency.to_string()])
+            .args(["--executor", executor])
+            .env(
+                "SANDFLEET__SANDBOX__KUBERNETES__NAMESPACE",
+                &settings.sandbox.kubernetes.namespace,
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(k) = kubeconfig {
+            cmd.env("KUBECONFIG", k);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {} worker", binary.display()))?;
+        let pid = child.id().context("worker pid")?;
+        Ok(WorkerProcess { _child: child, pid })
+    }
+
     /// User + system CPU of the process so far.
     fn cpu(&self) -> Duration {
         crate::procfs::cpu_of(self.pid)
