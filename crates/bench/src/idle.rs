@@ -18,7 +18,8 @@ use anyhow::{Context, bail};
 use sandfleet_amqp::{Amqp, Topology};
 use sandfleet_kube_sim::{KubeSim, SimOptions};
 use sandfleet_settings::Settings;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::inflight::http_status;
 
 /// How long a worker may take to become ready.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
@@ -232,18 +233,13 @@ async fn one(
 }
 
 fn read_status(pid: u32) -> Option<Reading> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    };
+    let [rss, anon, file, threads] =
+        crate::procfs::status_fields(pid, ["VmRSS:", "RssAnon:", "RssFile:", "Threads:"])?;
     Some(Reading {
-        rss: field("VmRSS:")?,
-        anon: field("RssAnon:")?,
-        file: field("RssFile:")?,
-        threads: field("Threads:")?,
+        rss,
+        anon,
+        file,
+        threads,
     })
 }
 
@@ -251,21 +247,4 @@ fn read_status(pid: u32) -> Option<Reading> {
 fn free_addr() -> anyhow::Result<String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.to_string())
-}
-
-/// The status code of `GET path` on `addr`, or `None` when it cannot be had.
-async fn http_status(addr: &str, path: &str) -> Option<u16> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let head = String::from_utf8_lossy(&buf);
-    head.split_whitespace().nth(1)?.parse().ok()
 }

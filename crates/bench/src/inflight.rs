@@ -292,7 +292,7 @@ async fn measure(
 }
 
 /// The status code of `GET path` on `addr`, or `None` when it cannot be had.
-async fn http_status(addr: &str, path: &str) -> Option<u16> {
+pub(crate) async fn http_status(addr: &str, path: &str) -> Option<u16> {
     http_get(addr, path).await.map(|(status, _)| status)
 }
 
@@ -326,7 +326,7 @@ fn histogram_quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
 }
 
 /// Status and body of `GET path` on `addr`, or `None` when they cannot be had.
-async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+pub(crate) async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),

@@ -32,6 +32,13 @@ pub(crate) fn cpu_with_children(pid: u32) -> Duration {
 /// Resident set size and its high-water mark of process `pid`, in KiB
 /// (`VmRSS`, `VmHWM` of `/proc/<pid>/status`).
 pub(crate) fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let [rss, hwm] = status_fields(pid, ["VmRSS:", "VmHWM:"])?;
+    Some((rss, hwm))
+}
+
+/// The numeric fields `names` (with their colon) of `/proc/<pid>/status`,
+/// in that order; sizes are in KiB. `None` when one is missing.
+pub(crate) fn status_fields<const N: usize>(pid: u32, names: [&str; N]) -> Option<[u64; N]> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
         status
@@ -39,5 +46,9 @@ pub(crate) fn rss_kib(pid: u32) -> Option<(u64, u64)> {
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
     };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    let mut out = [0; N];
+    for (slot, name) in out.iter_mut().zip(names) {
+        *slot = field(name)?;
+    }
+    Some(out)
 }
