@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt as _;
+use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::watcher;
 use sandfleet_sandbox::session::kubernetes::pool::ClaimOutcome;
 use sandfleet_sandbox::session::kubernetes::{SESSION_SELECTOR, SessionMeta, pod};
@@ -196,10 +197,18 @@ impl Pools {
         lock(&self.sessions).remove(&id.0);
     }
 
-    /// Counts Job `name` as a live session of `owner`, or stops counting it
+    /// Counts `job` as a live session of its owner, or stops counting it
     /// (no owner: a member not claimed yet; or ended).
-    fn count(&self, name: Option<&String>, owner: Option<&String>, ended: bool) {
-        let Some(name) = name else { return };
+    fn count(&self, job: &Job) {
+        let Some(name) = job.metadata.name.as_ref() else {
+            return;
+        };
+        let owner = job
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_OWNER));
+        let ended = pod::job_ended(job);
         let mut sessions = lock(&self.sessions);
         match owner {
             Some(o) if !ended => {
@@ -323,14 +332,7 @@ impl Pools {
             match event {
                 Ok(watcher::Event::Apply(job)) => {
                     lock(&self.index).apply(&job);
-                    self.count(
-                        job.metadata.name.as_ref(),
-                        job.metadata
-                            .labels
-                            .as_ref()
-                            .and_then(|l| l.get(LABEL_OWNER)),
-                        pod::job_ended(&job),
-                    );
+                    self.count(&job);
                 }
                 Ok(watcher::Event::Delete(job)) => {
                     if let Some(name) = job.metadata.name.as_deref() {
@@ -345,14 +347,7 @@ impl Pools {
                     lock(&self.index).reset(listing.iter());
                     lock(&self.sessions).clear();
                     for job in &listing {
-                        self.count(
-                            job.metadata.name.as_ref(),
-                            job.metadata
-                                .labels
-                                .as_ref()
-                                .and_then(|l| l.get(LABEL_OWNER)),
-                            pod::job_ended(job),
-                        );
+                        self.count(job);
                     }
                     listing.clear();
                     self.synced.store(true, Ordering::Relaxed);
