@@ -602,25 +602,7 @@ async fn connections_negotiate_the_configured_heartbeat() {
         Ok(a) => a,
         Err(e) => panic!("RabbitMQ is not reachable ({e}); this test needs it"),
     };
-    wait_visible(&amqp, &format!("{p}-conn")).await;
-    let all: Vec<serde_json::Value> = reqwest::Client::new()
-        .get(format!("{}/api/connections", amqp.management().base_url()))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ours: Vec<_> = all
-        .iter()
-        .filter(|c| {
-            c["client_properties"]["connection_name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with(&format!("{p}-conn")))
-        })
-        .collect();
-    assert!(!ours.is_empty());
+    let ours = connections_as_listed(&amqp, &format!("{p}-conn")).await;
     for c in ours {
         assert_eq!(c["timeout"], 7, "heartbeat of {}", c["name"]);
         assert_eq!(c["client_properties"]["product"], "sandfleet");
@@ -652,25 +634,7 @@ async fn connections_use_small_frames_and_large_bodies_arrive_whole() {
 
     // The idle worker's memory depends on it: lapin keeps 32 frames of
     // buffer per direction and connection.
-    wait_visible(&amqp, &format!("{p}-conn")).await;
-    let all: Vec<serde_json::Value> = reqwest::Client::new()
-        .get(format!("{}/api/connections", amqp.management().base_url()))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ours: Vec<_> = all
-        .iter()
-        .filter(|c| {
-            c["client_properties"]["connection_name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with(&format!("{p}-conn")))
-        })
-        .collect();
-    assert!(!ours.is_empty());
+    let ours = connections_as_listed(&amqp, &format!("{p}-conn")).await;
     for c in ours {
         assert_eq!(c["frame_max"], 16 * 1024, "frame_max of {}", c["name"]);
     }

@@ -122,6 +122,31 @@ pub async fn wait_visible(amqp: &Amqp, prefix: &str) {
     panic!("connection {prefix}* never showed up in the management API");
 }
 
+/// The management API's view of the connections named `prefix*` (at least
+/// one: waits until they are listed).
+pub async fn connections_as_listed(amqp: &Amqp, prefix: &str) -> Vec<serde_json::Value> {
+    wait_visible(amqp, prefix).await;
+    let all: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!("{}/api/connections", amqp.management().base_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ours: Vec<_> = all
+        .into_iter()
+        .filter(|c| {
+            c["client_properties"]["connection_name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .collect();
+    assert!(!ours.is_empty());
+    ours
+}
+
 /// Closes every connection named `prefix*`, waiting until at least one is visible.
 pub async fn close_connections(amqp: &Amqp, prefix: &str) -> usize {
     wait_visible(amqp, prefix).await;
