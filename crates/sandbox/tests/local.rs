@@ -61,6 +61,18 @@ fn run_dir(base: &Path) -> Option<std::path::PathBuf> {
         .map(|e| e.path())
 }
 
+/// The pid a step wrote to `file` in the workspace of the one run under
+/// `base`, once both exist.
+async fn workspace_pid(base: &Path, file: &str) -> u32 {
+    let ws = loop {
+        if let Some(run) = run_dir(base) {
+            break run.join("workspace");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    wait_for_file(&ws.join(file)).await.trim().parse().unwrap()
+}
+
 async fn wait_for_file(path: &Path) -> String {
     for _ in 0..500 {
         if let Ok(s) = std::fs::read_to_string(path)
@@ -172,19 +184,7 @@ async fn overall_deadline_kills_everything() {
     let started = Instant::now();
     let ctx = ctx();
     let run = exec.run(&task, 1, &ctx);
-    let (result, gc) = tokio::join!(run, async {
-        let ws = loop {
-            if let Some(ws) = run_dir(dir.path()) {
-                break ws.join("workspace");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        wait_for_file(&ws.join("gc.pid"))
-            .await
-            .trim()
-            .parse::<u32>()
-            .unwrap()
-    });
+    let (result, gc) = tokio::join!(run, workspace_pid(dir.path(), "gc.pid"));
     let exec = result.unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(6),
@@ -232,19 +232,10 @@ async fn a_step_past_its_timeout_is_stopped_with_its_process_group() {
     .unwrap();
     let started = Instant::now();
     let ctx = ctx();
-    let (result, gc) = tokio::join!(exec.run(&task, 1, &ctx), async {
-        let ws = loop {
-            if let Some(ws) = run_dir(dir.path()) {
-                break ws.join("workspace");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        wait_for_file(&ws.join("gc.pid"))
-            .await
-            .trim()
-            .parse::<u32>()
-            .unwrap()
-    });
+    let (result, gc) = tokio::join!(
+        exec.run(&task, 1, &ctx),
+        workspace_pid(dir.path(), "gc.pid")
+    );
     let r = result.unwrap();
     let took = started.elapsed();
     assert!(
@@ -278,17 +269,7 @@ async fn dropping_the_run_leaves_nothing_running() {
     })
     .unwrap();
     let handle = tokio::spawn(async move { exec.run(&task, 1, &ctx()).await });
-    let ws = loop {
-        if let Some(ws) = run_dir(dir.path()) {
-            break ws.join("workspace");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let gc: u32 = wait_for_file(&ws.join("gc.pid"))
-        .await
-        .trim()
-        .parse()
-        .unwrap();
+    let gc = workspace_pid(dir.path(), "gc.pid").await;
     handle.abort();
     assert!(handle.await.unwrap_err().is_cancelled());
     for _ in 0..100 {
