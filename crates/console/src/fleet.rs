@@ -365,14 +365,20 @@ impl Fleet {
                 error,
             });
         }
-        let (workers, fair_texts) = futures::future::join(
-            futures::future::join_all(config.workers.iter().map(|u| workers::probe(client, u))),
-            futures::future::join_all(config.workers.iter().map(|u| metrics_text(client, u))),
+        let probed = futures::future::join_all(
+            config
+                .workers
+                .iter()
+                .map(|u| workers::probe_with_metrics(client, u)),
         )
         .await;
         let mut fair = BTreeMap::new();
-        for text in fair_texts.into_iter().flatten() {
-            add_rows(&mut fair, fair_rows(&text));
+        let mut workers = Vec::with_capacity(probed.len());
+        for (status, metrics) in probed {
+            if let Some(text) = metrics {
+                add_rows(&mut fair, fair_rows(&text));
+            }
+            workers.push(status);
         }
         let sessions = match &config.sessions {
             None => Sessions::NotConfigured,
@@ -393,19 +399,6 @@ impl Fleet {
             recent: self.recent(10),
         }
     }
-}
-
-/// A worker's `/metrics` text; `None` when it did not answer.
-async fn metrics_text(client: &reqwest::Client, url: &str) -> Option<String> {
-    let resp = client
-        .get(format!("{}/metrics", workers::base_url(url)))
-        .send()
-        .await
-        .ok()?;
-    if !resp.status().is_success() {
-        return None;
-    }
-    resp.text().await.ok()
 }
 
 async fn refresh(

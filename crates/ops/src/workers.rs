@@ -56,6 +56,15 @@ pub fn base_url(url: &str) -> String {
 
 /// Asks one worker's `/readyz`, `/metrics` and `/tasks`.
 pub async fn probe(client: &reqwest::Client, url: &str) -> WorkerStatus {
+    probe_with_metrics(client, url).await.0
+}
+
+/// [`probe`], and the `/metrics` text it read (`None` when the worker could
+/// not be reached or did not answer it), for callers that read more of it.
+pub async fn probe_with_metrics(
+    client: &reqwest::Client,
+    url: &str,
+) -> (WorkerStatus, Option<String>) {
     let base = base_url(url);
     let mut status = WorkerStatus {
         url: url.to_owned(),
@@ -77,17 +86,20 @@ pub async fn probe(client: &reqwest::Client, url: &str) -> WorkerStatus {
         }
         Err(e) => {
             status.error = Some(format!("GET {base}/readyz: {e}"));
-            return status;
+            return (status, None);
         }
     }
+    let mut metrics = None;
     if let Ok(resp) = client.get(format!("{base}/metrics")).send().await
+        && resp.status().is_success()
         && let Ok(text) = resp.text().await
     {
         status.breaker = metric_value(&text, "sandfleet_breaker_state").map(breaker_name);
         status.in_flight = metric_value(&text, "sandfleet_tasks_in_flight").map(|v| v as u64);
+        metrics = Some(text);
     }
     status.running = running(client, url).await.ok();
-    status
+    (status, metrics)
 }
 
 /// The attempts a worker runs now, from its `/tasks`.
