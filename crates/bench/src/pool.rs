@@ -397,20 +397,20 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
         warm.ids.len()
     );
     let r = |v: f64| (v * 10.0).round() / 10.0;
-    println!(
-        "{}",
-        serde_json::json!({
-            "bench": "pool",
-            "claim_p50_ms": r(pct(&warm.ms, 0.5)),
-            "claim_p99_ms": r(pct(&warm.ms, 0.99)),
-            "cold_p95_ms": r(pct(&cold.ms, 0.95)),
-            "empty_pool_p95_ms": r(pct(&empty.ms, 0.95)),
-            "double_claims": double_claims,
-            "api_writes_per_session": r(writes_per_session),
-            "claims": a.claims,
-            "warm_hits": warm_hits,
-            "pod_start_ms": a.pod_start_ms,
-        })
-    );
+    // The last line: "bench" first and the keys in its order, then
+    // the run's shape (`json!` would sort the keys).
+    let fields: [(&str, serde_json::Value); 9] = [
+        ("claim_p50_ms", r(pct(&warm.ms, 0.5)).into()),
+        ("claim_p99_ms", r(pct(&warm.ms, 0.99)).into()),
+        ("cold_p95_ms", r(pct(&cold.ms, 0.95)).into()),
+        ("empty_pool_p95_ms", r(pct(&empty.ms, 0.95)).into()),
+        ("double_claims", double_claims.into()),
+        ("api_writes_per_session", r(writes_per_session).into()),
+        ("claims", a.claims.into()),
+        ("warm_hits", warm_hits.into()),
+        ("pod_start_ms", a.pod_start_ms.into()),
+    ];
+    let fields: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+    println!("{{\"bench\":\"pool\",{}}}", fields.join(","));
     Ok(())
 }
