@@ -13,21 +13,23 @@
 //!
 //! ## A sandbox dies with its worker
 //!
-//! The script runs in a process group of its own and each step in a session
-//! of its own, so nothing the kernel does on the worker's death reaches them,
-//! and `kill_on_drop` only runs on a clean drop. So the script's stdin is a
-//! pipe whose write end only the worker holds (close-on-exec, so no other
-//! child inherits it): when the worker dies — SIGKILL, a panic, a forced exit
-//! — the kernel closes it, and a watcher inside the script
-//! ([`ScriptOptions::watch_parent`]) reads end of file, stops the step and the
-//! script, removes the run directory and kills the script's process group.
-//! A pipe works with every shell and needs no `unsafe` `pre_exec`; the usual
-//! alternative, `PR_SET_PDEATHSIG` (bubblewrap's `--die-with-parent`), fires
-//! when the *thread* that spawned the child exits, which in a tokio runtime
-//! is not the worker's death, and reaches only one process, not the step's
-//! session. What the watcher cannot reach is a step that leaves its session on
-//! purpose (a daemon that calls `setsid` again): the Kubernetes executor is
-//! the containment boundary, the local one a convenience.
+//! The script runs in a process group of its own, and its steps in that
+//! group too ([`ScriptOptions::executor_watchdog`]), so nothing the kernel
+//! does on the worker's death reaches them, and `kill_on_drop` only runs on a
+//! clean drop. So each executor starts one parent watcher ([`watcher`]): a
+//! small `sh` reading a pipe whose write end only the worker holds
+//! (close-on-exec, so no other child inherits it), told the name of each run
+//! before its script starts. When the worker dies — SIGKILL, a panic, a
+//! forced exit — the kernel closes the pipe, and the watcher reads end of
+//! file, kills the process group of every run that is still there and
+//! removes their run directories. A pipe works with every shell and needs no
+//! `unsafe` `pre_exec`; the usual alternative, `PR_SET_PDEATHSIG`
+//! (bubblewrap's `--die-with-parent`), fires when the *thread* that spawned
+//! the child exits, which in a tokio runtime is not the worker's death, and
+//! reaches only one process, not the sandbox's group. What the watcher cannot
+//! reach is a step that leaves the group on purpose (a daemon that calls
+//! `setsid`): the Kubernetes executor is the containment boundary, the local
+//! one a convenience.
 //!
 //! Runs whose watcher could not clean up (the whole process tree killed at
 //! once, a reboot) are removed by the next executor that starts on the same
@@ -44,6 +46,7 @@
 //! the executor measures it every second and stops the run when it passes.
 
 mod watchdog;
+mod watcher;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -57,7 +60,7 @@ use chrono::Utc;
 use rustix::process::{Pid, Signal, kill_process, kill_process_group};
 use sandfleet_proto::{Outcome, Task, TaskId};
 use sandfleet_settings::LocalSettings;
-use tokio::process::{ChildStdin, Command};
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -65,9 +68,8 @@ use crate::classify::{self, LocalEnd};
 use crate::executor::{ExecError, Execution, Executor, RunContext};
 use crate::report;
 use crate::rundir::{self, RunDir};
-use crate::script::{
-    self, ENV_LOCAL_RUN_DIR, ENV_STATE_DIR, ENV_TERMINATION_LOG, ENV_WORKSPACE, ScriptOptions,
-};
+use crate::script::{self, ENV_STATE_DIR, ENV_TERMINATION_LOG, ENV_WORKSPACE, ScriptOptions};
+use watcher::ParentWatcher;
 
 /// `PATH` of the script: fixed, so a worker's own PATH (version-manager shims
 /// and the like) does not leak into sandboxes.
@@ -81,7 +83,8 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Longest wait for the dying sandbox of a dead worker's run of the same
-/// task (its watcher needs the script's grace period and a little more).
+/// task (its watcher kills it at once, or within a few seconds for a run
+/// whose group was not recorded yet).
 const ORPHAN_WAIT: Duration = Duration::from_secs(15);
 
 type RunKey = (TaskId, u32);
@@ -95,10 +98,8 @@ pub struct LocalExecutor {
     /// Block size of the shell's `ulimit -f`, measured once (else each
     /// script would measure it with a subshell).
     file_block_bytes: Option<u64>,
-    /// `setsid` is installed: steps run in sessions of their own, so the
-    /// executor can be their watchdog ([`watchdog`]); else the script's
-    /// watchdog stops a step's process tree itself.
-    has_setsid: bool,
+    /// Kills this executor's sandboxes when its process dies.
+    watcher: Arc<ParentWatcher>,
     running: Arc<Mutex<HashMap<RunKey, CancellationToken>>>,
 }
 
@@ -146,13 +147,18 @@ impl LocalExecutor {
             }
         }
         let file_block_bytes = measure_block_bytes(Path::new(&settings.shell), &base);
-        let has_setsid = std::env::split_paths(SANDBOX_PATH).any(|d| d.join("setsid").is_file());
+        let watcher = ParentWatcher::start(Path::new(&settings.shell), &base).map_err(|e| {
+            ExecError::Config(format!(
+                "starting the local executor's parent watcher in {}: {e}",
+                settings.shell
+            ))
+        })?;
         Ok(LocalExecutor {
             settings,
             base,
             bwrap,
             file_block_bytes,
-            has_setsid,
+            watcher: Arc::new(watcher),
             running: Arc::default(),
         })
     }
@@ -236,26 +242,16 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 }
 
 /// Kills what a run may have left behind when it is dropped or finished:
-/// the running step's process group (steps run in sessions of their own)
-/// and the script's process group.
-///
-/// It also holds the write end of the script's stdin: the field is dropped
-/// after `drop` has killed the groups, so the script's parent watcher (which
-/// would remove the run directory on end of file) is dead before the pipe
-/// closes.
+/// the sandbox's process group, which holds the script, its steps and what
+/// they left running.
 struct ProcessGuard {
     pgid: Option<Pid>,
-    state: PathBuf,
     key: RunKey,
     running: Arc<Mutex<HashMap<RunKey, CancellationToken>>>,
-    lifeline: Option<ChildStdin>,
 }
 
 impl ProcessGuard {
     fn kill_all(&self) {
-        if let Some(step) = read_pid(&self.state.join("step.pid")) {
-            let _ = kill_process_group(step, Signal::KILL);
-        }
         if let Some(pgid) = self.pgid {
             let _ = kill_process_group(pgid, Signal::KILL);
         }
@@ -298,8 +294,7 @@ impl Executor for LocalExecutor {
         let opts = ScriptOptions {
             max_file_bytes: Some(self.settings.max_file_bytes),
             file_block_bytes: self.file_block_bytes,
-            watch_parent: true,
-            executor_watchdog: self.has_setsid,
+            executor_watchdog: true,
             ..ScriptOptions::for_budget(task, budget)
         };
         let script = script::generate(task, attempt, &opts)?;
@@ -308,8 +303,8 @@ impl Executor for LocalExecutor {
         // A redelivery after a worker's death may arrive while that worker's
         // sandbox is still being stopped by its watcher: wait for it, so the
         // two never run at once (workers sharing this work dir).
-        let dir = create_run_dir(&self.base, &task_hex, attempt).await?;
-        let dir = DropOffThread(Some(dir));
+        let dir = create_run_dir(&self.base, &task_hex, attempt, &self.watcher).await?;
+        let dir = DropOffThread(Some(dir), self.watcher.clone());
         let workspace = dir.path().join("workspace");
         let state = dir.path().join("state");
         let token = CancellationToken::new();
@@ -326,13 +321,12 @@ impl Executor for LocalExecutor {
             }
             running.insert(key, token.clone());
         }
-        // Declared after `dir`, so it is dropped first: it reads `state/step.pid`.
+        // Declared after `dir`, so it is dropped first: the sandbox is
+        // killed before its directory is removed.
         let mut guard = ProcessGuard {
             pgid: None,
-            state: state.clone(),
             key,
             running: self.running.clone(),
-            lifeline: None,
         };
         let summary_path = state.join("summary");
         // The script's stdout and stderr: one pipe, read as it comes.
@@ -346,9 +340,7 @@ impl Executor for LocalExecutor {
             .env(ENV_WORKSPACE, &workspace)
             .env(ENV_STATE_DIR, &state)
             .env(ENV_TERMINATION_LOG, &summary_path)
-            .env(ENV_LOCAL_RUN_DIR, dir.path())
-            // The lifeline: see the module docs.
-            .stdin(Stdio::piped())
+            .stdin(Stdio::null())
             .stdout(Stdio::from(out_write.try_clone()?))
             .stderr(Stdio::from(out_write))
             .process_group(0)
@@ -359,6 +351,7 @@ impl Executor for LocalExecutor {
         // Our copies of the pipe's write end go with the command, so the
         // read end sees end of file once the script's processes are done.
         drop(cmd);
+        guard.pgid = child.id().and_then(|id| Pid::from_raw(id as i32));
         let out = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(out_read))?;
         let watchdog = opts.executor_watchdog.then(|| {
             watchdog::Watchdog::new(
@@ -377,10 +370,9 @@ impl Executor for LocalExecutor {
             log_cap,
             watchdog,
             state.clone(),
+            guard.pgid,
             stop_reading.clone(),
         )));
-        guard.pgid = child.id().and_then(|id| Pid::from_raw(id as i32));
-        guard.lifeline = child.stdin.take();
         if let Some(pgid) = guard.pgid {
             // Tells a sweep or a redelivery whether this sandbox still lives
             // once this worker is gone.
@@ -434,9 +426,14 @@ impl Executor for LocalExecutor {
         let sandbox = dir.path_display();
         let mut dir = dir;
         let run_dir = dir.0.take();
+        let watcher = self.watcher.clone();
         let (summary_text, _) = tokio::task::spawn_blocking(move || {
             let summary = read_bounded(&summary_path, 8 * 1024);
-            drop(run_dir);
+            if let Some(d) = run_dir {
+                let name = run_name(&d);
+                drop(d);
+                watcher.forget(&name);
+            }
             summary
         })
         .await
@@ -496,11 +493,18 @@ impl Executor for LocalExecutor {
 /// check and the creation are one trip to the blocking pool: file-system
 /// work stays off the async threads (a slow disk must not stall the other
 /// tasks of this worker), and each trip costs two thread switches.
-async fn create_run_dir(base: &Path, task_hex: &str, attempt: u32) -> std::io::Result<RunDir> {
+/// The parent watcher is told about the run there too, before its script
+/// can start.
+async fn create_run_dir(
+    base: &Path,
+    task_hex: &str,
+    attempt: u32,
+    watcher: &Arc<ParentWatcher>,
+) -> std::io::Result<RunDir> {
     let start = tokio::time::Instant::now();
     let mut wait = true;
     loop {
-        let (b, t) = (base.to_owned(), task_hex.to_owned());
+        let (b, t, w) = (base.to_owned(), task_hex.to_owned(), watcher.clone());
         let made =
             tokio::task::spawn_blocking(move || -> std::io::Result<Result<RunDir, usize>> {
                 if wait {
@@ -512,6 +516,11 @@ async fn create_run_dir(base: &Path, task_hex: &str, attempt: u32) -> std::io::R
                 let dir = RunDir::create(&b, &t, attempt)?;
                 std::fs::DirBuilder::new().create(dir.path().join("workspace"))?;
                 std::fs::DirBuilder::new().create(dir.path().join("state"))?;
+                let name = run_name(&dir);
+                if let Err(e) = w.watch(&name) {
+                    w.forget(&name);
+                    return Err(e);
+                }
                 Ok(Ok(dir))
             })
             .await
@@ -531,9 +540,18 @@ async fn create_run_dir(base: &Path, task_hex: &str, attempt: u32) -> std::io::R
     }
 }
 
+/// The name of a run's directory under the base.
+fn run_name(dir: &RunDir) -> String {
+    dir.path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// A run directory that is removed off the async threads when dropped on
 /// an early return (a failed spawn); the normal end removes it explicitly.
-struct DropOffThread(Option<RunDir>);
+/// The parent watcher forgets it once it is gone.
+struct DropOffThread(Option<RunDir>, Arc<ParentWatcher>);
 
 impl DropOffThread {
     fn path(&self) -> &Path {
@@ -548,11 +566,17 @@ impl DropOffThread {
 impl Drop for DropOffThread {
     fn drop(&mut self) {
         if let Some(dir) = self.0.take() {
+            let watcher = self.1.clone();
+            let remove = move || {
+                let name = run_name(&dir);
+                drop(dir);
+                watcher.forget(&name);
+            };
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
-                    rt.spawn_blocking(move || drop(dir));
+                    rt.spawn_blocking(remove);
                 }
-                Err(_) => drop(dir),
+                Err(_) => remove(),
             }
         }
     }

@@ -21,7 +21,9 @@
 //!    `setsid` the watchdog stops and kills the step's process tree through
 //!    `/proc/<pid>/task/*/children`. (`set -m` would be the textbook way, but
 //!    dash and busybox refuse job control without a terminal, which pods and
-//!    the local executor never have.)
+//!    the local executor never have.) The local executor starts no `setsid`:
+//!    it keeps the steps in the script's process group and is their watchdog
+//!    ([`ScriptOptions::executor_watchdog`]).
 //! 3. Captures each step's output in a file under `$SANDFLEET_STATE_DIR`, then
 //!    prints its tail between marker lines, with an explicit truncation line
 //!    ([`TRUNCATION_PREFIX`]) when output was dropped.
@@ -37,9 +39,8 @@
 //! Two options serve the local executor, which has no kubelet around it:
 //! [`ScriptOptions::max_file_bytes`] caps every file a step writes (its
 //! captured output included) with `ulimit -f`, and
-//! [`ScriptOptions::watch_parent`] makes the sandbox die with its executor:
-//! the script's stdin is a pipe only the executor holds, and a watcher in the
-//! script stops everything when it reads end of file.
+//! [`ScriptOptions::executor_watchdog`] leaves the steps' timeouts to the
+//! executor, which also keeps the steps in the script's process group.
 //!
 //! [`parse_summary`] and [`parse_log`] read the two channels back.
 
@@ -56,12 +57,6 @@ pub const ENV_TERMINATION_LOG: &str = "SANDFLEET_TERMINATION_LOG";
 pub const ENV_STATE_DIR: &str = "SANDFLEET_STATE_DIR";
 /// Environment variable holding the script itself (pods run `$SANDFLEET_SCRIPT`).
 pub const ENV_SCRIPT: &str = "SANDFLEET_SCRIPT";
-/// Environment variable holding the local executor's run directory, which
-/// the parent watcher removes when the executor is gone
-/// ([`ScriptOptions::watch_parent`]). The executor sets it last, so a task
-/// value of the same name never reaches the script.
-pub const ENV_LOCAL_RUN_DIR: &str = "SANDFLEET_LOCAL_RUN_DIR";
-
 /// Most steps a task may have: keeps the summary inside the kubelet's
 /// 4096-byte termination message (one line of at most ~30 bytes per step).
 pub const MAX_STEPS: usize = 120;
@@ -98,21 +93,22 @@ pub struct ScriptOptions {
     /// once per shell). `None`: the script measures it itself, at the cost of
     /// a subshell per run.
     pub file_block_bytes: Option<u64>,
-    /// The script's stdin is a pipe whose write end only the executor holds
-    /// (the local executor). End of file on it means the executor is gone,
-    /// however it died (SIGKILL included): the script's watcher then stops
-    /// the running step and the script, removes `$SANDFLEET_LOCAL_RUN_DIR`
-    /// (and its `.lock`) when set, and kills the script's process group.
-    /// Off in pods, whose stdin is not a pipe and whose life the kubelet owns.
-    pub watch_parent: bool,
     /// The executor enforces each step's timeout itself, so the script
     /// starts no watchdog (a subshell and a `sleep` per step). The executor
     /// reads the script's stdout as it comes, starts a step's clock at its
     /// `step <i> begin` marker and, when the timeout passes, creates
     /// `$SANDFLEET_STATE_DIR/timeout.<i>` (the script then records the step
     /// as `timeout`), sends TERM to the process group named in
-    /// `$SANDFLEET_STATE_DIR/step.pid` and KILL after the grace period: what
-    /// the watchdog does. Needs `setsid`, which makes that pid a group.
+    /// `$SANDFLEET_STATE_DIR/step.pid` (and every process that step
+    /// started) and KILL after the grace period: what the watchdog does.
+    ///
+    /// The steps then also stay in the script's process group instead of
+    /// a session of their own (no `setsid`, a program start per step): the
+    /// executor finds a step's processes in that group (all but the script
+    /// and the script's own children other than the step), and killing the
+    /// group kills the whole sandbox. What a step leaves running in the
+    /// background after it ends lives on until the task ends, as where the
+    /// image has no `setsid`.
     /// The local executor only; off in pods, which have no executor beside them.
     pub executor_watchdog: bool,
 }
@@ -137,7 +133,6 @@ impl ScriptOptions {
             kill_grace_secs: 2,
             max_file_bytes: None,
             file_block_bytes: None,
-            watch_parent: false,
             executor_watchdog: false,
         }
     }
@@ -298,7 +293,7 @@ sf_t=0
 sf_fblocks=
 sf_fcap=
 sf_ext_wd=
-if command -v setsid >/dev/null 2>&1; then sf_setsid=setsid; else sf_setsid=; fi
+sf_setsid=
 
 # A monotonic clock in milliseconds in sf_t. /proc/uptime (10 ms steps)
 # is read by a builtin; where it is missing, `date` (since the epoch,
@@ -443,46 +438,6 @@ sf_file_limit() {
   sf_fcap=$(( sf_fblocks * sf_u ))
 }
 
-# Local executor only: stdin is a pipe whose write end only the executor
-# holds, so end of file on it means the executor is gone, even SIGKILLed.
-# Then: TERM the script (its trap kills the step's group and records it),
-# make sure after the grace period, remove the run directory, and kill this
-# process group, the watcher included. The watcher stays in the group until
-# the executor kills the group, which keeps the group's id from being reused.
-sf_watch_kill_step() {
-  sf_p=
-  read -r sf_p <"$sf_state/step.pid" 2>/dev/null
-  if [ -n "$sf_p" ]; then
-    kill -s KILL -- "-$sf_p" 2>/dev/null || kill -s KILL "-$sf_p" 2>/dev/null
-  fi
-}
-
-sf_watch_parent() {
-  exec 3<&0
-  # An asynchronous list gets /dev/null as stdin unless it redirects it.
-  (
-    trap '' TERM INT HUP
-    # Out of the run directory: a process whose cwd is in it makes its
-    # removal wait (the kernel's dentry shrinking spins until the process is
-    # gone), and the executor removes it while this watcher is being killed.
-    cd / || :
-    while read -r sf_x; do :; done
-    # The running step first and at once: a redelivery of this attempt may
-    # start on another worker any moment now.
-    sf_watch_kill_step
-    kill -s TERM "$$" 2>/dev/null
-    sf_i=0
-    while kill -0 "$$" 2>/dev/null && [ "$sf_i" -lt "$sf_grace" ]; do sleep 1; sf_i=$(( sf_i + 1 )); done
-    # A step started since (the script had not seen the TERM yet).
-    sf_watch_kill_step
-    if [ -n "${SANDFLEET_LOCAL_RUN_DIR:-}" ]; then
-      rm -rf "$SANDFLEET_LOCAL_RUN_DIR" "$SANDFLEET_LOCAL_RUN_DIR.lock"
-    fi
-    kill -s KILL 0
-  ) <&3 >/dev/null 2>&1 &
-  exec 3<&- </dev/null
-}
-
 # Wait for the step started last ($1 index, $2 timeout, $3 continue on error).
 sf_wait() {
   sf_step_pid=$!
@@ -507,7 +462,7 @@ sf_wait() {
   sf_stop_watchdog
   # Leftovers of the step (background children) die with its group.
   if [ -n "$sf_setsid" ]; then sf_kill_step KILL; fi
-  # No stale pid for anyone to signal later (the executor, the parent watcher).
+  # No stale pid for anyone to signal later (the executor's watchdog).
   : >"$sf_state/step.pid"
   sf_step_pid=
   sf_n=0
@@ -559,11 +514,11 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
     let _ = writeln!(text, "sf_grace={}", opts.kill_grace_secs.max(1));
     let _ = writeln!(text, "sf_out_limit={}", opts.step_output_bytes.max(1));
     let _ = writeln!(text, "sf_art_limit={}", opts.artifact_bytes.max(1));
-    if opts.watch_parent {
-        text.push_str("sf_watch_parent\n");
-    }
     if opts.executor_watchdog {
+        // The executor kills a step's processes in the script's group.
         text.push_str("sf_ext_wd=1\n");
+    } else {
+        text.push_str("if command -v setsid >/dev/null 2>&1; then sf_setsid=setsid; fi\n");
     }
 
     text.push_str("sf_artifacts() {\n  :\n");
@@ -924,7 +879,6 @@ mod tests {
         kill_grace_secs: 1,
         max_file_bytes: None,
         file_block_bytes: None,
-        watch_parent: false,
         executor_watchdog: false,
     };
 

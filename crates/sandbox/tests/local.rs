@@ -470,6 +470,20 @@ async fn start_helper_with(
     (helper, run, step, gc)
 }
 
+/// The parent watcher of the executor on `base`: the process whose
+/// environment names that base.
+fn watcher_of(base: &Path) -> Option<i32> {
+    let mut tag = format!("SANDFLEET_LOCAL_BASE={}", base.display()).into_bytes();
+    tag.push(0);
+    std::fs::read_dir("/proc").unwrap().flatten().find_map(|p| {
+        let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+        let env = std::fs::read(p.path().join("environ")).ok()?;
+        env.split_inclusive(|&b| b == 0)
+            .any(|v| v == tag.as_slice())
+            .then_some(pid)
+    })
+}
+
 async fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
     let start = Instant::now();
     while !cond() {
@@ -507,10 +521,10 @@ async fn a_sigkilled_worker_takes_its_sandbox_and_run_dir_with_it() {
 async fn a_starting_executor_removes_runs_whose_worker_is_gone() {
     let base = tempfile::tempdir().unwrap();
     let (mut helper, run, step, gc) = start_helper(base.path()).await;
-    // The worker and its whole sandbox die at once, so the sandbox's watcher
-    // cannot clean up (as when the whole tree is killed, or a reboot with a
-    // persistent work dir): freeze the worker so it cannot clean up either,
-    // kill the sandbox's groups, then the worker.
+    // The worker, its parent watcher and its whole sandbox die at once, so
+    // the watcher cannot clean up (as when the whole tree is killed, or a
+    // reboot with a persistent work dir): freeze the worker so it cannot
+    // clean up either, kill the watcher, the sandbox's group, then the worker.
     let script: i32 = std::fs::read_to_string(run.join("state/script.pid"))
         .unwrap()
         .trim()
@@ -520,8 +534,9 @@ async fn a_starting_executor_removes_runs_whose_worker_is_gone() {
     assert!(helper.try_wait().unwrap().is_none(), "the helper runs");
     assert!(run.join("workspace").exists(), "before the stop");
     rustix::process::kill_process(pid(helper.id() as i32), rustix::process::Signal::STOP).unwrap();
+    let watcher = watcher_of(base.path()).expect("the executor's parent watcher runs");
+    rustix::process::kill_process(pid(watcher), rustix::process::Signal::KILL).unwrap();
     rustix::process::kill_process_group(pid(script), rustix::process::Signal::KILL).unwrap();
-    rustix::process::kill_process_group(pid(step as i32), rustix::process::Signal::KILL).unwrap();
     helper.kill().unwrap();
     helper.wait().unwrap();
     assert!(

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -48,7 +47,6 @@ const OPTS: ScriptOptions = ScriptOptions {
     kill_grace_secs: 1,
     max_file_bytes: None,
     file_block_bytes: None,
-    watch_parent: false,
     executor_watchdog: false,
 };
 
@@ -608,133 +606,6 @@ fn a_step_reaching_the_file_limit_is_stopped_and_recorded() {
             std::fs::metadata(r.ws().join("big.bin")).unwrap().len(),
             64 * 1024,
             "{name}"
-        );
-    }
-}
-
-#[test]
-fn end_of_file_on_stdin_stops_everything_and_removes_the_run_dir() {
-    let t = task().with_step(
-        "long",
-        "sleep 300 & echo $! > gc.pid; echo $$ > step.pid; sleep 300",
-        100,
-    );
-    let opts = ScriptOptions {
-        watch_parent: true,
-        ..OPTS
-    };
-    let script = script::generate(&t, 1, &opts).unwrap();
-    for (name, argv) in SHELLS {
-        let dir = tempfile::tempdir().unwrap();
-        let run = dir.path().join("run");
-        let lock = dir.path().join("run.lock");
-        std::fs::write(&lock, "").unwrap();
-        let ws = run.join("ws");
-        std::fs::create_dir_all(run.join("state")).unwrap();
-        let mut child = shell(argv)
-            .arg("-c")
-            .arg(&script.text)
-            .env_clear()
-            .env("PATH", PATH)
-            .envs(script.env.iter().map(|(k, v)| (k, v)))
-            .env(script::ENV_WORKSPACE, &ws)
-            .env(script::ENV_STATE_DIR, run.join("state"))
-            .env(script::ENV_TERMINATION_LOG, run.join("tlog"))
-            .env(script::ENV_LOCAL_RUN_DIR, &run)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            // The watcher kills its process group last: it must not be ours.
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let mut read_pid = |f: &str| -> u32 {
-            for _ in 0..250 {
-                if let Ok(s) = std::fs::read_to_string(ws.join(f))
-                    && let Ok(pid) = s.trim().parse()
-                {
-                    return pid;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            panic!(
-                "{name}: {f} never appeared; summary {:?}, errors {:?}, exit {:?}",
-                std::fs::read_to_string(run.join("tlog")),
-                std::fs::read_to_string(run.join("state/script.err")),
-                child.try_wait()
-            );
-        };
-        let (step, gc) = (read_pid("step.pid"), read_pid("gc.pid"));
-        // The executor goes away: its end of the pipe closes.
-        drop(child.stdin.take());
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{name}: script still running"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(!status.success(), "{name}");
-        assert!(wait_dead(step), "{name}: step survived");
-        assert!(wait_dead(gc), "{name}: grandchild survived");
-        for _ in 0..250 {
-            if !run.exists() && !lock.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(!run.exists(), "{name}: run dir left behind");
-        assert!(!lock.exists(), "{name}: lock left behind");
-    }
-}
-
-#[test]
-fn while_stdin_stays_open_the_watcher_does_nothing() {
-    let t = task().with_step("quick", "echo done", 10);
-    let opts = ScriptOptions {
-        watch_parent: true,
-        ..OPTS
-    };
-    let script = script::generate(&t, 1, &opts).unwrap();
-    for (name, argv) in SHELLS {
-        let dir = tempfile::tempdir().unwrap();
-        let run = dir.path().join("run");
-        std::fs::create_dir_all(run.join("state")).unwrap();
-        let mut child = shell(argv)
-            .arg("-c")
-            .arg(&script.text)
-            .env_clear()
-            .env("PATH", PATH)
-            .envs(script.env.iter().map(|(k, v)| (k, v)))
-            .env(script::ENV_WORKSPACE, run.join("ws"))
-            .env(script::ENV_STATE_DIR, run.join("state"))
-            .env(script::ENV_TERMINATION_LOG, run.join("tlog"))
-            .env(script::ENV_LOCAL_RUN_DIR, &run)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        // Held open, as a live executor does (`Child::wait` would close it).
-        let lifeline = child.stdin.take();
-        let status = child.wait().unwrap();
-        assert_eq!(status.code(), Some(0), "{name}");
-        let summary = std::fs::read_to_string(run.join("tlog")).unwrap();
-        assert!(summary.contains("end 0"), "{name}: {summary}");
-        // The watcher outlives the script until its group is killed: that
-        // keeps the group id from being reused before the executor kills it.
-        let pgid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-        rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL)
-            .expect("the watcher still holds the group");
-        drop(lifeline);
-        assert!(
-            run.join("ws").exists(),
-            "{name}: removed while the executor lives"
         );
     }
 }

@@ -7,9 +7,17 @@
 //! tail, so the markers on its stdout say which step runs since when. When a
 //! step's timeout passes, the watchdog does what the script's own would: it
 //! creates `timeout.<i>` in the state directory, sends TERM to the step's
-//! process group (its pid is in `step.pid`; the step runs in a session of its
-//! own) and KILL after the grace period. That saves a subshell and a `sleep`
-//! per step.
+//! processes and KILL after the grace period. That saves a subshell and a
+//! `sleep` per step.
+//!
+//! The step runs in the sandbox's process group, beside the script (no
+//! `setsid`, which would cost a program start per step). Its processes are
+//! found in that group ([`step_processes`]): the step (its pid is in
+//! `step.pid`), everything below it, and whatever was orphaned in the group
+//! (a background child whose parent exited), but not the script and its
+//! own children other than the step (its helpers that print a step's output
+//! tail). A step that leaves the group on purpose (`setsid`) is out of
+//! reach, as it is out of a group kill.
 //!
 //! Marker lines a step prints itself reach stdout only inside its output
 //! tail, after the step ended: a forged `begin` arms a clock that the next
@@ -17,10 +25,11 @@
 //! already ended. A step can confuse its own timeout that way, not another
 //! task's; the task's deadline holds regardless.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rustix::process::{Pid, Signal, kill_process, kill_process_group};
+use rustix::process::{Pid, Signal, kill_process};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe::Receiver;
 use tokio::time::Instant;
@@ -52,9 +61,10 @@ enum State {
 pub(crate) enum Action {
     /// Nothing (the step had already ended).
     None,
-    /// Mark step `index` as timed out and send TERM to the group of `pid`.
+    /// Mark step `index` as timed out and send TERM to the processes of
+    /// the step whose pid is `pid`.
     Terminate { index: usize, pid: Pid },
-    /// Send KILL to the group of `pid`.
+    /// Send KILL to the processes of the step whose pid is `pid`.
     Kill { pid: Pid },
 }
 
@@ -193,7 +203,7 @@ impl Log {
 /// Reads the script's stdout until end of file, or until `stop` fires: then
 /// what is in the pipe, without waiting for end of file. Keeps `cap` bytes
 /// and acts as the watchdog of the steps. `state` is the script's state
-/// directory.
+/// directory, `group` the sandbox's process group.
 ///
 /// The executor fires `stop` once the script has exited: everything it
 /// printed is in the pipe by then, while end of file would also wait for
@@ -204,6 +214,7 @@ pub(crate) async fn pump(
     cap: usize,
     mut watchdog: Option<Watchdog>,
     state: PathBuf,
+    group: Option<Pid>,
     stop: CancellationToken,
 ) -> Log {
     enum Next {
@@ -230,11 +241,11 @@ pub(crate) async fn pump(
                 }
             }
             Next::Fire => {
-                if let Some(w) = watchdog.as_mut() {
-                    act(
-                        w.fire(Instant::now(), read_pid(&state.join("step.pid"))),
-                        &state,
-                    );
+                if let (Some(w), Some(group)) = (watchdog.as_mut(), group) {
+                    let action = w.fire(Instant::now(), read_pid(&state.join("step.pid")));
+                    // Off the async threads: it reads /proc.
+                    let state = state.clone();
+                    let _ = tokio::task::spawn_blocking(move || act(action, &state, group)).await;
                 }
             }
             Next::Stop => {
@@ -264,24 +275,103 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn act(action: Action, state: &Path) {
+fn act(action: Action, state: &Path, group: Pid) {
+    // The script is the group's leader, or its child under bubblewrap.
+    let script = read_pid(&state.join("script.pid")).unwrap_or(group);
     match action {
         Action::None => {}
         Action::Terminate { index, pid } => {
             // Before the signal: the script reads it once the step is gone.
             let _ = std::fs::File::create(state.join(format!("timeout.{index}")));
-            signal_step(pid, Signal::TERM);
+            for p in step_processes(&group_members(group), group, script, pid) {
+                let _ = kill_process(p, Signal::TERM);
+            }
         }
-        Action::Kill { pid } => signal_step(pid, Signal::KILL),
+        Action::Kill { pid } => {
+            // Until none is left: a process may have forked between the
+            // listing and its KILL (a killed process forks no more).
+            for _ in 0..16 {
+                let targets = step_processes(&group_members(group), group, script, pid);
+                if targets.is_empty() {
+                    break;
+                }
+                for p in targets {
+                    let _ = kill_process(p, Signal::KILL);
+                }
+            }
+        }
     }
 }
 
-/// Signals the step's process group; the step itself when it has no group
-/// yet (the subshell that is about to `exec setsid`).
-fn signal_step(pid: Pid, signal: Signal) {
-    if kill_process_group(pid, signal).is_err() {
-        let _ = kill_process(pid, signal);
+/// The live processes of process group `group`, each with its parent.
+fn group_members(group: Pid) -> HashMap<Pid, Option<Pid>> {
+    let mut members = HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return members;
+    };
+    for p in procs.flatten() {
+        let name = p.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+            .and_then(Pid::from_raw)
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_ascii_whitespace();
+        let state = fields.next();
+        let ppid = fields.next().and_then(|f| f.parse::<i32>().ok());
+        let pgrp = fields.next().and_then(|f| f.parse::<i32>().ok());
+        // Zombies are dead already (and their parent may never reap them).
+        if pgrp == Some(group.as_raw_nonzero().get()) && !matches!(state, Some("Z" | "X") | None) {
+            members.insert(pid, ppid.and_then(Pid::from_raw));
+        }
     }
+    members
+}
+
+/// The processes of step `step` among the `members` of the sandbox's group
+/// (process → parent): the step, its descendants, and the orphans (a
+/// process whose parent is outside the group: a background child whose
+/// parent exited), with theirs. Not the group's leader, not the script, and
+/// not the script's other children (its helpers, such as the `tail` that
+/// prints an output tail) with theirs. After the step has ended, the next
+/// step is a child of the script too, so it is never taken for this one.
+pub(crate) fn step_processes(
+    members: &HashMap<Pid, Option<Pid>>,
+    group: Pid,
+    script: Pid,
+    step: Pid,
+) -> Vec<Pid> {
+    members
+        .keys()
+        .copied()
+        .filter(|&p| {
+            let mut cur = p;
+            // Bounded: parent links cannot loop, but a listing is not atomic.
+            for _ in 0..=members.len() {
+                if cur == step {
+                    return true;
+                }
+                if cur == script || cur == group {
+                    return false;
+                }
+                match members.get(&cur).copied().flatten() {
+                    Some(parent) if members.contains_key(&parent) => cur = parent,
+                    // The top of an orphaned subtree.
+                    _ => return true,
+                }
+            }
+            false
+        })
+        .collect()
 }
 
 pub(crate) fn read_pid(path: &Path) -> Option<Pid> {
@@ -373,6 +463,44 @@ mod tests {
             t0,
         );
         assert_eq!(w.deadline(), None);
+    }
+
+    #[test]
+    fn a_steps_processes_are_found_in_the_group_but_not_the_script_or_its_helpers() {
+        // 10 leads the group (the script); 11 is the step, 12 and 13 below
+        // it; 14 an orphan of an earlier step (its parent, 1, is outside the
+        // group) with its child 15; 16 the script's own helper and 17 below it.
+        let members: HashMap<Pid, Option<Pid>> = [
+            (10, 2),
+            (11, 10),
+            (12, 11),
+            (13, 12),
+            (14, 1),
+            (15, 14),
+            (16, 10),
+            (17, 16),
+        ]
+        .into_iter()
+        .map(|(p, pp)| (pid(p), Pid::from_raw(pp)))
+        .collect();
+        let mut found = step_processes(&members, pid(10), pid(10), pid(11));
+        found.sort_unstable_by_key(|p| p.as_raw_nonzero());
+        assert_eq!(found, [11, 12, 13, 14, 15].map(pid));
+        // Under bubblewrap the leader (9) is the script's parent.
+        let mut members = members;
+        members.insert(pid(9), Pid::from_raw(2));
+        members.insert(pid(10), Some(pid(9)));
+        let mut found = step_processes(&members, pid(9), pid(10), pid(11));
+        found.sort_unstable_by_key(|p| p.as_raw_nonzero());
+        assert_eq!(found, [11, 12, 13, 14, 15].map(pid));
+        // The step has ended (its children were orphaned) and the next one
+        // (18) runs: only the orphans are the old step's.
+        members.remove(&pid(11));
+        members.insert(pid(18), Some(pid(10)));
+        members.insert(pid(12), Pid::from_raw(1));
+        let mut found = step_processes(&members, pid(9), pid(10), pid(11));
+        found.sort_unstable_by_key(|p| p.as_raw_nonzero());
+        assert_eq!(found, [12, 13, 14, 15].map(pid));
     }
 
     #[test]
