@@ -394,6 +394,8 @@ const HELPER_BASE: &str = "SANDFLEET_TEST_HELPER_BASE";
 const HELPER_BWRAP: &str = "SANDFLEET_TEST_HELPER_BWRAP";
 /// Set: the id of the task the helper runs.
 const HELPER_TASK: &str = "SANDFLEET_TEST_HELPER_TASK";
+/// Set: the helper runs a second sandbox beside the first, of another task.
+const HELPER_TWO: &str = "SANDFLEET_TEST_HELPER_TWO";
 
 /// Not a test on its own: the worker stand-in the tests below start as a
 /// separate process (this test binary, re-executed) and SIGKILL.
@@ -417,7 +419,14 @@ async fn helper_runs_one_sandbox_until_killed() {
         ..LocalSettings::default()
     })
     .unwrap();
-    let _ = exec.run(&task, 1, &ctx()).await;
+    let mut other = task.clone();
+    other.id = uuid::Uuid::now_v7();
+    let ctx = ctx();
+    if std::env::var_os(HELPER_TWO).is_some() {
+        let _ = tokio::join!(exec.run(&task, 1, &ctx), exec.run(&other, 1, &ctx));
+    } else {
+        let _ = exec.run(&task, 1, &ctx).await;
+    }
     unreachable!("the sandbox sleeps until the test kills this process");
 }
 
@@ -515,6 +524,62 @@ async fn a_sigkilled_worker_takes_its_sandbox_and_run_dir_with_it() {
     )
     .await;
     assert!(!run.exists());
+}
+
+#[tokio::test]
+async fn a_sigkilled_worker_takes_every_sandbox_it_runs_with_it() {
+    let base = tempfile::tempdir().unwrap();
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "helper_runs_one_sandbox_until_killed",
+        ])
+        .env(HELPER_BASE, base.path())
+        .env(HELPER_TWO, "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Both runs' steps and background grandchildren.
+    let runs = loop {
+        let runs: Vec<_> = std::fs::read_dir(base.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_dir())
+            .map(|e| e.path())
+            .collect();
+        if runs.len() == 2 {
+            break runs;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut pids = Vec::new();
+    for run in &runs {
+        for f in ["step.pid", "gc.pid"] {
+            let pid: u32 = wait_for_file(&run.join("workspace").join(f))
+                .await
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(!dead(pid));
+            pids.push(pid);
+        }
+    }
+    helper.kill().unwrap(); // SIGKILL
+    helper.wait().unwrap();
+    wait_until(
+        "both steps and their grandchildren die",
+        Duration::from_secs(10),
+        || pids.iter().all(|&p| dead(p)),
+    )
+    .await;
+    wait_until(
+        "both run directories and locks are removed",
+        Duration::from_secs(10),
+        || std::fs::read_dir(base.path()).unwrap().count() == 0,
+    )
+    .await;
 }
 
 #[tokio::test]
