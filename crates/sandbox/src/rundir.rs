@@ -95,10 +95,13 @@ impl RunDir {
         &self.path
     }
 
-    /// Records the process group of the run's sandbox in the lock file.
+    /// Records the process group of the run's sandbox in the lock file,
+    /// once: the file is still empty then. (Not truncated first: on ext4 a
+    /// file truncated to zero is written out when it is closed — here just
+    /// before it is removed — which costs a block allocation, its discard,
+    /// and a wait for the disk on every run.)
     pub(crate) fn set_group(&self, pgid: i32) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self._lock.set_len(0)?;
         self._lock.write_all_at(pgid.to_string().as_bytes(), 0)
     }
 }
