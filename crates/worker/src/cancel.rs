@@ -13,6 +13,14 @@
 //! runs. Together: no attempt starts after its cancel was acknowledged and
 //! read, and a running one is stopped.
 //!
+//! Concurrent barriers share markers (group commit): a caller joins the
+//! round whose marker is not published yet, and one marker read back
+//! releases every caller that joined before it was published. A round
+//! already published does not cover a cancel confirmed after it, so nobody
+//! joins it: at most one round is in flight while the next one collects,
+//! and a barrier waits for at most two marker round trips. A burst of
+//! deliveries costs a few markers instead of one each.
+//!
 //! A fed index is [caught up](Cancels::caught_up) once the feed has read the
 //! stream up to its tail (its first marker came back). The dispatch loop
 //! takes no task before that, so a freshly started worker never meets its
@@ -153,6 +161,21 @@ type Barrier = Arc<
     dyn Fn(Duration) -> futures::future::BoxFuture<'static, Result<(), BarrierError>> + Send + Sync,
 >;
 
+/// The marker rounds of the barrier (group commit, see the module docs).
+#[derive(Default)]
+struct Rounds {
+    /// The round collecting callers: its marker is not published yet.
+    collecting: Option<Round>,
+    /// Whether a task is publishing rounds (at most one, see [`drive`]).
+    driving: bool,
+}
+
+/// One marker shared by the callers that joined before it was published.
+struct Round {
+    /// The round's outcome, once its marker is read back or it failed.
+    done: tokio::sync::watch::Sender<Option<Result<(), BarrierError>>>,
+}
+
 #[derive(Default)]
 struct State {
     index: CancelIndex,
@@ -166,6 +189,7 @@ struct State {
 pub struct Cancels {
     state: Mutex<State>,
     barrier: OnceLock<Barrier>,
+    rounds: Arc<Mutex<Rounds>>,
     /// True when a [`feed`] will install the barrier: until then nothing
     /// may start.
     fed: bool,
@@ -189,6 +213,7 @@ impl Cancels {
         Arc::new(Cancels {
             state: Mutex::default(),
             barrier: OnceLock::new(),
+            rounds: Arc::default(),
             fed: false,
             caught_up: tokio::sync::watch::Sender::new(true),
         })
@@ -202,6 +227,7 @@ impl Cancels {
         Arc::new(Cancels {
             state: Mutex::default(),
             barrier: OnceLock::new(),
+            rounds: Arc::default(),
             fed: true,
             caught_up: tokio::sync::watch::Sender::new(false),
         })
@@ -282,17 +308,76 @@ impl Cancels {
 
     /// Waits until every cancel confirmed before this call is in the index
     /// (see the module docs). Passes at once without a feed.
+    ///
+    /// Concurrent callers share one marker: a caller joins the round whose
+    /// marker is not published yet, so the marker that releases it was
+    /// published after this call. Fails with [`BarrierError::Timeout`] when
+    /// no such marker came back within [`BARRIER_TIMEOUT`] of the call, and
+    /// with the round's [`BarrierError::Publish`] when its marker could not
+    /// be published.
     pub async fn barrier(&self) -> Result<(), BarrierError> {
-        match self.barrier.get() {
-            Some(b) => b(BARRIER_TIMEOUT).await,
-            None if self.fed => Err(BarrierError::NotFed),
-            None => Ok(()),
+        let Some(publish) = self.barrier.get() else {
+            return if self.fed {
+                Err(BarrierError::NotFed)
+            } else {
+                Ok(())
+            };
+        };
+        let mut done = {
+            let mut rounds = lock(&self.rounds);
+            let done = rounds
+                .collecting
+                .get_or_insert_with(|| Round {
+                    done: tokio::sync::watch::Sender::new(None),
+                })
+                .done
+                .subscribe();
+            if !rounds.driving {
+                rounds.driving = true;
+                tokio::spawn(drive(self.rounds.clone(), publish.clone()));
+            }
+            done
+        };
+        match tokio::time::timeout(BARRIER_TIMEOUT, done.wait_for(Option::is_some)).await {
+            Ok(Ok(outcome)) => outcome.clone().unwrap_or(Ok(())),
+            // The driver is gone without an outcome (the runtime is
+            // shutting down), or the round took too long.
+            Ok(Err(_)) | Err(_) => Err(BarrierError::Timeout(BARRIER_TIMEOUT)),
         }
     }
 
     /// Cancels recorded.
     pub fn recorded(&self) -> usize {
         self.lock().index.len()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Publishes the collecting round's marker and waits for it, then the next
+/// round's, until no caller waits; one driver at a time, so at most one
+/// marker is in flight. A round is taken out of `collecting` right before
+/// its marker is published: whoever joined it called the barrier before.
+async fn drive(rounds: Arc<Mutex<Rounds>>, publish: Barrier) {
+    loop {
+        let round = {
+            let mut r = lock(&rounds);
+            match r.collecting.take() {
+                Some(round) => round,
+                None => {
+                    r.driving = false;
+                    return;
+                }
+            }
+        };
+        // Every caller of this round gave up waiting: nobody to release.
+        if round.done.receiver_count() == 0 {
+            continue;
+        }
+        let outcome = publish(BARRIER_TIMEOUT).await;
+        round.done.send_replace(Some(outcome));
     }
 }
 
@@ -334,13 +419,33 @@ pub async fn feed(
             let msg = sandfleet_amqp::OutgoingMessage::new(&exchange, "", body)
                 .message_id(marker.id.to_string())
                 .kind(sandfleet_proto::CANCELLATION_MESSAGE_TYPE);
-            if let Err(e) = publisher.publish(&msg).await {
-                forget(marker.id);
-                return Err(BarrierError::Publish(e.to_string()));
-            }
-            match tokio::time::timeout(patience, rx).await {
+            let confirm = match publisher.send(&msg).await {
+                Ok(confirm) => confirm,
+                Err(e) => {
+                    forget(marker.id);
+                    return Err(BarrierError::Publish(e.to_string()));
+                }
+            };
+            // Read back, the marker is on the stream: its confirm, which
+            // the broker sends about when readers see it, is not waited for
+            // unless it comes first and says the publish failed.
+            let back = async {
+                tokio::pin!(confirm, rx);
+                tokio::select! {
+                    r = &mut rx => r.map_err(|_| BarrierError::Timeout(patience)),
+                    c = &mut confirm => match c {
+                        Ok(()) => rx.await.map_err(|_| BarrierError::Timeout(patience)),
+                        Err(e) => Err(BarrierError::Publish(e.to_string())),
+                    },
+                }
+            };
+            match tokio::time::timeout(patience, back).await {
                 Ok(Ok(())) => Ok(()),
-                _ => {
+                Ok(Err(e)) => {
+                    forget(marker.id);
+                    Err(e)
+                }
+                Err(_) => {
                     forget(marker.id);
                     Err(BarrierError::Timeout(patience))
                 }
@@ -364,7 +469,8 @@ pub async fn feed(
                 None => break,
             },
         };
-        let _ = delivery.ack().await;
+        // Applied before the ack, which only returns credit: a barrier
+        // waiting for a marker is released without waiting for the write.
         match serde_json::from_slice::<Cancellation>(delivery.body()) {
             Ok(c) if c.validate().is_ok() => {
                 debug!(cancel = %c.id, "cancellation read");
@@ -373,6 +479,7 @@ pub async fn feed(
             Ok(c) => warn!(cancel = %c.id, "ignoring an invalid cancellation"),
             Err(e) => warn!(error = %e, "ignoring an undecodable cancellation"),
         }
+        let _ = delivery.ack().await;
     }
     consumer.cancel();
     Ok(())

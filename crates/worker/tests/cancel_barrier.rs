@@ -1,0 +1,198 @@
+//! The cancellation read barrier against the real RabbitMQ (127.0.0.1:5672,
+//! `AMQP_ADDR` overrides) and its cancellations stream: concurrent barriers
+//! share markers, and still each one returns only once every cancel
+//! confirmed before it was called is in the index.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandfleet_amqp::{
+    Amqp, Consumer, ConsumerOptions, OutgoingMessage, Publisher, StreamOffset, Topology,
+};
+use sandfleet_proto::{
+    CANCELLATION_MESSAGE_TYPE, CancelTarget, Cancellation, Provider, SandboxSpec, Source, Task,
+};
+use sandfleet_settings::{AmqpSettings, TopologySettings};
+use sandfleet_worker::Cancels;
+use tokio_util::sync::CancellationToken;
+
+struct Fixture {
+    amqp: Amqp,
+    topology: Topology,
+    publisher: Publisher,
+    cancels: Arc<Cancels>,
+    stop: CancellationToken,
+}
+
+/// A worker's feed on a fresh topology, read up to its tail.
+async fn fixture(name: &str) -> Fixture {
+    let prefix = format!(
+        "worker-it-{name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let settings = AmqpSettings {
+        url: std::env::var("AMQP_ADDR")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        connection_name: Some(format!("sandfleet-worker-it-{prefix}")),
+        reconnect_max_delay_secs: 1,
+        ..AmqpSettings::default()
+    };
+    let amqp = Amqp::connect(&settings, "worker-it")
+        .await
+        .expect("RabbitMQ must run on 127.0.0.1:5672 for these tests");
+    let topology = Topology::new(&TopologySettings {
+        prefix,
+        ..TopologySettings::default()
+    });
+    topology.apply(&amqp).await.unwrap();
+    let publisher = Publisher::new(&amqp).await.unwrap();
+    let cancels = Cancels::fed_from_stream();
+    let stop = CancellationToken::new();
+    tokio::spawn(sandfleet_worker::cancel::run_feed(
+        amqp.clone(),
+        topology.clone(),
+        publisher.clone(),
+        cancels.clone(),
+        "worker-it".into(),
+        stop.clone(),
+    ));
+    tokio::time::timeout(Duration::from_secs(30), cancels.caught_up())
+        .await
+        .expect("the feed reads the stream up to its tail");
+    Fixture {
+        amqp,
+        topology,
+        publisher,
+        cancels,
+        stop,
+    }
+}
+
+impl Fixture {
+    /// Publishes `c` to the cancellations exchange; returns once confirmed.
+    async fn publish(&self, c: &Cancellation) {
+        let m = OutgoingMessage::new(
+            &self.topology.cancellations_exchange,
+            "",
+            serde_json::to_vec(c).unwrap(),
+        )
+        .message_id(c.id.to_string())
+        .kind(CANCELLATION_MESSAGE_TYPE);
+        self.publisher.publish(&m).await.unwrap();
+    }
+
+    /// The messages on the cancellations stream, read from its start up to
+    /// a sentinel cancel published now.
+    async fn stream(&self) -> Vec<Cancellation> {
+        let sentinel = Cancellation::task(task().id, "worker-it", "sentinel");
+        self.publish(&sentinel).await;
+        let options = ConsumerOptions::new(&self.topology.cancellations_stream, 500)
+            .tag("worker-it-reader")
+            .stream_offset(StreamOffset::First);
+        let mut consumer = Consumer::start(&self.amqp, options).await.unwrap();
+        let mut read = Vec::new();
+        loop {
+            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next_delivery())
+                .await
+                .expect("the stream is read up to the sentinel")
+                .expect("the reader stays subscribed");
+            d.ack().await.unwrap();
+            let c: Cancellation = serde_json::from_slice(d.body()).unwrap();
+            if c.id == sentinel.id {
+                consumer.cancel();
+                return read;
+            }
+            read.push(c);
+        }
+    }
+
+    async fn cleanup(self) {
+        self.stop.cancel();
+        self.topology.delete(&self.amqp).await.unwrap();
+        self.amqp.close();
+    }
+}
+
+fn task() -> Task {
+    Task::fix_attempt(
+        Source {
+            provider: Provider::Api,
+            repository: "acme/widgets".into(),
+            commit: "4f2a9c1".into(),
+            git_ref: None,
+            ci_run_id: None,
+            pull_request: None,
+            url: None,
+        },
+        SandboxSpec {
+            image: "alpine:3".into(),
+            resources: Default::default(),
+            env: Default::default(),
+            deadline_secs: 60,
+            pending_timeout_secs: 60,
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_barrier_sees_every_cancel_confirmed_before_it_was_called_while_others_share_markers() {
+    let f = Arc::new(fixture("barrier-order").await);
+    // Callers that cancel a task, then pass the barrier at once: most of
+    // them call it while another caller's marker is on its way, published
+    // before their cancel. That marker must not release them.
+    let callers: Vec<_> = (0..24)
+        .map(|_| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                for _ in 0..25 {
+                    let t = task();
+                    f.publish(&Cancellation::task(t.id, "ops", "barrier test"))
+                        .await;
+                    f.cancels.barrier().await.unwrap();
+                    assert!(
+                        f.cancels.check(&t).is_some(),
+                        "a barrier returned before a cancel confirmed before it was read"
+                    );
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        c.await.unwrap();
+    }
+    let markers = f
+        .stream()
+        .await
+        .iter()
+        .filter(|c| matches!(c.target, CancelTarget::Marker))
+        .count();
+    // 600 barriers and the catch-up marker: fewer markers means callers
+    // did share rounds, which is what this test is about.
+    assert!(
+        markers < 600,
+        "{markers} markers for 600 barriers and the catch-up: no round was shared"
+    );
+    Arc::into_inner(f).unwrap().cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_barriers_publish_far_fewer_markers_than_callers() {
+    let f = fixture("barrier-markers").await;
+    let before = f.stream().await.len();
+    let barriers = futures::future::join_all((0..200).map(|_| f.cancels.barrier())).await;
+    assert!(barriers.iter().all(Result::is_ok), "{barriers:?}");
+    // Counted on the stream itself: everything after the first reading
+    // (the catch-up marker and that reading's sentinel) is a barrier's.
+    let stream = f.stream().await;
+    let markers = stream[before + 1..]
+        .iter()
+        .filter(|c| matches!(c.target, CancelTarget::Marker))
+        .count();
+    assert!(
+        (1..=3).contains(&markers),
+        "200 concurrent barriers published {markers} markers"
+    );
+    f.cleanup().await;
+}
