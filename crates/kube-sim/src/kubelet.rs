@@ -545,6 +545,25 @@ struct Prepared {
     termination_file: PathBuf,
     fallback_to_logs: bool,
     paths: PathMap,
+    /// `emptyDir` volumes with `medium: Memory`, on tmpfs: removed when the
+    /// container's run ends.
+    _memory: Vec<tempfile::TempDir>,
+}
+
+/// Where `emptyDir` volumes with `medium: Memory` live: tmpfs, as a real
+/// kubelet mounts them (other volumes are dirs under the pod's temp root).
+const MEMORY_VOLUMES: &str = "/dev/shm";
+
+/// Whether the pod's volume `name` is an `emptyDir` with `medium: Memory`.
+fn memory_volume(pod: &Value, name: &str) -> bool {
+    pod.pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|v| v.get("name").and_then(Value::as_str) == Some(name))
+        .and_then(|v| v.pointer("/emptyDir/medium"))
+        .and_then(Value::as_str)
+        == Some("Memory")
 }
 
 /// Maps container paths (volume mounts, the termination-message path) to host paths.
@@ -574,11 +593,24 @@ fn prepare(pod: &Value, root: &Path) -> Result<Prepared, String> {
     let io = |e: std::io::Error| format!("kube-sim could not prepare the container: {e}");
     // emptyDir volumes (and, in the fake, every other volume type) are host temp dirs.
     let mut paths = Vec::new();
+    let mut memory: Vec<(String, tempfile::TempDir)> = Vec::new();
     if let Some(mounts) = c.get("volumeMounts").and_then(Value::as_array) {
         for m in mounts {
             let vol = m.get("name").and_then(Value::as_str).unwrap_or("vol");
             let mount_path = m.get("mountPath").and_then(Value::as_str).unwrap_or("");
             let mut host = root.join("volumes").join(vol);
+            if memory_volume(pod, vol) && Path::new(MEMORY_VOLUMES).is_dir() {
+                if let Some((_, dir)) = memory.iter().find(|(name, _)| name == vol) {
+                    host = dir.path().to_path_buf();
+                } else {
+                    let dir = tempfile::Builder::new()
+                        .prefix("kube-sim-memory-")
+                        .tempdir_in(MEMORY_VOLUMES)
+                        .map_err(io)?;
+                    host = dir.path().to_path_buf();
+                    memory.push((vol.to_owned(), dir));
+                }
+            }
             if let Some(sub) = m
                 .get("subPath")
                 .and_then(Value::as_str)
@@ -673,6 +705,7 @@ fn prepare(pod: &Value, root: &Path) -> Result<Prepared, String> {
         fallback_to_logs: c.get("terminationMessagePolicy").and_then(Value::as_str)
             == Some("FallbackToLogsOnError"),
         paths: map,
+        _memory: memory.into_iter().map(|(_, dir)| dir).collect(),
     })
 }
 
@@ -952,6 +985,42 @@ mod tests {
         assert_eq!(expand("$$(A)", &env), "$(A)");
         assert_eq!(expand("$(B)", &env), "$(B)");
         assert_eq!(expand("cost $5", &env), "cost $5");
+    }
+
+    #[test]
+    fn a_memory_empty_dir_is_on_tmpfs_and_goes_with_the_container() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = json!({
+            "metadata": {"name": "p", "namespace": "ns"},
+            "spec": {
+                "volumes": [
+                    {"name": "disk", "emptyDir": {}},
+                    {"name": "mem", "emptyDir": {"medium": "Memory"}},
+                ],
+                "containers": [{
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["sh"],
+                    "volumeMounts": [
+                        {"name": "disk", "mountPath": "/d"},
+                        {"name": "mem", "mountPath": "/m"},
+                    ],
+                    "env": [{"name": "M", "value": "/m/x"}, {"name": "D", "value": "/d"}],
+                }],
+            },
+        });
+        let p = prepare(&pod, dir.path()).unwrap();
+        let get = |k: &str| p.env.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        assert_eq!(
+            get("D"),
+            dir.path().join("volumes/disk").display().to_string()
+        );
+        let mem = PathBuf::from(get("M"));
+        assert!(mem.starts_with(MEMORY_VOLUMES), "{}", mem.display());
+        let host = mem.parent().unwrap().to_path_buf();
+        assert!(host.is_dir());
+        drop(p);
+        assert!(!host.exists(), "removed with the container's run");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! line decoder, `runtime::watcher` — runs unchanged. Creating a Job makes the
 //! simulated controller create a Pod, and the simulated kubelet **runs the
 //! container's `command`/`args` locally** with the pod's env (emptyDir mounts and the
-//! termination-message path become host temp dirs). Tests can script pods to
+//! termination-message path become host temp dirs, on tmpfs for `medium: Memory`).
+//! Tests can script pods to
 //! OOM-kill, never schedule, fail image pulls, be evicted or lose their node
 //! ([`KubeSim::script_pods`], or the [`SCRIPT_ANNOTATION`] on the pod template), inject
 //! faults ([`KubeSim::faults`]) and inspect every request ([`KubeSim::request_log`]).
