@@ -19,15 +19,30 @@ pub const SETUP_EXIT: i32 = 125;
 /// Runs `$3` with `/bin/sh -c` in working dir `$1`, killing it with its
 /// whole process tree after `$2` seconds. Techniques as in the task script
 /// ([`crate::script`]): the command gets a session of its own (`setsid`) when
-/// the image has it, else the watchdog walks `/proc` to kill its tree; the
-/// watchdog's `sleep` is killed through the pid it records. Leftover
-/// background children die with the command (a session runs commands one
-/// after another; nothing outlives its command).
+/// the image has it, else the watchdog walks `/proc` to kill its tree.
+/// Leftover background children die with the command (a session runs
+/// commands one after another; nothing outlives its command).
+///
+/// The watchdog is the sandbox's idle loop ([`IDLE_LOOP`]) when it runs (it
+/// leaves its pid in `watchdog`) and the command has a session of its own:
+/// the wrapper writes the deadline (whole seconds of `/proc/uptime`, read
+/// with a builtin) and the command's pid into `running.<pid>`, and the loop,
+/// which wakes every second anyway, kills the command's group once the
+/// deadline has passed, writing the deadline into `timeout.<pid>` first. So
+/// a command costs the processes of the command alone (`setsid` and its
+/// `sh`): no watchdog subshell and `sleep` per command, and no `rm` (the
+/// wrapper writes `done` into its file at the end, and the loop removes
+/// finished files in batches). The kill comes
+/// after the timeout and within two seconds of it (the deadline rounds up,
+/// the loop ticks every second). Elsewhere (the local backend, a sandbox whose
+/// loop predates this) the wrapper keeps its own watchdog: a subshell
+/// sleeping out the timeout, whose `sleep` is killed through the pid it
+/// records.
 const RUN: &str = r#"set -u
 IFS=' 	
 '
 s="${SANDFLEET_STATE_DIR:-/tmp}"
-: >"$s/active" 2>/dev/null
+if [ -f "$s/watchdog" ]; then echo >"$s/activity"; else : >"$s/active"; fi 2>/dev/null
 : >"$s/running.$$" 2>/dev/null
 # A claimed pool member's env arrived at claim time (see CLAIM), not in the pod spec.
 if [ -f "$s/session.env" ]; then . "$s/session.env"; fi
@@ -48,25 +63,42 @@ kill_cmd() {
     kill_tree "$pid" "$1"
   fi
 }
+dl=
+if [ -n "$sid" ] && [ -f "$s/watchdog" ] && read -r w <"$s/watchdog" \
+  && kill -0 "$w" 2>/dev/null && read -r up _ 2>/dev/null </proc/uptime; then
+  dl=$(( ${up%.*} + t + 1 ))
+fi
 $sid /bin/sh -c "$3" </dev/null &
 pid=$!
 # Torn down mid-command: take the command's tree along (it is in its own session).
 trap 'kill_cmd KILL; rm -f "$s/running.$$"; exit 143' TERM INT HUP
-(
-  sleep "$t" & printf '%s\n' "$!" >"$s/watchdog.$$"
-  wait "$!"
-  : >"$s/timeout.$$"
-  kill_cmd KILL
-) </dev/null >/dev/null 2>&1 &
-wd=$!
+wd=
+if [ -n "$dl" ]; then
+  printf '%s %s .\n' "$dl" "$pid" >"$s/running.$$"
+else
+  (
+    sleep "$t" & printf '%s\n' "$!" >"$s/sleep.$$"
+    wait "$!"
+    : >"$s/timeout.$$"
+    kill_cmd KILL
+  ) </dev/null >/dev/null 2>&1 &
+  wd=$!
+fi
 wait "$pid"
 rc=$?
-kill -s KILL "$wd" 2>/dev/null
-wait "$wd" 2>/dev/null
-if [ -f "$s/watchdog.$$" ] && read -r w <"$s/watchdog.$$"; then kill -s KILL "$w" 2>/dev/null; fi
+if [ -n "$wd" ]; then
+  kill -s KILL "$wd" 2>/dev/null
+  wait "$wd" 2>/dev/null
+  if [ -f "$s/sleep.$$" ] && read -r w <"$s/sleep.$$"; then kill -s KILL "$w" 2>/dev/null; fi
+fi
 if [ -n "$sid" ]; then kill_cmd KILL; fi
-rm -f "$s/running.$$" "$s/watchdog.$$"
-: >"$s/active" 2>/dev/null
+if [ -f "$s/watchdog" ]; then echo >"$s/activity"; else : >"$s/active"; fi 2>/dev/null
+if [ -n "$dl" ]; then
+  echo done >"$s/running.$$"
+  if [ -f "$s/timeout.$$" ] && read -r x <"$s/timeout.$$" && [ "$x" = "$dl" ]; then exit 124; fi
+  exit "$rc"
+fi
+rm -f "$s/running.$$" "$s/sleep.$$"
 if [ -e "$s/timeout.$$" ]; then rm -f "$s/timeout.$$"; exit 124; fi
 exit "$rc"
 "#;
@@ -77,7 +109,7 @@ exit "$rc"
 /// `v4.channel.k8s.io` could not do after closing stdin.
 const WRITE: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:-/tmp}"
-: >"$s/active" 2>/dev/null
+if [ -f "$s/watchdog" ]; then echo >"$s/activity"; else : >"$s/active"; fi 2>/dev/null
 cd -- "$1" || exit 125
 f=$2
 case "$f" in
@@ -95,7 +127,7 @@ fi
 /// Prints at most `$3` bytes of `$2` (relative to working dir `$1`).
 const READ: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:-/tmp}"
-: >"$s/active" 2>/dev/null
+if [ -f "$s/watchdog" ]; then echo >"$s/activity"; else : >"$s/active"; fi 2>/dev/null
 cd -- "$1" || exit 125
 if [ ! -e "$2" ]; then printf 'no such file\n' >&2; exit 2; fi
 if [ ! -f "$2" ]; then printf 'not a regular file\n' >&2; exit 2; fi
@@ -105,52 +137,89 @@ head -c "$3" -- "$2"
 /// Creates working dir `$1` (the readiness probe of a new session).
 const PREPARE: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:-/tmp}"
-: >"$s/active" 2>/dev/null
+if [ -f "$s/watchdog" ]; then echo >"$s/activity"; else : >"$s/active"; fi 2>/dev/null
 mkdir -p -- "$1"
 "#;
 
 /// Takes a warm pool member for one session, without restarting it: makes
-/// working dir `$1`, writes the session's env (`$4` bytes of stdin, `export`
-/// lines, mode 600) where the run wrapper sources it, and hands the idle
-/// loop the session's idle timeout `$2` and max lifetime `$3` (seconds from
-/// now). A member that was already claimed refuses (exit 125): a sandbox
-/// serves one session, and `claimed` is created exclusively (`set -C`; with
-/// `true`, a regular builtin, since a failed redirection of `:` ends the
-/// shell). It forks only `head` (for a non-empty env) and `mkdir` (for a
-/// working dir that does not exist yet): every fork here is on the path of
-/// the session's first command. `idle` and `lifetime` are written in place,
-/// with no rename: the idle loop skips a file caught between its truncation
-/// and its one write.
+/// working dir `$1`, writes the session's env (`$4` bytes of stdin in `$5`
+/// lines of `export`, mode 600) where the run wrapper sources it, and hands
+/// the idle loop the session's idle timeout `$2` and max lifetime `$3`
+/// (seconds from now). A member that was already claimed refuses (exit
+/// 125): a sandbox serves one session, and `claimed` is created exclusively
+/// (`set -C`; with `true`, a regular builtin, since a failed redirection of
+/// `:` ends the shell). Every fork here is on the path of the session's
+/// first command, so it forks nothing in the common case: the env comes in
+/// through `read` (a builtin; it reads a pipe a byte at a time, so an env
+/// of more lines than [`ENV_READ_LINES`] or more bytes than
+/// [`ENV_READ_BYTES`] comes through `head -c` instead, `$5` then 0), and
+/// `mkdir` runs only for a working dir that does not exist yet. `idle` and
+/// `lifetime` are written in place, with no rename: the idle loop skips a
+/// file caught between its truncation and its one write.
 const CLAIM: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:?}"
-: >"$s/active"
+if [ -f "$s/watchdog" ]; then echo >"$s/activity"; else : >"$s/active"; fi 2>/dev/null
 set -C
 if ! true 2>/dev/null >"$s/claimed"; then printf 'this sandbox already serves a session\n' >&2; exit 125; fi
 set +C
 umask 077
-if [ "$4" -gt 0 ]; then head -c "$4" >"$s/session.env" || exit 125; fi
+if [ "$5" -gt 0 ]; then
+  e=
+  n=0
+  while [ "$n" -lt "$5" ] && IFS= read -r l; do
+    e="$e$l
+"
+    n=$(( n + 1 ))
+  done
+  if [ "$n" -ne "$5" ]; then printf 'the env ended after %s of %s lines\n' "$n" "$5" >&2; exit 125; fi
+  printf '%s' "$e" >"$s/session.env" || exit 125
+elif [ "$4" -gt 0 ]; then
+  head -c "$4" >"$s/session.env" || exit 125
+fi
 if [ ! -d "$1" ]; then mkdir -p -- "$1" || exit 125; fi
 printf '%s\n' "$3" >"$s/lifetime" || exit 125
 printf '%s\n' "$2" >"$s/idle" || exit 125
 "#;
+
+/// An env of at most this many lines reaches the claim wrapper through the
+/// `read` builtin; a longer one through `head -c`.
+pub const ENV_READ_LINES: usize = 64;
+
+/// An env of at most this many bytes reaches the claim wrapper through the
+/// `read` builtin (a system call per byte); a longer one through `head -c`.
+pub const ENV_READ_BYTES: usize = 4096;
 
 /// Exits 0 when the sandbox was claimed (the claim wrapper ran), 1 if not.
 const CLAIMED: &str = r#"test -e "${SANDFLEET_STATE_DIR:?}/claimed""#;
 
 /// The pod's own command: wait until nobody has talked to the sandbox for
 /// `$SANDFLEET_IDLE_SECS` seconds, then exit (the Job completes and the
-/// service deletes it). A wrapper marks activity by creating `active`; a
-/// running command keeps a `running.<pid>` file whose process is alive.
+/// service deletes it). A wrapper marks activity by writing a line to
+/// `activity`, which the loop empties again (truncating, where removing
+/// would fork `rm` every second of a busy session and make the next mark
+/// allocate a new file; wrappers from before `activity` create `active`,
+/// which it still removes); a running command keeps a `running.<pid>` file
+/// whose process is alive.
 /// Once a pool member is claimed, the session's idle timeout (`idle`) and
 /// remaining lifetime (`lifetime`, counted from the claim) take over from
 /// the pool's values (a value read while the claim wrapper writes it, an
-/// empty file, is skipped until the next second); `read` is a builtin, so
-/// the loop forks only `sleep`.
+/// empty file, is skipped until the next second).
+///
+/// The loop is also the run wrapper's watchdog (see [`RUN`]): it leaves its
+/// pid in `watchdog`, and a `running.<pid>` that holds `deadline pgid .`
+/// (the `.` tells a complete line from one caught mid-write) gets its
+/// command's group killed once `/proc/uptime` has passed the deadline, the
+/// deadline written to `timeout.<pid>` first. A wrapper that has finished
+/// writes `done` there instead (so a pid used again is never taken for a
+/// running command); the loop removes such files sixteen at a time, with
+/// one `rm`. `read` is a builtin, so the loop forks only `sleep`, and that
+/// `rm` once every sixteen commands.
 pub const IDLE_LOOP: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:?}"
 idle="${SANDFLEET_IDLE_SECS:?}"
 trap 'exit 0' TERM INT
-: >"$s/active"
+echo >"$s/activity"
+printf '%s\n' "$$" >"$s/watchdog"
 n=0
 life=0
 max=
@@ -163,10 +232,30 @@ while [ "$n" -lt "$idle" ]; do
     if [ -n "$max" ] && [ "$life" -ge "$max" ]; then exit 0; fi
   fi
   busy=
-  for r in "$s"/running.*; do
-    if [ -e "$r" ] && kill -0 "${r##*.}" 2>/dev/null; then busy=1; fi
+  now=
+  set --
+  for r in "$s"/running.* "$s"/timeout.*; do
+    [ -e "$r" ] || continue
+    p=${r##*.}
+    dl=
+    case $r in */running.*) read -r dl pg end 2>/dev/null <"$r" ;; esac
+    if [ "$dl" = done ] || ! kill -0 "$p" 2>/dev/null; then set -- "$@" "$r"; continue; fi
+    case $r in */timeout.*) continue ;; esac
+    busy=1
+    if [ "$end" = . ]; then
+      if [ -z "$now" ] && read -r now _ 2>/dev/null </proc/uptime; then now=${now%.*}; fi
+      if [ -n "$now" ] && [ "$now" -ge "$dl" ]; then
+        printf '%s\n' "$dl" >"$s/timeout.$p"
+        kill -s KILL -- "-$pg" 2>/dev/null || kill -s KILL "-$pg" 2>/dev/null
+      fi
+    fi
   done
-  if [ -e "$s/active" ] || [ -n "$busy" ]; then rm -f "$s/active"; n=0; else n=$(( n + 1 )); fi
+  if [ "$#" -ge 16 ]; then rm -f -- "$@"; fi
+  a=$busy
+  if [ -s "$s/activity" ]; then : >"$s/activity"; a=1; fi
+  # A wrapper older than `activity` marks `active`.
+  if [ -e "$s/active" ]; then rm -f "$s/active"; a=1; fi
+  if [ -n "$a" ]; then n=0; else n=$(( n + 1 )); fi
 done
 "#;
 
@@ -208,21 +297,25 @@ pub fn prepare_argv(workdir: &str) -> Vec<String> {
     argv(PREPARE, &[workdir])
 }
 
-/// The argv claiming a pool member for a session (stdin: `env_len` bytes of
-/// [`env_file`]).
+/// The argv claiming a pool member for a session (stdin: `env`, the text
+/// of [`env_file`]).
 pub fn claim_argv(
     workdir: &str,
     idle: std::time::Duration,
     lifetime: std::time::Duration,
-    env_len: usize,
+    env: &str,
 ) -> Vec<String> {
+    // Every line of an env file ends with a newline, so `read` takes it whole.
+    let lines = env.bytes().filter(|b| *b == b'\n').count();
+    let by_read = lines <= ENV_READ_LINES && env.len() <= ENV_READ_BYTES;
     argv(
         CLAIM,
         &[
             workdir,
             &idle.as_secs().max(1).to_string(),
             &lifetime.as_secs().max(1).to_string(),
-            &env_len.to_string(),
+            &env.len().to_string(),
+            &(if by_read { lines } else { 0 }).to_string(),
         ],
     )
 }
@@ -308,6 +401,33 @@ mod tests {
         assert_eq!(&v[4..], &[evil.to_owned(), "1".into(), evil.to_owned()]);
         let w = write_argv(evil, evil, "644", 3);
         assert_eq!(w[2], WRITE);
+    }
+
+    #[test]
+    fn a_small_env_is_read_by_lines_and_a_large_one_by_head() {
+        let mut env = std::collections::BTreeMap::new();
+        env.insert("A".to_owned(), "one\ntwo".to_owned());
+        env.insert("B".to_owned(), "it's".to_owned());
+        let text = env_file(&env);
+        let v = claim_argv(
+            ".",
+            Duration::from_secs(60),
+            Duration::from_secs(600),
+            &text,
+        );
+        assert_eq!(v[2], CLAIM);
+        assert_eq!(v[7], text.len().to_string());
+        assert_eq!(v[8], "3", "a value's newline makes a line of its own");
+        env.insert("BIG".to_owned(), "x".repeat(ENV_READ_BYTES));
+        let text = env_file(&env);
+        let v = claim_argv(
+            ".",
+            Duration::from_secs(60),
+            Duration::from_secs(600),
+            &text,
+        );
+        assert_eq!(v[7], text.len().to_string());
+        assert_eq!(v[8], "0", "past the limit, head -c reads the bytes");
     }
 
     #[test]

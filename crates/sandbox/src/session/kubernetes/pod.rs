@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{EnvVar, Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sandfleet_settings::KubernetesSettings;
 
@@ -30,6 +31,12 @@ pub const ANNOTATION_WORKING_DIR: &str = "sandfleet.dev/working-dir";
 pub const ANNOTATION_IDLE_SECS: &str = "sandfleet.dev/idle-timeout-secs";
 /// Annotation with the image.
 pub const ANNOTATION_IMAGE: &str = "sandfleet.dev/image";
+
+/// The pod volume mounted at [`STATE_PATH`].
+const STATE_VOLUME: &str = "state";
+
+/// The size limit of a session's state dir (in memory, see [`session_job`]).
+const STATE_SIZE_LIMIT: &str = "16Mi";
 
 /// The idle loop exits on TERM at once: a short grace is plenty.
 const TERMINATION_GRACE_SECS: i64 = 5;
@@ -80,6 +87,15 @@ pub fn session_job(
     let resources = job::resources_for(&spec.resources, settings)?;
     let mut pod_spec = job::sandbox_pod_spec(&spec.image, command, env, resources, settings)?;
     pod_spec.termination_grace_period_seconds = Some(TERMINATION_GRACE_SECS);
+    // A session's state dir holds only small files (activity markers, a
+    // claimed member's env) that every operation writes: in memory, they
+    // cost no disk writes on the node.
+    for v in pod_spec.volumes.iter_mut().flatten() {
+        if let (true, Some(d)) = (v.name == STATE_VOLUME, v.empty_dir.as_mut()) {
+            d.medium = Some("Memory".to_owned());
+            d.size_limit = Some(Quantity(STATE_SIZE_LIMIT.to_owned()));
+        }
+    }
 
     Ok(Job {
         metadata: ObjectMeta {
@@ -240,7 +256,15 @@ mod tests {
             &settings,
         )
         .unwrap();
-        let (t, s) = (pod_spec_json(&task_job), pod_spec_json(&session));
+        let (mut t, s) = (pod_spec_json(&task_job), pod_spec_json(&session));
+        // The one difference: the session's state dir is in memory.
+        let state = t["volumes"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|v| v["name"] == STATE_VOLUME)
+            .unwrap();
+        state["emptyDir"] = json!({"medium": "Memory", "sizeLimit": STATE_SIZE_LIMIT});
         for key in [
             "automountServiceAccountToken",
             "enableServiceLinks",

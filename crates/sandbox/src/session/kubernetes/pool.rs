@@ -183,7 +183,7 @@ impl KubeSessions {
             &spec.working_dir,
             spec.idle_timeout,
             spec.max_lifetime,
-            env.len(),
+            &env,
         );
         let e = self
             .exec(
