@@ -202,24 +202,9 @@ mod tests {
     use crate::{Provider, SandboxSpec, Source};
 
     fn task(key: Option<&str>) -> Task {
-        let mut t = Task::fix_attempt(
-            Source {
-                provider: Provider::Github,
-                repository: "acme/widgets".into(),
-                commit: "4f2a9c1".into(),
-                git_ref: Some("main".into()),
-                ci_run_id: None,
-                pull_request: None,
-                url: None,
-            },
-            SandboxSpec {
-                image: "alpine:3".into(),
-                resources: Default::default(),
-                env: Default::default(),
-                deadline_secs: 60,
-                pending_timeout_secs: 60,
-            },
-        );
+        let mut source = Source::new(Provider::Github, "acme/widgets", "4f2a9c1");
+        source.git_ref = Some("main".into());
+        let mut t = Task::fix_attempt(source, SandboxSpec::new("alpine:3", 60));
         t.supersede_key = key.map(Into::into);
         t
     }

@@ -138,6 +138,41 @@ fn default_pending_timeout_secs() -> u64 {
     300
 }
 
+impl Source {
+    /// A source with only what every task needs: who produced it, the
+    /// repository and the commit; the optional fields are empty.
+    pub fn new(
+        provider: Provider,
+        repository: impl Into<String>,
+        commit: impl Into<String>,
+    ) -> Source {
+        Source {
+            provider,
+            repository: repository.into(),
+            commit: commit.into(),
+            git_ref: None,
+            ci_run_id: None,
+            pull_request: None,
+            url: None,
+        }
+    }
+}
+
+impl SandboxSpec {
+    /// A sandbox of `image` with a deadline of `deadline_secs`, no resources
+    /// or env of its own, and the default pending timeout (what a task that
+    /// leaves `pending_timeout_secs` out gets).
+    pub fn new(image: impl Into<String>, deadline_secs: u64) -> SandboxSpec {
+        SandboxSpec {
+            image: image.into(),
+            resources: Resources::default(),
+            env: BTreeMap::new(),
+            deadline_secs,
+            pending_timeout_secs: default_pending_timeout_secs(),
+        }
+    }
+}
+
 /// Kubernetes-style resource quantities (`"500m"`, `"2"`, `"1Gi"`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

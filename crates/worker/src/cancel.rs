@@ -566,22 +566,8 @@ mod tests {
 
     fn task(key: Option<&str>) -> Task {
         let mut t = Task::fix_attempt(
-            Source {
-                provider: Provider::Api,
-                repository: "acme/widgets".into(),
-                commit: "4f2a9c1".into(),
-                git_ref: None,
-                ci_run_id: None,
-                pull_request: None,
-                url: None,
-            },
-            SandboxSpec {
-                image: "alpine:3".into(),
-                resources: Default::default(),
-                env: Default::default(),
-                deadline_secs: 60,
-                pending_timeout_secs: 60,
-            },
+            Source::new(Provider::Api, "acme/widgets", "4f2a9c1"),
+            SandboxSpec::new("alpine:3", 60),
         );
         t.supersede_key = key.map(Into::into);
         t
