@@ -92,21 +92,14 @@ mod tests {
 
     fn task(deadline_secs: u64, pending_timeout_secs: u64) -> Task {
         Task::fix_attempt(
-            Source {
-                provider: Provider::Api,
-                repository: "acme/widgets".into(),
-                commit: "4f2a9c1e8b7d6a5f4e3d2c1b0a9f8e7d6c5b4a39".into(),
-                git_ref: None,
-                ci_run_id: None,
-                pull_request: None,
-                url: None,
-            },
+            Source::new(
+                Provider::Api,
+                "acme/widgets",
+                "4f2a9c1e8b7d6a5f4e3d2c1b0a9f8e7d6c5b4a39",
+            ),
             SandboxSpec {
-                image: "alpine:3.20".into(),
-                resources: Default::default(),
-                env: Default::default(),
-                deadline_secs,
                 pending_timeout_secs,
+                ..SandboxSpec::new("alpine:3.20", deadline_secs)
             },
         )
     }

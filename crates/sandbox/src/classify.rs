@@ -394,21 +394,10 @@ mod tests {
 
     fn task() -> Task {
         let mut t = Task::fix_attempt(
-            Source {
-                provider: Provider::Api,
-                repository: "acme/widgets".into(),
-                commit: "c".repeat(40),
-                git_ref: None,
-                ci_run_id: None,
-                pull_request: None,
-                url: None,
-            },
+            Source::new(Provider::Api, "acme/widgets", "c".repeat(40)),
             SandboxSpec {
-                image: "alpine:3.20".into(),
-                resources: Default::default(),
-                env: Default::default(),
-                deadline_secs: 600,
                 pending_timeout_secs: 60,
+                ..SandboxSpec::new("alpine:3.20", 600)
             },
         )
         .with_step("build", "make", 100)
