@@ -334,10 +334,24 @@ impl KubeApi {
     }
 
     /// Creates a Job. A 409 comes back as `ExecError::Api { status: Some(409) }`.
+    ///
+    /// The Job the server answers with is decoded slim, as the shared watch
+    /// decodes it (metadata, status, `spec.suspend`; see [`JobState`]): the
+    /// executor reads no more of it, and the rest of its spec is the
+    /// generated script again. The manifest is serialized once, not per try.
     pub async fn create_job(&self, job: &Job) -> Result<Job, ExecError> {
+        let body = serde_json::to_vec(job)
+            .map_err(|e| ExecError::Config(format!("serializing the job: {e}")))?;
+        let request = kube::core::Request::new(self.jobs.resource_url());
         let pp = PostParams::default();
-        self.call(ApiOp::CreateJob, || self.jobs.create(&pp, job))
-            .await
+        let create = || async {
+            let mut req = request
+                .create(&pp, body.clone())
+                .map_err(kube::Error::BuildRequest)?;
+            req.extensions_mut().insert("create");
+            self.client.request::<JobState>(req).await
+        };
+        self.call(ApiOp::CreateJob, create).await.map(Job::from)
     }
 
     /// Reads a Job; `None` when it does not exist.
@@ -347,12 +361,20 @@ impl KubeApi {
 
     /// Deletes a Job with `propagationPolicy: Background` (its pods go too);
     /// deleting a Job that is already gone is not an error.
+    ///
+    /// The answer (the Job being deleted, script and all, or a `Status`) is
+    /// read but not decoded: only its HTTP status matters.
     pub async fn delete_job(&self, name: &str) -> Result<(), ExecError> {
         let dp = DeleteParams::background();
-        match self
-            .call(ApiOp::DeleteJob, || self.jobs.delete(name, &dp))
-            .await
-        {
+        let request = kube::core::Request::new(self.jobs.resource_url());
+        let delete = || async {
+            let mut req = request
+                .delete(name, &dp)
+                .map_err(kube::Error::BuildRequest)?;
+            req.extensions_mut().insert("delete");
+            self.client.request_text(req).await.map(drop)
+        };
+        match self.call(ApiOp::DeleteJob, delete).await {
             Ok(_) => Ok(()),
             Err(ExecError::Api {
                 status: Some(404), ..
