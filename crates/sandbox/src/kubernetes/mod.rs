@@ -546,8 +546,9 @@ impl Executor for KubeExecutor {
         // be part of this future, which lives for the whole run.
         let manifest = Box::new(manifest);
         let (created, adopted) = Box::pin(self.create_or_adopt(&manifest, task)).await?;
-        // Neither the manifest nor the API's copy of the Job is needed past
-        // here; both carry the script, and a run waits for minutes.
+        // The manifest (with the script) is not needed past here, and a run
+        // waits for minutes; the API's copy is slim and goes after the
+        // admission has read it.
         drop(manifest);
         let before_create = Utc::now();
         // Our own clock for a Job we created (API timestamps have whole seconds,
