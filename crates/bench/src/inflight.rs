@@ -17,6 +17,7 @@
 //! already holds the earlier ones. API requests per task count every logged request except
 //! the shared watchers' list and watch, like the `kube` bench.
 
+use serde_json::json;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -131,16 +132,21 @@ pub(crate) async fn run(args: InflightArgs) -> anyhow::Result<()> {
         "API requests per task (watch and the shared list excluded): {:.2}  {:?}",
         f.api_requests_per_task, f.by_verb
     );
-    // The last line, with exactly these keys in this order (`json!` would
-    // sort them); a NaN figure prints as `null`.
-    let num = serde_json::Value::from;
     println!(
-        "{{\"bench\":\"inflight\",\"in_flight\":{},\"peak_rss_mib\":{},\"idle_rss_mib\":{},\"dispatch_p99_ms\":{},\"api_requests_per_task\":{}}}",
-        args.tasks,
-        num(round1(f.peak_mib)),
-        num(round1(f.idle_mib)),
-        num(round3(f.worker_p99_ms)),
-        num(round3(f.api_requests_per_task)),
+        "{}",
+        crate::json_line(
+            "inflight",
+            &[
+                ("in_flight", json!(args.tasks)),
+                ("peak_rss_mib", json!(round1(f.peak_mib))),
+                ("idle_rss_mib", json!(round1(f.idle_mib))),
+                ("dispatch_p99_ms", json!(round3(f.worker_p99_ms))),
+                (
+                    "api_requests_per_task",
+                    json!(round3(f.api_requests_per_task))
+                ),
+            ],
+        )
     );
     Ok(())
 }

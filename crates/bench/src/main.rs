@@ -57,6 +57,19 @@ enum Command {
     PipelineWorker(pipeline::WorkerArgs),
 }
 
+/// A benchmark's last line: `{"bench":"<name>",...}` with `fields` in the
+/// order given (the issues list their keys in order; `json!` would sort
+/// them). A NaN figure prints as `null`.
+pub(crate) fn json_line(bench: &str, fields: &[(&str, serde_json::Value)]) -> String {
+    use std::fmt::Write as _;
+    let mut line = format!("{{\"bench\":{}", serde_json::Value::from(bench));
+    for (key, value) in fields {
+        let _ = write!(line, ",{}:{value}", serde_json::Value::from(*key));
+    }
+    line.push('}');
+    line
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -72,5 +85,27 @@ async fn main() -> anyhow::Result<()> {
         Command::Fairness(args) => fairness::run(args).await,
         Command::Idle(args) => idle::run(args).await,
         Command::PipelineWorker(args) => pipeline::worker(args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_last_line_keeps_the_keys_in_order_and_prints_nan_as_null() {
+        let line = super::json_line(
+            "pipeline",
+            &[
+                ("ratio_vs_raw", serde_json::json!(0.75)),
+                ("p50_ms", serde_json::json!(f64::NAN)),
+                ("kube_cpu_ms_per_task", serde_json::json!(None::<f64>)),
+                ("tasks", serde_json::json!(300)),
+            ],
+        );
+        assert_eq!(
+            line,
+            r#"{"bench":"pipeline","ratio_vs_raw":0.75,"p50_ms":null,"kube_cpu_ms_per_task":null,"tasks":300}"#
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(parsed["bench"], "pipeline");
     }
 }

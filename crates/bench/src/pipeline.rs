@@ -23,6 +23,7 @@
 //! runs in this process with the same number in flight. Latency is measured
 //! from just before the enqueue to the arrival of the final result (reply).
 
+use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -409,27 +410,39 @@ pub(crate) async fn run(args: PipelineArgs) -> anyhow::Result<()> {
         "(a) / raw: rate ratio {ratio:.3}, p50 {:.2}x raw",
         instant.p50_ms / raw.p50_ms
     );
+    // The keys first, in its order.
     println!(
         "{}",
-        serde_json::json!({
-            "bench": "pipeline",
-            "tasks": args.tasks,
-            "concurrency": args.concurrency,
-            "ratio_vs_raw": round3(ratio),
-            "p50_ms": round3(instant.p50_ms),
-            "p99_ms": round3(instant.p99_ms),
-            "raw_p50_ms": round3(raw.p50_ms),
-            "raw_per_s": raw.per_sec.round(),
-            "instant_per_s": instant.per_sec.round(),
-            "instant_cpu_ms_per_task": instant.cpu_ms_per_task.map(round3),
-            "kube_per_s": kube.map(|k| k.per_sec.round()),
-            "kube_p50_ms": kube.map(|k| round3(k.p50_ms)),
-            "kube_cpu_ms_per_task": kube.and_then(|k| k.cpu_ms_per_task).map(round3),
-            "local_concurrency": args.local_concurrency,
-            "local_p50_ms": local.map(|l| round3(l.p50_ms)),
-            "local_p99_ms": local.map(|l| round3(l.p99_ms)),
-            "local_cpu_ms_per_task": local.and_then(|l| l.cpu_ms_per_task).map(round3),
-        })
+        crate::json_line(
+            "pipeline",
+            &[
+                ("ratio_vs_raw", json!(round3(ratio))),
+                ("p50_ms", json!(round3(instant.p50_ms))),
+                ("raw_p50_ms", json!(round3(raw.p50_ms))),
+                (
+                    "kube_cpu_ms_per_task",
+                    json!(kube.and_then(|k| k.cpu_ms_per_task).map(round3)),
+                ),
+                ("tasks", json!(args.tasks)),
+                ("concurrency", json!(args.concurrency)),
+                ("p99_ms", json!(round3(instant.p99_ms))),
+                ("raw_per_s", json!(raw.per_sec.round())),
+                ("instant_per_s", json!(instant.per_sec.round())),
+                (
+                    "instant_cpu_ms_per_task",
+                    json!(instant.cpu_ms_per_task.map(round3)),
+                ),
+                ("kube_per_s", json!(kube.map(|k| k.per_sec.round()))),
+                ("kube_p50_ms", json!(kube.map(|k| round3(k.p50_ms)))),
+                ("local_concurrency", json!(args.local_concurrency)),
+                ("local_p50_ms", json!(local.map(|l| round3(l.p50_ms)))),
+                ("local_p99_ms", json!(local.map(|l| round3(l.p99_ms)))),
+                (
+                    "local_cpu_ms_per_task",
+                    json!(local.and_then(|l| l.cpu_ms_per_task).map(round3)),
+                ),
+            ],
+        )
     );
     Ok(())
 }

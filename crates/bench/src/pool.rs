@@ -397,8 +397,7 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
         warm.ids.len()
     );
     let r = |v: f64| (v * 10.0).round() / 10.0;
-    // The last line: "bench" first and the keys in its order, then
-    // the run's shape (`json!` would sort the keys).
+    // The keys first, in its order, then the run's shape.
     let fields: [(&str, serde_json::Value); 9] = [
         ("claim_p50_ms", r(pct(&warm.ms, 0.5)).into()),
         ("claim_p99_ms", r(pct(&warm.ms, 0.99)).into()),
@@ -410,7 +409,6 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
         ("warm_hits", warm_hits.into()),
         ("pod_start_ms", a.pod_start_ms.into()),
     ];
-    let fields: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
-    println!("{{\"bench\":\"pool\",{}}}", fields.join(","));
+    println!("{}", crate::json_line("pool", &fields));
     Ok(())
 }

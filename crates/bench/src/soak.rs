@@ -15,6 +15,7 @@
 //! (two Jobs of one task alive at once), tasks without a final result, and
 //! the p99 time from enqueue to the first final result.
 
+use serde_json::json;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -247,25 +248,31 @@ async fn soak(args: &SoakArgs, env: &Env) -> anyhow::Result<()> {
         p(0.99),
         p(1.0)
     );
+    // The keys first, in its order.
     println!(
         "{}",
-        serde_json::json!({
-            "bench": "soak",
-            "workers": args.workers,
-            "tasks": args.tasks,
-            "chaos_secs": round3(chaos.as_secs_f64()),
-            "kills": count(Fault::Kill),
-            "terms": count(Fault::Term),
-            "connection_cuts": count(Fault::Cut),
-            "api_storms": count(Fault::ApiStorm),
-            "lost": report.lost.len(),
-            "duplicated": report.duplicate_final_deliveries,
-            "conflicting_finals": report.conflicting_finals.len(),
-            "concurrent_double_runs": report.concurrent_jobs.len(),
-            "recreated_jobs": report.recreated_jobs.len(),
-            "tasks_without_final": without_final,
-            "p99_to_final_s": round3(p(0.99)),
-        })
+        crate::json_line(
+            "soak",
+            &[
+                ("lost", json!(report.lost.len())),
+                (
+                    "concurrent_double_runs",
+                    json!(report.concurrent_jobs.len())
+                ),
+                ("tasks_without_final", json!(without_final)),
+                ("p99_to_final_s", json!(round3(p(0.99)))),
+                ("workers", json!(args.workers)),
+                ("tasks", json!(args.tasks)),
+                ("chaos_secs", json!(round3(chaos.as_secs_f64()))),
+                ("kills", json!(count(Fault::Kill))),
+                ("terms", json!(count(Fault::Term))),
+                ("connection_cuts", json!(count(Fault::Cut))),
+                ("api_storms", json!(count(Fault::ApiStorm))),
+                ("duplicated", json!(report.duplicate_final_deliveries)),
+                ("conflicting_finals", json!(report.conflicting_finals.len())),
+                ("recreated_jobs", json!(report.recreated_jobs.len())),
+            ],
+        )
     );
     until?;
     if !report.ok() || without_final > 0 {
