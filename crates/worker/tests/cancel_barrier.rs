@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use sandfleet_amqp::{
 use sandfleet_proto::{
     CANCELLATION_MESSAGE_TYPE, CancelTarget, Cancellation, Provider, SandboxSpec, Source, Task,
 };
-use sandfleet_settings::{AmqpSettings, TopologySettings};
+use sandfleet_settings::TopologySettings;
 use sandfleet_worker::Cancels;
 use tokio_util::sync::CancellationToken;
 
@@ -28,20 +30,8 @@ struct Fixture {
 
 /// A worker's feed on a fresh topology, read up to its tail.
 async fn fixture(name: &str) -> Fixture {
-    let prefix = format!(
-        "worker-it-{name}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let settings = AmqpSettings {
-        url: std::env::var("AMQP_ADDR")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        connection_name: Some(format!("sandfleet-worker-it-{prefix}")),
-        reconnect_max_delay_secs: 1,
-        ..AmqpSettings::default()
-    };
-    let amqp = Amqp::connect(&settings, "worker-it")
-        .await
-        .expect("RabbitMQ must run on 127.0.0.1:5672 for these tests");
+    let prefix = common::unique_prefix("worker-it", name);
+    let amqp = common::connect(&format!("sandfleet-worker-it-{prefix}"), "worker-it").await;
     let topology = Topology::new(&TopologySettings {
         prefix,
         ..TopologySettings::default()

@@ -5,13 +5,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sandfleet_amqp::{Amqp, OutgoingMessage, Publisher, Topology};
 use sandfleet_proto::shard_for;
-use sandfleet_settings::{AmqpSettings, FairShare, FairnessSettings, TopologySettings};
+use sandfleet_settings::{FairShare, FairnessSettings, TopologySettings};
 use sandfleet_worker::fair::rabbit_shards;
 use sandfleet_worker::metrics::Metrics;
 use sandfleet_worker::{Broker, Delivery};
@@ -20,25 +22,12 @@ use tokio::sync::Semaphore;
 const SHARDS: u16 = 16;
 
 async fn connect(name: &str) -> Amqp {
-    let settings = AmqpSettings {
-        url: std::env::var("AMQP_ADDR")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        connection_name: Some(format!("sandfleet-fair-it-{name}")),
-        reconnect_max_delay_secs: 1,
-        ..AmqpSettings::default()
-    };
-    Amqp::connect(&settings, "fair-it")
-        .await
-        .expect("RabbitMQ must run on 127.0.0.1:5672 for these tests")
+    common::connect(&format!("sandfleet-fair-it-{name}"), "fair-it").await
 }
 
 async fn topology(amqp: &Amqp, name: &str) -> Topology {
-    let prefix = format!(
-        "fair-it-{name}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
     let t = Topology::new(&TopologySettings {
-        prefix,
+        prefix: common::unique_prefix("fair-it", name),
         retry_delays_secs: vec![1],
         task_shards: SHARDS,
         ..TopologySettings::default()

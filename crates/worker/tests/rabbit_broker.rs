@@ -7,13 +7,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use sandfleet_amqp::{
     Amqp, Consumer, ConsumerOptions, HEADER_REJECT_CODE, HEADER_REJECT_REASON, OutgoingMessage,
     Publisher, TASK_ROUTING_KEY, Topology,
 };
-use sandfleet_settings::{AmqpSettings, TopologySettings};
+use sandfleet_settings::TopologySettings;
 use sandfleet_worker::rabbit::RabbitBroker;
 use sandfleet_worker::{Broker, Delivery, RetryMessage};
 
@@ -30,21 +32,9 @@ async fn fixture(name: &str) -> Fixture {
 }
 
 async fn fixture_with(name: &str, delivery_limit: u32) -> Fixture {
-    let prefix = format!(
-        "worker-it-{name}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
+    let prefix = common::unique_prefix("worker-it", name);
     let conn_name = format!("sandfleet-worker-it-{prefix}");
-    let settings = AmqpSettings {
-        url: std::env::var("AMQP_ADDR")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        connection_name: Some(conn_name.clone()),
-        reconnect_max_delay_secs: 1,
-        ..AmqpSettings::default()
-    };
-    let amqp = Amqp::connect(&settings, "worker-it")
-        .await
-        .expect("RabbitMQ must run on 127.0.0.1:5672 for these tests");
+    let amqp = common::connect(&conn_name, "worker-it").await;
     let topology = Topology::new(&TopologySettings {
         prefix,
         retry_delays_secs: vec![1, 3],
