@@ -392,11 +392,14 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
         warm_wall * std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
         own1 - own0
     );
-    println!(
-        "warm claims served by a member: {warm_hits} of {}; double claims: {double_claims}; API writes per pooled session: {writes_per_session:.1}",
-        warm.ids.len()
-    );
+    // One rounding for both lines (`{:.1}` would round 4.25 to 4.2, the
+    // JSON line to 4.3).
     let r = |v: f64| (v * 10.0).round() / 10.0;
+    println!(
+        "warm claims served by a member: {warm_hits} of {}; double claims: {double_claims}; API writes per pooled session: {:.1}",
+        warm.ids.len(),
+        r(writes_per_session)
+    );
     // The keys first, in its order, then the run's shape.
     let fields: [(&str, serde_json::Value); 9] = [
         ("claim_p50_ms", r(pct(&warm.ms, 0.5)).into()),
