@@ -323,13 +323,13 @@ async fn serve<S>(
                 tokio::spawn(async move {
                     tokio::select! {
                         () = wait => {}
-                        () = ended.cancelled() => kill_group(pgid).await,
+                        () = ended.cancelled() => kill_group(pgid),
                     }
                 });
                 return;
             }
             () = target.ended.cancelled() => {
-                kill_group(pgid).await;
+                kill_group(pgid);
                 let _ = child.wait().await;
                 shared.kubelet.track_group(pgid, false);
                 let _ = tx.send(frame(STATUS, exit_status(137).to_string().as_bytes())).await;
@@ -375,7 +375,7 @@ async fn serve<S>(
             use std::os::unix::process::ExitStatusExt as _;
             s.code().or_else(|| s.signal().map(|sig| 128 + sig)).unwrap_or(1)
         }).unwrap_or(1),
-        () = target.ended.cancelled() => { kill_group(pgid).await; 137 }
+        () = target.ended.cancelled() => { kill_group(pgid); 137 }
     };
     shared.kubelet.track_group(pgid, false);
     for p in pumps {
@@ -389,15 +389,6 @@ async fn serve<S>(
     }
 }
 
-async fn kill_group(pgid: u32) {
-    if pgid <= 1 {
-        return;
-    }
-    let _ = tokio::process::Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pgid}")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
+fn kill_group(pgid: u32) {
+    crate::kubelet::signal_group(pgid, rustix::process::Signal::KILL);
 }

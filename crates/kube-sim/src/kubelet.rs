@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustix::process::{Pid, Signal, kill_process_group};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::broadcast::error::RecvError;
@@ -68,15 +69,8 @@ impl Kubelet {
     /// the runtime may not poll the runners again).
     pub(crate) fn kill_all(&self) {
         let groups: Vec<u32> = lock(&self.process_groups).drain().collect();
-        for pgid in groups.into_iter().filter(|p| *p > 1) {
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .arg("--")
-                .arg(format!("-{pgid}"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+        for pgid in groups {
+            signal_group(pgid, Signal::KILL);
         }
     }
 
@@ -797,22 +791,19 @@ fn field_ref(pod: &Value, path: &str) -> String {
     }
 }
 
-/// Sends `signal` to the process group `pgid` (the container's processes).
-async fn signal_group(pgid: u32, signal: &str) {
-    // `kill -- -0` would signal our own process group.
-    if pgid <= 1 {
-        return;
+/// Sends `signal` to the process group `pgid` (the container's processes),
+/// with a system call: starting the `kill` program for it cost a process
+/// per container end and per exec cut short.
+pub(crate) fn signal_group(pgid: u32, signal: Signal) {
+    // Group 0 would be our own, 1 is init's; a group that is gone already is
+    // not an error here.
+    if let Some(pgid) = i32::try_from(pgid)
+        .ok()
+        .filter(|p| *p > 1)
+        .and_then(Pid::from_raw)
+    {
+        let _ = kill_process_group(pgid, signal);
     }
-    // `kill` from procps: no libc (and so no unsafe) needed.
-    let _ = tokio::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg("--")
-        .arg(format!("-{pgid}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
 }
 
 async fn pump(mut reader: impl AsyncRead + Unpin, log: Arc<ContainerLog>) {
@@ -919,12 +910,12 @@ async fn run_process(
     let status = tokio::select! {
         s = child.wait() => s.ok(),
         () = interrupt.cancelled() => {
-            signal_group(pid, "TERM").await;
+            signal_group(pid, Signal::TERM);
             match tokio::time::timeout(grace(), child.wait()).await {
                 Ok(s) => s.ok(),
                 Err(_) => {
-                    signal_group(pid, "KILL").await;
-                    // In case `kill` is missing: at least the main process dies.
+                    signal_group(pid, Signal::KILL);
+                    // The main process too, should it have left the group.
                     let _ = child.start_kill();
                     child.wait().await.ok()
                 }
@@ -932,7 +923,7 @@ async fn run_process(
         }
         () = disrupt_sleep => {
             disruption = disrupt.map(|(_, d)| d);
-            signal_group(pid, "KILL").await;
+            signal_group(pid, Signal::KILL);
             let _ = child.start_kill();
             child.wait().await.ok()
         }
@@ -940,7 +931,7 @@ async fn run_process(
     // The container's other processes die with it, exec'd ones included.
     lock(&ctx.shared.kubelet.exec_targets).remove(&exec_key);
     exec_ended.cancel();
-    signal_group(pid, "KILL").await;
+    signal_group(pid, Signal::KILL);
     lock(&ctx.shared.kubelet.process_groups).remove(&pid);
     for r in readers.into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
