@@ -260,7 +260,7 @@ impl Cancels {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Records a cancel and fires the watches of the tasks it applies to.

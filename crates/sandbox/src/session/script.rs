@@ -408,24 +408,16 @@ mod tests {
         let mut env = std::collections::BTreeMap::new();
         env.insert("A".to_owned(), "one\ntwo".to_owned());
         env.insert("B".to_owned(), "it's".to_owned());
+        let claim =
+            |text: &str| claim_argv(".", Duration::from_secs(60), Duration::from_secs(600), text);
         let text = env_file(&env);
-        let v = claim_argv(
-            ".",
-            Duration::from_secs(60),
-            Duration::from_secs(600),
-            &text,
-        );
+        let v = claim(&text);
         assert_eq!(v[2], CLAIM);
         assert_eq!(v[7], text.len().to_string());
         assert_eq!(v[8], "3", "a value's newline makes a line of its own");
         env.insert("BIG".to_owned(), "x".repeat(ENV_READ_BYTES));
         let text = env_file(&env);
-        let v = claim_argv(
-            ".",
-            Duration::from_secs(60),
-            Duration::from_secs(600),
-            &text,
-        );
+        let v = claim(&text);
         assert_eq!(v[7], text.len().to_string());
         assert_eq!(v[8], "0", "past the limit, head -c reads the bytes");
     }
