@@ -339,6 +339,35 @@ impl Env {
         Ok(std::time::SystemTime::now())
     }
 
+    /// Every message on this test's cancellations stream with its offset,
+    /// read from the first up to a marker published now.
+    pub async fn cancellations_on_stream(
+        &self,
+    ) -> Result<Vec<(u64, sandfleet_proto::Cancellation)>> {
+        let sentinel = sandfleet_proto::Cancellation::marker("e2e");
+        self.publish_cancellation(&sentinel).await?;
+        let options = ConsumerOptions::new(self.topology.cancellations_stream.clone(), 500)
+            .stream_offset(sandfleet_amqp::StreamOffset::First);
+        let mut consumer = Consumer::start(&self.amqp, options).await?;
+        let mut read = Vec::new();
+        loop {
+            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next_delivery())
+                .await
+                .context("the cancellations stream not read up to the marker in 10 s")?
+                .context("the cancellations reader lost its subscription")?;
+            d.ack().await?;
+            let c: sandfleet_proto::Cancellation = serde_json::from_slice(d.body())?;
+            if c.id == sentinel.id {
+                consumer.cancel();
+                return Ok(read);
+            }
+            let offset = d
+                .stream_offset()
+                .context("a stream delivery without its offset")?;
+            read.push((offset, c));
+        }
+    }
+
     /// Pods in the simulated cluster now.
     pub fn pods(&self) -> Vec<serde_json::Value> {
         let sim = self.kube();

@@ -103,6 +103,7 @@ fn ctx() -> RunContext {
     RunContext {
         traceparent: None,
         worker: "rbac-test".into(),
+        cancels_read_to: None,
     }
 }
 

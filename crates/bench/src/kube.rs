@@ -82,6 +82,7 @@ pub(crate) async fn run(args: KubeArgs) -> anyhow::Result<()> {
     let ctx = RunContext {
         traceparent: None,
         worker: "bench".into(),
+        cancels_read_to: None,
     };
 
     // One warm-up task: the watchers list and settle before the clock starts.

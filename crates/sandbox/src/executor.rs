@@ -35,6 +35,10 @@ pub struct RunContext {
     pub traceparent: Option<String>,
     /// The worker's name, for logs and labels.
     pub worker: String,
+    /// The cancellations stream offset the worker had read up to when it
+    /// started the attempt (its read barrier's marker), put on the Job's
+    /// annotations: a cancel at a higher offset may race the start.
+    pub cancels_read_to: Option<u64>,
 }
 
 /// What one attempt did, in the shape the worker turns into a `TaskResult`.

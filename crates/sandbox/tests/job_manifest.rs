@@ -37,6 +37,7 @@ fn ctx() -> RunContext {
     RunContext {
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         worker: "sandfleet-worker-0".into(),
+        cancels_read_to: Some(42),
     }
 }
 
@@ -80,6 +81,11 @@ fn manifest_is_locked_down() {
     assert_eq!(
         m["metadata"]["annotations"]["sandfleet.dev/task-id"],
         "0193a6d2-9c44-7e11-b8d0-51f2a3b4c5d6"
+    );
+    // How far the worker had read the cancellations stream.
+    assert_eq!(
+        m["metadata"]["annotations"]["sandfleet.dev/cancels-read-to"],
+        "42"
     );
     assert_eq!(spec["backoffLimit"], 0);
     assert_eq!(spec["activeDeadlineSeconds"], 600 + 300);

@@ -87,6 +87,7 @@ fn ctx() -> RunContext {
     RunContext {
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         worker: "worker-test".into(),
+        cancels_read_to: None,
     }
 }
 

@@ -51,6 +51,7 @@ fn ctx() -> RunContext {
     RunContext {
         traceparent: None,
         worker: "worker-test".into(),
+        cancels_read_to: None,
     }
 }
 

@@ -39,6 +39,7 @@ fn ctx() -> RunContext {
     RunContext {
         traceparent: None,
         worker: "test".into(),
+        cancels_read_to: None,
     }
 }
 

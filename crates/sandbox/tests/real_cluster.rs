@@ -70,6 +70,7 @@ fn ctx() -> RunContext {
     RunContext {
         traceparent: None,
         worker: "real-cluster-test".into(),
+        cancels_read_to: None,
     }
 }
 

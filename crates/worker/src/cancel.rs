@@ -158,8 +158,17 @@ impl Drop for WatchGuard {
 
 /// Publishes a marker and waits up to the given time to read it back.
 type Barrier = Arc<
-    dyn Fn(Duration) -> futures::future::BoxFuture<'static, Result<(), BarrierError>> + Send + Sync,
+    dyn Fn(Duration) -> futures::future::BoxFuture<'static, Result<ReadTo, BarrierError>>
+        + Send
+        + Sync,
 >;
+
+/// How far a passed barrier read the cancellations stream: the offset of
+/// the marker read back. Every cancel at a lower offset is in the index; one
+/// at a higher offset was confirmed after the marker was published, so it
+/// may race the attempt's start (and then stops it while it runs). `None`
+/// when there is no stream (the in-memory index).
+pub type ReadTo = Option<u64>;
 
 /// The marker rounds of the barrier (group commit, see the module docs).
 #[derive(Default)]
@@ -173,15 +182,16 @@ struct Rounds {
 /// One marker shared by the callers that joined before it was published.
 struct Round {
     /// The round's outcome, once its marker is read back or it failed.
-    done: tokio::sync::watch::Sender<Option<Result<(), BarrierError>>>,
+    done: tokio::sync::watch::Sender<Option<Result<ReadTo, BarrierError>>>,
 }
 
 #[derive(Default)]
 struct State {
     index: CancelIndex,
     watched: HashMap<Uuid, (Task, CancelWatch)>,
-    /// Markers published by this worker, waiting to be read back.
-    markers: HashMap<Uuid, oneshot::Sender<()>>,
+    /// Markers published by this worker, waiting to be read back (with
+    /// their stream offset).
+    markers: HashMap<Uuid, oneshot::Sender<ReadTo>>,
 }
 
 /// The index, the watched tasks and the barrier, shared by the dispatch
@@ -255,7 +265,7 @@ impl Cancels {
     /// caught up, with a barrier that passes at once (there is no stream).
     #[cfg(test)]
     pub(crate) fn caught_up_without_stream(&self) {
-        let _ = self.barrier.set(Arc::new(|_| Box::pin(async { Ok(()) })));
+        let _ = self.barrier.set(Arc::new(|_| Box::pin(async { Ok(None) })));
         self.set_caught_up();
     }
 
@@ -265,10 +275,15 @@ impl Cancels {
 
     /// Records a cancel and fires the watches of the tasks it applies to.
     pub fn apply(&self, c: Cancellation) {
+        self.apply_read(c, None);
+    }
+
+    /// [`Cancels::apply`] for a cancel read from the stream at `offset`.
+    fn apply_read(&self, c: Cancellation, offset: Option<u64>) {
         let mut s = self.lock();
         if let CancelTarget::Marker = c.target {
             if let Some(tx) = s.markers.remove(&c.id) {
-                let _ = tx.send(());
+                let _ = tx.send(offset);
             }
             return;
         }
@@ -314,13 +329,13 @@ impl Cancels {
     /// published after this call. Fails with [`BarrierError::Timeout`] when
     /// no such marker came back within [`BARRIER_TIMEOUT`] of the call, and
     /// with the round's [`BarrierError::Publish`] when its marker could not
-    /// be published.
-    pub async fn barrier(&self) -> Result<(), BarrierError> {
+    /// be published. Passed, it tells how far it read ([`ReadTo`]).
+    pub async fn barrier(&self) -> Result<ReadTo, BarrierError> {
         let Some(publish) = self.barrier.get() else {
             return if self.fed {
                 Err(BarrierError::NotFed)
             } else {
-                Ok(())
+                Ok(None)
             };
         };
         let mut done = {
@@ -339,7 +354,7 @@ impl Cancels {
             done
         };
         match tokio::time::timeout(BARRIER_TIMEOUT, done.wait_for(Option::is_some)).await {
-            Ok(Ok(outcome)) => outcome.clone().unwrap_or(Ok(())),
+            Ok(Ok(outcome)) => outcome.clone().unwrap_or(Ok(None)),
             // The driver is gone without an outcome (the runtime is
             // shutting down), or the round took too long.
             Ok(Err(_)) | Err(_) => Err(BarrierError::Timeout(BARRIER_TIMEOUT)),
@@ -440,7 +455,7 @@ pub async fn feed(
                 }
             };
             match tokio::time::timeout(patience, back).await {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(read_to)) => Ok(read_to),
                 Ok(Err(e)) => {
                     forget(marker.id);
                     Err(e)
@@ -469,18 +484,17 @@ pub async fn feed(
                 None => break,
             },
         };
-        // Acked before it is applied: applying first let the e2e cancel
-        // test see a Job created after its cancel was confirmed (1 run of
-        // ~9 here, 3 of 8 in an earlier try); why is not understood yet.
-        let _ = delivery.ack().await;
+        // Applied before it is acked: the ack only returns stream credit,
+        // and a marker read back releases its barrier a frame sooner.
         match serde_json::from_slice::<Cancellation>(delivery.body()) {
             Ok(c) if c.validate().is_ok() => {
                 debug!(cancel = %c.id, "cancellation read");
-                cancels.apply(c);
+                cancels.apply_read(c, delivery.stream_offset());
             }
             Ok(c) => warn!(cancel = %c.id, "ignoring an invalid cancellation"),
             Err(e) => warn!(error = %e, "ignoring an undecodable cancellation"),
         }
+        let _ = delivery.ack().await;
     }
     consumer.cancel();
     Ok(())
@@ -491,7 +505,7 @@ async fn catch_up(barrier: Barrier, cancels: Arc<Cancels>) {
     let started = std::time::Instant::now();
     loop {
         match barrier(CATCH_UP_PATIENCE).await {
-            Ok(()) => {
+            Ok(_) => {
                 info!(
                     recorded = cancels.recorded(),
                     elapsed_ms = started.elapsed().as_millis() as u64,

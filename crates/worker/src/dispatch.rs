@@ -495,20 +495,24 @@ where
         abandon: CancellationToken,
         span: tracing::Span,
     ) -> Handled {
-        let ctx = RunContext {
-            traceparent: traceparent.clone(),
-            worker: self.config.worker.clone(),
-        };
         let lost = delivery.lost();
         // Watch first, then the barrier: a cancel read after the barrier
         // fires the watch; one confirmed before it is in the index.
         let guard = self.cancels.watch(&task);
         let watch = guard.watch.clone();
-        if let Err(e) = self.cancels.barrier().await {
-            warn!(error = %e, "cancellations not readable; releasing the task for later");
-            tokio::time::sleep(UNAVAILABLE_HOLD).await;
-            return release(delivery).await;
-        }
+        let cancels_read_to = match self.cancels.barrier().await {
+            Ok(read_to) => read_to,
+            Err(e) => {
+                warn!(error = %e, "cancellations not readable; releasing the task for later");
+                tokio::time::sleep(UNAVAILABLE_HOLD).await;
+                return release(delivery).await;
+            }
+        };
+        let ctx = RunContext {
+            traceparent: traceparent.clone(),
+            worker: self.config.worker.clone(),
+            cancels_read_to,
+        };
         self.metrics.set_cancels_recorded(self.cancels.recorded());
         if let Some(info) = watch.info().cloned() {
             info!(by = %info.by, reason = %info.reason, "task cancelled before it started");

@@ -73,9 +73,9 @@ impl Fixture {
         self.publisher.publish(&m).await.unwrap();
     }
 
-    /// The messages on the cancellations stream, read from its start up to
-    /// a sentinel cancel published now.
-    async fn stream(&self) -> Vec<Cancellation> {
+    /// The messages on the cancellations stream with their offsets, read
+    /// from its start up to a sentinel cancel published now.
+    async fn stream(&self) -> Vec<(u64, Cancellation)> {
         let sentinel = Cancellation::task(task().id, "worker-it", "sentinel");
         self.publish(&sentinel).await;
         let options = ConsumerOptions::new(&self.topology.cancellations_stream, 500)
@@ -94,7 +94,7 @@ impl Fixture {
                 consumer.cancel();
                 return read;
             }
-            read.push(c);
+            read.push((d.stream_offset().expect("a stream offset"), c));
         }
     }
 
@@ -122,27 +122,41 @@ async fn a_barrier_sees_every_cancel_confirmed_before_it_was_called_while_others
         .map(|_| {
             let f = f.clone();
             tokio::spawn(async move {
+                let mut read_to = Vec::new();
                 for _ in 0..25 {
                     let t = task();
                     f.publish(&Cancellation::task(t.id, "ops", "barrier test"))
                         .await;
-                    f.cancels.barrier().await.unwrap();
+                    let to = f.cancels.barrier().await.unwrap();
                     assert!(
                         f.cancels.check(&t).is_some(),
                         "a barrier returned before a cancel confirmed before it was read"
                     );
+                    read_to.push((t.id, to.expect("a fed barrier says how far it read")));
                 }
+                read_to
             })
         })
         .collect();
+    let mut read_to = Vec::new();
     for c in callers {
-        c.await.unwrap();
+        read_to.extend(c.await.unwrap());
     }
-    let markers = f
-        .stream()
-        .await
+    let stream = f.stream().await;
+    // How far each barrier says it read lies past its caller's cancel.
+    for (task, to) in read_to {
+        let (cancel_at, _) = stream
+            .iter()
+            .find(|(_, c)| matches!(c.target, CancelTarget::Task { task_id } if task_id == task))
+            .expect("every cancel is on the stream");
+        assert!(
+            to > *cancel_at,
+            "a barrier read to {to}, its cancel is at {cancel_at}"
+        );
+    }
+    let markers = stream
         .iter()
-        .filter(|c| matches!(c.target, CancelTarget::Marker))
+        .filter(|(_, c)| matches!(c.target, CancelTarget::Marker))
         .count();
     // 600 barriers and the catch-up marker: fewer markers means callers
     // did share rounds, which is what this test is about.
@@ -164,7 +178,7 @@ async fn concurrent_barriers_publish_far_fewer_markers_than_callers() {
     let stream = f.stream().await;
     let markers = stream[before + 1..]
         .iter()
-        .filter(|c| matches!(c.target, CancelTarget::Marker))
+        .filter(|(_, c)| matches!(c.target, CancelTarget::Marker))
         .count();
     assert!(
         (1..=3).contains(&markers),

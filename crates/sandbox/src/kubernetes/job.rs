@@ -42,6 +42,9 @@ pub const ANNOTATION_TRACEPARENT: &str = "sandfleet.dev/traceparent";
 pub const ANNOTATION_LABELS: &str = "sandfleet.dev/labels";
 /// Annotation with the worker that created the Job.
 pub const ANNOTATION_WORKER: &str = "sandfleet.dev/worker";
+/// Annotation with the cancellations stream offset the worker had read up
+/// to when it created the Job: every cancel below it was seen first.
+pub const ANNOTATION_CANCELS_READ_TO: &str = "sandfleet.dev/cancels-read-to";
 /// Job label naming the Kueue `LocalQueue` the Job is submitted to
 /// (`sandbox.kubernetes.kueue_queue`). Only the Job carries it: Kueue manages
 /// the Job, not its pods.
@@ -137,6 +140,9 @@ pub fn build(
     }
     if !ctx.worker.is_empty() {
         annotations.insert(ANNOTATION_WORKER.to_owned(), ctx.worker.clone());
+    }
+    if let Some(offset) = ctx.cancels_read_to {
+        annotations.insert(ANNOTATION_CANCELS_READ_TO.to_owned(), offset.to_string());
     }
     if !task.labels.is_empty() {
         annotations.insert(
