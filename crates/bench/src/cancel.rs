@@ -225,7 +225,7 @@ async fn measure(
     };
     let work = async {
         let mut workers: Vec<WorkerProcess> = (0..args.workers)
-            .map(|_| WorkerProcess::spawn(settings, false, Some(kubeconfig)))
+            .map(|_| WorkerProcess::spawn(settings, false, Some(kubeconfig), 0))
             .collect::<anyhow::Result<_>>()?;
         let mut tasks: Vec<_> = (0..args.cancels).map(task).collect();
         for t in &mut tasks {
@@ -262,7 +262,7 @@ async fn measure(
             if n > 0 && n % args.kill_every == 0 {
                 let victim = n / args.kill_every % workers.len();
                 // Dropping the process handle SIGKILLs it (kill_on_drop).
-                workers[victim] = WorkerProcess::spawn(settings, false, Some(kubeconfig))?;
+                workers[victim] = WorkerProcess::spawn(settings, false, Some(kubeconfig), 0)?;
                 kills += 1;
             }
             let t = &tasks[i];

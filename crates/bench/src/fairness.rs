@@ -424,7 +424,7 @@ async fn measure(
             .local_addr()?
             .port();
         s.worker.http_addr = format!("127.0.0.1:{port}");
-        workers.push(WorkerProcess::spawn(&s, false, Some(kubeconfig))?);
+        workers.push(WorkerProcess::spawn(&s, false, Some(kubeconfig), 0)?);
     }
     let deadline = Instant::now() + RUN_DEADLINE;
     loop {

@@ -36,6 +36,11 @@ pub(crate) struct IdleArgs {
     /// The `sandfleet` binary; default: the one beside this binary.
     #[arg(long)]
     sandfleet: Option<PathBuf>,
+    /// Runtime threads of the worker process (`TOKIO_WORKER_THREADS`); 0
+    /// lets tokio count the CPUs. Default: as deployed
+    /// (`pipeline::DEPLOYED_WORKER_THREADS`).
+    #[arg(long, default_value_t = crate::pipeline::DEPLOYED_WORKER_THREADS)]
+    worker_threads: usize,
     /// Broker URL.
     #[arg(
         long,
@@ -60,6 +65,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
         bail!("--runs must be at least 1");
     }
     let binary = sandfleet_binary(args.sandfleet.as_deref())?;
+    println!("{}", crate::pipeline::threads_line(args.worker_threads));
     let run_id = std::process::id();
     let local = measure(
         &args,
@@ -101,6 +107,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
             "kube_anon_mib": mib(kube.anon),
             "kube_file_mib": mib(kube.file),
             "threads": local.threads,
+            "worker_threads": args.worker_threads,
         })
     );
     Ok(())
@@ -203,6 +210,7 @@ async fn one(
     if let Some(k) = kubeconfig {
         cmd.env("KUBECONFIG", k);
     }
+    crate::pipeline::runtime_threads(&mut cmd, args.worker_threads);
     let mut child = cmd.spawn().context("starting `sandfleet worker`")?;
     let pid = child.id().context("worker pid")?;
     let deadline = Instant::now() + READY_DEADLINE;

@@ -58,6 +58,11 @@ pub(crate) struct InflightArgs {
     /// beside this binary.
     #[arg(long)]
     sandfleet: Option<std::path::PathBuf>,
+    /// Runtime threads of the worker process (`TOKIO_WORKER_THREADS`); 0
+    /// lets tokio count the CPUs. Default: as deployed
+    /// (`pipeline::DEPLOYED_WORKER_THREADS`).
+    #[arg(long, default_value_t = crate::pipeline::DEPLOYED_WORKER_THREADS)]
+    worker_threads: usize,
     /// Broker URL.
     #[arg(
         long,
@@ -73,6 +78,7 @@ pub(crate) async fn run(args: InflightArgs) -> anyhow::Result<()> {
         bail!("--tasks must be at least 1");
     }
     let binary = crate::idle::sandfleet_binary(args.sandfleet.as_deref())?;
+    println!("{}", crate::pipeline::threads_line(args.worker_threads));
     let run_id = std::process::id();
     let sim = KubeSim::start(SimOptions::default())
         .await
@@ -145,6 +151,7 @@ pub(crate) async fn run(args: InflightArgs) -> anyhow::Result<()> {
                     "api_requests_per_task",
                     json!(round3(f.api_requests_per_task))
                 ),
+                ("worker_threads", json!(args.worker_threads)),
             ],
         )
     );
@@ -180,7 +187,8 @@ async fn measure(
     kubeconfig: &std::path::Path,
 ) -> anyhow::Result<Figures> {
     let producer = Producer::with_amqp(amqp, topology.clone(), Limits::default(), false).await?;
-    let worker = WorkerProcess::spawn_sandfleet(binary, settings, Some(kubeconfig))?;
+    let worker =
+        WorkerProcess::spawn_sandfleet(binary, settings, Some(kubeconfig), args.worker_threads)?;
     let http = settings.worker.http_addr.clone();
     let deadline = Instant::now() + PHASE_DEADLINE;
     while http_status(&http, "/readyz").await != Some(200) {

@@ -74,6 +74,10 @@ pub(crate) struct PipelineArgs {
     /// Tasks in flight at once in the local executor fleet (c).
     #[arg(long, default_value_t = 1)]
     local_concurrency: usize,
+    /// Runtime threads of the worker processes (`TOKIO_WORKER_THREADS`); 0
+    /// lets tokio count the CPUs. See [`DEPLOYED_WORKER_THREADS`].
+    #[arg(long, default_value_t = DEPLOYED_WORKER_THREADS)]
+    worker_threads: usize,
     /// Broker URL.
     #[arg(
         long,
@@ -236,6 +240,14 @@ struct Figures {
     rss_mib: Option<(f64, f64)>,
 }
 
+/// The runtime threads a deployed worker runs with: tokio starts one per
+/// CPU the process may use, and the worker Deployment's CPU limit (200m in
+/// `k8s/base/worker-deployment.yaml`) is less than one CPU, which
+/// `std::thread::available_parallelism` (read by tokio) rounds up to one.
+/// The worker benchmarks default to it; `--worker-threads 0` gives the
+/// worker every CPU of this machine instead.
+pub(crate) const DEPLOYED_WORKER_THREADS: usize = 1;
+
 /// A running worker process, killed on drop.
 pub(crate) struct WorkerProcess {
     // Held for `kill_on_drop`.
@@ -263,10 +275,13 @@ impl WorkerProcess {
 }
 
 impl WorkerProcess {
+    /// The hidden `pipeline-worker` of this binary; `threads` as
+    /// `--worker-threads` (0: tokio's default).
     pub(crate) fn spawn(
         settings: &Settings,
         instant: bool,
         kubeconfig: Option<&std::path::Path>,
+        threads: usize,
     ) -> anyhow::Result<WorkerProcess> {
         let exe = std::env::current_exe().context("locating this binary")?;
         let mut cmd = tokio::process::Command::new(exe);
@@ -282,6 +297,7 @@ impl WorkerProcess {
         if let Some(k) = kubeconfig {
             cmd.env("KUBECONFIG", k);
         }
+        runtime_threads(&mut cmd, threads);
         let child = cmd.spawn().context("spawning the worker process")?;
         let pid = child.id().context("worker pid")?;
         Ok(WorkerProcess { _child: child, pid })
@@ -295,6 +311,7 @@ impl WorkerProcess {
         binary: &std::path::Path,
         settings: &Settings,
         kubeconfig: Option<&std::path::Path>,
+        threads: usize,
     ) -> anyhow::Result<WorkerProcess> {
         let executor = match settings.worker.executor {
             ExecutorKind::Kubernetes => "kubernetes",
@@ -317,6 +334,7 @@ impl WorkerProcess {
         if let Some(k) = kubeconfig {
             cmd.env("KUBECONFIG", k);
         }
+        runtime_threads(&mut cmd, threads);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {} worker", binary.display()))?;
@@ -341,6 +359,7 @@ pub(crate) async fn run(args: PipelineArgs) -> anyhow::Result<()> {
         bail!("--tasks and --concurrency must be at least 1");
     }
     let run_id = std::process::id();
+    println!("{}", threads_line(args.worker_threads));
     let mut base = Settings::default();
     base.amqp.url = args.url.clone();
     base.worker.concurrency =
@@ -397,6 +416,7 @@ pub(crate) async fn run(args: PipelineArgs) -> anyhow::Result<()> {
             tasks: args.local_tasks,
             concurrency: args.local_concurrency.max(1),
             task: local_task,
+            threads: args.worker_threads,
         };
         let figures = fleet_with(&shape, s, None, Flavor::Worker)
             .await
@@ -441,6 +461,7 @@ pub(crate) async fn run(args: PipelineArgs) -> anyhow::Result<()> {
                     "local_cpu_ms_per_task",
                     json!(local.and_then(|l| l.cpu_ms_per_task).map(round3)),
                 ),
+                ("worker_threads", json!(args.worker_threads)),
             ],
         )
     );
@@ -468,6 +489,8 @@ struct Shape {
     tasks: usize,
     concurrency: usize,
     task: fn(usize) -> Task,
+    /// The worker process's runtime threads (0: tokio's default).
+    threads: usize,
 }
 
 /// Declares the topology, starts a worker process, warms it up with one
@@ -482,6 +505,7 @@ async fn fleet(
         tasks: args.tasks,
         concurrency: args.concurrency,
         task,
+        threads: args.worker_threads,
     };
     let flavor = if kubeconfig.is_none() {
         Flavor::Instant
@@ -533,7 +557,12 @@ async fn fleet_on(
             }
         }
     });
-    let worker = WorkerProcess::spawn(settings, flavor == Flavor::Instant, kubeconfig)?;
+    let worker = WorkerProcess::spawn(
+        settings,
+        flavor == Flavor::Instant,
+        kubeconfig,
+        args.threads,
+    )?;
     // The local fleet counts its sandboxes' CPU too.
     let cpu_of = |w: &WorkerProcess| match (flavor, kubeconfig) {
         (Flavor::Worker, None) => w.cpu_with_children(),
@@ -788,4 +817,24 @@ async fn raw_measure(
     let elapsed = started.elapsed();
     server.abort();
     Ok(figures(args.tasks, elapsed, latencies))
+}
+
+/// The first line of a worker benchmark: the worker's runtime threads.
+pub(crate) fn threads_line(threads: usize) -> String {
+    match threads {
+        0 => "worker runtime threads: one per CPU of this machine (tokio's default)".to_owned(),
+        n => format!(
+            "worker runtime threads: {n} (--worker-threads; a deployed worker with the manifests' CPU limit runs {DEPLOYED_WORKER_THREADS})"
+        ),
+    }
+}
+
+/// Sets the runtime threads of a worker process (0: tokio's default, one per
+/// CPU; an inherited `TOKIO_WORKER_THREADS` is dropped either way).
+pub(crate) fn runtime_threads(cmd: &mut tokio::process::Command, threads: usize) {
+    if threads == 0 {
+        cmd.env_remove("TOKIO_WORKER_THREADS");
+    } else {
+        cmd.env("TOKIO_WORKER_THREADS", threads.to_string());
+    }
 }

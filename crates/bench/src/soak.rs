@@ -96,7 +96,7 @@ async fn soak(args: &SoakArgs, env: &Env) -> anyhow::Result<()> {
         s.worker.http_addr = format!("127.0.0.1:{}", free_port()?);
         s.worker.name = Some(format!("soak-{slot}-{generation}"));
         s.amqp.connection_name = Some(connection_name(env, slot, generation));
-        WorkerProcess::spawn(&s, false, Some(&kubeconfig))
+        WorkerProcess::spawn(&s, false, Some(&kubeconfig), 0)
     };
     let mut slots = Vec::with_capacity(args.workers);
     for i in 0..args.workers {
