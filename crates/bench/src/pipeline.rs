@@ -243,7 +243,7 @@ struct Figures {
 /// The runtime threads a deployed worker runs with: tokio starts one per
 /// CPU the process may use, and the worker Deployment's CPU limit (200m in
 /// `k8s/base/worker-deployment.yaml`) is less than one CPU, which
-/// `std::thread::available_parallelism` (read by tokio) rounds up to one.
+/// `std::thread::available_parallelism` (read by tokio) counts as one.
 /// The worker benchmarks default to it; `--worker-threads 0` gives the
 /// worker every CPU of this machine instead.
 pub(crate) const DEPLOYED_WORKER_THREADS: usize = 1;
