@@ -102,6 +102,88 @@ impl Sim {
     }
 }
 
+/// The messages on `topology`'s cancellations stream with their offsets,
+/// read from the first up to the one with id `sentinel` (published by the
+/// caller, e.g. a marker: everything confirmed before it is read).
+pub async fn cancellations_up_to(
+    amqp: &Amqp,
+    topology: &Topology,
+    sentinel: uuid::Uuid,
+) -> Result<Vec<(u64, sandfleet_proto::Cancellation)>> {
+    let options = ConsumerOptions::new(topology.cancellations_stream.clone(), 500)
+        .stream_offset(sandfleet_amqp::StreamOffset::First);
+    let mut consumer = Consumer::start(amqp, options).await?;
+    let mut read = Vec::new();
+    loop {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next_delivery())
+            .await
+            .context("the cancellations stream not read up to the sentinel in 10 s")?
+            .context("the cancellations reader lost its subscription")?;
+        d.ack().await?;
+        let c: sandfleet_proto::Cancellation = serde_json::from_slice(d.body())?;
+        if c.id == sentinel {
+            consumer.cancel();
+            return Ok(read);
+        }
+        let offset = d
+            .stream_offset()
+            .context("a stream delivery without its offset")?;
+        read.push((offset, c));
+    }
+}
+
+/// Of the Jobs the API accepted (kube-sim's request log), those created
+/// after their task's cancel was acknowledged (`acked`): each with whether
+/// its worker had already read that cancel, by stream offset (the Job's
+/// `sandfleet.dev/cancels-read-to` against the cancel's offset in
+/// `offsets`). A create that had not is the race docs/cancellation.md
+/// names; one that had is a start the read barrier should have prevented.
+pub fn jobs_created_after_cancel(
+    log: &[sandfleet_kube_sim::RequestRecord],
+    acked: &HashMap<TaskId, std::time::SystemTime>,
+    offsets: &HashMap<TaskId, u64>,
+) -> Vec<LateCreate> {
+    log.iter()
+        .filter(|r| !r.query.contains("dryRun"))
+        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs") && r.status == 201)
+        .filter_map(|r| {
+            let meta = r.body.as_ref()?.get("metadata")?;
+            let task: TaskId = meta
+                .pointer("/labels/sandfleet.dev~1task-id")?
+                .as_str()?
+                .parse()
+                .ok()?;
+            let job = meta.get("name")?.as_str()?.to_owned();
+            (r.at > *acked.get(&task)?).then(|| LateCreate {
+                job,
+                read_to: meta
+                    .pointer("/annotations/sandfleet.dev~1cancels-read-to")
+                    .and_then(|v| v.as_str()?.parse().ok()),
+                cancel_at: offsets.get(&task).copied(),
+            })
+        })
+        .collect()
+}
+
+/// A Job created after its task's cancel was acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LateCreate {
+    /// The Job's name.
+    pub job: String,
+    /// How far its worker had read the cancellations stream.
+    pub read_to: Option<u64>,
+    /// The cancel's offset on the stream.
+    pub cancel_at: Option<u64>,
+}
+
+impl LateCreate {
+    /// The creating worker had not read up to the cancel: its barrier's
+    /// marker was published before the cancel was confirmed.
+    pub fn raced(&self) -> bool {
+        matches!((self.read_to, self.cancel_at), (Some(read), Some(cancel)) if read < cancel)
+    }
+}
+
 /// One test's world: topology prefix, broker handles, logs, kube-sim.
 pub struct Env {
     /// Topology prefix (`e2e-<name>-<random>`).
@@ -346,26 +428,7 @@ impl Env {
     ) -> Result<Vec<(u64, sandfleet_proto::Cancellation)>> {
         let sentinel = sandfleet_proto::Cancellation::marker("e2e");
         self.publish_cancellation(&sentinel).await?;
-        let options = ConsumerOptions::new(self.topology.cancellations_stream.clone(), 500)
-            .stream_offset(sandfleet_amqp::StreamOffset::First);
-        let mut consumer = Consumer::start(&self.amqp, options).await?;
-        let mut read = Vec::new();
-        loop {
-            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next_delivery())
-                .await
-                .context("the cancellations stream not read up to the marker in 10 s")?
-                .context("the cancellations reader lost its subscription")?;
-            d.ack().await?;
-            let c: sandfleet_proto::Cancellation = serde_json::from_slice(d.body())?;
-            if c.id == sentinel.id {
-                consumer.cancel();
-                return Ok(read);
-            }
-            let offset = d
-                .stream_offset()
-                .context("a stream delivery without its offset")?;
-            read.push((offset, c));
-        }
+        cancellations_up_to(&self.amqp, &self.topology, sentinel.id).await
     }
 
     /// Pods in the simulated cluster now.

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use sandfleet_e2e::{Env, task};
+use sandfleet_e2e::{Env, LateCreate, jobs_created_after_cancel, task};
 use sandfleet_kube_sim::PodScript;
 use sandfleet_proto::{CancelTarget, Outcome, Task, TaskId};
 
@@ -24,57 +24,6 @@ fn pods_of(env: &Env, id: TaskId) -> usize {
                 == Some(id.to_string().as_str())
         })
         .count()
-}
-
-/// Job creates (201) after the task's cancel was acknowledged, with how far
-/// the creating worker had read the cancellations stream
-/// (`sandfleet.dev/cancels-read-to`) and the cancel's own offset.
-fn created_after_cancel(
-    env: &Env,
-    acked: &HashMap<TaskId, SystemTime>,
-    offsets: &HashMap<TaskId, u64>,
-) -> Vec<LateCreate> {
-    env.kube()
-        .sim
-        .request_log()
-        .into_iter()
-        .filter(|r| !r.query.contains("dryRun"))
-        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs") && r.status == 201)
-        .filter_map(|r| {
-            let meta = r.body.as_ref()?.get("metadata")?;
-            let task: TaskId = meta
-                .pointer("/labels/sandfleet.dev~1task-id")?
-                .as_str()?
-                .parse()
-                .ok()?;
-            let job = meta.get("name")?.as_str()?.to_owned();
-            (r.at > *acked.get(&task)?).then(|| LateCreate {
-                job,
-                read_to: meta
-                    .pointer("/annotations/sandfleet.dev~1cancels-read-to")
-                    .and_then(|v| v.as_str()?.parse().ok()),
-                cancel_at: offsets.get(&task).copied(),
-            })
-        })
-        .collect()
-}
-
-#[derive(Debug)]
-#[allow(dead_code)] // read by its Debug output
-struct LateCreate {
-    job: String,
-    read_to: Option<u64>,
-    cancel_at: Option<u64>,
-}
-
-impl LateCreate {
-    /// The creating worker had not read up to the cancel: its barrier's
-    /// marker was published before the cancel was confirmed, so the create
-    /// raced the cancel (docs/cancellation.md, "Limits"). Anything else is a
-    /// start that the barrier should have prevented.
-    fn raced(&self) -> bool {
-        matches!((self.read_to, self.cancel_at), (Some(read), Some(cancel)) if read < cancel)
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +116,7 @@ async fn cancels_anywhere_with_a_worker_killed_leave_no_pods_no_late_starts_and_
         })
         .collect();
     assert_eq!(offsets.len(), tasks.len(), "every cancel is on the stream");
-    let late = created_after_cancel(&env, &acked, &offsets);
+    let late = jobs_created_after_cancel(&env.kube().sim.request_log(), &acked, &offsets);
     let (raced, wrong): (Vec<_>, Vec<_>) = late.into_iter().partition(LateCreate::raced);
     assert!(
         wrong.is_empty(),

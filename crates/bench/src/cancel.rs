@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use sandfleet_amqp::{Amqp, Topology};
 use sandfleet_kube_sim::{KubeSim, PodScript, SimOptions};
 use sandfleet_producer::Producer;
-use sandfleet_proto::{Cancellation, Limits, Outcome, TaskId};
+use sandfleet_proto::{CancelTarget, Cancellation, Limits, Outcome, TaskId};
 use sandfleet_results::{ResultSubscriber, StartAt};
 use sandfleet_sandbox::job::{LABEL_TASK_ID, MANAGED_SELECTOR};
 use sandfleet_settings::{ExecutorKind, Settings};
@@ -124,8 +124,12 @@ pub(crate) async fn run(args: CancelArgs) -> anyhow::Result<()> {
         p(1.0)
     );
     println!(
-        "pods left: {}  Jobs created after their cancel was acknowledged: {}  tasks without exactly one final result: {}  ended otherwise first: {:?}",
-        f.pods_left, f.started_after_cancel, f.tasks_without_one_final, f.not_cancelled
+        "pods left: {}  Jobs created after their cancel was acknowledged: {} (after their worker had read it: {})  tasks without exactly one final result: {}  ended otherwise first: {:?}",
+        f.pods_left,
+        f.started_after_cancel,
+        f.started_after_cancel_read,
+        f.tasks_without_one_final,
+        f.not_cancelled
     );
     println!(
         "{}",
@@ -135,6 +139,7 @@ pub(crate) async fn run(args: CancelArgs) -> anyhow::Result<()> {
             "pod_gone_p99_ms": p(0.99),
             "pods_left": f.pods_left,
             "started_after_cancel": f.started_after_cancel,
+            "started_after_cancel_read": f.started_after_cancel_read,
             "tasks_without_one_final": f.tasks_without_one_final,
         })
     );
@@ -150,6 +155,8 @@ struct Figures {
     kills: usize,
     pods_left: usize,
     started_after_cancel: usize,
+    /// Of those, Jobs whose worker had read the cancel before creating them.
+    started_after_cancel_read: usize,
     tasks_without_one_final: usize,
     /// Final outcomes other than `cancelled` (tasks that ended first).
     not_cancelled: HashMap<Outcome, usize>,
@@ -299,22 +306,21 @@ async fn measure(
     reader.abort();
     let (tasks, acked, kills) = worked?;
 
-    let created_late = sim
-        .request_log()
-        .iter()
-        .filter(|r| !r.query.contains("dryRun"))
-        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs") && r.status == 201)
-        .filter(|r| {
-            let task = r
-                .body
-                .as_ref()
-                .and_then(|b| b.pointer("/metadata/labels"))
-                .and_then(|l| l.get(LABEL_TASK_ID))
-                .and_then(|v| v.as_str())
-                .and_then(|s| s.parse::<TaskId>().ok());
-            task.and_then(|t| acked.get(&t)).is_some_and(|a| r.at > *a)
-        })
-        .count();
+    // Jobs created after their cancel's acknowledgement, and of those the
+    // ones whose worker had already read the cancel (by stream offset).
+    let sentinel = Cancellation::marker("bench");
+    producer.publish_cancellation(&sentinel).await?;
+    let offsets: HashMap<TaskId, u64> =
+        sandfleet_e2e::cancellations_up_to(amqp, topology, sentinel.id)
+            .await?
+            .into_iter()
+            .filter_map(|(offset, c)| match c.target {
+                CancelTarget::Task { task_id } => Some((task_id, offset)),
+                _ => None,
+            })
+            .collect();
+    let late = sandfleet_e2e::jobs_created_after_cancel(&sim.request_log(), &acked, &offsets);
+    let created_after_read = late.iter().filter(|l| !l.raced()).count();
     let finals = finals.lock().map(|f| f.clone()).unwrap_or_default();
     let tasks_without_one_final = tasks
         .iter()
@@ -339,7 +345,8 @@ async fn measure(
         before_start: tasks.len().saturating_sub(running_cancels),
         kills,
         pods_left: sim.pods(&ns).len(),
-        started_after_cancel: created_late,
+        started_after_cancel: late.len(),
+        started_after_cancel_read: created_after_read,
         tasks_without_one_final,
         not_cancelled,
     })
