@@ -36,10 +36,9 @@ pub(crate) struct IdleArgs {
     /// The `sandfleet` binary; default: the one beside this binary.
     #[arg(long)]
     sandfleet: Option<PathBuf>,
-    /// Runtime threads of the worker process (`TOKIO_WORKER_THREADS`); 0
-    /// lets tokio count the CPUs. Default: as deployed
-    /// (`pipeline::DEPLOYED_WORKER_THREADS`).
-    #[arg(long, default_value_t = crate::pipeline::DEPLOYED_WORKER_THREADS)]
+    /// Runtime threads of the worker process; 0 lets tokio count the CPUs.
+    /// Default: the worker's own (`worker.runtime_threads`).
+    #[arg(long, default_value_t = crate::pipeline::default_worker_threads())]
     worker_threads: usize,
     /// Broker URL.
     #[arg(

@@ -74,9 +74,9 @@ pub(crate) struct PipelineArgs {
     /// Tasks in flight at once in the local executor fleet (c).
     #[arg(long, default_value_t = 1)]
     local_concurrency: usize,
-    /// Runtime threads of the worker processes (`TOKIO_WORKER_THREADS`); 0
-    /// lets tokio count the CPUs. See [`DEPLOYED_WORKER_THREADS`].
-    #[arg(long, default_value_t = DEPLOYED_WORKER_THREADS)]
+    /// Runtime threads of the worker processes; 0 lets tokio count the
+    /// CPUs. See [`default_worker_threads`].
+    #[arg(long, default_value_t = default_worker_threads())]
     worker_threads: usize,
     /// Broker URL.
     #[arg(
@@ -240,13 +240,13 @@ struct Figures {
     rss_mib: Option<(f64, f64)>,
 }
 
-/// The runtime threads a deployed worker runs with: tokio starts one per
-/// CPU the process may use, and the worker Deployment's CPU limit (200m in
-/// `k8s/base/worker-deployment.yaml`) is less than one CPU, which
-/// `std::thread::available_parallelism` (read by tokio) counts as one.
-/// The worker benchmarks default to it; `--worker-threads 0` gives the
-/// worker every CPU of this machine instead.
-pub(crate) const DEPLOYED_WORKER_THREADS: usize = 1;
+/// The worker's runtime threads by default (`worker.runtime_threads`, one;
+/// in a pod with the Deployment's CPU limit, 200m, tokio would count one CPU
+/// too). The worker benchmarks default to it; `--worker-threads 0` gives the
+/// worker one thread per CPU of this machine instead.
+pub(crate) fn default_worker_threads() -> usize {
+    usize::from(sandfleet_settings::WorkerSettings::default().runtime_threads)
+}
 
 /// A running worker process, killed on drop.
 pub(crate) struct WorkerProcess {
@@ -824,14 +824,18 @@ pub(crate) fn threads_line(threads: usize) -> String {
     match threads {
         0 => "worker runtime threads: one per CPU of this machine (tokio's default)".to_owned(),
         n => format!(
-            "worker runtime threads: {n} (--worker-threads; a deployed worker with the manifests' CPU limit runs {DEPLOYED_WORKER_THREADS})"
+            "worker runtime threads: {n} (--worker-threads; the worker's default, worker.runtime_threads, is {})",
+            default_worker_threads()
         ),
     }
 }
 
 /// Sets the runtime threads of a worker process (0: tokio's default, one per
-/// CPU; an inherited `TOKIO_WORKER_THREADS` is dropped either way).
+/// CPU): `worker.runtime_threads` for `sandfleet worker`, and
+/// `TOKIO_WORKER_THREADS` for this binary's `pipeline-worker`, whose runtime
+/// is tokio's default one (an inherited value is dropped with 0).
 pub(crate) fn runtime_threads(cmd: &mut tokio::process::Command, threads: usize) {
+    cmd.env("SANDFLEET__WORKER__RUNTIME_THREADS", threads.to_string());
     if threads == 0 {
         cmd.env_remove("TOKIO_WORKER_THREADS");
     } else {

@@ -47,10 +47,11 @@ pub fn main() -> ExitCode {
         }
     };
     let env: HashMap<String, String> = std::env::vars().collect();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = runtime_threads(&cli, &env) {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             output::diag(format_args!(
@@ -75,6 +76,17 @@ pub fn main() -> ExitCode {
             e.exit().into()
         }
     }
+}
+
+/// The runtime threads the command asks for: `worker.runtime_threads` for
+/// the worker (when not 0), else tokio's default. Settings that do not load
+/// are reported by [`run`], which loads them again.
+fn runtime_threads(cli: &Cli, env: &HashMap<String, String>) -> Option<usize> {
+    if !matches!(cli.command, Command::Worker(_)) {
+        return None;
+    }
+    let threads = config::load(&cli.global, env).ok()?.worker.runtime_threads;
+    (threads > 0).then_some(usize::from(threads))
 }
 
 /// Logging and tracing. Long-running processes get the full telemetry

@@ -127,6 +127,9 @@ pub struct WorkerSettings {
     pub name: Option<String>,
     /// How often the task queue's depth is polled for metrics, in seconds.
     pub queue_depth_poll_secs: u64,
+    /// Threads of the worker's async runtime; 0 leaves it to tokio (one per
+    /// CPU the process may use, or `TOKIO_WORKER_THREADS`).
+    pub runtime_threads: u16,
     // The broker's consumer_timeout moved to `limits.broker_consumer_timeout_secs`,
     // where the intakes read it too; `load` names the new key for the old one.
 }
@@ -140,6 +143,10 @@ impl Default for WorkerSettings {
             http_addr: "0.0.0.0:9090".to_owned(),
             name: None,
             queue_depth_poll_secs: 10,
+            // What the runtime does (AMQP, HTTP to the API server, JSON) is
+            // about a millisecond of CPU per task; a second thread costs
+            // more in wake-ups than it adds (docs/worker.md).
+            runtime_threads: 1,
         }
     }
 }

@@ -14,6 +14,7 @@
 //! | `sandfleet_task_releases_total` | counter | (deliveries handed back for later) |
 //! | `sandfleet_tasks_cancelled_total` | counter | `stage` (`before_start`: queued, prefetched or delayed; `running`: its sandbox was stopped) |
 //! | `sandfleet_cancellations_recorded` | gauge | (cancels and supersedes in this worker's index) |
+//! | `sandfleet_runtime_threads` | gauge | (threads of the async runtime the metrics were made on, `worker.runtime_threads`) |
 //! | `sandfleet_kube_api_request_duration_seconds` | histogram | `verb` |
 //! | `sandfleet_dispatch_duration_seconds` | histogram | (a delivery's arrival at the dispatch loop → its sandbox's create request sent) |
 //! | `sandfleet_kube_api_errors_total` | counter | `verb`, `class` (`failure`, `ignored`, `throttled`, `refused`) |
@@ -95,6 +96,7 @@ pub struct Metrics {
     releases: Counter,
     cancelled: Family<Labels, Counter>,
     cancels_recorded: Gauge,
+    runtime_threads: Gauge,
     kube_latency: Family<Labels, Histogram, fn() -> Histogram>,
     dispatch: Histogram,
     fair_queued: Family<Labels, Gauge>,
@@ -126,6 +128,7 @@ impl Metrics {
             releases: Counter::default(),
             cancelled: Family::default(),
             cancels_recorded: Gauge::default(),
+            runtime_threads: Gauge::default(),
             kube_latency: Family::new_with_constructor(api_latency_histogram as fn() -> _),
             kube_errors: Family::default(),
             dispatch: Histogram::new(DISPATCH_BUCKETS.iter().copied()),
@@ -178,6 +181,16 @@ impl Metrics {
             "sandfleet_cancellations_recorded",
             "Cancels and supersedes in this worker's index",
             m.cancels_recorded.clone(),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let threads = runtime.metrics().num_workers();
+            m.runtime_threads
+                .set(i64::try_from(threads).unwrap_or(i64::MAX));
+        }
+        registry.register(
+            "sandfleet_runtime_threads",
+            "Threads of the worker's async runtime",
+            m.runtime_threads.clone(),
         );
         registry.register(
             "sandfleet_tasks_in_flight",
