@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{Env, task};
+use common::{Env, free_addr, task};
 use sandfleet_amqp::OutgoingMessage;
 
 const TOKEN: &str = "intake-test-token-0123456789";
@@ -26,24 +26,7 @@ impl Drop for Process {
 }
 
 fn spawn(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Process {
-    Process(
-        Command::new(env!("CARGO_BIN_EXE_sandfleet"))
-            .args(["--prefix", &env.prefix])
-            .args(args)
-            .current_dir(env.dir.path())
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .envs(vars.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    Process(env.command(args, vars).spawn().unwrap())
 }
 
 /// Polls `cond` every 50 ms until it holds or `within` passes.

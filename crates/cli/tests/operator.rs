@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::io::Read;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Env, task};
+use common::{Env, free_addr, http_status, task};
 
 fn sandfleet(dir: &std::path::Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sandfleet"))
@@ -178,24 +177,6 @@ fn completions_and_man_come_from_the_cli_definition_even_with_a_broken_config() 
     }
 }
 
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-fn get(addr: &str, path: &str) -> Option<u16> {
-    use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    stream.read_to_string(&mut buf).ok()?;
-    buf.split_whitespace().nth(1)?.parse().ok()
-}
-
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -211,18 +192,13 @@ async fn status_shows_queue_depths_the_consuming_worker_and_its_readiness() {
     env.dead_letter(&task("acme/a"), "invalid", "test").await;
     env.dead_letter(&task("acme/b"), "invalid", "test").await;
     let addr = free_addr();
-    let worker = Command::new(env!("CARGO_BIN_EXE_sandfleet"))
-        .args(["--prefix", &env.prefix, "worker", "--http-addr", &addr])
-        .current_dir(env.dir.path())
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let worker = env
+        .command(&["worker", "--http-addr", &addr], &[])
         .spawn()
         .unwrap();
     let _worker = Killed(worker);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while get(&addr, "/readyz") != Some(200) {
+    while http_status(&addr, "/readyz") != Some(200) {
         assert!(Instant::now() < deadline, "the worker never became ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

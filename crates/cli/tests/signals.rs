@@ -4,21 +4,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Env, task};
+use common::{Env, free_addr, http_status, task};
 
 fn spawn(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sandfleet"))
-        .args(["--prefix", &env.prefix])
-        .args(args)
-        .current_dir(env.dir.path())
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .envs(vars.iter().copied())
-        .stdout(Stdio::null())
+    env.command(args, vars)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
@@ -49,24 +42,6 @@ fn stderr(child: &mut Child) -> String {
     s
 }
 
-/// GET `path` from `addr`; the status code, or None when nothing answers.
-fn get(addr: &str, path: &str) -> Option<u16> {
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    stream.read_to_string(&mut buf).ok()?;
-    buf.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_stops_cleanly_on_sigterm() {
     let env = Env::new().await;
@@ -77,7 +52,7 @@ async fn gateway_stops_cleanly_on_sigterm() {
         &[("SANDFLEET__GATEWAY__GITHUB_SECRET", "s3cret")],
     );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while get(&addr, "/readyz") != Some(200) {
+    while http_status(&addr, "/readyz") != Some(200) {
         assert!(
             Instant::now() < deadline,
             "the gateway never became ready: {}",
@@ -85,7 +60,7 @@ async fn gateway_stops_cleanly_on_sigterm() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(get(&addr, "/healthz"), Some(200));
+    assert_eq!(http_status(&addr, "/healthz"), Some(200));
     term(&child);
     let code = wait_exit(&mut child, Duration::from_secs(10));
     let err = stderr(&mut child);

@@ -4,32 +4,22 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::Env;
+use common::{Env, free_addr, http_get, http_status};
 
 /// The worker's runtime threads once it is ready (`/readyz` 200), as its
 /// `/metrics` say (`sandfleet_runtime_threads`); the worker is killed
 /// afterwards.
 fn runtime_threads_of_a_ready_worker(env: &Env, vars: &[(&str, &str)]) -> i64 {
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_sandfleet"))
-        .args(["--prefix", &env.prefix, "worker", "--http-addr", &addr])
-        .current_dir(env.dir.path())
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .envs(vars.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let addr = free_addr();
+    let mut child: Child = env
+        .command(&["worker", "--http-addr", &addr], vars)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while get(&addr, "/readyz").map(|(status, _)| status) != Some(200) {
+    while http_status(&addr, "/readyz") != Some(200) {
         assert!(
             Instant::now() < deadline,
             "the worker was not ready in 30 s"
@@ -37,7 +27,7 @@ fn runtime_threads_of_a_ready_worker(env: &Env, vars: &[(&str, &str)]) -> i64 {
         assert!(child.try_wait().unwrap().is_none(), "the worker exited");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (_, metrics) = get(&addr, "/metrics").expect("/metrics answers");
+    let (_, metrics) = http_get(&addr, "/metrics").expect("/metrics answers");
     child.kill().unwrap();
     child.wait().unwrap();
     metrics
@@ -47,20 +37,6 @@ fn runtime_threads_of_a_ready_worker(env: &Env, vars: &[(&str, &str)]) -> i64 {
         .trim()
         .parse()
         .unwrap()
-}
-
-/// GET `path` from `addr`: the status code and the whole response.
-fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    stream.read_to_string(&mut buf).ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, buf))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,7 +3,8 @@
 //! `--prefix <it> --json`, and helpers to put messages where a worker would.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unreachable_pub)]
 
-use std::process::Command;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -112,6 +113,22 @@ impl Env {
             publisher,
             dir: tempfile::tempdir().unwrap(),
         }
+    }
+
+    /// `sandfleet --prefix <prefix> <args>` to start: in the test's
+    /// directory, with an empty environment but `PATH` and `vars`, stdout and
+    /// stderr discarded (set them again to read them).
+    pub fn command(&self, args: &[&str], vars: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandfleet"));
+        cmd.args(["--prefix", &self.prefix])
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .envs(vars.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
     }
 
     /// Runs `sandfleet --prefix <prefix> --json <args>` in an empty directory
@@ -242,4 +259,30 @@ impl Drop for Env {
         })
         .join();
     }
+}
+
+/// A local address nobody listens on (yet).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// GET `path` from `addr`: the status code and the whole response, or None
+/// when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, buf))
+}
+
+/// The status code of GET `path` from `addr`, or None when nothing answers.
+pub fn http_status(addr: &str, path: &str) -> Option<u16> {
+    http_get(addr, path).map(|(status, _)| status)
 }
