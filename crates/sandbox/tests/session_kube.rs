@@ -204,3 +204,58 @@ async fn a_dropped_handle_deletes_the_job() {
     )
     .await;
 }
+
+/// The idle loop the pod runs is every command's watchdog: its pid, written
+/// as `"$$"`, survives Kubernetes' `$$` expansion of the pod's command, so a
+/// command's `running.<pid>` holds its deadline and process group and no
+/// watchdog subshell and `sleep` of its own run beside it. A command past
+/// its timeout is killed by the loop.
+#[tokio::test]
+async fn the_idle_loop_is_the_watchdog_of_every_command() {
+    let (_sim, backend) = env().await;
+    let mut session = Session::start(Arc::new(backend), &SessionSpec::new("img"))
+        .await
+        .unwrap();
+    let probe = r#"s=$SANDFLEET_STATE_DIR
+read -r w <"$s/watchdog" && kill -0 "$w" && echo "loop $w alive"
+cat "$s/running.$PPID"
+if [ -e "$s/sleep.$PPID" ]; then echo "a watchdog of its own"; fi"#;
+    let out = session.run(probe, Duration::from_secs(30)).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        out.exit_code,
+        0,
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("loop ") && lines[0].ends_with(" alive"),
+        "{text}"
+    );
+    let fields: Vec<&str> = lines[1].split(' ').collect();
+    assert!(
+        fields.len() == 3
+            && fields[..2]
+                .iter()
+                .all(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
+            && fields[2] == ".",
+        "running file: {:?}",
+        lines[1]
+    );
+
+    let started = Instant::now();
+    let out = session
+        .run("sleep 30 & sleep 30; echo never", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(out.timed_out, "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "killed {:?} after start, the loop ticks every second",
+        started.elapsed()
+    );
+    session.teardown().await.unwrap();
+}

@@ -105,7 +105,12 @@ impl PoolTemplate {
         h.update([0]);
         h.update(serde_json::to_vec(&self.resources).unwrap_or_default());
         h.update([0]);
-        h.update(crate::session::script::IDLE_LOOP.as_bytes());
+        // The command as the pod carries it: a release that changes the loop
+        // or its escaping replaces the members running the old one.
+        for arg in crate::session::kubernetes::pod::idle_command() {
+            h.update(arg.as_bytes());
+            h.update([0]);
+        }
         h.finalize()
             .iter()
             .take(6)

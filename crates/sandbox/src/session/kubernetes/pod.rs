@@ -41,9 +41,23 @@ const STATE_SIZE_LIMIT: &str = "16Mi";
 /// The idle loop exits on TERM at once: a short grace is plenty.
 const TERMINATION_GRACE_SECS: i64 = 5;
 
-/// Kubernetes expands `$(VAR)` in env values; doubling `$` keeps values as given.
+/// Kubernetes expands `$(VAR)` in env values and in a container's command
+/// and args, and turns `$$` into `$`; doubling `$` keeps a text as given.
 fn escape(value: &str) -> String {
     value.replace('$', "$$")
+}
+
+/// The session pod's command: the idle loop, escaped for Kubernetes. Left
+/// as written, the loop's `"$$"` (its own pid, which it leaves in
+/// `watchdog`) would reach the shell as `"$"`: no run wrapper could find the
+/// loop alive, and every command would pay for a watchdog of its own.
+pub fn idle_command() -> Vec<String> {
+    vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        escape(IDLE_LOOP),
+        "sandfleet-session".to_owned(),
+    ]
 }
 
 /// The Job of session `name`.
@@ -81,9 +95,7 @@ pub fn session_job(
     ];
     env.extend(spec.env.iter().map(|(k, v)| var(k, escape(v))));
 
-    let command = ["/bin/sh", "-c", IDLE_LOOP, "sandfleet-session"]
-        .map(str::to_owned)
-        .to_vec();
+    let command = idle_command();
     let resources = job::resources_for(&spec.resources, settings)?;
     let mut pod_spec = job::sandbox_pod_spec(&spec.image, command, env, resources, settings)?;
     pod_spec.termination_grace_period_seconds = Some(TERMINATION_GRACE_SECS);
@@ -295,8 +307,19 @@ mod tests {
         let env = c["env"].as_array().unwrap();
         assert!(env.contains(&json!({"name": "TOKEN", "value": "a$$(HOME)b"})));
         assert_eq!(
-            c["command"][2], IDLE_LOOP,
-            "the pod's command is the constant idle loop"
+            c["command"][2]
+                .as_str()
+                .map(|s| s.replace("$$", "$"))
+                .as_deref(),
+            Some(IDLE_LOOP),
+            "the pod's command is the constant idle loop, escaped as Kubernetes expects"
+        );
+        assert!(
+            c["command"][2]
+                .as_str()
+                .unwrap()
+                .contains(r#""$$$$" >"$$s/watchdog""#),
+            "the loop's own pid survives Kubernetes' `$$` expansion"
         );
         let spec_json = serde_json::to_value(job.spec.as_ref().unwrap()).unwrap();
         assert_eq!(spec_json["activeDeadlineSeconds"], 3600);
