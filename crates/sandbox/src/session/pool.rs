@@ -406,8 +406,12 @@ impl PoolIndex {
         warm_timeout: Duration,
     ) -> Plan {
         let mut plan = Plan::default();
-        let by_name: BTreeMap<&str, &PoolTemplate> =
-            templates.iter().map(|t| (t.name.as_str(), t)).collect();
+        // Each template's hash once per plan, not once per member: it digests
+        // the whole idle loop.
+        let by_name: BTreeMap<&str, (&PoolTemplate, String)> = templates
+            .iter()
+            .map(|t| (t.name.as_str(), (t, t.hash())))
+            .collect();
         // (pool, slot) → highest generation seen, claimed members included,
         // so a refill never reuses the name of a member still around.
         let mut highest: BTreeMap<(&str, u32), u64> = BTreeMap::new();
@@ -423,13 +427,13 @@ impl PoolIndex {
             }
             let removal = match by_name.get(m.pool.as_str()) {
                 None => Some(Removal::PoolGone),
-                Some(t) if m.slot as usize >= t.size => Some(Removal::Shrunk),
-                Some(t) if m.template != t.hash() => Some(Removal::Stale),
+                Some((t, _)) if m.slot as usize >= t.size => Some(Removal::Shrunk),
+                Some((_, hash)) if m.template != *hash => Some(Removal::Stale),
                 Some(_) if m.ended => Some(Removal::Broken),
                 Some(_) if m.state == MemberState::Warming && m.age(now) > warm_timeout => {
                     Some(Removal::Broken)
                 }
-                Some(t) if m.age(now) >= t.max_age => Some(Removal::Aged),
+                Some((t, _)) if m.age(now) >= t.max_age => Some(Removal::Aged),
                 Some(_) => None,
             };
             if let Some(r) = removal {
