@@ -206,10 +206,12 @@ async fn a_dropped_handle_deletes_the_job() {
 }
 
 /// The idle loop the pod runs is every command's watchdog: its pid, written
-/// as `"$$"`, survives Kubernetes' `$$` expansion of the pod's command, so a
-/// command's `running.<pid>` holds its deadline and process group and no
-/// watchdog subshell and `sleep` of its own run beside it. A command past
-/// its timeout is killed by the loop.
+/// as `"$$"`, survives Kubernetes' `$$` expansion of the pod's command. An
+/// exec'd wrapper leads its own process group, so it becomes the command:
+/// `running.<pid>` holds the deadline and the command's own pid as its
+/// group, and no watchdog subshell, `sleep` or `setsid` of its own run
+/// beside it. A command past its timeout is killed by the loop; what a
+/// command leaves behind is gone before the next one starts.
 #[tokio::test]
 async fn the_idle_loop_is_the_watchdog_of_every_command() {
     let (_sim, backend) = env().await;
@@ -218,8 +220,9 @@ async fn the_idle_loop_is_the_watchdog_of_every_command() {
         .unwrap();
     let probe = r#"s=$SANDFLEET_STATE_DIR
 read -r w <"$s/watchdog" && kill -0 "$w" && echo "loop $w alive"
-cat "$s/running.$PPID"
-if [ -e "$s/sleep.$PPID" ]; then echo "a watchdog of its own"; fi"#;
+echo "pid $$"
+cat "$s/running.$$"
+if [ -e "$s/sleep.$$" ]; then echo "a watchdog of its own"; fi"#;
     let out = session.run(probe, Duration::from_secs(30)).await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let lines: Vec<&str> = text.lines().collect();
@@ -229,20 +232,20 @@ if [ -e "$s/sleep.$PPID" ]; then echo "a watchdog of its own"; fi"#;
         "{text} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines.len(), 3, "{text}");
     assert!(
         lines[0].starts_with("loop ") && lines[0].ends_with(" alive"),
         "{text}"
     );
-    let fields: Vec<&str> = lines[1].split(' ').collect();
+    let pid = lines[1].strip_prefix("pid ").unwrap();
+    let fields: Vec<&str> = lines[2].split(' ').collect();
     assert!(
         fields.len() == 3
-            && fields[..2]
-                .iter()
-                .all(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
+            && fields[0].bytes().all(|b| b.is_ascii_digit())
+            && fields[1] == pid
             && fields[2] == ".",
-        "running file: {:?}",
-        lines[1]
+        "running file of {pid}: {:?}",
+        lines[2]
     );
 
     let started = Instant::now();
@@ -257,5 +260,23 @@ if [ -e "$s/sleep.$PPID" ]; then echo "a watchdog of its own"; fi"#;
         "killed {:?} after start, the loop ticks every second",
         started.elapsed()
     );
+
+    let out = session
+        .run(
+            "sleep 30 >/dev/null 2>&1 & echo $! > left.pid",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let out = session
+        .run(
+            "s=$(sed 's/.*) //' /proc/\"$(cat left.pid)\"/stat 2>/dev/null | cut -c1); \
+             case \"$s\" in ''|Z|X) echo gone ;; *) echo alive ;; esac",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "gone\n", "{out:?}");
     session.teardown().await.unwrap();
 }

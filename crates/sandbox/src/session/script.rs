@@ -12,6 +12,10 @@ const ARGV0: &str = "sandfleet";
 /// passed, so a command that exits 124 by itself is not taken for a timeout.
 pub const TIMEOUT_EXIT: i32 = 124;
 
+/// Exit code of a command killed with SIGKILL (128 + 9), as the watchdog
+/// kills a wrapper that had become the command.
+pub const KILLED_EXIT: i32 = 137;
+
 /// Exit code of a wrapper that could not do its job (no working dir, write
 /// failed); its stderr says why.
 pub const SETUP_EXIT: i32 = 125;
@@ -24,20 +28,30 @@ pub const SETUP_EXIT: i32 = 125;
 /// commands one after another; nothing outlives its command).
 ///
 /// The watchdog is the sandbox's idle loop ([`IDLE_LOOP`]) when it runs (it
-/// leaves its pid in `watchdog`) and the command has a session of its own:
-/// the wrapper writes the deadline (whole seconds of `/proc/uptime`, read
-/// with a builtin) and the command's pid into `running.<pid>`, and the loop,
-/// which wakes every second anyway, kills the command's group once the
-/// deadline has passed, writing the deadline into `timeout.<pid>` first. So
-/// a command costs the processes of the command alone (`setsid` and its
-/// `sh`): no watchdog subshell and `sleep` per command, and no `rm` (the
-/// wrapper writes `done` into its file at the end, and the loop removes
-/// finished files in batches). The kill comes
-/// after the timeout and within two seconds of it (the deadline rounds up,
-/// the loop ticks every second). Elsewhere (the local backend, a sandbox whose
-/// loop predates this) the wrapper keeps its own watchdog: a subshell
-/// sleeping out the timeout, whose `sleep` is killed through the pid it
-/// records.
+/// leaves its pid in `watchdog`): the wrapper writes the deadline (whole
+/// seconds of `/proc/uptime`, read with a builtin) and the command's process
+/// group into `running.<pid>`, and the loop, which wakes every second
+/// anyway, kills that group once the deadline has passed, writing the
+/// deadline into `timeout.<pid>` first. The kill comes after the timeout and
+/// within two seconds of it (the deadline rounds up, the loop ticks every
+/// second).
+///
+/// Where the wrapper also leads a process group of its own (a kubelet's
+/// exec starts it so; the fifth field of `/proc/$$/stat` says), it becomes
+/// the command: it `exec`s `/bin/sh -c` in place, so a command costs one
+/// process on top of its own and no fork. The exit status is the command's;
+/// a command killed at its deadline shows 137, which with the timeout
+/// passed is a timeout ([`timed_out`]). What a command leaves running in
+/// its group is killed by the next command's wrapper before it starts, and
+/// by the loop within a second (a leftover that holds the command's output
+/// open holds the exec's end until then).
+///
+/// Otherwise the command gets a session of its own (`setsid`, when the image
+/// has it) and the wrapper waits for it, then kills what is left of its
+/// group and writes `done` into its file (the loop removes finished files in
+/// batches). Without the loop (the local backend) the wrapper keeps its own
+/// watchdog: a subshell sleeping out the timeout, whose `sleep` is killed
+/// through the pid it records.
 const RUN: &str = r#"set -u
 IFS=' 	
 '
@@ -48,6 +62,24 @@ if [ -f "$s/watchdog" ]; then echo >"$s/activity"; else : >"$s/active"; fi 2>/de
 if [ -f "$s/session.env" ]; then . "$s/session.env"; fi
 cd -- "$1" || exit 125
 t=$2
+if [ -f "$s/watchdog" ] && read -r w <"$s/watchdog" && kill -0 "$w" 2>/dev/null \
+  && read -r st <"/proc/$$/stat" && read -r up _ 2>/dev/null </proc/uptime; then
+  # The process group this wrapper is in: the fifth field of its stat.
+  pg=${st##*) }; pg=${pg#* }; pg=${pg#* }; pg=${pg%% *}
+  if [ "$pg" = "$$" ]; then
+    # What earlier commands left behind in their groups goes first.
+    for r in "$s"/running.*; do
+      [ "$r" != "$s/running.$$" ] || continue
+      read -r odl opg oend 2>/dev/null <"$r" || continue
+      if [ "$oend" = . ] && ! kill -0 "${r##*.}" 2>/dev/null; then
+        kill -s KILL -- "-$opg" 2>/dev/null || kill -s KILL "-$opg" 2>/dev/null
+        echo done >"$r"
+      fi
+    done
+    printf '%s %s .\n' "$(( ${up%.*} + t + 1 ))" "$$" >"$s/running.$$"
+    exec /bin/sh -c "$3" </dev/null
+  fi
+fi
 if command -v setsid >/dev/null 2>&1; then sid=setsid; else sid=; fi
 kill_tree() {
   kill -s STOP "$1" 2>/dev/null || return 0
@@ -211,8 +243,11 @@ const CLAIMED: &str = r#"test -e "${SANDFLEET_STATE_DIR:?}/claimed""#;
 /// command's group killed once `/proc/uptime` has passed the deadline, the
 /// deadline written to `timeout.<pid>` first. A wrapper that has finished
 /// writes `done` there instead (so a pid used again is never taken for a
-/// running command); the loop removes such files sixteen at a time, with
-/// one `rm`. `read` is a builtin, so the loop forks only `sleep`, and that
+/// running command); for a command that was its own wrapper, the loop
+/// does, once it sees the pid gone, after killing what is left of its group
+/// (Linux hands out no pid that still names a process group, so until
+/// then the group is the command's). The loop removes finished files
+/// sixteen at a time, with one `rm`. `read` is a builtin, so the loop forks only `sleep`, and that
 /// `rm` once every sixteen commands.
 pub const IDLE_LOOP: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:?}"
@@ -238,7 +273,15 @@ while [ "$n" -lt "$idle" ]; do
     [ -e "$r" ] || continue
     p=${r##*.}
     dl=
+    pg=
+    end=
     case $r in */running.*) read -r dl pg end 2>/dev/null <"$r" ;; esac
+    if [ "$dl" != done ] && [ "$end" = . ] && ! kill -0 "$p" 2>/dev/null; then
+      # A command that ended: what it left in its group goes, once.
+      kill -s KILL -- "-$pg" 2>/dev/null || kill -s KILL "-$pg" 2>/dev/null
+      echo done >"$r"
+      dl=done
+    fi
     if [ "$dl" = done ] || ! kill -0 "$p" 2>/dev/null; then set -- "$@" "$r"; continue; fi
     case $r in */timeout.*) continue ;; esac
     busy=1
@@ -334,13 +377,16 @@ pub fn env_file(env: &std::collections::BTreeMap<String, String>) -> String {
         .collect()
 }
 
-/// Whether an exit code means the watchdog killed the command.
+/// Whether an exit code means the watchdog killed the command: 124 from a
+/// wrapper that outlived it, 137 (SIGKILL) from a wrapper that was the
+/// command (see [`RUN`]), either only once the timeout had passed.
 pub fn timed_out(
     exit_code: i32,
     elapsed: std::time::Duration,
     timeout: std::time::Duration,
 ) -> bool {
-    exit_code == TIMEOUT_EXIT && elapsed.as_secs_f64() >= timeout_secs(timeout) as f64
+    (exit_code == TIMEOUT_EXIT || exit_code == KILLED_EXIT)
+        && elapsed.as_secs_f64() >= timeout_secs(timeout) as f64
 }
 
 /// Keeps at most `limit` bytes of a stream, remembering whether more came.
@@ -390,7 +436,9 @@ mod tests {
         let t = Duration::from_secs(5);
         assert!(!timed_out(124, Duration::from_millis(20), t));
         assert!(timed_out(124, Duration::from_millis(5_010), t));
-        assert!(!timed_out(137, Duration::from_secs(6), t));
+        assert!(timed_out(137, Duration::from_secs(6), t));
+        assert!(!timed_out(137, Duration::from_millis(20), t));
+        assert!(!timed_out(1, Duration::from_secs(6), t));
     }
 
     #[test]
