@@ -8,6 +8,7 @@ use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sandfleet_sandbox::session::SessionSpec;
 use sandfleet_sandbox::session::script::{IDLE_LOOP, run_argv};
 
 struct Loop {
@@ -81,6 +82,15 @@ fn a_group_leader_wrapper_becomes_the_command() {
         "the command's own group: {running:?}"
     );
 
+    // It sees a fresh `sh -c`'s state, not the wrapper's.
+    let (code, fresh, _) = run(
+        &l,
+        true,
+        "echo \"$0 $# ${sf_s:-unset} ${undefined}x\"; read -r line && echo read",
+        Duration::from_secs(30),
+    );
+    assert_eq!((code, fresh.as_str()), (1, "/bin/sh 0 unset x\n"));
+
     // The loop kills it at its deadline: SIGKILL, a timeout to the caller.
     let (code, out, took) = run(&l, true, "echo started; sleep 30", Duration::from_secs(1));
     assert_eq!((code, out.as_str()), (137, "started\n"));
@@ -107,4 +117,12 @@ fn a_wrapper_in_another_group_waits_for_the_command_in_a_session_of_its_own() {
         .filter(|n| n.starts_with("sleep."))
         .collect();
     assert!(names.is_empty(), "{names:?}");
+}
+
+#[test]
+fn a_session_env_may_not_name_the_wrappers_variables() {
+    let mut spec = SessionSpec::new("img");
+    spec.env.insert("sf_s".into(), "x".into());
+    let err = spec.validate().unwrap_err();
+    assert!(err.to_string().contains("reserved"), "{err}");
 }

@@ -104,6 +104,7 @@ pub struct Pools {
     synced: AtomicBool,
     wake: Notify,
     starts: Arc<tokio::sync::Semaphore>,
+    claims: tokio::sync::Semaphore,
     spread: AtomicU64,
 }
 
@@ -138,6 +139,12 @@ impl Pools {
             synced: AtomicBool::new(false),
             wake: Notify::new(),
             starts: Arc::new(tokio::sync::Semaphore::new(START_CONCURRENCY)),
+            claims: tokio::sync::Semaphore::new(
+                std::env::var("XCLAIMS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1000),
+            ),
             spread: AtomicU64::new(rand_seed()),
         }
     }
@@ -231,6 +238,7 @@ impl Pools {
         spec: &SessionSpec,
         meta: &SessionMeta,
     ) -> Option<SessionId> {
+        let _permit = self.claims.acquire().await.ok()?;
         let spread = self
             .spread
             .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);

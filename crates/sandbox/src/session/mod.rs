@@ -123,7 +123,8 @@ impl SessionSpec {
             if !ident {
                 return invalid(format!("env name {k:?} is not an identifier"));
             }
-            if k.starts_with("SANDFLEET_") || k == "PATH" || k == "HOME" {
+            // `sf_*` are the wrappers' own variables (see `script`).
+            if k.starts_with("SANDFLEET_") || k.starts_with("sf_") || k == "PATH" || k == "HOME" {
                 return invalid(format!("env name {k:?} is reserved"));
             }
             if v.contains('\0') {

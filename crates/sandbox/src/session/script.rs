@@ -20,8 +20,10 @@ pub const KILLED_EXIT: i32 = 137;
 /// failed); its stderr says why.
 pub const SETUP_EXIT: i32 = 125;
 
-/// Runs `$3` with `/bin/sh -c` in working dir `$1`, killing it with its
-/// whole process tree after `$2` seconds. Techniques as in the task script
+/// Runs `$3` as `/bin/sh -c` would, in working dir `$1`, killing it with
+/// its whole process tree after `$2` seconds. The wrapper's own variables
+/// are named `sf_*`, names a session's env may not use, so none of them
+/// changes a variable the command inherits. Techniques as in the task script
 /// ([`crate::script`]): the command gets a session of its own (`setsid`) when
 /// the image has it, else the watchdog walks `/proc` to kill its tree.
 /// Leftover background children die with the command (a session runs
@@ -38,8 +40,11 @@ pub const SETUP_EXIT: i32 = 125;
 ///
 /// Where the wrapper also leads a process group of its own (a kubelet's
 /// exec starts it so; the fifth field of `/proc/$$/stat` says), it becomes
-/// the command: it `exec`s `/bin/sh -c` in place, so a command costs one
-/// process on top of its own and no fork. The exit status is the command's;
+/// the command: with its own variables unset, `set -u` undone, no
+/// positional parameters and stdin from `/dev/null` (a fresh `sh -c`'s
+/// state; `$0` is `/bin/sh`, as the argv names it), it `eval`s the command
+/// itself, so a command costs no process besides its own: no fork, no
+/// second shell. The exit status is the command's;
 /// a command killed at its deadline shows 137, which with the timeout
 /// passed is a timeout ([`timed_out`]). What a command leaves running in
 /// its group is killed by the next command's wrapper before it starts, and
@@ -55,84 +60,89 @@ pub const SETUP_EXIT: i32 = 125;
 const RUN: &str = r#"set -u
 IFS=' 	
 '
-s="${SANDFLEET_STATE_DIR:-/tmp}"
-if [ -f "$s/watchdog" ]; then echo >"$s/activity"; else : >"$s/active"; fi 2>/dev/null
-: >"$s/running.$$" 2>/dev/null
+sf_s="${SANDFLEET_STATE_DIR:-/tmp}"
+if [ -f "$sf_s/watchdog" ]; then echo >"$sf_s/activity"; else : >"$sf_s/active"; fi 2>/dev/null
+: >"$sf_s/running.$$" 2>/dev/null
 # A claimed pool member's env arrived at claim time (see CLAIM), not in the pod spec.
-if [ -f "$s/session.env" ]; then . "$s/session.env"; fi
+if [ -f "$sf_s/session.env" ]; then . "$sf_s/session.env"; fi
 cd -- "$1" || exit 125
-t=$2
-if [ -f "$s/watchdog" ] && read -r w <"$s/watchdog" && kill -0 "$w" 2>/dev/null \
-  && read -r st <"/proc/$$/stat" && read -r up _ 2>/dev/null </proc/uptime; then
+sf_t=$2
+if [ -f "$sf_s/watchdog" ] && read -r sf_w <"$sf_s/watchdog" && kill -0 "$sf_w" 2>/dev/null \
+  && read -r sf_st <"/proc/$$/stat" && read -r sf_up _ 2>/dev/null </proc/uptime; then
   # The process group this wrapper is in: the fifth field of its stat.
-  pg=${st##*) }; pg=${pg#* }; pg=${pg#* }; pg=${pg%% *}
-  if [ "$pg" = "$$" ]; then
+  sf_pg=${sf_st##*) }; sf_pg=${sf_pg#* }; sf_pg=${sf_pg#* }; sf_pg=${sf_pg%% *}
+  if [ "$sf_pg" = "$$" ]; then
     # What earlier commands left behind in their groups goes first.
-    for r in "$s"/running.*; do
-      [ "$r" != "$s/running.$$" ] || continue
-      read -r odl opg oend 2>/dev/null <"$r" || continue
-      if [ "$oend" = . ] && ! kill -0 "${r##*.}" 2>/dev/null; then
-        kill -s KILL -- "-$opg" 2>/dev/null || kill -s KILL "-$opg" 2>/dev/null
-        echo done >"$r"
+    for sf_r in "$sf_s"/running.*; do
+      [ "$sf_r" != "$sf_s/running.$$" ] || continue
+      read -r sf_dl sf_og sf_end 2>/dev/null <"$sf_r" || continue
+      if [ "$sf_end" = . ] && ! kill -0 "${sf_r##*.}" 2>/dev/null; then
+        kill -s KILL -- "-$sf_og" 2>/dev/null || kill -s KILL "-$sf_og" 2>/dev/null
+        echo done >"$sf_r"
       fi
     done
-    printf '%s %s .\n' "$(( ${up%.*} + t + 1 ))" "$$" >"$s/running.$$"
-    exec /bin/sh -c "$3" </dev/null
+    printf '%s %s .\n' "$(( ${sf_up%.*} + sf_t + 1 ))" "$$" >"$sf_s/running.$$"
+    # The command runs here, in a shell as `sh -c` would start it.
+    exec </dev/null
+    unset sf_s sf_t sf_w sf_st sf_up sf_pg sf_r sf_dl sf_og sf_end
+    set +u -- "$3"
+    eval "set --; $1"
+    exit
   fi
 fi
-if command -v setsid >/dev/null 2>&1; then sid=setsid; else sid=; fi
+if command -v setsid >/dev/null 2>&1; then sf_sid=setsid; else sf_sid=; fi
 kill_tree() {
   kill -s STOP "$1" 2>/dev/null || return 0
-  for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do kill_tree "$c" "$2"; done
+  for sf_c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do kill_tree "$sf_c" "$2"; done
   kill -s "$2" "$1" 2>/dev/null
   kill -s CONT "$1" 2>/dev/null
   return 0
 }
 kill_cmd() {
-  if [ -n "$sid" ]; then
-    kill -s "$1" -- "-$pid" 2>/dev/null || kill -s "$1" "-$pid" 2>/dev/null || :
+  if [ -n "$sf_sid" ]; then
+    kill -s "$1" -- "-$sf_pid" 2>/dev/null || kill -s "$1" "-$sf_pid" 2>/dev/null || :
   else
-    kill_tree "$pid" "$1"
+    kill_tree "$sf_pid" "$1"
   fi
 }
-dl=
-if [ -n "$sid" ] && [ -f "$s/watchdog" ] && read -r w <"$s/watchdog" \
-  && kill -0 "$w" 2>/dev/null && read -r up _ 2>/dev/null </proc/uptime; then
-  dl=$(( ${up%.*} + t + 1 ))
+sf_dl=
+if [ -n "$sf_sid" ] && [ -f "$sf_s/watchdog" ] && read -r sf_w <"$sf_s/watchdog" \
+  && kill -0 "$sf_w" 2>/dev/null && read -r sf_up _ 2>/dev/null </proc/uptime; then
+  sf_dl=$(( ${sf_up%.*} + sf_t + 1 ))
 fi
-$sid /bin/sh -c "$3" </dev/null &
-pid=$!
+$sf_sid /bin/sh -c "$3" </dev/null &
+sf_pid=$!
 # Torn down mid-command: take the command's tree along (it is in its own session).
-trap 'kill_cmd KILL; rm -f "$s/running.$$"; exit 143' TERM INT HUP
-wd=
-if [ -n "$dl" ]; then
-  printf '%s %s .\n' "$dl" "$pid" >"$s/running.$$"
+trap 'kill_cmd KILL; rm -f "$sf_s/running.$$"; exit 143' TERM INT HUP
+sf_wd=
+if [ -n "$sf_dl" ]; then
+  printf '%s %s .\n' "$sf_dl" "$sf_pid" >"$sf_s/running.$$"
 else
   (
-    sleep "$t" & printf '%s\n' "$!" >"$s/sleep.$$"
+    sleep "$sf_t" & printf '%s\n' "$!" >"$sf_s/sleep.$$"
     wait "$!"
-    : >"$s/timeout.$$"
+    : >"$sf_s/timeout.$$"
     kill_cmd KILL
   ) </dev/null >/dev/null 2>&1 &
-  wd=$!
+  sf_wd=$!
 fi
-wait "$pid"
-rc=$?
-if [ -n "$wd" ]; then
-  kill -s KILL "$wd" 2>/dev/null
-  wait "$wd" 2>/dev/null
-  if [ -f "$s/sleep.$$" ] && read -r w <"$s/sleep.$$"; then kill -s KILL "$w" 2>/dev/null; fi
+wait "$sf_pid"
+sf_rc=$?
+if [ -n "$sf_wd" ]; then
+  kill -s KILL "$sf_wd" 2>/dev/null
+  wait "$sf_wd" 2>/dev/null
+  if [ -f "$sf_s/sleep.$$" ] && read -r sf_w <"$sf_s/sleep.$$"; then kill -s KILL "$sf_w" 2>/dev/null; fi
 fi
-if [ -n "$sid" ]; then kill_cmd KILL; fi
-if [ -f "$s/watchdog" ]; then echo >"$s/activity"; else : >"$s/active"; fi 2>/dev/null
-if [ -n "$dl" ]; then
-  echo done >"$s/running.$$"
-  if [ -f "$s/timeout.$$" ] && read -r x <"$s/timeout.$$" && [ "$x" = "$dl" ]; then exit 124; fi
-  exit "$rc"
+if [ -n "$sf_sid" ]; then kill_cmd KILL; fi
+if [ -f "$sf_s/watchdog" ]; then echo >"$sf_s/activity"; else : >"$sf_s/active"; fi 2>/dev/null
+if [ -n "$sf_dl" ]; then
+  echo done >"$sf_s/running.$$"
+  if [ -f "$sf_s/timeout.$$" ] && read -r sf_x <"$sf_s/timeout.$$" && [ "$sf_x" = "$sf_dl" ]; then exit 124; fi
+  exit "$sf_rc"
 fi
-rm -f "$s/running.$$" "$s/sleep.$$"
-if [ -e "$s/timeout.$$" ]; then rm -f "$s/timeout.$$"; exit 124; fi
-exit "$rc"
+rm -f "$sf_s/running.$$" "$sf_s/sleep.$$"
+if [ -e "$sf_s/timeout.$$" ]; then rm -f "$sf_s/timeout.$$"; exit 124; fi
+exit "$sf_rc"
 "#;
 
 /// Writes exactly `$4` bytes of stdin to `$2` (relative to working dir `$1`),
@@ -304,11 +314,16 @@ done
 
 /// `["/bin/sh", "-c", WRAPPER, "sandfleet", args...]`.
 fn argv(script: &str, args: &[&str]) -> Vec<String> {
+    argv_named(script, ARGV0, args)
+}
+
+/// `["/bin/sh", "-c", WRAPPER, argv0, args...]`.
+fn argv_named(script: &str, argv0: &str, args: &[&str]) -> Vec<String> {
     let mut v = vec![
         "/bin/sh".to_owned(),
         "-c".to_owned(),
         script.to_owned(),
-        ARGV0.to_owned(),
+        argv0.to_owned(),
     ];
     v.extend(args.iter().map(|a| (*a).to_owned()));
     v
@@ -321,8 +336,14 @@ pub fn timeout_secs(timeout: std::time::Duration) -> u64 {
 }
 
 /// The argv running `command` in `workdir` with `timeout`.
+/// Its `$0` is `/bin/sh`: a command the wrapper evaluates itself sees what
+/// it would see under `/bin/sh -c`, in `$0` and in the shell's messages.
 pub fn run_argv(workdir: &str, command: &str, timeout: std::time::Duration) -> Vec<String> {
-    argv(RUN, &[workdir, &timeout_secs(timeout).to_string(), command])
+    argv_named(
+        RUN,
+        "/bin/sh",
+        &[workdir, &timeout_secs(timeout).to_string(), command],
+    )
 }
 
 /// The argv writing `len` bytes of stdin to `path` with `mode` (octal digits).
