@@ -19,6 +19,12 @@ pub struct Limits {
     pub max_command_timeout: Duration,
     /// Largest output kept per stream of a command.
     pub max_output_bytes: usize,
+    /// Warm-pool claims one replica has under way at once; more wait their
+    /// turn, in arrival order. Each claim is two API calls (the conditional
+    /// update and the hand-over exec): a handful in flight keeps the API
+    /// server and the replica busy, and a burst's first claims are served
+    /// first instead of all at the pace of the last.
+    pub claims_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -30,6 +36,7 @@ impl Default for Limits {
             max_file_bytes: 16 << 20,
             max_command_timeout: Duration::from_secs(1800),
             max_output_bytes: 1 << 20,
+            claims_in_flight: 8,
         }
     }
 }

@@ -104,6 +104,7 @@ pub struct Pools {
     synced: AtomicBool,
     wake: Notify,
     starts: Arc<tokio::sync::Semaphore>,
+    /// Claims under way here; fair, so they are served in arrival order.
     claims: tokio::sync::Semaphore,
     spread: AtomicU64,
 }
@@ -121,11 +122,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Pools {
-    /// The pools `templates` over `backend`; sessions live at most `max_lifetime`.
+    /// The pools `templates` over `backend`; sessions live at most
+    /// `max_lifetime`; at most `claims_in_flight` claims are under way at
+    /// once (the rest wait their turn, in arrival order).
     pub fn new(
         backend: KubeSessions,
         templates: Vec<PoolTemplate>,
         max_lifetime: Duration,
+        claims_in_flight: usize,
     ) -> Pools {
         Pools {
             backend,
@@ -139,12 +143,7 @@ impl Pools {
             synced: AtomicBool::new(false),
             wake: Notify::new(),
             starts: Arc::new(tokio::sync::Semaphore::new(START_CONCURRENCY)),
-            claims: tokio::sync::Semaphore::new(
-                std::env::var("XCLAIMS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(1000),
-            ),
+            claims: tokio::sync::Semaphore::new(claims_in_flight.max(1)),
             spread: AtomicU64::new(rand_seed()),
         }
     }
@@ -232,6 +231,11 @@ impl Pools {
     /// lost race moves on), hands the
     /// winner the session's values, and starts the refill. `None` when no
     /// member could be had: the caller starts the session cold.
+    ///
+    /// A claim first waits its turn: a burst of claims is served a few at a
+    /// time, in arrival order, so the first are done in milliseconds instead
+    /// of every one finishing at the pace of the last (the API server, the
+    /// execs and this replica share their CPU; see `Limits::claims_in_flight`).
     pub async fn claim(
         &self,
         pool: &PoolTemplate,

@@ -106,7 +106,12 @@ impl Service {
         limits: Limits,
         pools: Vec<PoolTemplate>,
     ) -> Service {
-        let pools = Arc::new(Pools::new(backend.clone(), pools, limits.max_lifetime));
+        let pools = Arc::new(Pools::new(
+            backend.clone(),
+            pools,
+            limits.max_lifetime,
+            limits.claims_in_flight,
+        ));
         Service::build(Backend::Kubernetes(backend), tokens, limits, Some(pools))
     }
 

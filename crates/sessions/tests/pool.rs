@@ -56,6 +56,10 @@ struct Replica {
 
 impl Replica {
     fn start(sim: &KubeSim, ns: &str, pools: Vec<PoolTemplate>) -> Replica {
+        Replica::start_with(sim, ns, pools, Limits::default())
+    }
+
+    fn start_with(sim: &KubeSim, ns: &str, pools: Vec<PoolTemplate>, limits: Limits) -> Replica {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -73,12 +77,8 @@ impl Replica {
                 .await
                 .unwrap()
                 .with_start_timeout(Duration::from_secs(20));
-            let service = Service::with_pools(
-                backend,
-                Tokens::from_tokens(["tok-a"]),
-                Limits::default(),
-                pools,
-            );
+            let service =
+                Service::with_pools(backend, Tokens::from_tokens(["tok-a"]), limits, pools);
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             service
                 .run(listener, Duration::from_millis(200), until)
@@ -620,5 +620,76 @@ async fn a_claimed_member_ends_on_the_sessions_own_idle_timeout_and_lifetime() {
     );
     for info in [a, b] {
         let _ = client.teardown(&SessionId(info.id)).await;
+    }
+}
+
+/// A burst of claims is served `claims_in_flight` at a time, in arrival
+/// order: with one in flight and every hand-over exec slowed to 300 ms, each
+/// claim's conditional update waits for the previous claim's hand-over, and
+/// the first session is ready long before the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_claims_is_served_a_few_at_a_time_in_arrival_order() {
+    const NS: &str = "pool-turns";
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let limits = Limits {
+        claims_in_flight: 1,
+        ..Limits::default()
+    };
+    let r = Replica::start_with(&sim, NS, vec![pool("t", IMAGE, 4)], limits);
+    let client = Arc::new(r.client());
+    eventually("the pool is full", Duration::from_secs(30), || async {
+        idle(&client, "t").await == 4
+    })
+    .await;
+    sim.faults().inject(FaultRule::new(
+        "GET",
+        "/exec",
+        FaultAction::Delay(Duration::from_millis(300)),
+    ));
+    let sent = std::time::SystemTime::now();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut spec = SessionSpec::new(IMAGE);
+            spec.env.insert("N".into(), i.to_string());
+            let info = client.create_in_pool(&spec, "t").await.unwrap();
+            (info.id, started.elapsed())
+        }));
+    }
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await.unwrap());
+    }
+    let ids: HashSet<&String> = done.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 4, "{done:?}");
+    assert!(ids.iter().all(|id| id.starts_with("sp-t-")), "{done:?}");
+    let mut took: Vec<Duration> = done.iter().map(|(_, d)| *d).collect();
+    took.sort();
+    assert!(
+        took[0] < Duration::from_millis(900) && took[3] >= Duration::from_millis(1150),
+        "one claim at a time, 300 ms each: {took:?}"
+    );
+    // The claim patches: each after the previous claim's hand-over.
+    let mut patches: Vec<std::time::SystemTime> = sim
+        .request_log()
+        .iter()
+        .filter(|r| r.at >= sent && r.method == "PATCH" && r.status == 200)
+        .filter(|r| {
+            r.body
+                .as_ref()
+                .is_some_and(|b| b["metadata"]["labels"][LABEL_POOL_STATE] == "claimed")
+        })
+        .map(|r| r.at)
+        .collect();
+    patches.sort();
+    assert_eq!(patches.len(), 4);
+    for w in patches.windows(2) {
+        let gap = w[1].duration_since(w[0]).unwrap();
+        assert!(
+            gap >= Duration::from_millis(250),
+            "claims overlapped: {gap:?} apart"
+        );
     }
 }

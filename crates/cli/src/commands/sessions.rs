@@ -41,6 +41,10 @@ pub struct SessionsArgs {
     /// Longest command timeout, in seconds.
     #[arg(long, default_value_t = Limits::default().max_command_timeout.as_secs())]
     pub max_command_timeout_secs: u64,
+    /// Warm-pool claims this replica has under way at once; more wait their
+    /// turn, in arrival order.
+    #[arg(long, default_value_t = Limits::default().claims_in_flight)]
+    pub max_claims_in_flight: usize,
     /// How often ended sessions are deleted, in seconds.
     #[arg(long, default_value_t = 30)]
     pub reap_interval_secs: u64,
@@ -77,12 +81,18 @@ pub async fn run(
             a.tokens_file.display()
         )));
     }
+    if a.max_claims_in_flight == 0 {
+        return Err(CliError::Usage(
+            "--max-claims-in-flight must be at least 1: no warm-pool claim could start".into(),
+        ));
+    }
     let limits = Limits {
         sessions_per_token: a.max_sessions_per_token,
         max_lifetime: Duration::from_secs(a.max_lifetime_secs),
         max_idle_timeout: Duration::from_secs(a.max_idle_timeout_secs),
         max_file_bytes: a.max_file_bytes,
         max_command_timeout: Duration::from_secs(a.max_command_timeout_secs),
+        claims_in_flight: a.max_claims_in_flight,
         ..Limits::default()
     };
     let token_count = tokens.len();
