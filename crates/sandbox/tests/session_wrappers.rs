@@ -4,13 +4,12 @@
 //! (the command gets a session of its own and the wrapper waits).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sandfleet_sandbox::session::SessionSpec;
-use sandfleet_sandbox::session::script::{IDLE_LOOP, claim_argv, env_file, run_argv};
+use sandfleet_sandbox::session::script::{IDLE_LOOP, run_argv};
 
 struct Loop {
     child: Child,
@@ -25,14 +24,9 @@ impl Drop for Loop {
 }
 
 fn idle_loop() -> Loop {
-    idle_loop_with(&[])
-}
-
-fn idle_loop_with(env: &[(&str, &str)]) -> Loop {
     let state = tempfile::tempdir().unwrap();
     let child = Command::new("/bin/sh")
         .args(["-c", IDLE_LOOP, "sandfleet-session"])
-        .envs(env.iter().copied())
         .env("SANDFLEET_STATE_DIR", state.path())
         .env("SANDFLEET_IDLE_SECS", "60")
         .stdin(Stdio::null())
@@ -133,12 +127,12 @@ fn a_session_env_may_not_name_the_wrappers_variables() {
     assert!(err.to_string().contains("reserved"), "{err}");
 }
 
-/// An unclaimed pool member's loop sleeps up to 30 s at a time (one
-/// `sleep` per 30 s, not per second); the claim wakes it, so a command's
-/// deadline holds to the second from the first command on.
+/// With nothing to watch the loop sleeps up to 30 s at a time (one `sleep`
+/// per 30 s, not per second); a command's wrapper wakes it, so the
+/// command's deadline still holds to the second.
 #[test]
-fn an_idle_pool_members_loop_sleeps_long_and_the_claim_wakes_it() {
-    let l = idle_loop_with(&[("SANDFLEET_POOL_MEMBER", "1")]);
+fn a_quiet_loop_sleeps_long_and_a_command_wakes_it() {
+    let l = idle_loop();
     let sleeper = l.state.path().join("sleeper");
     let deadline = Instant::now() + Duration::from_secs(10);
     let pid = loop {
@@ -155,37 +149,7 @@ fn an_idle_pool_members_loop_sleeps_long_and_the_claim_wakes_it() {
         "sleep\u{0}30\u{0}",
         "an idle timeout of 60 s: the first sleep is the 30 s cap"
     );
-    let env = claim_env();
-    let argv = claim_argv(".", Duration::from_secs(60), Duration::from_secs(600), &env);
-    let mut claim = Command::new(&argv[0])
-        .args(&argv[1..])
-        .env("SANDFLEET_STATE_DIR", l.state.path())
-        .current_dir(l.state.path())
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    claim
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(env.as_bytes())
-        .unwrap();
-    assert!(claim.wait().unwrap().success());
-    let woke = Instant::now() + Duration::from_secs(2);
-    while std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty()) {
-        assert!(
-            Instant::now() < woke,
-            "the claim did not end the long sleep"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let (code, _, took) = run(&l, true, "sleep 30", Duration::from_secs(1));
     assert_eq!(code, 137);
     assert!(took < Duration::from_secs(4), "{took:?}");
-}
-
-fn claim_env() -> String {
-    let mut env = std::collections::BTreeMap::new();
-    env.insert("A".to_owned(), "1".to_owned());
-    env_file(&env)
 }

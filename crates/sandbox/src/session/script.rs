@@ -82,9 +82,11 @@ if [ -f "$sf_s/watchdog" ] && read -r sf_w <"$sf_s/watchdog" && kill -0 "$sf_w" 
       fi
     done
     printf '%s %s .\n' "$(( ${sf_up%.*} + sf_t + 1 ))" "$$" >"$sf_s/running.$$"
+    # Wake the loop from a long sleep: it watches the deadline from now on.
+    if read -r sf_p <"$sf_s/sleeper" 2>/dev/null && [ -n "$sf_p" ]; then kill "$sf_p" 2>/dev/null; fi
     # The command runs here, in a shell as `sh -c` would start it.
     exec </dev/null
-    unset sf_s sf_t sf_w sf_st sf_up sf_pg sf_r sf_dl sf_og sf_end
+    unset sf_s sf_t sf_w sf_st sf_up sf_pg sf_r sf_dl sf_og sf_end sf_p
     set +u -- "$3"
     eval "set --; $1"
     exit
@@ -117,6 +119,7 @@ trap 'kill_cmd KILL; rm -f "$sf_s/running.$$"; exit 143' TERM INT HUP
 sf_wd=
 if [ -n "$sf_dl" ]; then
   printf '%s %s .\n' "$sf_dl" "$sf_pid" >"$sf_s/running.$$"
+  if read -r sf_p <"$sf_s/sleeper" 2>/dev/null && [ -n "$sf_p" ]; then kill "$sf_p" 2>/dev/null; fi
 else
   (
     sleep "$sf_t" & printf '%s\n' "$!" >"$sf_s/sleep.$$"
@@ -262,15 +265,15 @@ const CLAIMED: &str = r#"test -e "${SANDFLEET_STATE_DIR:?}/claimed""#;
 /// sixteen at a time, with one `rm`. `read` is a builtin, so the loop forks
 /// only `sleep`, and that `rm` once every sixteen commands.
 ///
-/// It ticks every second, except in an unclaimed pool member (the pod's
-/// `SANDFLEET_POOL_MEMBER` is set and no claim has written `lifetime`),
-/// where nothing runs: there it sleeps until the idle timeout, at most
-/// 30 s at a time, counting idle time from `/proc/uptime`, so an idle pool
-/// forks a `sleep` per member every 30 s, not every second. The pid of that
-/// sleep is in `sleeper`; the claim wrapper kills it, so the session's own
-/// timeouts and the watchdog start at the claim (a claim that came before
-/// the pid was written left `lifetime`, which the loop checks after
-/// writing it).
+/// It ticks every second only while a command runs. Otherwise it sleeps
+/// until the idle timeout or the lifetime could end the sandbox, at most
+/// 30 s, and counts idle time and lifetime from `/proc/uptime`: an idle
+/// pool member or a quiet session forks a `sleep` every 30 s, not every
+/// second. The pid of that sleep is in `sleeper`; a run wrapper that has
+/// written its deadline, and the claim wrapper, kill it, so the loop takes
+/// up its watchdog ticks, or the session's own timeouts, at once (a wrapper
+/// that came before the pid was written left a line in `activity`, which
+/// the loop checks after writing it).
 pub const IDLE_LOOP: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:?}"
 idle="${SANDFLEET_IDLE_SECS:?}"
@@ -281,21 +284,24 @@ printf '%s\n' "$$" >"$s/watchdog"
 n=0
 life=0
 max=
+busy=
 read -r last _ </proc/uptime
 last=${last%.*}
 while [ "$n" -lt "$idle" ]; do
-  if [ -z "${SANDFLEET_POOL_MEMBER:-}" ] || [ -f "$s/lifetime" ]; then
+  if [ -n "$busy" ]; then
     sleep 1
   else
-    # An unclaimed pool member: nothing runs here until the claim, which ends
-    # this sleep early through `sleeper`. Sleep until the idle timeout, at most 30 s.
+    # Nothing to watch: sleep until the idle timeout or the lifetime could end
+    # the sandbox, at most 30 s. A wrapper that starts a command, and the claim,
+    # end this sleep early through `sleeper`.
     d=$(( idle - n ))
+    if [ -n "$max" ] && [ $(( max - life )) -lt "$d" ]; then d=$(( max - life )); fi
     if [ "$d" -gt 30 ]; then d=30; fi
     if [ "$d" -lt 1 ]; then d=1; fi
     sleep "$d" &
     printf '%s\n' "$!" >"$s/sleeper"
-    # A claim that came before the pid was written could not end the sleep.
-    if [ -f "$s/lifetime" ]; then kill "$!" 2>/dev/null; fi
+    # A wrapper that came before the pid was written could not end the sleep.
+    if [ -s "$s/activity" ]; then kill "$!" 2>/dev/null; fi
     wait "$!"
     : >"$s/sleeper"
   fi

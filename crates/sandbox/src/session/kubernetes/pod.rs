@@ -93,10 +93,6 @@ pub fn session_job(
         ),
         var("HOME", WORKSPACE_PATH.to_owned()),
     ];
-    // A pool member's idle loop sleeps long until its claim (see IDLE_LOOP).
-    if meta.labels.contains_key(crate::session::pool::LABEL_POOL) {
-        env.push(var("SANDFLEET_POOL_MEMBER", "1".to_owned()));
-    }
     env.extend(spec.env.iter().map(|(k, v)| var(k, escape(v))));
 
     let command = idle_command();
