@@ -126,30 +126,3 @@ fn a_session_env_may_not_name_the_wrappers_variables() {
     let err = spec.validate().unwrap_err();
     assert!(err.to_string().contains("reserved"), "{err}");
 }
-
-/// With nothing to watch the loop sleeps up to 30 s at a time (one `sleep`
-/// per 30 s, not per second); a command's wrapper wakes it, so the
-/// command's deadline still holds to the second.
-#[test]
-fn a_quiet_loop_sleeps_long_and_a_command_wakes_it() {
-    let l = idle_loop();
-    let sleeper = l.state.path().join("sleeper");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let pid = loop {
-        let text = std::fs::read_to_string(&sleeper).unwrap_or_default();
-        if !text.trim().is_empty() {
-            break text.trim().to_owned();
-        }
-        assert!(Instant::now() < deadline, "the loop never slept long");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    assert_eq!(
-        String::from_utf8_lossy(&cmdline),
-        "sleep\u{0}30\u{0}",
-        "an idle timeout of 60 s: the first sleep is the 30 s cap"
-    );
-    let (code, _, took) = run(&l, true, "sleep 30", Duration::from_secs(1));
-    assert_eq!(code, 137);
-    assert!(took < Duration::from_secs(4), "{took:?}");
-}

@@ -82,11 +82,9 @@ if [ -f "$sf_s/watchdog" ] && read -r sf_w <"$sf_s/watchdog" && kill -0 "$sf_w" 
       fi
     done
     printf '%s %s .\n' "$(( ${sf_up%.*} + sf_t + 1 ))" "$$" >"$sf_s/running.$$"
-    # Wake the loop from a long sleep: it watches the deadline from now on.
-    if read -r sf_p <"$sf_s/sleeper" 2>/dev/null && [ -n "$sf_p" ]; then kill "$sf_p" 2>/dev/null; fi
     # The command runs here, in a shell as `sh -c` would start it.
     exec </dev/null
-    unset sf_s sf_t sf_w sf_st sf_up sf_pg sf_r sf_dl sf_og sf_end sf_p
+    unset sf_s sf_t sf_w sf_st sf_up sf_pg sf_r sf_dl sf_og sf_end
     set +u -- "$3"
     eval "set --; $1"
     exit
@@ -119,7 +117,6 @@ trap 'kill_cmd KILL; rm -f "$sf_s/running.$$"; exit 143' TERM INT HUP
 sf_wd=
 if [ -n "$sf_dl" ]; then
   printf '%s %s .\n' "$sf_dl" "$sf_pid" >"$sf_s/running.$$"
-  if read -r sf_p <"$sf_s/sleeper" 2>/dev/null && [ -n "$sf_p" ]; then kill "$sf_p" 2>/dev/null; fi
 else
   (
     sleep "$sf_t" & printf '%s\n' "$!" >"$sf_s/sleep.$$"
@@ -224,8 +221,6 @@ fi
 if [ ! -d "$1" ]; then mkdir -p -- "$1" || exit 125; fi
 printf '%s\n' "$3" >"$s/lifetime" || exit 125
 printf '%s\n' "$2" >"$s/idle" || exit 125
-# Wake the idle loop from a long sleep: the session's own timeouts apply now.
-if read -r p <"$s/sleeper" 2>/dev/null && [ -n "$p" ]; then kill "$p" 2>/dev/null || :; fi
 "#;
 
 /// An env of at most this many lines reaches the claim wrapper through the
@@ -262,57 +257,23 @@ const CLAIMED: &str = r#"test -e "${SANDFLEET_STATE_DIR:?}/claimed""#;
 /// does, once it sees the pid gone, after killing what is left of its group
 /// (Linux hands out no pid that still names a process group, so until
 /// then the group is the command's). The loop removes finished files
-/// sixteen at a time, with one `rm`. `read` is a builtin, so the loop forks
-/// only `sleep`, and that `rm` once every sixteen commands.
-///
-/// It ticks every second only while a command runs. Otherwise it sleeps
-/// until the idle timeout or the lifetime could end the sandbox, at most
-/// 30 s, and counts idle time and lifetime from `/proc/uptime`: an idle
-/// pool member or a quiet session forks a `sleep` every 30 s, not every
-/// second. The pid of that sleep is in `sleeper`; a run wrapper that has
-/// written its deadline, and the claim wrapper, kill it, so the loop takes
-/// up its watchdog ticks, or the session's own timeouts, at once (a wrapper
-/// that came before the pid was written left a line in `activity`, which
-/// the loop checks after writing it).
+/// sixteen at a time, with one `rm`. `read` is a builtin, so the loop forks only `sleep`, and that
+/// `rm` once every sixteen commands.
 pub const IDLE_LOOP: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:?}"
 idle="${SANDFLEET_IDLE_SECS:?}"
 trap 'exit 0' TERM INT
 echo >"$s/activity"
 printf '%s\n' "$$" >"$s/watchdog"
-: >"$s/sleeper"
 n=0
 life=0
 max=
-busy=
-read -r last _ </proc/uptime
-last=${last%.*}
 while [ "$n" -lt "$idle" ]; do
-  if [ -n "$busy" ]; then
-    sleep 1
-  else
-    # Nothing to watch: sleep until the idle timeout or the lifetime could end
-    # the sandbox, at most 30 s. A wrapper that starts a command, and the claim,
-    # end this sleep early through `sleeper`.
-    d=$(( idle - n ))
-    if [ -n "$max" ] && [ $(( max - life )) -lt "$d" ]; then d=$(( max - life )); fi
-    if [ "$d" -gt 30 ]; then d=30; fi
-    if [ "$d" -lt 1 ]; then d=1; fi
-    sleep "$d" &
-    printf '%s\n' "$!" >"$s/sleeper"
-    # A wrapper that came before the pid was written could not end the sleep.
-    if [ -s "$s/activity" ]; then kill "$!" 2>/dev/null; fi
-    wait "$!"
-    : >"$s/sleeper"
-  fi
-  read -r now _ </proc/uptime
-  now=${now%.*}
-  dt=$(( now - last ))
-  last=$now
+  sleep 1
   if [ -f "$s/idle" ] && read -r v <"$s/idle"; then idle=$v; fi
   if [ -f "$s/lifetime" ]; then
-    if [ -z "$max" ]; then life=0; else life=$(( life + dt )); fi
     if read -r v <"$s/lifetime"; then max=$v; fi
+    life=$(( life + 1 ))
     if [ -n "$max" ] && [ "$life" -ge "$max" ]; then exit 0; fi
   fi
   busy=
@@ -347,7 +308,7 @@ while [ "$n" -lt "$idle" ]; do
   if [ -s "$s/activity" ]; then : >"$s/activity"; a=1; fi
   # A wrapper older than `activity` marks `active`.
   if [ -e "$s/active" ]; then rm -f "$s/active"; a=1; fi
-  if [ -n "$a" ]; then n=0; else n=$(( n + dt )); fi
+  if [ -n "$a" ]; then n=0; else n=$(( n + 1 )); fi
 done
 "#;
 
