@@ -332,7 +332,7 @@ impl Pools {
         // Every session Job, not only members: the index takes the members,
         // the session count the owned ones.
         let config = watcher::Config::default().labels(SESSION_SELECTOR);
-        let stream = watcher(self.backend.jobs_api(), config);
+        let stream = self.backend.jobs_watch(config);
         futures::pin_mut!(stream);
         let mut listing = Vec::new();
         loop {

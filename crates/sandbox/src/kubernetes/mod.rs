@@ -15,7 +15,7 @@ mod api;
 pub mod gc;
 pub mod job;
 mod kueue;
-mod watch;
+pub(crate) mod watch;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -248,8 +248,39 @@ impl KubeSessions {
         }
     }
 
-    /// The Jobs API (the pool manager watches member Jobs through it).
+    /// The Jobs API.
     pub fn jobs_api(&self) -> kube::Api<k8s_openapi::api::batch::v1::Job> {
         self.jobs.clone()
+    }
+
+    /// A watch on session Jobs matching `config`, for the pool manager: each
+    /// Job decoded with its metadata and status only. The spec is skipped
+    /// unallocated: it carries the idle loop (~8 KB), and every replica
+    /// decodes every event of every session Job (a burst of claims and their
+    /// refills is hundreds).
+    pub fn jobs_watch(
+        &self,
+        config: kube::runtime::watcher::Config,
+    ) -> impl futures::Stream<
+        Item = Result<
+            kube::runtime::watcher::Event<k8s_openapi::api::batch::v1::Job>,
+            kube::runtime::watcher::Error,
+        >,
+    > + Send
+    + use<> {
+        use futures::StreamExt as _;
+        use kube::runtime::watcher::Event;
+
+        let api: kube::Api<crate::kubernetes::watch::JobState> =
+            kube::Api::namespaced(self.jobs.clone().into_client(), &self.settings.namespace);
+        kube::runtime::watcher(api, config).map(|e| {
+            e.map(|e| match e {
+                Event::Apply(j) => Event::Apply(j.into()),
+                Event::Delete(j) => Event::Delete(j.into()),
+                Event::Init => Event::Init,
+                Event::InitApply(j) => Event::InitApply(j.into()),
+                Event::InitDone => Event::InitDone,
+            })
+        })
     }
 }
