@@ -477,6 +477,13 @@ impl KubeSessions {
         })
     }
 
+    /// The Jobs API decoding metadata and status only: a session Job's spec
+    /// carries the idle loop (~8 KB), which no listing or watch here reads;
+    /// decoding skips it unallocated.
+    pub(crate) fn slim_jobs(&self) -> Api<crate::kubernetes::watch::JobState> {
+        Api::namespaced(self.jobs.clone().into_client(), &self.settings.namespace)
+    }
+
     /// Lists the sessions (Jobs) whose labels match `selector` (added to the
     /// sessions selector; `""` for all).
     pub async fn list(&self, selector: &str) -> Result<Vec<SessionRecord>, SessionError> {
@@ -486,13 +493,14 @@ impl KubeSessions {
             format!("{SESSION_SELECTOR},{selector}")
         };
         let jobs = self
-            .jobs
+            .slim_jobs()
             .list(&ListParams::default().labels(&full))
             .await
             .map_err(|e| api_error("list session jobs", e))?;
         Ok(jobs
             .items
             .into_iter()
+            .map(Job::from)
             .filter_map(|j| {
                 Some(SessionRecord {
                     ended: pod::job_ended(&j),
@@ -512,10 +520,11 @@ impl KubeSessions {
     /// One session's record, if it exists.
     pub async fn get(&self, id: &SessionId) -> Result<Option<SessionRecord>, SessionError> {
         let job = self
-            .jobs
+            .slim_jobs()
             .get_opt(&id.0)
             .await
-            .map_err(|e| api_error("get session job", e))?;
+            .map_err(|e| api_error("get session job", e))?
+            .map(Job::from);
         Ok(job.filter(pod::is_session).map(|j| SessionRecord {
             ended: pod::job_ended(&j),
             id: id.clone(),

@@ -271,9 +271,7 @@ impl KubeSessions {
         use futures::StreamExt as _;
         use kube::runtime::watcher::Event;
 
-        let api: kube::Api<crate::kubernetes::watch::JobState> =
-            kube::Api::namespaced(self.jobs.clone().into_client(), &self.settings.namespace);
-        kube::runtime::watcher(api, config).map(|e| {
+        kube::runtime::watcher(self.slim_jobs(), config).map(|e| {
             e.map(|e| match e {
                 Event::Apply(j) => Event::Apply(j.into()),
                 Event::Delete(j) => Event::Delete(j.into()),
