@@ -85,6 +85,13 @@ fn on_event(shared: &Arc<Shared>, ev: &Event, tx: &mpsc::UnboundedSender<Key>) {
     let ns = meta::namespace(&ev.object).to_owned();
     match (ev.kind, ev.ty) {
         (Kind::Job, EventType::Deleted) => collect_garbage(shared, &ev.object),
+        // Only labels or annotations changed (a pool claim, a kubectl label):
+        // nothing the Job controller decides on, as in Kubernetes.
+        (Kind::Job, EventType::Modified)
+            if ev
+                .old
+                .as_ref()
+                .is_some_and(|old| same_but_meta(old, &ev.object)) => {}
         (Kind::Job, _) => {
             let _ = tx.send((ns, meta::name(&ev.object).to_owned()));
         }
@@ -97,6 +104,19 @@ fn on_event(shared: &Arc<Shared>, ev: &Event, tx: &mpsc::UnboundedSender<Key>) {
             }
         }
     }
+}
+
+/// Whether two versions of a Job differ at most in labels and annotations
+/// (and the resourceVersion and managed fields that come with any write).
+fn same_but_meta(old: &Value, new: &Value) -> bool {
+    [
+        "/spec",
+        "/status",
+        "/metadata/deletionTimestamp",
+        "/metadata/finalizers",
+    ]
+    .iter()
+    .all(|p| old.pointer(p) == new.pointer(p))
 }
 
 fn is_terminal(pod: &Value) -> bool {
@@ -606,6 +626,24 @@ mod tests {
         let mut spec = json!({"completions": 1, "parallelism": 1, "backoffLimit": 1});
         json_patch::merge(&mut spec, &extra_spec);
         json!({"metadata": {"name": "j"}, "spec": spec, "status": status})
+    }
+
+    #[test]
+    fn a_label_or_annotation_change_needs_no_reconcile() {
+        let old = job(json!({}), json!({"active": 1}));
+        let mut relabelled = old.clone();
+        relabelled["metadata"]["labels"] = json!({"sandfleet.dev/pool-state": "claimed"});
+        relabelled["metadata"]["resourceVersion"] = json!("7");
+        assert!(same_but_meta(&old, &relabelled));
+        let mut suspended = old.clone();
+        suspended["spec"]["suspend"] = json!(true);
+        assert!(!same_but_meta(&old, &suspended));
+        let mut finished = old.clone();
+        finished["status"]["succeeded"] = json!(1);
+        assert!(!same_but_meta(&old, &finished));
+        let mut deleting = old.clone();
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-12-07T00:00:00Z");
+        assert!(!same_but_meta(&old, &deleting));
     }
 
     fn pod(name: &str, phase: &str, tracked: bool) -> Value {

@@ -157,11 +157,7 @@ fn upgrade(
         .ok_or_else(|| ApiError::bad_request("exec needs a WebSocket upgrade"))?
         .as_bytes()
         .to_owned();
-    if shared
-        .store
-        .get(crate::store::Kind::Pod, ns, name)
-        .is_none()
-    {
+    if !shared.store.contains(crate::store::Kind::Pod, ns, name) {
         return Err(ApiError::not_found(crate::store::Kind::Pod, name));
     }
     let target = shared.kubelet.exec_target(ns, name).ok_or_else(|| {

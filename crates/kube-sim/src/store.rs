@@ -243,6 +243,13 @@ impl Store {
         Ok(object)
     }
 
+    /// Whether the object exists (without copying it, as [`Store::get`] does).
+    pub(crate) fn contains(&self, kind: Kind, ns: &str, name: &str) -> bool {
+        self.lock()
+            .objects
+            .contains_key(&(kind, ns.to_owned(), name.to_owned()))
+    }
+
     pub(crate) fn get(&self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
         self.lock()
             .objects
