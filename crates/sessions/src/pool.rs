@@ -43,6 +43,11 @@ const ADOPT_AFTER: Duration = Duration::from_secs(10);
 /// same replica) more than a slightly later refill costs.
 const START_CONCURRENCY: usize = 8;
 
+/// How long another replica's claim keeps its slot's refill that replica's
+/// alone: it refills at once, and this replica steps in only if it has not
+/// (it died, or its start failed).
+const REFILL_GRACE: Duration = Duration::from_secs(10);
+
 /// How often the plan runs without a change (max age, stuck members).
 const TICK: Duration = Duration::from_secs(1);
 
@@ -98,6 +103,8 @@ pub struct Pools {
     pending: Mutex<HashSet<String>>,
     /// Claimed members seen serving their session.
     confirmed: Mutex<HashSet<String>>,
+    /// Members this replica claimed (their refill is this replica's).
+    claimed_here: Mutex<HashSet<String>>,
     /// Live (not ended) sessions by Job name, with their owner label: the
     /// per-token count of the session limit, read without a LIST per create.
     sessions: Mutex<HashMap<String, String>>,
@@ -139,6 +146,7 @@ impl Pools {
             claiming: Mutex::default(),
             pending: Mutex::default(),
             confirmed: Mutex::default(),
+            claimed_here: Mutex::default(),
             sessions: Mutex::default(),
             synced: AtomicBool::new(false),
             wake: Notify::new(),
@@ -271,6 +279,7 @@ impl Pools {
                 lock(&self.claiming).remove(&name);
                 continue;
             }
+            lock(&self.claimed_here).insert(name.clone());
             lock(&self.index).mark_claimed(&name);
             // Refill now, not when the watch reports the claim.
             self.wake.notify_one();
@@ -350,6 +359,7 @@ impl Pools {
                     if let Some(name) = job.metadata.name.as_deref() {
                         lock(&self.index).delete(name);
                         lock(&self.confirmed).remove(name);
+                        lock(&self.claimed_here).remove(name);
                         lock(&self.sessions).remove(name);
                     }
                 }
@@ -358,6 +368,13 @@ impl Pools {
                 Ok(watcher::Event::InitDone) => {
                     lock(&self.index).reset(listing.iter());
                     lock(&self.sessions).clear();
+                    // Members deleted while the watch was away are gone here too.
+                    let names: HashSet<&str> = listing
+                        .iter()
+                        .filter_map(|j| j.metadata.name.as_deref())
+                        .collect();
+                    lock(&self.confirmed).retain(|n| names.contains(n.as_str()));
+                    lock(&self.claimed_here).retain(|n| names.contains(n.as_str()));
                     for job in &listing {
                         self.count(job);
                     }
@@ -376,8 +393,13 @@ impl Pools {
 
     /// Runs the plan once: spawns the creates and deletes not already under way.
     fn reconcile(self: &Arc<Self>) {
-        let plan = lock(&self.index).plan(&self.templates, SystemTime::now(), WARM_TIMEOUT);
+        let now = SystemTime::now();
+        let plan = lock(&self.index).plan(&self.templates, now, WARM_TIMEOUT);
+        let mine = lock(&self.claimed_here).clone();
         for m in plan.create {
+            if lock(&self.index).refill_left_to_claimer(&m, &mine, now, REFILL_GRACE) {
+                continue;
+            }
             let name = m.name();
             if !lock(&self.pending).insert(name.clone()) {
                 continue;

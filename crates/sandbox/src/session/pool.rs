@@ -365,6 +365,32 @@ impl PoolIndex {
         idle
     }
 
+    /// Whether `m`'s slot is left to the replica that claimed its previous
+    /// member: that member was claimed less than `grace` ago, and not here
+    /// (`mine`). The claimer starts the refill at once; another replica only
+    /// after `grace` (the claimer may have died first), so a refill is one
+    /// create, not one per replica (the others' would fail with 409).
+    pub fn refill_left_to_claimer(
+        &self,
+        m: &NewMember,
+        mine: &HashSet<String>,
+        now: SystemTime,
+        grace: Duration,
+    ) -> bool {
+        let Some(previous) = m.generation.checked_sub(1) else {
+            return false;
+        };
+        let name = member_name(&m.pool, m.slot, previous);
+        if mine.contains(&name) {
+            return false;
+        }
+        self.members.get(&name).is_some_and(|p| {
+            p.state == MemberState::Claimed
+                && p.claimed_at
+                    .is_some_and(|at| now.duration_since(at).map_or(true, |d| d < grace))
+        })
+    }
+
     /// Members still warming after `grace`: their creator may have died
     /// before it marked them idle, so another replica adopts them.
     pub fn warming_longer_than(&self, now: SystemTime, grace: Duration) -> Vec<String> {
@@ -718,6 +744,46 @@ mod tests {
         assert_eq!(index.unconfirmed_claims(now, &none), ["sp-py-0-0"]);
         let seen: HashSet<String> = ["sp-py-0-0".to_owned()].into();
         assert!(index.unconfirmed_claims(now, &seen).is_empty());
+    }
+
+    #[test]
+    fn a_fresh_claims_refill_is_the_claimers_and_anyones_after_the_grace() {
+        let t = template(2);
+        let now = SystemTime::now();
+        let mut index = PoolIndex::new();
+        for (slot, claimed_ago) in [(0u32, 2u64), (1, 30)] {
+            let mut j = job(&t, slot, 0, MemberState::Claimed, now);
+            let at = chrono::DateTime::<chrono::Utc>::from(now - Duration::from_secs(claimed_ago));
+            j.metadata.annotations =
+                Some([(ANNOTATION_CLAIMED_AT.to_owned(), at.to_rfc3339())].into());
+            index.apply(&j);
+        }
+        let plan = index.plan(std::slice::from_ref(&t), now, Duration::from_secs(600));
+        let refill = |slot: u32| {
+            plan.create
+                .iter()
+                .find(|m| m.slot == slot)
+                .cloned()
+                .unwrap()
+        };
+        let grace = Duration::from_secs(10);
+        let none = HashSet::new();
+        assert!(
+            index.refill_left_to_claimer(&refill(0), &none, now, grace),
+            "claimed 2 s ago elsewhere: the claimer refills"
+        );
+        let mine: HashSet<String> = ["sp-py-0-0".to_owned()].into();
+        assert!(!index.refill_left_to_claimer(&refill(0), &mine, now, grace));
+        assert!(
+            !index.refill_left_to_claimer(&refill(1), &none, now, grace),
+            "claimed 30 s ago and still empty: anyone refills"
+        );
+        let first = NewMember {
+            pool: "py".into(),
+            slot: 5,
+            generation: 0,
+        };
+        assert!(!index.refill_left_to_claimer(&first, &none, now, grace));
     }
 
     #[test]
