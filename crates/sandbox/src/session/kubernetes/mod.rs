@@ -334,10 +334,11 @@ impl KubeSessions {
             return Ok(t);
         }
         let job = self
-            .jobs
+            .slim_jobs()
             .get_opt(&id.0)
             .await
             .map_err(|e| api_error("get session job", e))?
+            .map(Job::from)
             .filter(pod::is_session)
             .ok_or_else(|| SessionError::NotFound(id.clone()))?;
         let working_dir = job
@@ -348,15 +349,19 @@ impl KubeSessions {
             .cloned()
             .unwrap_or_else(|| ".".into());
         let selector = format!("{}={}", crate::job::LABEL_JOB, id.0);
-        let pods = self
-            .pods
+        // Metadata and status are all the lookup reads; the pod's spec (the
+        // idle loop) is skipped unallocated.
+        let pods: Api<crate::kubernetes::watch::PodState> =
+            Api::namespaced(self.pods.clone().into_client(), &self.settings.namespace);
+        let pods = pods
             .list(&ListParams::default().labels(&selector))
             .await
             .map_err(|e| api_error("list session pods", e))?;
         let pod = pods
             .items
-            .iter()
-            .find_map(|p| match pod::readiness(p) {
+            .into_iter()
+            .map(Pod::from)
+            .find_map(|p| match pod::readiness(&p) {
                 pod::Readiness::Running(name) => Some(name),
                 _ => None,
             })
