@@ -289,11 +289,16 @@ fn act(action: Action, state: &Path, group: Pid) {
         }
         Action::Kill { pid } => {
             // Until none is left: a process may have forked between the
-            // listing and its KILL (a killed process forks no more).
+            // listing and its signal. Every one is stopped before any is
+            // killed: a shell still running while its child dies would
+            // report it ("Killed" in the step's log) or start another.
             for _ in 0..16 {
                 let targets = step_processes(&group_members(group), group, script, pid);
                 if targets.is_empty() {
                     break;
+                }
+                for p in &targets {
+                    let _ = kill_process(*p, Signal::STOP);
                 }
                 for p in targets {
                     let _ = kill_process(p, Signal::KILL);
