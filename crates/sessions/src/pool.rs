@@ -394,12 +394,15 @@ impl Pools {
     /// Runs the plan once: spawns the creates and deletes not already under way.
     fn reconcile(self: &Arc<Self>) {
         let now = SystemTime::now();
-        let plan = lock(&self.index).plan(&self.templates, now, WARM_TIMEOUT);
-        let mine = lock(&self.claimed_here).clone();
+        let plan = {
+            let index = lock(&self.index);
+            let mut plan = index.plan(&self.templates, now, WARM_TIMEOUT);
+            let mine = lock(&self.claimed_here);
+            plan.create
+                .retain(|m| !index.refill_left_to_claimer(m, &mine, now, REFILL_GRACE));
+            plan
+        };
         for m in plan.create {
-            if lock(&self.index).refill_left_to_claimer(&m, &mine, now, REFILL_GRACE) {
-                continue;
-            }
             let name = m.name();
             if !lock(&self.pending).insert(name.clone()) {
                 continue;

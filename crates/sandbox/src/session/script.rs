@@ -67,21 +67,26 @@ if [ -f "$sf_s/watchdog" ]; then echo >"$sf_s/activity"; else : >"$sf_s/active";
 if [ -f "$sf_s/session.env" ]; then . "$sf_s/session.env"; fi
 cd -- "$1" || exit 125
 sf_t=$2
-if [ -f "$sf_s/watchdog" ] && read -r sf_w <"$sf_s/watchdog" && kill -0 "$sf_w" 2>/dev/null \
-  && read -r sf_st <"/proc/$$/stat" && read -r sf_up _ 2>/dev/null </proc/uptime; then
+# The deadline, when the idle loop runs to keep it.
+sf_dl=
+if [ -f "$sf_s/watchdog" ] && read -r sf_w <"$sf_s/watchdog" \
+  && kill -0 "$sf_w" 2>/dev/null && read -r sf_up _ 2>/dev/null </proc/uptime; then
+  sf_dl=$(( ${sf_up%.*} + sf_t + 1 ))
+fi
+if [ -n "$sf_dl" ] && read -r sf_st <"/proc/$$/stat"; then
   # The process group this wrapper is in: the fifth field of its stat.
   sf_pg=${sf_st##*) }; sf_pg=${sf_pg#* }; sf_pg=${sf_pg#* }; sf_pg=${sf_pg%% *}
   if [ "$sf_pg" = "$$" ]; then
     # What earlier commands left behind in their groups goes first.
     for sf_r in "$sf_s"/running.*; do
       [ "$sf_r" != "$sf_s/running.$$" ] || continue
-      read -r sf_dl sf_og sf_end 2>/dev/null <"$sf_r" || continue
+      read -r _ sf_og sf_end 2>/dev/null <"$sf_r" || continue
       if [ "$sf_end" = . ] && ! kill -0 "${sf_r##*.}" 2>/dev/null; then
         kill -s KILL -- "-$sf_og" 2>/dev/null || kill -s KILL "-$sf_og" 2>/dev/null
         echo done >"$sf_r"
       fi
     done
-    printf '%s %s .\n' "$(( ${sf_up%.*} + sf_t + 1 ))" "$$" >"$sf_s/running.$$"
+    printf '%s %s .\n' "$sf_dl" "$$" >"$sf_s/running.$$"
     # The command runs here, in a shell as `sh -c` would start it.
     exec </dev/null
     unset sf_s sf_t sf_w sf_st sf_up sf_pg sf_r sf_dl sf_og sf_end
@@ -91,6 +96,8 @@ if [ -f "$sf_s/watchdog" ] && read -r sf_w <"$sf_s/watchdog" && kill -0 "$sf_w" 
   fi
 fi
 if command -v setsid >/dev/null 2>&1; then sf_sid=setsid; else sf_sid=; fi
+# The loop kills a command by its group: without setsid it has none of its own.
+if [ -z "$sf_sid" ]; then sf_dl=; fi
 kill_tree() {
   kill -s STOP "$1" 2>/dev/null || return 0
   for sf_c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do kill_tree "$sf_c" "$2"; done
@@ -105,11 +112,6 @@ kill_cmd() {
     kill_tree "$sf_pid" "$1"
   fi
 }
-sf_dl=
-if [ -n "$sf_sid" ] && [ -f "$sf_s/watchdog" ] && read -r sf_w <"$sf_s/watchdog" \
-  && kill -0 "$sf_w" 2>/dev/null && read -r sf_up _ 2>/dev/null </proc/uptime; then
-  sf_dl=$(( ${sf_up%.*} + sf_t + 1 ))
-fi
 $sf_sid /bin/sh -c "$3" </dev/null &
 sf_pid=$!
 # Torn down mid-command: take the command's tree along (it is in its own session).

@@ -248,11 +248,6 @@ impl KubeSessions {
         }
     }
 
-    /// The Jobs API.
-    pub fn jobs_api(&self) -> kube::Api<k8s_openapi::api::batch::v1::Job> {
-        self.jobs.clone()
-    }
-
     /// A watch on session Jobs matching `config`, for the pool manager: each
     /// Job decoded with its metadata and status only. The spec is skipped
     /// unallocated: it carries the idle loop (~8 KB), and every replica
