@@ -51,6 +51,8 @@ mod error;
 pub mod management;
 mod message;
 mod publisher;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod topology;
 
 pub use connection::{Amqp, OUTAGE_LOG_INTERVAL, OutageLine, OutageLog};

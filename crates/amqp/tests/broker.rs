@@ -8,6 +8,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
+use sandfleet_amqp::Amqp;
+use sandfleet_amqp::testing::{HoldingProxy, settled_depth};
 use sandfleet_amqp::{
     Consumer, ConsumerOptions, Finding, HEADER_REJECT_CODE, HEADER_REJECT_REASON, ObjectKind,
     OutgoingMessage, PublishError, Publisher, TASK_ROUTING_KEY, Topology, TopologyError,
@@ -270,35 +272,42 @@ async fn reject_publish_overflow_is_a_nack() {
 #[tokio::test]
 async fn connection_closed_mid_batch_loses_no_confirmed_message_and_reports_the_rest() {
     let p = unique("midbatch");
-    let amqp = connect(&p).await;
+    // The publisher reaches the broker through a proxy that holds its bytes
+    // once ~500 messages went through: the batch cannot finish before the
+    // broker closes the connection, however fast the broker is.
+    let message_bytes = 400;
+    let (proxy, through) = HoldingProxy::for_url(&url(), 64 * 1024 + 500 * message_bytes)
+        .await
+        .unwrap();
+    let amqp = Amqp::connect(
+        &sandfleet_settings::AmqpSettings {
+            url: through,
+            ..settings(&p)
+        },
+        "test",
+    )
+    .await
+    .unwrap();
     let (t, _cleanup) = applied(&amqp, &p, topology_settings(&p)).await;
     let publisher = Publisher::new(&amqp).await.unwrap();
     wait_visible(&amqp, &format!("{p}-conn")).await;
-    let messages: Vec<OutgoingMessage> = (0..30_000)
+    // Read straight from the broker, past the proxy.
+    let direct = connect(&format!("{p}-direct")).await;
+    let messages: Vec<OutgoingMessage> = (0..10_000)
         .map(|i| task_message(&t, &format!("m{i}")))
         .collect();
-    let mgmt = amqp.management();
+    let mgmt = direct.management();
     let conn_prefix = format!("{p}-conn");
-    let killer = tokio::spawn({
-        let amqp = amqp.clone();
-        let queue = t.tasks_queue.clone();
-        async move {
-            // Wait until the batch is flowing, then close our connections.
-            loop {
-                if amqp.queue_depth(&queue).await.unwrap_or(0) > 500 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let mut closed = 0;
-            while closed == 0 {
-                closed = mgmt.close_connections_named(&conn_prefix).await.unwrap();
-            }
-            closed
-        }
-    });
-    let results = publisher.publish_all(&messages).await;
-    assert!(killer.await.unwrap() >= 1);
+    let killer = async {
+        proxy.holding().await;
+        // What went through before the hold is confirmed before the close.
+        settled_depth(&direct, &t.tasks_queue).await;
+        let closed = mgmt.close_connections_named(&conn_prefix).await.unwrap();
+        proxy.release();
+        closed
+    };
+    let (results, closed) = tokio::join!(publisher.publish_all(&messages), killer);
+    assert!(closed >= 1);
 
     let confirmed: HashSet<String> = results
         .iter()

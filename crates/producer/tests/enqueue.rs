@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use sandfleet_amqp::testing::{HoldingProxy, settled_depth};
 use sandfleet_amqp::{Amqp, Consumer, ConsumerOptions, Topology};
 use sandfleet_producer::{EnqueueError, EnqueueOptions, Producer};
 use sandfleet_proto::{Limits, Provider, SandboxSpec, Source, Task, decode_task};
@@ -238,7 +239,21 @@ async fn batch_reports_each_task_and_publishes_the_valid_ones() {
 #[tokio::test]
 async fn connection_closed_mid_batch_loses_no_confirmed_task_and_reports_the_rest() {
     let prefix = unique("midbatch");
-    let (producer, _c) = producer(&prefix).await;
+    // The producer reaches the broker through a proxy that holds its bytes
+    // once ~300 tasks' worth went through: the batch cannot finish before
+    // the broker closes the connection, however fast the broker is.
+    let task_bytes = serde_json::to_vec(&task(0)).unwrap().len() as u64;
+    let (proxy, through) = HoldingProxy::for_url(&url(), 64 * 1024 + 300 * task_bytes)
+        .await
+        .unwrap();
+    let settings = AmqpSettings {
+        url: through,
+        ..amqp_settings(&prefix)
+    };
+    let producer = Producer::connect(&settings, &topology_settings(&prefix), Limits::default())
+        .await
+        .unwrap();
+    let _c = Cleanup(producer.topology().clone(), amqp_settings(&prefix));
     let mgmt = producer.amqp().management();
     let conn = format!("{prefix}-conn");
     // The management API lists new connections with a delay.
@@ -248,22 +263,26 @@ async fn connection_closed_mid_batch_loses_no_confirmed_task_and_reports_the_res
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let tasks: Vec<Task> = (0..20_000).map(task).collect();
-    let killer = tokio::spawn({
-        let amqp = producer.amqp().clone();
-        let queue = producer.topology().tasks_queue.clone();
-        async move {
-            while amqp.queue_depth(&queue).await.unwrap_or(0) < 300 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            mgmt.close_connections_named(&conn).await.unwrap()
-        }
-    });
-    let report = producer.enqueue_batch(tasks).await;
-    assert!(killer.await.unwrap() >= 1);
-    assert_eq!(report.outcomes.len(), 20_000);
+    // Read straight from the broker, past the proxy.
+    let reader = Amqp::connect(&amqp_settings(&format!("{prefix}-reader")), "reader")
+        .await
+        .unwrap();
+    let tasks: Vec<Task> = (0..5_000).map(task).collect();
+    let killer = async {
+        proxy.holding().await;
+        // What went through before the hold is confirmed before the close.
+        let depth = settled_depth(&reader, &producer.topology().tasks_queue).await;
+        let closed = mgmt.close_connections_named(&conn).await.unwrap();
+        proxy.release();
+        (closed, depth)
+    };
+    let (report, (closed, depth_at_close)) = tokio::join!(producer.enqueue_batch(tasks), killer);
+    assert!(closed >= 1);
+    assert!(depth_at_close > 0, "tasks went through before the hold");
+    assert_eq!(report.outcomes.len(), 5_000);
     let confirmed: HashSet<String> = report.accepted().map(|r| r.task_id.to_string()).collect();
     let failed: Vec<_> = report.failed().collect();
+    assert!(!confirmed.is_empty(), "tasks before the hold are confirmed");
     assert!(
         !failed.is_empty(),
         "the closed connection must surface as failures"
@@ -275,9 +294,6 @@ async fn connection_closed_mid_batch_loses_no_confirmed_task_and_reports_the_res
     );
     assert_eq!(report.retryable().len(), failed.len());
 
-    let reader = Amqp::connect(&amqp_settings(&format!("{prefix}-reader")), "reader")
-        .await
-        .unwrap();
     let in_queue: HashSet<String> = drain(&reader, &producer.topology().tasks_queue)
         .await
         .iter()
