@@ -259,19 +259,41 @@ const CLAIMED: &str = r#"test -e "${SANDFLEET_STATE_DIR:?}/claimed""#;
 /// does, once it sees the pid gone, after killing what is left of its group
 /// (Linux hands out no pid that still names a process group, so until
 /// then the group is the command's). The loop removes finished files
-/// sixteen at a time, with one `rm`. `read` is a builtin, so the loop forks only `sleep`, and that
-/// `rm` once every sixteen commands.
+/// sixteen at a time, with one `rm`.
+///
+/// It waits its second with `read -t 1` on a FIFO in the state dir that
+/// nobody writes, where the shell's `read` has `-t` (bash, busybox ash, ksh,
+/// zsh), and with `sleep 1` elsewhere (dash): the first wait tells which,
+/// by `/proc/uptime`. With `read -t` the loop forks only that `rm`; else
+/// one `sleep` a second, which costs more than all the rest of the loop (a
+/// process start in a VM traps on glibc's CPU-feature probes). Its pod
+/// starts it through [`IDLE_LAUNCH`], under bash where the image has bash.
 pub const IDLE_LOOP: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:?}"
 idle="${SANDFLEET_IDLE_SECS:?}"
 trap 'exit 0' TERM INT
 echo >"$s/activity"
 printf '%s\n' "$$" >"$s/watchdog"
+centis() {
+  c=
+  read -r c _ 2>/dev/null </proc/uptime
+  case $c in [1-9]*.[0-9][0-9]) c=${c%.*}${c#*.} ;; *) c=0 ;; esac
+}
+tick() {
+  tick() { sleep 1; }
+  { [ -p "$s/tick" ] || mkfifo -m 600 "$s/tick"; } 2>/dev/null && (exec 3<>"$s/tick") 2>/dev/null || { sleep 1; return; }
+  exec 3<>"$s/tick"
+  centis
+  t0=$c
+  { read -t 1 _ <&3; } 2>/dev/null
+  centis
+  if [ "$t0" -gt 0 ] && [ $(( c - t0 )) -ge 90 ]; then tick() { read -t 1 _ <&3; }; else exec 3<&-; sleep 1; fi
+}
 n=0
 life=0
 max=
 while [ "$n" -lt "$idle" ]; do
-  sleep 1
+  tick
   if [ -f "$s/idle" ] && read -r v <"$s/idle"; then idle=$v; fi
   if [ -f "$s/lifetime" ]; then
     if read -r v <"$s/lifetime"; then max=$v; fi
@@ -313,6 +335,20 @@ while [ "$n" -lt "$idle" ]; do
   if [ -n "$a" ]; then n=0; else n=$(( n + 1 )); fi
 done
 "#;
+
+/// Starts the idle loop, `$1`, under bash when this shell is not bash and
+/// the image has it (bash's `read -t` spares the loop a `sleep` a second;
+/// see [`IDLE_LOOP`]), else under this shell. `command -v` is a builtin: a
+/// shell that stays costs no process.
+pub const IDLE_LAUNCH: &str = r#"if [ -z "${BASH_VERSION:-}" ] && command -v bash >/dev/null 2>&1; then exec bash -c "$1" sandfleet-session; fi
+eval "$1""#;
+
+/// The session pod's command as the shell gets it: [`IDLE_LAUNCH`] with the
+/// loop as its argument. (A pod carries it escaped for Kubernetes'
+/// `$(VAR)` expansion.)
+pub fn idle_argv() -> Vec<String> {
+    argv_named(IDLE_LAUNCH, "sandfleet-session", &[IDLE_LOOP])
+}
 
 /// `["/bin/sh", "-c", WRAPPER, "sandfleet", args...]`.
 fn argv(script: &str, args: &[&str]) -> Vec<String> {

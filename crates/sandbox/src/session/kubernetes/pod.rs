@@ -14,7 +14,7 @@ use sandfleet_settings::KubernetesSettings;
 use super::SessionMeta;
 use crate::job::{self, BuildError, LABEL_JOB, LABEL_MANAGED_BY, STATE_PATH, WORKSPACE_PATH};
 use crate::session::SessionSpec;
-use crate::session::script::IDLE_LOOP;
+use crate::session::script;
 
 pub use crate::job::CONTAINER;
 
@@ -47,17 +47,13 @@ fn escape(value: &str) -> String {
     value.replace('$', "$$")
 }
 
-/// The session pod's command: the idle loop, escaped for Kubernetes. Left
-/// as written, the loop's `"$$"` (its own pid, which it leaves in
-/// `watchdog`) would reach the shell as `"$"`: no run wrapper could find the
-/// loop alive, and every command would pay for a watchdog of its own.
+/// The session pod's command: the idle loop ([`script::idle_argv`]),
+/// escaped for Kubernetes. Left as written, the loop's `"$$"` (its own pid,
+/// which it leaves in `watchdog`) would reach the shell as `"$"`: no run
+/// wrapper could find the loop alive, and every command would pay for a
+/// watchdog of its own.
 pub fn idle_command() -> Vec<String> {
-    vec![
-        "/bin/sh".to_owned(),
-        "-c".to_owned(),
-        escape(IDLE_LOOP),
-        "sandfleet-session".to_owned(),
-    ]
+    script::idle_argv().iter().map(|a| escape(a)).collect()
 }
 
 /// The Job of session `name`.
@@ -306,16 +302,19 @@ mod tests {
         let c = &pod_spec_json(&job)["containers"][0];
         let env = c["env"].as_array().unwrap();
         assert!(env.contains(&json!({"name": "TOKEN", "value": "a$$(HOME)b"})));
+        let command: Vec<String> = c["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().replace("$$", "$"))
+            .collect();
         assert_eq!(
-            c["command"][2]
-                .as_str()
-                .map(|s| s.replace("$$", "$"))
-                .as_deref(),
-            Some(IDLE_LOOP),
+            command,
+            script::idle_argv(),
             "the pod's command is the constant idle loop, escaped as Kubernetes expects"
         );
         assert!(
-            c["command"][2]
+            c["command"][4]
                 .as_str()
                 .unwrap()
                 .contains(r#""$$$$" >"$$s/watchdog""#),
