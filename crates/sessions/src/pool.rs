@@ -22,7 +22,7 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::watcher;
 use sandfleet_sandbox::session::kubernetes::pool::ClaimOutcome;
 use sandfleet_sandbox::session::kubernetes::{SESSION_SELECTOR, SessionMeta, pod};
-use sandfleet_sandbox::session::pool::{MemberState, PoolIndex, PoolTemplate};
+use sandfleet_sandbox::session::pool::{Candidate, MemberState, PoolIndex, PoolTemplate};
 use sandfleet_sandbox::session::{KubeSessions, SessionBackend as _, SessionId, SessionSpec};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -258,11 +258,17 @@ impl Pools {
             let busy = lock(&self.claiming);
             lock(&self.index).candidates(pool, &busy, spread)
         };
-        // Members this replica started first (in spread order still): their
-        // pods are known here, so the hand-over needs no lookup, and two
-        // replicas claiming at once mostly claim different members.
-        candidates.sort_by_key(|(name, _)| !self.backend.knows(&SessionId(name.clone())));
-        for (name, rv) in candidates {
+        // Members this replica started first (in spread order still), so two
+        // replicas claiming at once mostly claim different members. (The
+        // hand-over needs no pod lookup either way: a member's Job names its
+        // pod.)
+        candidates.sort_by_key(|c| !self.backend.knows(&SessionId(c.name.clone())));
+        for Candidate {
+            name,
+            resource_version: rv,
+            pod,
+        } in candidates
+        {
             if !lock(&self.claiming).insert(name.clone()) {
                 continue;
             }
@@ -284,7 +290,7 @@ impl Pools {
             // Refill now, not when the watch reports the claim.
             self.wake.notify_one();
             let id = SessionId(name.clone());
-            let activated = self.backend.activate_member(&id, spec).await;
+            let activated = self.backend.activate_member(&id, spec, pod.as_deref()).await;
             lock(&self.claiming).remove(&name);
             match activated {
                 Ok(()) => {

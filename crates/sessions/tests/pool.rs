@@ -18,7 +18,7 @@ use sandfleet_kube_sim::{FaultAction, FaultRule, KubeSim, SimOptions};
 use sandfleet_proto::Resources;
 use sandfleet_sandbox::session::kubernetes::SessionMeta;
 use sandfleet_sandbox::session::pool::{
-    LABEL_POOL, LABEL_POOL_STATE, LABEL_TEMPLATE, PoolTemplate,
+    ANNOTATION_POD, LABEL_POOL, LABEL_POOL_STATE, LABEL_TEMPLATE, PoolTemplate,
 };
 use sandfleet_sandbox::session::{KubeSessions, SessionBackend, SessionId, SessionSpec};
 use sandfleet_sessions::auth::Tokens;
@@ -283,6 +283,62 @@ async fn at_most_ten_api_writes_per_pooled_session() {
             "{writes} API writes for pooled session {id}"
         );
     }
+}
+
+/// A replica that claims a member another replica started finds the pod on
+/// the member's Job (its promoter wrote it there with the `idle` label): it
+/// goes from the claim to the first command without looking the pod up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_another_replica_started_is_claimed_without_a_pod_lookup() {
+    const NS: &str = "pool-pod-known";
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let a = Replica::start(&sim, NS, vec![pool("k", IMAGE, 2)]);
+    let ca = a.client();
+    eventually("the pool is full", Duration::from_secs(30), || async {
+        idle(&ca, "k").await == 2
+    })
+    .await;
+    for m in members(&sim, NS, "k") {
+        let pod = m["metadata"]["annotations"][ANNOTATION_POD].as_str();
+        assert!(
+            pod.is_some_and(|p| p.starts_with(m["metadata"]["name"].as_str().unwrap())),
+            "{m}"
+        );
+    }
+    // B started nothing: every member it claims is one A started.
+    let b = Replica::start(&sim, NS, vec![pool("k", IMAGE, 2)]);
+    let cb = b.client();
+    eventually("B sees the pool full", Duration::from_secs(30), || async {
+        idle(&cb, "k").await == 2
+    })
+    .await;
+    let before = sim.request_log().len();
+    let mut spec = SessionSpec::new(IMAGE);
+    spec.env.insert("MINE".into(), "via-b".into());
+    let info = cb.create_in_pool(&spec, "k").await.unwrap();
+    assert!(info.id.starts_with("sp-k-"), "{}", info.id);
+    let out = cb
+        .run(
+            &SessionId(info.id.clone()),
+            "echo $MINE",
+            sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via-b");
+    // (The refill's own start lists its pods, as any watch begins.)
+    let selects = |q: &str| {
+        let sel = format!("%3D{}", info.id);
+        q.contains(&format!("{sel}&")) || q.ends_with(&sel)
+    };
+    let lookups: Vec<String> = sim.request_log()[before..]
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/pods") && selects(&r.query))
+        .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+        .collect();
+    assert!(lookups.is_empty(), "{lookups:?}");
+    cb.teardown(&SessionId(info.id)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -556,11 +612,16 @@ async fn a_conditional_claim_lets_exactly_one_of_two_through() {
     let mut outcomes = [p.unwrap(), q.unwrap()];
     outcomes.sort_by_key(|o| *o == Lost);
     assert_eq!(outcomes, [Claimed, Lost]);
-    // The sandbox itself refuses a second hand-over too.
-    x.activate_member(&SessionId(name.clone()), &spec)
+    // The sandbox itself refuses a second hand-over too (whether the pod
+    // is looked up or read off the Job).
+    x.activate_member(&SessionId(name.clone()), &spec, None)
         .await
         .unwrap();
-    let again = y.activate_member(&SessionId(name.clone()), &spec).await;
+    let pod = job["metadata"]["annotations"][ANNOTATION_POD].as_str();
+    assert!(pod.is_some(), "{job}");
+    let again = y
+        .activate_member(&SessionId(name.clone()), &spec, pod)
+        .await;
     assert!(again.is_err(), "a member serves one session");
     x.teardown(&SessionId(name)).await.unwrap();
 }

@@ -34,6 +34,10 @@ pub const LABEL_SLOT: &str = "sandfleet.dev/pool-slot";
 pub const LABEL_GENERATION: &str = "sandfleet.dev/pool-generation";
 /// Annotation with the time (RFC 3339) a member was claimed.
 pub const ANNOTATION_CLAIMED_AT: &str = "sandfleet.dev/claimed-at";
+/// Annotation with an idle member's pod, set with its `idle` label: a
+/// replica that claims a member it did not start execs into it without
+/// looking the pod up first.
+pub const ANNOTATION_POD: &str = "sandfleet.dev/pod";
 /// Selector of every pool member, idle or claimed.
 pub const POOL_SELECTOR: &str = "sandfleet.dev/pool";
 
@@ -106,11 +110,10 @@ impl PoolTemplate {
         h.update(serde_json::to_vec(&self.resources).unwrap_or_default());
         h.update([0]);
         // The command as the pod carries it: a release that changes the loop
-        // or its escaping replaces the members running the old one.
-        for arg in crate::session::kubernetes::pod::idle_command() {
-            h.update(arg.as_bytes());
-            h.update([0]);
-        }
+        // or its escaping replaces the members running the old one. Its
+        // digest is computed once (the loop is ~8 KB; the hash is taken on
+        // every plan).
+        h.update(*COMMAND_DIGEST);
         h.finalize()
             .iter()
             .take(6)
@@ -118,6 +121,16 @@ impl PoolTemplate {
             .collect()
     }
 }
+
+/// SHA-256 of the pod command every member runs.
+static COMMAND_DIGEST: std::sync::LazyLock<[u8; 32]> = std::sync::LazyLock::new(|| {
+    let mut h = Sha256::new();
+    for arg in crate::session::kubernetes::pod::idle_command() {
+        h.update(arg.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().into()
+});
 
 /// The Job name of a pool's member in `slot`, generation `generation`.
 pub fn member_name(pool: &str, slot: u32, generation: u64) -> String {
@@ -180,13 +193,27 @@ pub struct Member {
     pub ended: bool,
     /// The idle timeout of the session that claimed it.
     pub idle_timeout: Option<Duration>,
+    /// Its pod, as its promoter recorded it ([`ANNOTATION_POD`]).
+    pub pod: Option<String>,
+}
+
+/// An idle member a claim may try.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Job name.
+    pub name: String,
+    /// The resourceVersion the claim is conditional on.
+    pub resource_version: String,
+    /// Its pod, when recorded.
+    pub pod: Option<String>,
 }
 
 impl Member {
     /// Reads a member off its Job; `None` for a Job that is not one.
     pub fn from_job(job: &Job) -> Option<Member> {
         let labels = job.metadata.labels.as_ref()?;
-        let annotations = job.metadata.annotations.clone().unwrap_or_default();
+        let no_annotations = std::collections::BTreeMap::new();
+        let annotations = job.metadata.annotations.as_ref().unwrap_or(&no_annotations);
         let state = MemberState::parse(labels.get(LABEL_POOL_STATE)?)?;
         Some(Member {
             name: job.metadata.name.clone()?,
@@ -210,6 +237,7 @@ impl Member {
                 .get(super::kubernetes::pod::ANNOTATION_IDLE_SECS)
                 .and_then(|s| s.parse().ok())
                 .map(Duration::from_secs),
+            pod: annotations.get(ANNOTATION_POD).cloned(),
         })
     }
 
@@ -342,9 +370,9 @@ impl PoolIndex {
         template: &PoolTemplate,
         busy: &HashSet<String>,
         spread: u64,
-    ) -> Vec<(String, String)> {
+    ) -> Vec<Candidate> {
         let hash = template.hash();
-        let mut idle: Vec<(String, String)> = self
+        let mut idle: Vec<Candidate> = self
             .members
             .values()
             .filter(|m| {
@@ -354,12 +382,16 @@ impl PoolIndex {
                     && m.template == hash
                     && !busy.contains(&m.name)
             })
-            .map(|m| (m.name.clone(), m.resource_version.clone()))
+            .map(|m| Candidate {
+                name: m.name.clone(),
+                resource_version: m.resource_version.clone(),
+                pod: m.pod.clone(),
+            })
             .collect();
-        idle.sort_by_cached_key(|(name, _)| {
+        idle.sort_by_cached_key(|c| {
             use std::hash::{Hash as _, Hasher as _};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (spread, name).hash(&mut h);
+            (spread, &c.name).hash(&mut h);
             h.finish()
         });
         idle
@@ -681,7 +713,7 @@ mod tests {
         index.apply(&job(&t, 3, 0, MemberState::Warming, now));
         index.apply(&job_with_hash(&t, "old", 4, 0, MemberState::Idle, now));
         let none = HashSet::new();
-        let names = |v: Vec<(String, String)>| v.into_iter().map(|c| c.0).collect::<Vec<_>>();
+        let names = |v: Vec<Candidate>| v.into_iter().map(|c| c.name).collect::<Vec<_>>();
         let sorted = |mut v: Vec<String>| {
             v.sort();
             v

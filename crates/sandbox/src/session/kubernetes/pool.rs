@@ -8,10 +8,10 @@ use std::time::Duration;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::json;
 
-use super::{KubeSessions, SessionMeta, api_error, pod};
+use super::{KubeSessions, SessionMeta, Target, api_error, pod};
 use crate::session::pool::{
-    ANNOTATION_CLAIMED_AT, LABEL_GENERATION, LABEL_POOL, LABEL_POOL_STATE, LABEL_SLOT,
-    LABEL_TEMPLATE, MemberState, NewMember, PoolTemplate,
+    ANNOTATION_CLAIMED_AT, ANNOTATION_POD, LABEL_GENERATION, LABEL_POOL, LABEL_POOL_STATE,
+    LABEL_SLOT, LABEL_TEMPLATE, MemberState, NewMember, PoolTemplate,
 };
 use crate::session::script;
 use crate::session::{SessionError, SessionId, SessionSpec};
@@ -98,9 +98,16 @@ impl KubeSessions {
         if !warming {
             return Ok(());
         }
+        // Its pod goes with the label, so whoever claims it execs at once.
+        let pod = self
+            .targets
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&id).map(|t| t.pod.clone()));
         let patch = json!({"metadata": {
             "resourceVersion": job.metadata.resource_version,
             "labels": {LABEL_POOL_STATE: MemberState::Idle.as_str()},
+            "annotations": {ANNOTATION_POD: pod},
         }});
         match self
             .jobs
@@ -170,14 +177,23 @@ impl KubeSessions {
     /// Hands a claimed member the session's env, working dir, idle timeout
     /// and lifetime, through one exec: the values land in the sandbox's own
     /// state dir, never in a pod spec. Fails if the sandbox was already
-    /// claimed (it serves one session).
+    /// claimed (it serves one session). `pod` is the member's pod as its
+    /// Job records it ([`ANNOTATION_POD`]); without it, or for a member this
+    /// process started, the pod is looked up as for any session.
     pub async fn activate_member(
         &self,
         id: &SessionId,
         spec: &SessionSpec,
+        pod: Option<&str>,
     ) -> Result<(), SessionError> {
         spec.validate()?;
-        let mut target = self.target(id).await?;
+        let mut target = match pod {
+            Some(pod) if !self.knows(id) => Target {
+                pod: pod.to_owned(),
+                working_dir: spec.working_dir.clone(),
+            },
+            _ => self.target(id).await?,
+        };
         let env = script::env_file(&spec.env);
         let argv = script::claim_argv(
             &spec.working_dir,
