@@ -51,6 +51,12 @@ const REFILL_GRACE: Duration = Duration::from_secs(10);
 /// How often the plan runs without a change (max age, stuck members).
 const TICK: Duration = Duration::from_secs(1);
 
+/// How long the plan waits after a change for the changes that come with
+/// it: a burst of claims is hundreds of watch events, and a plan scans
+/// every member. A refill starts this much later; the plan runs a few dozen
+/// times a second at most instead of once per event.
+const SETTLE: Duration = Duration::from_millis(20);
+
 /// The pools of the `[[sessions.pools]]` settings (validated at load).
 pub fn templates(settings: &sandfleet_settings::SessionsSettings) -> Vec<PoolTemplate> {
     settings
@@ -290,7 +296,10 @@ impl Pools {
             // Refill now, not when the watch reports the claim.
             self.wake.notify_one();
             let id = SessionId(name.clone());
-            let activated = self.backend.activate_member(&id, spec, pod.as_deref()).await;
+            let activated = self
+                .backend
+                .activate_member(&id, spec, pod.as_deref())
+                .await;
             lock(&self.claiming).remove(&name);
             match activated {
                 Ok(()) => {
@@ -307,7 +316,8 @@ impl Pools {
     }
 
     /// Keeps the pools full until `shutdown`: the watch feeds the index, the
-    /// plan runs after every change and every second.
+    /// plan runs after every change (changes [`SETTLE`] apart at most run it
+    /// once) and every second.
     pub async fn run(self: Arc<Self>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
         for t in &self.templates {
             metrics
@@ -320,7 +330,12 @@ impl Pools {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(SETTLE) => {}
+                    }
+                }
                 () = tokio::time::sleep(TICK) => {}
             }
             if !self.synced() {
