@@ -843,17 +843,28 @@ async fn run_process(
             return start_error(m);
         }
     };
+    // One pipe for stdout and stderr, as a container runtime keeps one log:
+    // the lines keep the order they were written in, and the process holds
+    // one descriptor per container, not two (every spawn copies the table).
+    let output = std::io::pipe().and_then(|(r, w)| Ok((r, w.try_clone()?, w)));
+    let (reader, out, err) = match output {
+        Ok(p) => p,
+        Err(e) => return start_error(format!("kube-sim could not create the log pipe: {e}")),
+    };
     let mut cmd = tokio::process::Command::new(&prepared.argv[0]);
     cmd.args(&prepared.argv[1..])
         .env_clear()
         .envs(prepared.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&prepared.cwd)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out)
+        .stderr(err)
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    // The writing ends are the container's alone now: its exit ends the log.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let m = format!(
@@ -877,16 +888,9 @@ async fn run_process(
             ended: exec_ended.clone(),
         },
     );
-    let readers = [
-        child
-            .stdout
-            .take()
-            .map(|r| tokio::spawn(pump(r, log.clone()))),
-        child
-            .stderr
-            .take()
-            .map(|r| tokio::spawn(pump(r, log.clone()))),
-    ];
+    let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into())
+        .ok()
+        .map(|r| tokio::spawn(pump(r, log.clone())));
     let grace = || {
         let secs = ctx
             .shared
@@ -933,7 +937,7 @@ async fn run_process(
     exec_ended.cancel();
     signal_group(pid, Signal::KILL);
     lock(&ctx.shared.kubelet.process_groups).remove(&pid);
-    for r in readers.into_iter().flatten() {
+    if let Some(r) = reader {
         let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
     }
     let exit_code = match status {

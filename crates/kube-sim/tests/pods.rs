@@ -322,6 +322,25 @@ async fn follow_streams_log_lines_until_the_container_exits() {
     assert_eq!(lines, ["line1", "line2", "line3"]);
 }
 
+/// stdout and stderr reach the log in the order the container wrote them,
+/// as a runtime's one log file keeps them.
+#[tokio::test]
+async fn the_log_keeps_stdout_and_stderr_in_write_order() {
+    let (_sim, jobs, pods) = setup().await;
+    let script = "for i in 1 2 3 4 5 6; do echo out$i; echo err$i >&2; done";
+    jobs.create(&PostParams::default(), &shell_job("order", script))
+        .await
+        .unwrap();
+    finished(&jobs, "order").await;
+    let pod = pods_of(&pods, "order").await.remove(0);
+    let log = pods
+        .logs(&pod.metadata.name.unwrap(), &LogParams::default())
+        .await
+        .unwrap();
+    let expected: String = (1..=6).map(|i| format!("out{i}\nerr{i}\n")).collect();
+    assert_eq!(log, expected);
+}
+
 #[tokio::test]
 async fn instant_script_needs_no_process() {
     let (sim, jobs, pods) = setup().await;
