@@ -330,32 +330,30 @@ impl Store {
         let Some(current) = inner.objects.get(&key) else {
             return Err(ApiError::not_found(kind, name));
         };
-        let old = current.clone();
-        let mut new = old.clone();
+        let mut new = current.clone();
         f(&mut new)?;
         // Identity fields are not writable.
         for field in ["name", "namespace", "uid", "creationTimestamp"] {
-            if let Some(v) = old.pointer(&format!("/metadata/{field}")) {
+            if let Some(v) = current.pointer(&format!("/metadata/{field}")) {
                 meta::metadata_mut(&mut new).insert(field.into(), v.clone());
             }
         }
         new["kind"] = json!(kind.kind_name());
         new["apiVersion"] = json!(kind.api_version());
-        if let Some(v) = old.pointer("/metadata/resourceVersion") {
+        if let Some(v) = current.pointer("/metadata/resourceVersion") {
             meta::metadata_mut(&mut new).insert("resourceVersion".into(), v.clone());
         }
-        if new == old {
-            return Ok(old);
+        if new == *current {
+            return Ok(new);
         }
         inner.rev += 1;
         let rev = inner.rev;
         meta::metadata_mut(&mut new).insert("resourceVersion".into(), json!(rev.to_string()));
-        let ty = if meta::ready_to_remove(&new) {
-            inner.objects.remove(&key);
-            EventType::Deleted
+        // The stored version moves into the event as the old one: no copy.
+        let (ty, old) = if meta::ready_to_remove(&new) {
+            (EventType::Deleted, inner.objects.remove(&key))
         } else {
-            inner.objects.insert(key, new.clone());
-            EventType::Modified
+            (EventType::Modified, inner.objects.insert(key, new.clone()))
         };
         self.publish(
             &mut inner,
@@ -364,7 +362,7 @@ impl Store {
                 kind,
                 ty,
                 object: new.clone(),
-                old: Some(old),
+                old,
             },
         );
         Ok(new)
