@@ -159,9 +159,7 @@ fn release_if_orphaned(shared: &Shared, pod: &Value) {
 }
 
 fn owned_pods(shared: &Shared, ns: &str, uid: &str) -> Vec<Value> {
-    shared
-        .store
-        .list_where(Kind::Pod, ns, |p| meta::controller_uid(p) == Some(uid))
+    shared.store.pods_owned_by(ns, uid)
 }
 
 /// After a Job is removed: delete its pods (Background/Foreground) or orphan them.

@@ -5,7 +5,7 @@
 //! broadcast channel while still holding the lock, so subscribers see events in revision
 //! order and a watch that subscribes under the lock misses nothing.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Value, json};
@@ -109,7 +109,58 @@ struct Inner {
     /// Events at or below this revision have been dropped from `history`.
     compacted: u64,
     objects: BTreeMap<Key, Value>,
+    /// Pods by namespace and controller uid: the Job controller asks for a
+    /// Job's pods on every reconcile, and a scan of every pod was most of it.
+    pods_by_owner: HashMap<(String, String), BTreeSet<String>>,
     history: VecDeque<Arc<Event>>,
+}
+
+impl Inner {
+    /// Stores `object` under `key`; returns what was there.
+    fn put(&mut self, key: Key, object: Value) -> Option<Value> {
+        let owner = (key.0 == Kind::Pod)
+            .then(|| meta::controller_uid(&object).map(str::to_owned))
+            .flatten();
+        if let Some(uid) = &owner {
+            self.pods_by_owner
+                .entry((key.1.clone(), uid.clone()))
+                .or_default()
+                .insert(key.2.clone());
+        }
+        let old = self.objects.insert(key.clone(), object);
+        if let Some(o) = &old {
+            self.unindex(&key, o, owner.as_deref());
+        }
+        old
+    }
+
+    /// Removes the object under `key`.
+    fn take(&mut self, key: &Key) -> Option<Value> {
+        let old = self.objects.remove(key)?;
+        self.unindex(key, &old, None);
+        Some(old)
+    }
+
+    /// Drops `old`'s owner entry unless the stored version has the same
+    /// owner (`kept`).
+    fn unindex(&mut self, key: &Key, old: &Value, kept: Option<&str>) {
+        if key.0 != Kind::Pod {
+            return;
+        }
+        let Some(uid) = meta::controller_uid(old) else {
+            return;
+        };
+        if kept == Some(uid) {
+            return;
+        }
+        let owner = (key.1.clone(), uid.to_owned());
+        if let Some(names) = self.pods_by_owner.get_mut(&owner) {
+            names.remove(&key.2);
+            if names.is_empty() {
+                self.pods_by_owner.remove(&owner);
+            }
+        }
+    }
 }
 
 /// What a new watch starts from: a snapshot of current objects (no resourceVersion) or
@@ -136,6 +187,7 @@ impl Store {
                 rev: 1,
                 compacted: 0,
                 objects: BTreeMap::new(),
+                pods_by_owner: HashMap::new(),
                 history: VecDeque::new(),
             }),
             events,
@@ -229,7 +281,7 @@ impl Store {
         md.insert("resourceVersion".into(), json!(rev.to_string()));
         object["kind"] = json!(kind.kind_name());
         object["apiVersion"] = json!(kind.api_version());
-        inner.objects.insert(key, object.clone());
+        inner.put(key, object.clone());
         self.publish(
             &mut inner,
             Event {
@@ -294,21 +346,20 @@ impl Store {
         (items, inner.rev)
     }
 
-    /// The objects of `kind` in `ns` for which `keep` holds, cloning only those.
-    pub(crate) fn list_where(
-        &self,
-        kind: Kind,
-        ns: &str,
-        keep: impl Fn(&Value) -> bool,
-    ) -> Vec<Value> {
+    /// The pods in `ns` whose controller is the object with `uid`.
+    pub(crate) fn pods_owned_by(&self, ns: &str, uid: &str) -> Vec<Value> {
         let inner = self.lock();
-        let from = (kind, ns.to_owned(), String::new());
-        inner
-            .objects
-            .range(from..)
-            .take_while(|((k, n, _), _)| *k == kind && n == ns)
-            .filter(|(_, v)| keep(v))
-            .map(|(_, v)| v.clone())
+        let Some(names) = inner.pods_by_owner.get(&(ns.to_owned(), uid.to_owned())) else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(|n| {
+                inner
+                    .objects
+                    .get(&(Kind::Pod, ns.to_owned(), n.clone()))
+                    .cloned()
+            })
             .collect()
     }
 
@@ -351,9 +402,9 @@ impl Store {
         meta::metadata_mut(&mut new).insert("resourceVersion".into(), json!(rev.to_string()));
         // The stored version moves into the event as the old one: no copy.
         let (ty, old) = if meta::ready_to_remove(&new) {
-            (EventType::Deleted, inner.objects.remove(&key))
+            (EventType::Deleted, inner.take(&key))
         } else {
-            (EventType::Modified, inner.objects.insert(key, new.clone()))
+            (EventType::Modified, inner.put(key, new.clone()))
         };
         self.publish(
             &mut inner,
@@ -371,9 +422,7 @@ impl Store {
     /// Removes an object at once, whatever its finalizers; returns its last state.
     pub(crate) fn remove(&self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
         let mut inner = self.lock();
-        let mut object = inner
-            .objects
-            .remove(&(kind, ns.to_owned(), name.to_owned()))?;
+        let mut object = inner.take(&(kind, ns.to_owned(), name.to_owned()))?;
         inner.rev += 1;
         let rev = inner.rev;
         let old = object.clone();
@@ -399,6 +448,68 @@ mod tests {
 
     fn job(name: &str) -> Value {
         json!({"metadata": {"name": name, "namespace": "default"}, "spec": {}})
+    }
+
+    #[test]
+    fn pods_are_found_by_their_controller_through_creates_updates_and_removals() {
+        let store = Store::new(100);
+        let pod = |name: &str, ns: &str, owner: Option<&str>| {
+            let refs: Vec<Value> = owner
+                .map(|u| json!({"uid": u, "controller": true}))
+                .into_iter()
+                .collect();
+            json!({"metadata": {"name": name, "namespace": ns, "ownerReferences": refs}})
+        };
+        let owned = |ns: &str, uid: &str| -> Vec<String> {
+            store
+                .pods_owned_by(ns, uid)
+                .iter()
+                .map(|p| meta::name(p).to_owned())
+                .collect()
+        };
+        for (name, owner) in [("a", "j1"), ("b", "j1"), ("c", "j2")] {
+            store
+                .create(Kind::Pod, pod(name, "default", Some(owner)))
+                .unwrap();
+        }
+        store
+            .create(Kind::Pod, pod("a", "other", Some("j1")))
+            .unwrap();
+        store
+            .create(Kind::Job, pod("j", "default", Some("j1")))
+            .unwrap();
+        assert_eq!(owned("default", "j1"), ["a", "b"]);
+        assert_eq!(owned("other", "j1"), ["a"]);
+        // Orphaned, then adopted by another controller.
+        store
+            .update(Kind::Pod, "default", "b", |p| {
+                p["metadata"]["ownerReferences"] = json!([]);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(owned("default", "j1"), ["a"]);
+        store
+            .update(Kind::Pod, "default", "a", |p| {
+                p["metadata"]["ownerReferences"] = json!([{"uid": "j2", "controller": true}]);
+                Ok(())
+            })
+            .unwrap();
+        assert!(owned("default", "j1").is_empty());
+        assert_eq!(owned("default", "j2"), ["a", "c"]);
+        // A change that keeps the owner keeps the pod listed.
+        store
+            .update(Kind::Pod, "default", "c", |p| {
+                p["status"] = json!({"phase": "Running"});
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(owned("default", "j2"), ["a", "c"]);
+        store.remove(Kind::Pod, "default", "c").unwrap();
+        assert_eq!(owned("default", "j2"), ["a"]);
+        assert_eq!(
+            store.pods_owned_by("default", "j2")[0]["metadata"]["ownerReferences"][0]["uid"],
+            "j2"
+        );
     }
 
     #[test]
