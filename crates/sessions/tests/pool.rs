@@ -123,6 +123,32 @@ async fn idle(client: &SessionsClient, pool: &str) -> usize {
         .map_or(0, |p| p.idle)
 }
 
+/// Waits (up to 30 s) until the replica behind `client` sees `n` idle
+/// members in `pool`.
+async fn filled(client: &SessionsClient, pool: &str, n: usize) {
+    eventually("the pool is full", Duration::from_secs(30), || async {
+        idle(client, pool).await == n
+    })
+    .await;
+}
+
+/// Runs `command` in session `id` (10 s timeout).
+async fn run(
+    client: &SessionsClient,
+    id: &str,
+    command: &str,
+) -> sandfleet_sandbox::session::CommandOutput {
+    client
+        .run(
+            &SessionId(id.to_owned()),
+            command,
+            sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
+            None,
+        )
+        .await
+        .unwrap()
+}
+
 fn label(job: &Value, key: &str) -> Option<String> {
     job["metadata"]["labels"][key].as_str().map(str::to_owned)
 }
@@ -140,10 +166,7 @@ async fn a_claimed_member_gets_the_sessions_own_values_and_the_pool_refills() {
     let sim = KubeSim::start(SimOptions::default()).await.unwrap();
     let r = Replica::start(&sim, NS, vec![pool("py", IMAGE, 2), pool("none", IMAGE, 0)]);
     let client = r.client();
-    eventually("the pool is full", Duration::from_secs(30), || async {
-        idle(&client, "py").await == 2
-    })
-    .await;
+    filled(&client, "py", 2).await;
 
     let secret = "s3cr3t-'quoted' $(not run) `nor this`";
     let mut spec = SessionSpec::new(IMAGE);
@@ -240,25 +263,14 @@ async fn at_most_ten_api_writes_per_pooled_session() {
     let sim = KubeSim::start(SimOptions::default()).await.unwrap();
     let r = Replica::start(&sim, NS, vec![pool("w", IMAGE, 3)]);
     let client = r.client();
-    eventually("the pool is full", Duration::from_secs(30), || async {
-        idle(&client, "w").await == 3
-    })
-    .await;
+    filled(&client, "w", 3).await;
     let mut ids = Vec::new();
     for i in 0..3 {
         let mut spec = SessionSpec::new(IMAGE);
         spec.env.insert("N".into(), i.to_string());
         let info = client.create_in_pool(&spec, "w").await.unwrap();
         assert!(info.id.starts_with("sp-w-"));
-        let out = client
-            .run(
-                &SessionId(info.id.clone()),
-                "echo $N",
-                sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
-                None,
-            )
-            .await
-            .unwrap();
+        let out = run(&client, &info.id, "echo $N").await;
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), i.to_string());
         client.teardown(&SessionId(info.id.clone())).await.unwrap();
         ids.push(info.id);
@@ -294,10 +306,7 @@ async fn a_member_another_replica_started_is_claimed_without_a_pod_lookup() {
     let sim = KubeSim::start(SimOptions::default()).await.unwrap();
     let a = Replica::start(&sim, NS, vec![pool("k", IMAGE, 2)]);
     let ca = a.client();
-    eventually("the pool is full", Duration::from_secs(30), || async {
-        idle(&ca, "k").await == 2
-    })
-    .await;
+    filled(&ca, "k", 2).await;
     for m in members(&sim, NS, "k") {
         let pod = m["metadata"]["annotations"][ANNOTATION_POD].as_str();
         assert!(
@@ -308,24 +317,13 @@ async fn a_member_another_replica_started_is_claimed_without_a_pod_lookup() {
     // B started nothing: every member it claims is one A started.
     let b = Replica::start(&sim, NS, vec![pool("k", IMAGE, 2)]);
     let cb = b.client();
-    eventually("B sees the pool full", Duration::from_secs(30), || async {
-        idle(&cb, "k").await == 2
-    })
-    .await;
+    filled(&cb, "k", 2).await;
     let before = sim.request_log().len();
     let mut spec = SessionSpec::new(IMAGE);
     spec.env.insert("MINE".into(), "via-b".into());
     let info = cb.create_in_pool(&spec, "k").await.unwrap();
     assert!(info.id.starts_with("sp-k-"), "{}", info.id);
-    let out = cb
-        .run(
-            &SessionId(info.id.clone()),
-            "echo $MINE",
-            sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
-            None,
-        )
-        .await
-        .unwrap();
+    let out = run(&cb, &info.id, "echo $MINE").await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via-b");
     // (The refill's own start lists its pods, as any watch begins.)
     let selects = |q: &str| {
@@ -369,15 +367,7 @@ async fn two_replicas_racing_never_hand_one_member_to_two_sessions() {
             let mut spec = SessionSpec::new(IMAGE);
             spec.env.insert("MINE".into(), format!("session-{i}"));
             let info = client.create_in_pool(&spec, "r").await.unwrap();
-            let out = client
-                .run(
-                    &SessionId(info.id.clone()),
-                    "echo $MINE",
-                    sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
-                    None,
-                )
-                .await
-                .unwrap();
+            let out = run(&client, &info.id, "echo $MINE").await;
             (
                 i,
                 info.id,
@@ -413,10 +403,7 @@ async fn a_template_change_replaces_every_idle_member_and_none_in_use() {
     let old = pool("t", IMAGE, 3);
     let a = Replica::start(&sim, NS, vec![old.clone()]);
     let client = a.client();
-    eventually("the pool is full", Duration::from_secs(30), || async {
-        idle(&client, "t").await == 3
-    })
-    .await;
+    filled(&client, "t", 3).await;
     let in_use = client
         .create_in_pool(&SessionSpec::new(IMAGE), "t")
         .await
@@ -450,15 +437,7 @@ async fn a_template_change_replaces_every_idle_member_and_none_in_use() {
     )
     .await;
     // The session in use was not touched.
-    let out = client
-        .run(
-            &SessionId(in_use.id.clone()),
-            "echo still here",
-            sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
-            None,
-        )
-        .await
-        .unwrap();
+    let out = run(&client, &in_use.id, "echo still here").await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "still here");
     client.teardown(&SessionId(in_use.id)).await.unwrap();
 }
@@ -582,10 +561,7 @@ async fn a_conditional_claim_lets_exactly_one_of_two_through() {
     let sim = KubeSim::start(SimOptions::default()).await.unwrap();
     let r = Replica::start(&sim, NS, vec![pool("c", IMAGE, 1)]);
     let client = r.client();
-    eventually("the pool is full", Duration::from_secs(30), || async {
-        idle(&client, "c").await == 1
-    })
-    .await;
+    filled(&client, "c", 1).await;
     let job = members(&sim, NS, "c").pop().unwrap();
     let name = job["metadata"]["name"].as_str().unwrap().to_owned();
     let rv = job["metadata"]["resourceVersion"]
@@ -632,10 +608,7 @@ async fn a_claimed_member_ends_on_the_sessions_own_idle_timeout_and_lifetime() {
     let sim = KubeSim::start(SimOptions::default()).await.unwrap();
     let r = Replica::start(&sim, NS, vec![pool("t", IMAGE, 2)]);
     let client = r.client();
-    eventually("the pool is full", Duration::from_secs(30), || async {
-        idle(&client, "t").await == 2
-    })
-    .await;
+    filled(&client, "t", 2).await;
     // The members themselves idle for an hour and a minute: only the values
     // handed over at claim time can end these sessions within seconds.
     let mut quiet = SessionSpec::new(IMAGE);
@@ -648,15 +621,7 @@ async fn a_claimed_member_ends_on_the_sessions_own_idle_timeout_and_lifetime() {
     let b = client.create_in_pool(&short, "t").await.unwrap();
     for info in [&a, &b] {
         assert!(info.id.starts_with("sp-t-"), "a warm member: {}", info.id);
-        let out = client
-            .run(
-                &SessionId(info.id.clone()),
-                "true",
-                sandfleet_sandbox::session::RunOptions::new(Duration::from_secs(10)),
-                None,
-            )
-            .await
-            .unwrap();
+        let out = run(&client, &info.id, "true").await;
         assert_eq!(out.exit_code, 0);
     }
     for (info, what) in [(&a, "idle timeout"), (&b, "lifetime")] {
@@ -698,10 +663,7 @@ async fn a_burst_of_claims_is_served_a_few_at_a_time_in_arrival_order() {
     };
     let r = Replica::start_with(&sim, NS, vec![pool("t", IMAGE, 4)], limits);
     let client = Arc::new(r.client());
-    eventually("the pool is full", Duration::from_secs(30), || async {
-        idle(&client, "t").await == 4
-    })
-    .await;
+    filled(&client, "t", 4).await;
     sim.faults().inject(FaultRule::new(
         "GET",
         "/exec",
