@@ -143,8 +143,10 @@ fn a_session_env_may_not_name_the_wrappers_variables() {
     assert!(err.to_string().contains("reserved"), "{err}");
 }
 
-/// A `sleep` first on `PATH` that notes every call in `log`.
-fn counting_sleep(dir: &std::path::Path, log: &std::path::Path) -> String {
+/// A `sleep` first on `PATH` that notes every call in `log`; without
+/// `system`, the `PATH` has only it and the loop's other tools (`mkfifo`,
+/// `rm`): an image without bash.
+fn counting_sleep(dir: &std::path::Path, log: &std::path::Path, system: bool) -> String {
     use std::os::unix::fs::PermissionsExt as _;
     let bin = dir.join("bin");
     std::fs::create_dir(&bin).unwrap();
@@ -158,6 +160,12 @@ fn counting_sleep(dir: &std::path::Path, log: &std::path::Path) -> String {
     )
     .unwrap();
     std::fs::set_permissions(&sleep, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if !system {
+        for tool in ["mkfifo", "rm"] {
+            std::os::unix::fs::symlink(format!("/usr/bin/{tool}"), bin.join(tool)).unwrap();
+        }
+        return bin.display().to_string();
+    }
     format!("{}:{}", bin.display(), std::env::var("PATH").unwrap())
 }
 
@@ -168,41 +176,50 @@ fn counting_sleep(dir: &std::path::Path, log: &std::path::Path) -> String {
 #[test]
 fn the_idle_loop_forks_no_sleep_where_the_shell_can_wait_by_itself() {
     let launched = idle_argv();
-    let shells: [(&str, Vec<String>, bool); 4] = [
-        ("the pod's launcher", launched, false),
-        ("bash", loop_under("bash"), false),
-        ("busybox sh", loop_under("busybox sh"), false),
-        ("dash", loop_under("dash"), true),
+    // (name, argv, the image has bash and the rest of the system, forks sleep)
+    let shells: [(&str, Vec<String>, bool, bool); 5] = [
+        ("the pod's launcher", launched.clone(), true, false),
+        ("the pod's launcher, no bash", launched, false, true),
+        ("bash", loop_under("bash"), true, false),
+        ("busybox sh", loop_under("busybox sh"), true, false),
+        ("dash", loop_under("dash"), true, true),
     ];
-    for (name, argv, forks_sleep) in shells {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        std::fs::create_dir(&state).unwrap();
-        let log = dir.path().join("sleeps");
-        let path = counting_sleep(dir.path(), &log);
-        let started = Instant::now();
-        let status = Command::new(&argv[0])
-            .args(&argv[1..])
-            .env("PATH", &path)
-            .env("SANDFLEET_STATE_DIR", &state)
-            .env("SANDFLEET_IDLE_SECS", "2")
-            .stdin(Stdio::null())
-            .status()
-            .unwrap_or_else(|e| panic!("{name}: {e} (scripts/setup.sh installs the shells)"));
-        let took = started.elapsed();
-        assert!(status.success(), "{name}: {status}");
-        // The first second marks the start as activity; two idle seconds follow.
-        assert!(
-            took >= Duration::from_millis(2_800) && took < Duration::from_secs(6),
-            "{name}: an idle timeout of 2 s ended the loop after {took:?}"
-        );
-        let sleeps = std::fs::read_to_string(&log).unwrap_or_default();
-        if forks_sleep {
-            assert!(sleeps.lines().count() >= 3, "{name}: {sleeps:?}");
-        } else {
-            assert_eq!(sleeps, "", "{name} forked sleep");
+    // Side by side: each loop lives three seconds.
+    std::thread::scope(|scope| {
+        for (name, argv, system, forks_sleep) in shells {
+            scope.spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                let state = dir.path().join("state");
+                std::fs::create_dir(&state).unwrap();
+                let log = dir.path().join("sleeps");
+                let path = counting_sleep(dir.path(), &log, system);
+                let started = Instant::now();
+                let status = Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .env("PATH", &path)
+                    .env("SANDFLEET_STATE_DIR", &state)
+                    .env("SANDFLEET_IDLE_SECS", "2")
+                    .stdin(Stdio::null())
+                    .status()
+                    .unwrap_or_else(|e| {
+                        panic!("{name}: {e} (scripts/setup.sh installs the shells)")
+                    });
+                let took = started.elapsed();
+                assert!(status.success(), "{name}: {status}");
+                // The first second marks the start as activity; two idle seconds follow.
+                assert!(
+                    took >= Duration::from_millis(2_800) && took < Duration::from_secs(6),
+                    "{name}: an idle timeout of 2 s ended the loop after {took:?}"
+                );
+                let sleeps = std::fs::read_to_string(&log).unwrap_or_default();
+                if forks_sleep {
+                    assert!(sleeps.lines().count() >= 3, "{name}: {sleeps:?}");
+                } else {
+                    assert_eq!(sleeps, "", "{name} forked sleep");
+                }
+            });
         }
-    }
+    });
 }
 
 /// The loop that waits with `sleep` (dash) is a watchdog as good as the one
