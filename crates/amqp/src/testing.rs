@@ -45,7 +45,7 @@ impl HoldingProxy {
     /// Starts a proxy to `upstream` (`host:port`) that holds the clients'
     /// bytes once it has forwarded `hold_after` of them (summed over every
     /// connection through it).
-    pub async fn start(upstream: &str, hold_after: u64) -> std::io::Result<HoldingProxy> {
+    async fn start(upstream: &str, hold_after: u64) -> std::io::Result<HoldingProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
@@ -92,11 +92,6 @@ impl HoldingProxy {
     pub async fn holding(&self) {
         let mut rx = self.state.holding.subscribe();
         let _ = rx.wait_for(|h| *h).await;
-    }
-
-    /// Client → broker bytes forwarded so far.
-    pub fn forwarded(&self) -> u64 {
-        self.state.forwarded.load(Ordering::Relaxed)
     }
 
     /// Lets every held byte through; nothing is held after this.

@@ -121,44 +121,48 @@ impl Inner {
         let owner = (key.0 == Kind::Pod)
             .then(|| meta::controller_uid(&object).map(str::to_owned))
             .flatten();
-        if let Some(uid) = &owner {
+        if let Some(old) = self.objects.get(&key) {
+            unindex(&mut self.pods_by_owner, &key, old, owner.as_deref());
+        }
+        if let Some(uid) = owner {
             self.pods_by_owner
-                .entry((key.1.clone(), uid.clone()))
+                .entry((key.1.clone(), uid))
                 .or_default()
                 .insert(key.2.clone());
         }
-        let old = self.objects.insert(key.clone(), object);
-        if let Some(o) = &old {
-            self.unindex(&key, o, owner.as_deref());
-        }
-        old
+        self.objects.insert(key, object)
     }
 
     /// Removes the object under `key`.
     fn take(&mut self, key: &Key) -> Option<Value> {
         let old = self.objects.remove(key)?;
-        self.unindex(key, &old, None);
+        unindex(&mut self.pods_by_owner, key, &old, None);
         Some(old)
     }
+}
 
-    /// Drops `old`'s owner entry unless the stored version has the same
-    /// owner (`kept`).
-    fn unindex(&mut self, key: &Key, old: &Value, kept: Option<&str>) {
-        if key.0 != Kind::Pod {
-            return;
-        }
-        let Some(uid) = meta::controller_uid(old) else {
-            return;
-        };
-        if kept == Some(uid) {
-            return;
-        }
-        let owner = (key.1.clone(), uid.to_owned());
-        if let Some(names) = self.pods_by_owner.get_mut(&owner) {
-            names.remove(&key.2);
-            if names.is_empty() {
-                self.pods_by_owner.remove(&owner);
-            }
+/// Drops `old`'s entry from the pods-by-owner index unless the version
+/// replacing it has the same owner (`kept`).
+fn unindex(
+    index: &mut HashMap<(String, String), BTreeSet<String>>,
+    key: &Key,
+    old: &Value,
+    kept: Option<&str>,
+) {
+    if key.0 != Kind::Pod {
+        return;
+    }
+    let Some(uid) = meta::controller_uid(old) else {
+        return;
+    };
+    if kept == Some(uid) {
+        return;
+    }
+    let owner = (key.1.clone(), uid.to_owned());
+    if let Some(names) = index.get_mut(&owner) {
+        names.remove(&key.2);
+        if names.is_empty() {
+            index.remove(&owner);
         }
     }
 }

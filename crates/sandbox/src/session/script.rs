@@ -281,6 +281,7 @@ centis() {
 }
 tick() {
   tick() { sleep 1; }
+  # Tried in a subshell first: a failed redirection of `exec` ends the shell.
   { [ -p "$s/tick" ] || mkfifo -m 600 "$s/tick"; } 2>/dev/null && (exec 3<>"$s/tick") 2>/dev/null || { sleep 1; return; }
   exec 3<>"$s/tick"
   centis
