@@ -13,7 +13,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::AsyncReadExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, GetParams, ListParams, LogParams, PostParams};
 use kube::{Client, Config};
 use sandfleet_settings::{KubernetesSettings, RetrySettings};
 
@@ -265,36 +265,15 @@ impl KubeApi {
         let verb = op.verb();
         self.gate.permit(verb).map_err(|_| ExecError::Unavailable)?;
         let start = Instant::now();
-        let name = PROBE_NAME;
         let call = async {
-            match op {
-                ApiOp::CreateJob => {
-                    let pp = PostParams {
-                        dry_run: true,
-                        ..PostParams::default()
-                    };
-                    self.jobs.create(&pp, &probe_job()).await.map(drop)
-                }
-                ApiOp::GetJob => self.jobs.get(name).await.map(drop),
-                ApiOp::DeleteJob => {
-                    let dp = DeleteParams {
-                        dry_run: true,
-                        ..DeleteParams::background()
-                    };
-                    self.jobs.delete(name, &dp).await.map(drop)
-                }
-                ApiOp::ListJobs => self
-                    .jobs
-                    .list(&ListParams::default().limit(1))
-                    .await
-                    .map(drop),
-                ApiOp::ListPods => self
-                    .pods
-                    .list(&ListParams::default().limit(1))
-                    .await
-                    .map(drop),
-                ApiOp::ReadLog => self.pods.logs(name, &LogParams::default()).await.map(drop),
-            }
+            let mut req = probe_request(op, &self.jobs, &self.pods)?;
+            req.extensions_mut().insert(verb);
+            // Only the HTTP status matters: the answer (a Job, a list, a
+            // Status) is read, not decoded. Decoding it typed would be the
+            // only use of the full Job and Pod decoders an idle worker makes
+            // (the executor decodes its objects slim), and their code stays
+            // mapped for the worker's life.
+            self.client.request_text(req).await.map(drop)
         };
         let result = match tokio::time::timeout(self.request_timeout, call).await {
             Ok(r) => r,
@@ -449,6 +428,41 @@ const PROBE_NAME: &str = "sandfleet-api-probe";
 /// Items per page of a list (`limit`); a real API server's default page
 /// size for kube's own watcher too.
 const LIST_PAGE: u32 = 500;
+
+/// The request [`KubeApi::probe`] sends for `op`: a server-side dry run
+/// (`dryRun=All`) of a Job create or delete, a one-item list, or a read of
+/// an object that does not exist.
+fn probe_request(
+    op: ApiOp,
+    jobs: &Api<Job>,
+    pods: &Api<Pod>,
+) -> Result<http::Request<Vec<u8>>, kube::Error> {
+    let jobs = kube::core::Request::new(jobs.resource_url());
+    let pods = kube::core::Request::new(pods.resource_url());
+    let one = ListParams::default().limit(1);
+    match op {
+        ApiOp::CreateJob => {
+            let pp = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            let body = serde_json::to_vec(&probe_job()).map_err(kube::Error::SerdeError)?;
+            jobs.create(&pp, body)
+        }
+        ApiOp::GetJob => jobs.get(PROBE_NAME, &GetParams::default()),
+        ApiOp::DeleteJob => {
+            let dp = DeleteParams {
+                dry_run: true,
+                ..DeleteParams::background()
+            };
+            jobs.delete(PROBE_NAME, &dp)
+        }
+        ApiOp::ListJobs => jobs.list(&one),
+        ApiOp::ListPods => pods.list(&one),
+        ApiOp::ReadLog => pods.logs(PROBE_NAME, &LogParams::default()),
+    }
+    .map_err(kube::Error::BuildRequest)
+}
 
 /// The smallest valid Job, for the dry-run create probe; the server validates
 /// and admits it, then persists nothing.
