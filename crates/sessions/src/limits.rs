@@ -1,5 +1,8 @@
 //! What one token may ask for. Each limit is refused with its own clear 4xx.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::error::ApiError;
@@ -115,6 +118,99 @@ impl Limits {
     }
 }
 
+/// The per-token count on one replica: the sessions that exist and the
+/// starts under way.
+///
+/// A start (a warm-pool claim or a cold start) takes from milliseconds to a
+/// minute; until it returns, the session it makes is in no count. Counting
+/// only what exists, a burst of concurrent creates by one token all read the
+/// same count and all passed the check. Here a create reserves its start
+/// when it passes the check, and the start is released only once the session
+/// is counted where the check reads it ([`Starts::started`]), so every check
+/// sees each session exactly once: as a start under way or as a session.
+///
+/// Replicas do not share their starts: two replicas creating sessions for one
+/// token at the same instant can each pass (docs/sessions.md, "Limits").
+#[derive(Debug, Default)]
+pub(crate) struct Starts {
+    /// Held while a check reads the count and reserves a start, and while a
+    /// finished start is counted as a session and released: one at a time,
+    /// so no check reads the count between the two.
+    turn: tokio::sync::Mutex<()>,
+    under_way: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// A start under way, reserved by [`Starts::reserve`]; dropped without
+/// [`Starts::started`] (the start failed), it stops counting at once.
+#[derive(Debug)]
+pub(crate) struct Start {
+    under_way: Arc<Mutex<HashMap<String, usize>>>,
+    owner: String,
+}
+
+impl Drop for Start {
+    fn drop(&mut self) {
+        let mut under_way = self
+            .under_way
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = under_way.get_mut(&self.owner) {
+            *n -= 1;
+            if *n == 0 {
+                under_way.remove(&self.owner);
+            }
+        }
+    }
+}
+
+impl Starts {
+    /// Checks `owner`'s sessions (`held`, counted while no other check or
+    /// release runs) plus its starts under way against the limit, and
+    /// reserves a start when there is room.
+    pub(crate) async fn reserve<F, Fut>(
+        &self,
+        limits: &Limits,
+        owner: &str,
+        held: F,
+    ) -> Result<Start, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<usize, ApiError>>,
+    {
+        let _turn = self.turn.lock().await;
+        let held = held().await?;
+        let mut under_way = self
+            .under_way
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let starting = under_way.get(owner).copied().unwrap_or(0);
+        limits.check_count(held + starting)?;
+        *under_way.entry(owner.to_owned()).or_default() += 1;
+        Ok(Start {
+            under_way: self.under_way.clone(),
+            owner: owner.to_owned(),
+        })
+    }
+
+    /// `start` made its session: `count` makes it part of what the next
+    /// checks read as held, and the start is released in the same turn.
+    pub(crate) async fn started(&self, start: Start, count: impl FnOnce()) {
+        let _turn = self.turn.lock().await;
+        count();
+        drop(start);
+    }
+
+    /// Starts under way for `owner`.
+    #[cfg(test)]
+    fn under_way(&self, owner: &str) -> usize {
+        let under_way = self
+            .under_way
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        under_way.get(owner).copied().unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +236,39 @@ mod tests {
                 .code,
             "lifetime_limit"
         );
+    }
+
+    #[tokio::test]
+    async fn a_check_counts_the_starts_under_way_until_they_are_counted_as_sessions() {
+        let limits = Limits {
+            sessions_per_token: 2,
+            ..Limits::default()
+        };
+        let starts = Starts::default();
+        let held = std::sync::atomic::AtomicUsize::new(0);
+        let count = || async { Ok(held.load(std::sync::atomic::Ordering::SeqCst)) };
+        let a = starts.reserve(&limits, "t", count).await.unwrap();
+        let b = starts.reserve(&limits, "t", count).await.unwrap();
+        // Two under way, none held yet: a third is refused.
+        let refused = starts.reserve(&limits, "t", count).await.unwrap_err();
+        assert_eq!(refused.code, "session_limit");
+        // Another token has its own count.
+        drop(starts.reserve(&limits, "u", count).await.unwrap());
+        assert_eq!(starts.under_way("u"), 0);
+
+        // One start fails: its place is free at once.
+        drop(a);
+        let c = starts.reserve(&limits, "t", count).await.unwrap();
+        // One succeeds: it moves from under way to held, never both or neither.
+        starts
+            .started(b, || {
+                held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+            .await;
+        assert_eq!(starts.under_way("t"), 1);
+        assert!(starts.reserve(&limits, "t", count).await.is_err());
+        drop(c);
+        assert_eq!(starts.under_way("t"), 0);
+        drop(starts.reserve(&limits, "t", count).await.unwrap());
     }
 }

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{ANNOTATION_OWNER, LABEL_OWNER, Owner, Tokens};
 use crate::backend::{Backend, LocalBackend};
 use crate::error::ApiError;
-use crate::limits::Limits;
+use crate::limits::{Limits, Starts};
 use crate::metrics::Metrics;
 use crate::pool::{PoolInfo, Pools};
 use crate::wire::{RunRequest, SessionInfo, StreamLine, TRUNCATED_HEADER};
@@ -53,6 +53,8 @@ struct Inner {
     pools: Option<Arc<Pools>>,
     /// Session → owner hash, for sessions this replica has checked.
     owners: Mutex<HashMap<SessionId, String>>,
+    /// The per-token count's starts under way on this replica.
+    starts: Starts,
     ready: AtomicBool,
 }
 
@@ -129,6 +131,7 @@ impl Service {
                 limits,
                 metrics: Arc::new(Metrics::default()),
                 owners: Mutex::default(),
+                starts: Starts::default(),
                 ready: AtomicBool::new(true),
             }),
         }
@@ -372,23 +375,28 @@ async fn create(
     limits.check_spec(spec.idle_timeout, spec.max_lifetime)?;
     // The pool manager's watch counts sessions; a LIST per create returned
     // every session of the token and was the largest cost of a burst of creates.
-    let counted = s
+    let start = s
         .inner
-        .pools
-        .as_ref()
-        .and_then(|p| p.sessions_of(owner.label()));
-    let held = match counted {
-        Some(n) => n,
-        None => s
-            .inner
-            .backend
-            .list(&owner.selector())
-            .await?
-            .iter()
-            .filter(|r| !r.ended)
-            .count(),
-    };
-    limits.check_count(held)?;
+        .starts
+        .reserve(limits, owner.label(), || async {
+            let counted = s
+                .inner
+                .pools
+                .as_ref()
+                .and_then(|p| p.sessions_of(owner.label()));
+            Ok(match counted {
+                Some(n) => n,
+                None => s
+                    .inner
+                    .backend
+                    .list(&owner.selector())
+                    .await?
+                    .iter()
+                    .filter(|r| !r.ended)
+                    .count(),
+            })
+        })
+        .await?;
     let meta = SessionMeta {
         labels: [(LABEL_OWNER.to_owned(), owner.label().to_owned())].into(),
         annotations: [(ANNOTATION_OWNER.to_owned(), owner.hash.clone())].into(),
@@ -432,9 +440,16 @@ async fn create(
         }
     };
     s.inner.metrics.started.inc();
-    if let Some(p) = &s.inner.pools {
-        p.note_session(&id, owner.label());
-    }
+    // The backend lists the session already; the pool manager's count has
+    // it once noted.
+    s.inner
+        .starts
+        .started(start, || {
+            if let Some(p) = &s.inner.pools {
+                p.note_session(&id, owner.label());
+            }
+        })
+        .await;
     if let Ok(mut o) = s.inner.owners.lock() {
         o.insert(id.clone(), owner.hash.clone());
     }

@@ -181,6 +181,53 @@ async fn tokens_limits_and_pools_hold_on_the_local_backend() {
     s.stop().await;
 }
 
+/// POSTs `n` session creates for `token` at once; the statuses, sorted.
+async fn concurrent_creates(url: &str, token: &str, n: usize) -> Vec<u16> {
+    let http = reqwest::Client::new();
+    let creates = (0..n).map(|_| {
+        http.post(format!("{url}/v1/sessions"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"image": "img"}))
+            .send()
+    });
+    let mut statuses: Vec<u16> = futures::future::join_all(creates)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    statuses.sort_unstable();
+    statuses
+}
+
+#[tokio::test]
+async fn a_burst_of_creates_by_one_token_gets_exactly_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        sessions_per_token: 3,
+        ..Limits::default()
+    };
+    let s = server(dir.path(), limits).await;
+    // Twelve at once: each start takes a few ms, and every one of them used
+    // to read "0 held" before any finished.
+    let statuses = concurrent_creates(&s.url, "tok-a", 12).await;
+    assert_eq!(statuses, [[201; 3].as_slice(), &[429; 9]].concat());
+    let a = s.client("tok-a");
+    assert_eq!(a.list().await.unwrap().len(), 3);
+    assert_eq!(
+        entries(dir.path()),
+        3,
+        "the refused creates started nothing"
+    );
+    // Another token has its own count; a deleted session frees a place.
+    assert_eq!(concurrent_creates(&s.url, "tok-b", 1).await, [201]);
+    let first = a.list().await.unwrap().remove(0).id;
+    a.teardown(&sandfleet_sandbox::session::SessionId(first))
+        .await
+        .unwrap();
+    assert_eq!(concurrent_creates(&s.url, "tok-a", 2).await, [201, 429]);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn an_idle_local_session_ends_by_itself_and_is_reaped_and_counted() {
     let dir = tempfile::tempdir().unwrap();

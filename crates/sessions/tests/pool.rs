@@ -649,6 +649,47 @@ async fn a_claimed_member_ends_on_the_sessions_own_idle_timeout_and_lifetime() {
     }
 }
 
+/// The per-token limit holds for a burst of pooled creates: claims and cold
+/// starts under way count until their sessions are in the pool manager's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_pooled_creates_by_one_token_gets_exactly_its_limit() {
+    const NS: &str = "pool-limit";
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let limits = Limits {
+        sessions_per_token: 3,
+        ..Limits::default()
+    };
+    let r = Replica::start_with(&sim, NS, vec![pool("q", IMAGE, 2)], limits);
+    let client = Arc::new(r.client());
+    filled(&client, "q", 2).await;
+    // Every claim's conditional update and every cold start's create takes
+    // 300 ms: all eight checks run before any of the sessions is counted.
+    for method in ["PATCH", "POST"] {
+        sim.faults().inject(FaultRule::new(
+            method,
+            "/jobs",
+            FaultAction::Delay(Duration::from_millis(300)),
+        ));
+    }
+    let creates = (0..8).map(|_| {
+        let client = client.clone();
+        tokio::spawn(async move { client.create_in_pool(&SessionSpec::new(IMAGE), "q").await })
+    });
+    let creates: Vec<_> = creates.collect();
+    let mut made = Vec::new();
+    for t in creates {
+        match t.await.unwrap() {
+            Ok(info) => made.push(info.id),
+            Err(e) => assert!(e.to_string().contains("session_limit"), "{e}"),
+        }
+    }
+    assert_eq!(made.len(), 3, "{made:?}");
+    assert_eq!(client.list().await.unwrap().len(), 3);
+    for id in made {
+        client.teardown(&SessionId(id)).await.unwrap();
+    }
+}
+
 /// A burst of claims is served `claims_in_flight` at a time, in arrival
 /// order: with one in flight and every hand-over exec slowed to 300 ms, each
 /// claim's conditional update waits for the previous claim's hand-over, and
