@@ -1,7 +1,9 @@
 //! The console in a real headless Chromium (driven through chromedriver,
 //! Debian's `chromium` and `chromium-driver`), against a running console, a
 //! real worker with the local executor and the real RabbitMQ. The same run
-//! writes the screenshots in `docs/console/`.
+//! takes the screenshots: in cargo's temporary dir for integration tests
+//! (`target/tmp/console/`), or, with `SANDFLEET_UPDATE_SCREENSHOTS=1`, over
+//! the ones `docs/console/` shows. A test run leaves the work tree as it was.
 //!
 //! Missing chromium or chromedriver fails the test with what to install; it
 //! never skips.
@@ -82,7 +84,11 @@ async fn driver() -> Driver {
 }
 
 fn shots() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/console");
+    let dir = if std::env::var_os("SANDFLEET_UPDATE_SCREENSHOTS").is_some_and(|v| v == "1") {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/console")
+    } else {
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console")
+    };
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
