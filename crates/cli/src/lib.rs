@@ -47,8 +47,12 @@ pub fn main() -> ExitCode {
         }
     };
     let env: HashMap<String, String> = std::env::vars().collect();
+    // Loaded once, before the runtime, which the worker's settings size;
+    // shell completions and man pages never read it.
+    let settings = (!matches!(cli.command, Command::Completions(_) | Command::Man(_)))
+        .then(|| config::load(&cli.global, &env));
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = runtime_threads(&cli, &env) {
+    if let Some(threads) = runtime_threads(&cli, settings.as_ref()) {
         builder.worker_threads(threads);
     }
     let runtime = match builder.enable_all().build() {
@@ -61,7 +65,7 @@ pub fn main() -> ExitCode {
         }
     };
     let json = cli.global.json;
-    let exit = runtime.block_on(run(cli, &env));
+    let exit = runtime.block_on(run(cli, &env, settings));
     // Don't wait for lingering background tasks (reconnect loops) on exit.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match exit {
@@ -79,13 +83,16 @@ pub fn main() -> ExitCode {
 }
 
 /// The runtime threads the command asks for: `worker.runtime_threads` for
-/// the worker (when not 0), else tokio's default. Settings that do not load
-/// are reported by [`run`], which loads them again.
-fn runtime_threads(cli: &Cli, env: &HashMap<String, String>) -> Option<usize> {
+/// the worker (when not 0), else tokio's default. Settings that did not load
+/// are reported by [`run`].
+fn runtime_threads(
+    cli: &Cli,
+    settings: Option<&CliResult<sandfleet_settings::Settings>>,
+) -> Option<usize> {
     if !matches!(cli.command, Command::Worker(_)) {
         return None;
     }
-    let threads = config::load(&cli.global, env).ok()?.worker.runtime_threads;
+    let threads = settings?.as_ref().ok()?.worker.runtime_threads;
     (threads > 0).then_some(usize::from(threads))
 }
 
@@ -121,8 +128,14 @@ fn init_telemetry(
 /// lapin: see [`sandfleet_telemetry::with_library_defaults`].)
 pub const SHORT_COMMAND_LOG_FILTER: &str = "warn";
 
-/// Runs a parsed command line with the given environment map.
-pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
+/// Runs a parsed command line with the given environment map. `loaded` is
+/// the configuration when the caller has loaded it already ([`main`] does,
+/// to size the runtime); `None` loads it here.
+pub async fn run(
+    cli: Cli,
+    env: &HashMap<String, String>,
+    loaded: Option<CliResult<sandfleet_settings::Settings>>,
+) -> CliResult<Exit> {
     // Generated from the command line's definition alone: a broken
     // configuration must not stop an install script from getting them.
     match &cli.command {
@@ -132,7 +145,10 @@ pub async fn run(cli: Cli, env: &HashMap<String, String>) -> CliResult<Exit> {
         Command::Man(a) => return commands::docs::man(a, Output { json: false }),
         _ => {}
     }
-    let settings = config::load(&cli.global, env)?;
+    let settings = match loaded {
+        Some(loaded) => loaded?,
+        None => config::load(&cli.global, env)?,
+    };
     settings
         .validate()
         .map_err(|e| CliError::Usage(e.to_string()))?;
