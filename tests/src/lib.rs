@@ -102,34 +102,17 @@ impl Sim {
     }
 }
 
-/// The messages on `topology`'s cancellations stream with their offsets,
-/// read from the first up to the one with id `sentinel` (published by the
-/// caller, e.g. a marker: everything confirmed before it is read).
+/// The messages on `topology`'s cancellations stream with their offsets, up
+/// to the one with id `sentinel`: [`sandfleet_amqp::testing::cancellations_up_to`]
+/// (which the worker crate's tests, which cannot depend on this crate, use too).
 pub async fn cancellations_up_to(
     amqp: &Amqp,
     topology: &Topology,
     sentinel: uuid::Uuid,
 ) -> Result<Vec<(u64, sandfleet_proto::Cancellation)>> {
-    let options = ConsumerOptions::new(topology.cancellations_stream.clone(), 500)
-        .stream_offset(sandfleet_amqp::StreamOffset::First);
-    let mut consumer = Consumer::start(amqp, options).await?;
-    let mut read = Vec::new();
-    loop {
-        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next_delivery())
-            .await
-            .context("the cancellations stream not read up to the sentinel in 10 s")?
-            .context("the cancellations reader lost its subscription")?;
-        d.ack().await?;
-        let c: sandfleet_proto::Cancellation = serde_json::from_slice(d.body())?;
-        if c.id == sentinel {
-            consumer.cancel();
-            return Ok(read);
-        }
-        let offset = d
-            .stream_offset()
-            .context("a stream delivery without its offset")?;
-        read.push((offset, c));
-    }
+    sandfleet_amqp::testing::cancellations_up_to(amqp, topology, sentinel)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Of the Jobs the API accepted (kube-sim's request log), those created

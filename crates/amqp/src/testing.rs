@@ -1,6 +1,7 @@
 //! Test support (feature `testing`): a TCP proxy in front of the broker that
 //! holds a client mid-stream, so a fault can land at a known point of a
-//! batch instead of racing it.
+//! batch instead of racing it; a queue's settled depth; and a reader of the
+//! cancellations stream up to a sentinel.
 //!
 //! A test that closes a connection "while a batch is flowing" cannot win
 //! that race by timing: a fast broker confirms the whole batch before the
@@ -123,6 +124,38 @@ pub async fn settled_depth(amqp: &crate::Amqp, queue: &str) -> u32 {
         }
         last = depth;
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The messages on `topology`'s cancellations stream with their offsets,
+/// read from the first up to the one with id `sentinel` (published by the
+/// caller, e.g. a marker: everything confirmed before it is read). Fails
+/// when the sentinel is not read within 10 s.
+pub async fn cancellations_up_to(
+    amqp: &crate::Amqp,
+    topology: &crate::Topology,
+    sentinel: uuid::Uuid,
+) -> Result<Vec<(u64, sandfleet_proto::Cancellation)>, Box<dyn std::error::Error + Send + Sync>> {
+    use crate::{Consumer, ConsumerOptions, StreamOffset};
+    let options = ConsumerOptions::new(topology.cancellations_stream.clone(), 500)
+        .stream_offset(StreamOffset::First);
+    let mut consumer = Consumer::start(amqp, options).await?;
+    let mut read = Vec::new();
+    loop {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(10), consumer.next_delivery())
+            .await
+            .map_err(|_| "the cancellations stream not read up to the sentinel in 10 s")?
+            .ok_or("the cancellations reader lost its subscription")?;
+        d.ack().await?;
+        let c: sandfleet_proto::Cancellation = serde_json::from_slice(d.body())?;
+        if c.id == sentinel {
+            consumer.cancel();
+            return Ok(read);
+        }
+        let offset = d
+            .stream_offset()
+            .ok_or("a stream delivery without its offset")?;
+        read.push((offset, c));
     }
 }
 

@@ -10,9 +10,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sandfleet_amqp::{
-    Amqp, Consumer, ConsumerOptions, OutgoingMessage, Publisher, StreamOffset, Topology,
-};
+use sandfleet_amqp::testing::cancellations_up_to;
+use sandfleet_amqp::{Amqp, OutgoingMessage, Publisher, Topology};
 use sandfleet_proto::{
     CANCELLATION_MESSAGE_TYPE, CancelTarget, Cancellation, Provider, SandboxSpec, Source, Task,
 };
@@ -78,24 +77,9 @@ impl Fixture {
     async fn stream(&self) -> Vec<(u64, Cancellation)> {
         let sentinel = Cancellation::task(task().id, "worker-it", "sentinel");
         self.publish(&sentinel).await;
-        let options = ConsumerOptions::new(&self.topology.cancellations_stream, 500)
-            .tag("worker-it-reader")
-            .stream_offset(StreamOffset::First);
-        let mut consumer = Consumer::start(&self.amqp, options).await.unwrap();
-        let mut read = Vec::new();
-        loop {
-            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next_delivery())
-                .await
-                .expect("the stream is read up to the sentinel")
-                .expect("the reader stays subscribed");
-            d.ack().await.unwrap();
-            let c: Cancellation = serde_json::from_slice(d.body()).unwrap();
-            if c.id == sentinel.id {
-                consumer.cancel();
-                return read;
-            }
-            read.push((d.stream_offset().expect("a stream offset"), c));
-        }
+        cancellations_up_to(&self.amqp, &self.topology, sentinel.id)
+            .await
+            .unwrap()
     }
 
     async fn cleanup(self) {
