@@ -17,7 +17,7 @@ use kube::api::{Api, DeleteParams, GetParams, ListParams, LogParams, PostParams}
 use kube::{Client, Config};
 use sandfleet_settings::{KubernetesSettings, RetrySettings};
 
-use super::watch::JobState;
+use super::watch::{JobState, PodState};
 use crate::executor::ExecError;
 
 /// Every (API group, resource, verb) the Kubernetes executor calls, through
@@ -333,9 +333,15 @@ impl KubeApi {
         self.call(ApiOp::CreateJob, create).await.map(Job::from)
     }
 
-    /// Reads a Job; `None` when it does not exist.
+    /// Reads a Job, slim (metadata, status, `spec.suspend`; as
+    /// [`create_job`](Self::create_job) does); `None` when it does not exist.
+    /// It is read when a create conflicts and when the watch cannot be
+    /// trusted, for Jobs whose spec repeats the whole script.
     pub async fn get_job(&self, name: &str) -> Result<Option<Job>, ExecError> {
-        self.call(ApiOp::GetJob, || self.jobs.get_opt(name)).await
+        let api: Api<JobState> = self.watch_api();
+        self.call(ApiOp::GetJob, || api.get_opt(name))
+            .await
+            .map(|j| j.map(Job::from))
     }
 
     /// Deletes a Job with `propagationPolicy: Background` (its pods go too);
@@ -386,12 +392,14 @@ impl KubeApi {
         }
     }
 
-    /// Lists Pods matching a label selector.
+    /// Lists Pods matching a label selector, slim: metadata and status (the
+    /// spec, with the script again, is skipped unallocated).
     pub async fn list_pods(&self, selector: &str) -> Result<Vec<Pod>, ExecError> {
+        let api: Api<PodState> = self.watch_api();
         let lp = ListParams::default().labels(selector);
-        self.call(ApiOp::ListPods, || self.pods.list(&lp))
+        self.call(ApiOp::ListPods, || api.list(&lp))
             .await
-            .map(|l| l.items)
+            .map(|l| l.items.into_iter().map(Pod::from).collect())
     }
 
     /// Reads at most `limit_bytes` of a pod's log, as bytes (the log may not
