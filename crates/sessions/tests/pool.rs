@@ -132,6 +132,21 @@ async fn filled(client: &SessionsClient, pool: &str, n: usize) {
     .await;
 }
 
+/// A replica with `limits` and the one pool `template`, once the pool is
+/// full, and a client of it.
+async fn full_pool(
+    sim: &KubeSim,
+    ns: &str,
+    template: PoolTemplate,
+    limits: Limits,
+) -> (Replica, Arc<SessionsClient>) {
+    let (name, size) = (template.name.clone(), template.size);
+    let r = Replica::start_with(sim, ns, vec![template], limits);
+    let client = Arc::new(r.client());
+    filled(&client, &name, size).await;
+    (r, client)
+}
+
 /// Runs `command` in session `id` (10 s timeout).
 async fn run(
     client: &SessionsClient,
@@ -659,9 +674,7 @@ async fn a_burst_of_pooled_creates_by_one_token_gets_exactly_its_limit() {
         sessions_per_token: 3,
         ..Limits::default()
     };
-    let r = Replica::start_with(&sim, NS, vec![pool("q", IMAGE, 2)], limits);
-    let client = Arc::new(r.client());
-    filled(&client, "q", 2).await;
+    let (_r, client) = full_pool(&sim, NS, pool("q", IMAGE, 2), limits).await;
     // Every claim's conditional update and every cold start's create takes
     // 300 ms: all eight checks run before any of the sessions is counted.
     for method in ["PATCH", "POST"] {
@@ -702,9 +715,7 @@ async fn a_burst_of_claims_is_served_a_few_at_a_time_in_arrival_order() {
         claims_in_flight: 1,
         ..Limits::default()
     };
-    let r = Replica::start_with(&sim, NS, vec![pool("t", IMAGE, 4)], limits);
-    let client = Arc::new(r.client());
-    filled(&client, "t", 4).await;
+    let (_r, client) = full_pool(&sim, NS, pool("t", IMAGE, 4), limits).await;
     sim.faults().inject(FaultRule::new(
         "GET",
         "/exec",
