@@ -31,12 +31,22 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::kubelet::ExecTarget;
 use crate::shared::Shared;
 use crate::status::ApiError;
+
+/// The exec stream's WebSocket settings: a 16 KiB read buffer instead of
+/// tungstenite's 128 KiB. tungstenite zero-fills the whole read buffer's
+/// spare room before every read, so with 128 KiB each read of a few-byte
+/// frame (stdin, a resize, a close) wrote 128 KiB of zeros: a burst of
+/// execs spent a few percent of kube-sim's CPU in memset and fresh pages.
+/// Larger frames (a file written through stdin) are read in 16 KiB steps.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(16 * 1024)
+}
 
 const V5: &str = "v5.channel.k8s.io";
 const V4: &str = "v4.channel.k8s.io";
@@ -179,7 +189,12 @@ fn upgrade(
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(ws_config()),
+        )
+        .await;
         serve(shared, ws, target, p, v5, cut).await;
     });
     let mut response = Response::new(Body::empty());
