@@ -6,7 +6,7 @@
 //! of them are 1.1 MiB that the loader reads once and that then stay mapped in
 //! every worker for its whole life. Packed, they are a few KiB. The loader
 //! needs glibc 2.36 (Debian 12, the images in `deploy/Dockerfile`); the linker
-//! needs binutils 2.38, lld 15 or mold, and the flag is left out, with a
+//! needs binutils 2.38 or lld 15, and the flag is left out, with a
 //! warning, when the linker does not know it.
 
 use std::process::Command;
@@ -15,6 +15,7 @@ const FLAG: &str = "-Wl,-z,pack-relative-relocs";
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-env-changed=CC");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
     if os != "linux" || env != "gnu" {
@@ -31,11 +32,15 @@ fn main() {
     }
 }
 
-/// Whether the C compiler driver rustc links with (`cc`, or `$CC`) passes
-/// the flag to a linker that knows it: ld's and lld's `--help` list it.
+/// Whether the linker driver rustc links with passes the flag to a linker
+/// that knows it (GNU ld's and lld's `--help` list it): the target's
+/// configured linker (cargo hands it over as `RUSTC_LINKER`), else `$CC`,
+/// else `cc`.
 fn linker_knows_relr() -> bool {
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-    Command::new(cc)
+    let driver = std::env::var("RUSTC_LINKER")
+        .or_else(|_| std::env::var("CC"))
+        .unwrap_or_else(|_| "cc".to_owned());
+    Command::new(driver)
         .arg("-Wl,--help")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("pack-relative-relocs"))
