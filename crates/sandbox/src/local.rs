@@ -98,6 +98,9 @@ pub struct LocalExecutor {
     /// Block size of the shell's `ulimit -f`, measured once (else each
     /// script would measure it with a subshell).
     file_block_bytes: Option<u64>,
+    /// The shell is `/bin/sh` itself, so steps may run in the script's
+    /// subshells ([`ScriptOptions::steps_in_script_shell`]).
+    shell_is_bin_sh: bool,
     /// Kills this executor's sandboxes when its process dies.
     watcher: Arc<ParentWatcher>,
     running: Arc<Mutex<HashMap<RunKey, CancellationToken>>>,
@@ -153,11 +156,13 @@ impl LocalExecutor {
                 settings.shell
             ))
         })?;
+        let shell_is_bin_sh = same_file(Path::new(&settings.shell), Path::new("/bin/sh"));
         Ok(LocalExecutor {
             settings,
             base,
             bwrap,
             file_block_bytes,
+            shell_is_bin_sh,
             watcher: Arc::new(watcher),
             running: Arc::default(),
         })
@@ -233,6 +238,14 @@ fn measure_block_bytes(shell: &Path, base: &Path) -> Option<u64> {
     }
 }
 
+/// True when both paths name one existing file (links followed).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -295,6 +308,7 @@ impl Executor for LocalExecutor {
             max_file_bytes: Some(self.settings.max_file_bytes),
             file_block_bytes: self.file_block_bytes,
             executor_watchdog: true,
+            steps_in_script_shell: self.shell_is_bin_sh,
             ..ScriptOptions::for_budget(task, budget)
         };
         let script = script::generate(task, attempt, &opts)?;

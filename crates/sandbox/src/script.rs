@@ -111,6 +111,19 @@ pub struct ScriptOptions {
     /// image has no `setsid`.
     /// The local executor only; off in pods, which have no executor beside them.
     pub executor_watchdog: bool,
+    /// Each step runs in the subshell the script forks for it, evaluated as
+    /// `/bin/sh -c` would start it (the script's own variables and functions
+    /// unset, `set -u` off, no positional parameters, `$0` the script's),
+    /// instead of in a new `/bin/sh`: one program start less per step. The
+    /// step keeps its own process (the subshell), so `$!`, the step's pid
+    /// file and every way of killing it are as before; what differs is that
+    /// `$$` and `$PPID` are the script's, as in a subshell, and a dash error
+    /// message names `eval`. Only for a script run by `/bin/sh` itself (else
+    /// the steps would run in another shell), and without `setsid` (a program
+    /// start): the script's watchdog kills the step's tree through `/proc`,
+    /// the executor's its processes in the script's group. The local executor
+    /// only.
+    pub steps_in_script_shell: bool,
 }
 
 impl ScriptOptions {
@@ -134,6 +147,7 @@ impl ScriptOptions {
             max_file_bytes: None,
             file_block_bytes: None,
             executor_watchdog: false,
+            steps_in_script_shell: false,
         }
     }
 }
@@ -517,7 +531,7 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
     if opts.executor_watchdog {
         // The executor kills a step's processes in the script's group.
         text.push_str("sf_ext_wd=1\n");
-    } else {
+    } else if !opts.steps_in_script_shell {
         text.push_str("if command -v setsid >/dev/null 2>&1; then sf_setsid=setsid; fi\n");
     }
 
@@ -597,9 +611,23 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
                 "  {name}=\"$SANDFLEET_STEP_{i}_ENV_{k}\"; export {name}"
             );
         }
+        if opts.steps_in_script_shell {
+            // `set --` runs inside the eval, after `$1` was expanded: the
+            // step sees no positional parameters.
+            let _ = writeln!(
+                text,
+                "  {}\n  set +u -- \"$SANDFLEET_STEP_{i}_RUN\"\n  eval \"set --; $1\"",
+                STEP_STATE.as_str()
+            );
+        } else {
+            let _ = writeln!(
+                text,
+                "  exec $sf_setsid /bin/sh -c \"$SANDFLEET_STEP_{i}_RUN\""
+            );
+        }
         let _ = writeln!(
             text,
-            "  exec $sf_setsid /bin/sh -c \"$SANDFLEET_STEP_{i}_RUN\"\n) </dev/null >\"$sf_state/out.{i}\" 2>&1 &\nsf_wait {i} {} {}",
+            ") </dev/null >\"$sf_state/out.{i}\" 2>&1 &\nsf_wait {i} {} {}",
             step.timeout_secs,
             u8::from(step.continue_on_error)
         );
@@ -607,6 +635,36 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
     text.push_str("\nsf_end 0\n");
     Ok(Script { text, env })
 }
+
+/// Unsets every variable and function of the script's own (`sf_*`, names a
+/// task may not use) in a step's subshell
+/// ([`ScriptOptions::steps_in_script_shell`]). Taken from the prelude's text,
+/// so a name added there is unset too; the generated part adds
+/// `sf_grace`, `sf_out_limit`, `sf_art_limit` and `sf_artifacts`, which
+/// the prelude names as well.
+static STEP_STATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = PRELUDE.as_bytes();
+    let mut i = 0;
+    while let Some(at) = PRELUDE[i..].find("sf_") {
+        let start = i + at;
+        let boundary = start == 0 || {
+            let c = bytes[start - 1];
+            !(c.is_ascii_alphanumeric() || c == b'_')
+        };
+        let mut end = start + 3;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        if boundary && end > start + 3 {
+            names.insert(&PRELUDE[start..end]);
+        }
+        i = end;
+    }
+    let names: Vec<&str> = names.into_iter().collect();
+    let names = names.join(" ");
+    format!("unset -f {names} 2>/dev/null; unset {names} 2>/dev/null")
+});
 
 /// How one step ended, as the script recorded it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -880,6 +938,7 @@ mod tests {
         max_file_bytes: None,
         file_block_bytes: None,
         executor_watchdog: false,
+        steps_in_script_shell: false,
     };
 
     #[test]

@@ -48,6 +48,7 @@ const OPTS: ScriptOptions = ScriptOptions {
     max_file_bytes: None,
     file_block_bytes: None,
     executor_watchdog: false,
+    steps_in_script_shell: false,
 };
 
 struct Run {
@@ -264,6 +265,86 @@ fn step_timeout_kills_the_whole_process_tree() {
             "{name}: the next step must not run"
         );
         assert_eq!(r.log.steps[&0].text, "started\n", "{name}");
+        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            wait_dead(gc),
+            "{name}: grandchild {gc} survived the step timeout"
+        );
+    }
+}
+
+#[test]
+fn a_step_in_the_script_shell_starts_from_a_fresh_state() {
+    // What `/bin/sh -c` would give the step: none of the script's variables
+    // and functions, `set -u` off, no positional parameters; exit codes,
+    // syntax errors and a timeout killing the step's tree as before.
+    let mut t = task()
+        .with_step(
+            "state",
+            "set | grep -c '^sf_' || :; command -v sf_now || echo no-functions; \
+             echo \"args=$# ${unset_var}ok\"; echo \"$GREETING\"; echo \"$STEP_ONLY\"",
+            10,
+        )
+        .with_step("exit", "echo before; exit 7; echo after", 10)
+        .with_step("syntax", "if then fi", 10)
+        .with_step(
+            "hang",
+            "sleep 300 & echo $! > grandchild.pid; echo started; sleep 300",
+            1,
+        )
+        .with_step("never", "echo never", 5);
+    t.steps[0]
+        .env
+        .insert("STEP_ONLY".into(), "only-here; $(id)".into());
+    t.steps[1].continue_on_error = true;
+    t.steps[2].continue_on_error = true;
+    let opts = ScriptOptions {
+        steps_in_script_shell: true,
+        ..OPTS
+    };
+    assert!(
+        !script::generate(&t, 1, &opts)
+            .unwrap()
+            .text
+            .contains("/bin/sh -c")
+    );
+    for (name, argv) in SHELLS {
+        let r = run_opts(argv, &t, PATH, &opts, |_, _| {});
+        let codes: Vec<_> = r
+            .summary
+            .steps
+            .iter()
+            .map(|l| (l.index, l.exit_code, l.status))
+            .collect();
+        assert_eq!(
+            codes[..3],
+            [
+                (0, 0, StepStatus::Ok),
+                (1, 7, StepStatus::Fail),
+                (2, 2, StepStatus::Fail),
+            ],
+            "{name}: {}\n{}",
+            r.summary_text,
+            r.raw_log
+        );
+        assert_eq!(
+            codes[3].2,
+            StepStatus::Timeout,
+            "{name}: {}",
+            r.summary_text
+        );
+        assert_eq!(r.summary.steps.len(), 4, "{name}: {}", r.summary_text);
+        assert_eq!(
+            r.log.steps[&0].text,
+            "0\nno-functions\nargs=0 ok\nhello $(not run) `world`\nonly-here; $(id)\n",
+            "{name}"
+        );
+        assert_eq!(r.log.steps[&1].text, "before\n", "{name}");
+        assert_eq!(r.log.steps[&3].text, "started\n", "{name}");
         let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
             .unwrap()
             .trim()
