@@ -522,8 +522,8 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
     env.retain(|(k, _)| !task.sandbox.env.contains_key(k));
     env.extend(task.sandbox.env.iter().map(|(k, v)| (k.clone(), v.clone())));
 
-    let mut text = String::with_capacity(PRELUDE.len() + 256 * task.steps.len());
-    text.push_str(PRELUDE);
+    let mut text = String::with_capacity(SENT_PRELUDE.len() + 256 * task.steps.len());
+    text.push_str(&SENT_PRELUDE);
     // Only numbers are spliced below: indexes, timeouts, byte bounds.
     let _ = writeln!(text, "sf_grace={}", opts.kill_grace_secs.max(1));
     let _ = writeln!(text, "sf_out_limit={}", opts.step_output_bytes.max(1));
@@ -635,6 +635,30 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
     text.push_str("\nsf_end 0\n");
     Ok(Script { text, env })
 }
+
+/// The prelude as every script carries it: its first line (what generated
+/// the script), then the rest without comment lines, blank lines and
+/// indentation. The script travels in every Job and Pod, so in the create
+/// request and every watch event a worker reads; the comments are for
+/// whoever reads this file. Only the single-quoted `IFS` value spans two
+/// lines, and its second line has no indentation to lose.
+static SENT_PRELUDE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut lines = PRELUDE.lines();
+    let mut out = String::with_capacity(PRELUDE.len());
+    if let Some(first) = lines.next() {
+        out.push_str(first);
+        out.push('\n');
+    }
+    for line in lines {
+        let code = line.trim_start_matches(' ');
+        if code.is_empty() || code.starts_with('#') {
+            continue;
+        }
+        out.push_str(code);
+        out.push('\n');
+    }
+    out
+});
 
 /// Unsets every variable and function of the script's own (`sf_*`, names a
 /// task may not use) in a step's subshell
@@ -940,6 +964,28 @@ mod tests {
         executor_watchdog: false,
         steps_in_script_shell: false,
     };
+
+    #[test]
+    fn scripts_carry_the_prelude_without_its_comments() {
+        // No line continues onto the next: dropping a comment line between
+        // the two would change the command.
+        assert!(PRELUDE.lines().all(|l| !l.ends_with('\\')));
+        let code = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(|l| l.trim_start_matches(' ').to_owned())
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .collect()
+        };
+        assert_eq!(code(&SENT_PRELUDE), code(PRELUDE));
+        assert!(SENT_PRELUDE.starts_with("# sandfleet task script v1 (generated)."));
+        assert!(
+            SENT_PRELUDE.len() * 4 < PRELUDE.len() * 3,
+            "{}",
+            SENT_PRELUDE.len()
+        );
+        let script = generate(&task().with_step("build", "make", 10), 1, &OPTS).unwrap();
+        assert!(script.text.starts_with(SENT_PRELUDE.as_str()));
+    }
 
     #[test]
     fn user_values_never_appear_in_the_script_text() {
