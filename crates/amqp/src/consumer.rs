@@ -457,18 +457,6 @@ impl Delivery {
             "basic.ack",
         )
     }
-    /// Acknowledges this message and every earlier one of its channel not
-    /// settled yet (`multiple`): one frame for a run of deliveries, where
-    /// the acks only return credit (a stream read to its tail).
-    pub async fn ack_up_to(&self) -> Result<(), AmqpError> {
-        settled(
-            self.inner
-                .acker
-                .ack(BasicAckOptions { multiple: true })
-                .await,
-            "basic.ack",
-        )
-    }
     /// Rejects without requeue: the queue dead-letters it (to `<prefix>.dead`
     /// for the task queue). Counts toward the delivery limit.
     pub async fn reject(&self) -> Result<(), AmqpError> {

@@ -45,13 +45,6 @@ use uuid::Uuid;
 /// is released for later (the stream or the broker is unwell).
 pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The feed acks its reads in runs of this many (well under its prefetch
-/// of 1000, so the broker never waits for credit)...
-const ACK_EVERY: usize = 64;
-
-/// ...or once the stream has been quiet this long.
-const ACK_QUIET: Duration = Duration::from_millis(250);
-
 /// How long the feed waits for its first marker before it publishes another
 /// (and says that it is still reading): a long stream is replayed at start.
 const CATCH_UP_PATIENCE: Duration = Duration::from_secs(30);
@@ -479,10 +472,6 @@ pub async fn feed(
     let catch_up = catch_up(barrier, cancels.clone());
     tokio::pin!(catch_up);
     let mut caught_up = cancels.is_caught_up();
-    // Read but not acked yet, and how many: acks only return stream credit
-    // (the consumer resumes from its own offset), so a run of reads is
-    // acked with one frame, when it is long or when the stream goes quiet.
-    let mut unacked: Option<(sandfleet_amqp::Delivery, usize)> = None;
     loop {
         let delivery = tokio::select! {
             _ = stop.cancelled() => break,
@@ -494,12 +483,6 @@ pub async fn feed(
                 Some(d) => d,
                 None => break,
             },
-            () = tokio::time::sleep(ACK_QUIET), if unacked.is_some() => {
-                if let Some((last, _)) = unacked.take() {
-                    let _ = last.ack_up_to().await;
-                }
-                continue;
-            }
         };
         // Applied before it is acked: the ack only returns stream credit,
         // and a marker read back releases its barrier a frame sooner.
@@ -511,15 +494,7 @@ pub async fn feed(
             Ok(c) => warn!(cancel = %c.id, "ignoring an invalid cancellation"),
             Err(e) => warn!(error = %e, "ignoring an undecodable cancellation"),
         }
-        let reads = unacked.take().map_or(0, |(_, n)| n) + 1;
-        if reads >= ACK_EVERY {
-            let _ = delivery.ack_up_to().await;
-        } else {
-            unacked = Some((delivery, reads));
-        }
-    }
-    if let Some((last, _)) = unacked {
-        let _ = last.ack_up_to().await;
+        let _ = delivery.ack().await;
     }
     consumer.cancel();
     Ok(())
