@@ -132,6 +132,17 @@ fn run(argv: &[&str], task: &Task) -> Run {
     run_with(argv, task, PATH, |_, _| {})
 }
 
+/// Reads the pid a step left in its workspace's `grandchild.pid` and waits
+/// for that process to be gone: `when` names what should have killed it.
+fn assert_grandchild_gone(r: &Run, name: &str, when: &str) {
+    let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(wait_dead(gc), "{name}: grandchild {gc} survived {when}");
+}
+
 /// True when the process is gone or a zombie (reaped by nobody in a container).
 fn dead(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -265,15 +276,7 @@ fn step_timeout_kills_the_whole_process_tree() {
             "{name}: the next step must not run"
         );
         assert_eq!(r.log.steps[&0].text, "started\n", "{name}");
-        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(
-            wait_dead(gc),
-            "{name}: grandchild {gc} survived the step timeout"
-        );
+        assert_grandchild_gone(&r, name, "the step timeout");
     }
 }
 
@@ -345,15 +348,7 @@ fn a_step_in_the_script_shell_starts_from_a_fresh_state() {
         );
         assert_eq!(r.log.steps[&1].text, "before\n", "{name}");
         assert_eq!(r.log.steps[&3].text, "started\n", "{name}");
-        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(
-            wait_dead(gc),
-            "{name}: grandchild {gc} survived the step timeout"
-        );
+        assert_grandchild_gone(&r, name, "the step timeout");
     }
 }
 
@@ -382,15 +377,7 @@ fn without_setsid_the_process_tree_is_still_killed() {
             "{name}: {}",
             r.raw_log
         );
-        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(
-            wait_dead(gc),
-            "{name}: grandchild {gc} survived without setsid"
-        );
+        assert_grandchild_gone(&r, name, "without setsid");
     }
 }
 
@@ -491,12 +478,7 @@ fn term_stops_the_running_step_and_records_it() {
             r.summary_text
         );
         assert_eq!(r.log.steps[&1].text, "waiting\n", "{name}");
-        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(wait_dead(gc), "{name}: grandchild survived TERM");
+        assert_grandchild_gone(&r, name, "TERM");
         assert!(r.elapsed < Duration::from_secs(10), "{name}");
     }
 }
@@ -540,12 +522,7 @@ fn a_step_ignoring_term_is_killed_after_the_grace_period() {
             "{name}: {:?}",
             r.elapsed
         );
-        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(wait_dead(gc), "{name}: grandchild survived KILL");
+        assert_grandchild_gone(&r, name, "KILL");
     }
 }
 
@@ -561,12 +538,7 @@ fn a_task_ifs_does_not_break_the_script() {
             "{name}: {}",
             r.raw_log
         );
-        let gc: u32 = std::fs::read_to_string(r.ws().join("grandchild.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(wait_dead(gc), "{name}: grandchild survived");
+        assert_grandchild_gone(&r, name, "the step timeout with a task IFS");
     }
 }
 
