@@ -33,10 +33,16 @@ pub const RESERVED_ENV_NAMES: &[&str] = &[
     "SANDFLEET_ATTEMPT",
 ];
 
-/// Prefixes the generated script uses for its own variables (files, steps,
-/// artifacts); a task must not set names under them.
-pub const RESERVED_ENV_PREFIXES: &[&str] =
-    &["SANDFLEET_FILE_", "SANDFLEET_STEP_", "SANDFLEET_ARTIFACT_"];
+/// Prefixes the generated script uses for its own variables: the values it
+/// is handed (files, steps, artifacts) and its shell variables (`sf_*`,
+/// which it assigns as it runs: a task's `sf_t` would reach the steps with
+/// the script's clock in it). A task must not set names under them.
+pub const RESERVED_ENV_PREFIXES: &[&str] = &[
+    "SANDFLEET_FILE_",
+    "SANDFLEET_STEP_",
+    "SANDFLEET_ARTIFACT_",
+    "sf_",
+];
 
 /// True for an environment variable name a task may not set, because the
 /// executors or the generated script own it.
@@ -775,6 +781,10 @@ mod tests {
                 .insert("SANDFLEET_STEP_0_RUN".into(), "x".into());
             t.steps[0].env.insert("".into(), "x".into());
             t.steps[0].env.insert("NUL".into(), "a\0b".into());
+            // The script's own shell variables; other lower-case names are fine.
+            t.sandbox.env.insert("sf_t".into(), "x".into());
+            t.steps[0].env.insert("sf_ws".into(), "x".into());
+            t.steps[0].env.insert("sfx".into(), "x".into());
         });
         assert_eq!(
             e,
@@ -782,9 +792,11 @@ mod tests {
                 ("sandbox.env[\"1BAD\"]".into(), "env_name"),
                 ("sandbox.env.SANDFLEET_WORKSPACE".into(), "reserved_env"),
                 ("sandbox.env[\"WITH-DASH\"]".into(), "env_name"),
+                ("sandbox.env.sf_t".into(), "reserved_env"),
                 ("steps[0].env[\"\"]".into(), "env_name"),
                 ("steps[0].env.NUL".into(), "no_nul"),
                 ("steps[0].env.SANDFLEET_STEP_0_RUN".into(), "reserved_env"),
+                ("steps[0].env.sf_ws".into(), "reserved_env"),
             ]
         );
     }

@@ -667,6 +667,13 @@ static SENT_PRELUDE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// `sf_grace`, `sf_out_limit`, `sf_art_limit` and `sf_artifacts`, which
 /// the prelude names as well.
 static STEP_STATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let names = prelude_names().join(" ");
+    format!("unset -f {names} 2>/dev/null; unset {names} 2>/dev/null")
+});
+
+/// Every `sf_*` name in the prelude's text (its variables and functions),
+/// sorted, once each.
+fn prelude_names() -> Vec<&'static str> {
     let mut names = std::collections::BTreeSet::new();
     let bytes = PRELUDE.as_bytes();
     let mut i = 0;
@@ -685,10 +692,8 @@ static STEP_STATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         }
         i = end;
     }
-    let names: Vec<&str> = names.into_iter().collect();
-    let names = names.join(" ");
-    format!("unset -f {names} 2>/dev/null; unset {names} 2>/dev/null")
-});
+    names.into_iter().collect()
+}
 
 /// How one step ended, as the script recorded it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -932,6 +937,16 @@ mod tests {
             assert!(is_reserved(name), "{name}");
         }
         assert!(!is_reserved("SANDFLEET_REPOSITORY"));
+        // The script's shell variables: a task's own value would be
+        // overwritten as the script runs, or unset in its steps.
+        let names = prelude_names();
+        assert!(
+            names.contains(&"sf_t") && names.contains(&"sf_wait"),
+            "{names:?}"
+        );
+        for name in names {
+            assert!(is_reserved(name), "{name}");
+        }
     }
 
     fn task() -> Task {
