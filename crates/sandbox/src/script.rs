@@ -535,6 +535,11 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
         text.push_str("if command -v setsid >/dev/null 2>&1; then sf_setsid=setsid; fi\n");
     }
 
+    if opts.steps_in_script_shell {
+        // Once per script, not per step: the script is one argument of at
+        // most 128 KiB in the local executor.
+        text.push_str(&STEP_STATE);
+    }
     text.push_str("sf_artifacts() {\n  :\n");
     for (i, path) in task.artifacts.iter().enumerate() {
         check_path(format!("artifacts[{i}]"), path)?;
@@ -616,8 +621,7 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
             // step sees no positional parameters.
             let _ = writeln!(
                 text,
-                "  {}\n  set +u -- \"$SANDFLEET_STEP_{i}_RUN\"\n  eval \"set --; $1\"",
-                STEP_STATE.as_str()
+                "  sf_fresh; unset -f sf_fresh\n  set +u -- \"$SANDFLEET_STEP_{i}_RUN\"\n  eval \"set --; $1\""
             );
         } else {
             let _ = writeln!(
@@ -660,15 +664,16 @@ static SENT_PRELUDE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     out
 });
 
-/// Unsets every variable and function of the script's own (`sf_*`, names a
-/// task may not use) in a step's subshell
-/// ([`ScriptOptions::steps_in_script_shell`]). Taken from the prelude's text,
-/// so a name added there is unset too; the generated part adds
-/// `sf_grace`, `sf_out_limit`, `sf_art_limit` and `sf_artifacts`, which
-/// the prelude names as well.
+/// `sf_fresh`, which unsets every variable and function of the script's own
+/// (`sf_*`, names a task may not use) in a step's subshell
+/// ([`ScriptOptions::steps_in_script_shell`]); the step's subshell then
+/// unsets `sf_fresh` itself. The names are taken from the prelude's text, so
+/// a name added there is unset too; the generated part adds `sf_grace`,
+/// `sf_out_limit`, `sf_art_limit` and `sf_artifacts`, which the prelude
+/// names as well.
 static STEP_STATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let names = prelude_names().join(" ");
-    format!("unset -f {names} 2>/dev/null; unset {names} 2>/dev/null")
+    format!("sf_fresh() {{\n  unset -f {names} 2>/dev/null\n  unset {names} 2>/dev/null\n}}\n")
 });
 
 /// Every `sf_*` name in the prelude's text (its variables and functions),
