@@ -538,7 +538,7 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
     if opts.steps_in_script_shell {
         // Once per script, not per step: the script is one argument of at
         // most 128 KiB in the local executor.
-        text.push_str(&STEP_STATE);
+        text.push_str(&FRESH_FUNCTION);
     }
     text.push_str("sf_artifacts() {\n  :\n");
     for (i, path) in task.artifacts.iter().enumerate() {
@@ -671,7 +671,7 @@ static SENT_PRELUDE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// a name added there is unset too; the generated part adds `sf_grace`,
 /// `sf_out_limit`, `sf_art_limit` and `sf_artifacts`, which the prelude
 /// names as well.
-static STEP_STATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+static FRESH_FUNCTION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let names = prelude_names().join(" ");
     format!("sf_fresh() {{\n  unset -f {names} 2>/dev/null\n  unset {names} 2>/dev/null\n}}\n")
 });
@@ -679,24 +679,10 @@ static STEP_STATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// Every `sf_*` name in the prelude's text (its variables and functions),
 /// sorted, once each.
 fn prelude_names() -> Vec<&'static str> {
-    let mut names = std::collections::BTreeSet::new();
-    let bytes = PRELUDE.as_bytes();
-    let mut i = 0;
-    while let Some(at) = PRELUDE[i..].find("sf_") {
-        let start = i + at;
-        let boundary = start == 0 || {
-            let c = bytes[start - 1];
-            !(c.is_ascii_alphanumeric() || c == b'_')
-        };
-        let mut end = start + 3;
-        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
-            end += 1;
-        }
-        if boundary && end > start + 3 {
-            names.insert(&PRELUDE[start..end]);
-        }
-        i = end;
-    }
+    let words = PRELUDE.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+    let names: std::collections::BTreeSet<&str> = words
+        .filter(|w| w.len() > 3 && w.starts_with("sf_"))
+        .collect();
     names.into_iter().collect()
 }
 
