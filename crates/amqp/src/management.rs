@@ -1,6 +1,7 @@
 //! A small client for the RabbitMQ management HTTP API: the only way to read
 //! the arguments an existing queue was declared with (AMQP's passive declare
-//! does not return them), its bindings, and to list or close connections.
+//! does not return them), its bindings, and to list or close connections; and
+//! to list and delete queues and exchanges by name prefix.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -281,23 +282,57 @@ impl Management {
     pub async fn close_connections_named(&self, prefix: &str) -> Result<usize, AmqpError> {
         let names = self.connections_named(prefix).await?;
         for n in &names {
-            let url = format!("{}/api/connections/{}", self.base, enc(n));
-            let resp = self
-                .client
-                .delete(&url)
-                .basic_auth(&self.user, Some(&self.password))
-                .header("X-Reason", "closed by sandfleet")
-                .send()
-                .await
-                .map_err(|e| AmqpError::Management(format!("DELETE {url}: {e}")))?;
-            if !resp.status().is_success() && resp.status() != reqwest::StatusCode::NOT_FOUND {
-                return Err(AmqpError::Management(format!(
-                    "DELETE {url}: HTTP {}",
-                    resp.status()
-                )));
-            }
+            self.delete(&format!("connections/{}", enc(n))).await?;
         }
         Ok(names.len())
+    }
+
+    /// Every exchange of the vhost whose name starts with `prefix`, by name.
+    pub async fn exchanges_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<ExchangeInfo>, AmqpError> {
+        let all: Option<Vec<ExchangeInfo>> =
+            self.get(&format!("exchanges/{}", enc(&self.vhost))).await?;
+        let mut exchanges: Vec<ExchangeInfo> = all
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.name.starts_with(prefix))
+            .collect();
+        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(exchanges)
+    }
+
+    /// Deletes queue `name`, with its messages; one already gone is not an error.
+    pub async fn delete_queue(&self, name: &str) -> Result<(), AmqpError> {
+        self.delete(&format!("queues/{}/{}", enc(&self.vhost), enc(name)))
+            .await
+    }
+
+    /// Deletes exchange `name` and its bindings; one already gone is not an error.
+    pub async fn delete_exchange(&self, name: &str) -> Result<(), AmqpError> {
+        self.delete(&format!("exchanges/{}/{}", enc(&self.vhost), enc(name)))
+            .await
+    }
+
+    /// `DELETE /api/{path}`; 404 (already gone) counts as done.
+    async fn delete(&self, path: &str) -> Result<(), AmqpError> {
+        let url = format!("{}/api/{path}", self.base);
+        let resp = self
+            .client
+            .delete(&url)
+            .basic_auth(&self.user, Some(&self.password))
+            .header("X-Reason", "closed by sandfleet")
+            .send()
+            .await
+            .map_err(|e| AmqpError::Management(format!("DELETE {url}: {e}")))?;
+        if !resp.status().is_success() && resp.status() != reqwest::StatusCode::NOT_FOUND {
+            return Err(AmqpError::Management(format!(
+                "DELETE {url}: HTTP {}",
+                resp.status()
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -648,3 +648,29 @@ async fn connections_use_small_frames_and_large_bodies_arrive_whole() {
         assert_eq!(c["frame_max"], 16 * 1024, "frame_max of {}", c["name"]);
     }
 }
+
+#[tokio::test]
+async fn management_lists_and_deletes_queues_and_exchanges_by_prefix() {
+    let p = unique("mgmt-delete");
+    let amqp = connect(&p).await;
+    // Cleanup guard in case an assertion fails before the deletes below.
+    let (t, _cleanup) = applied(&amqp, &p, topology_settings(&p)).await;
+    let mgmt = amqp.management();
+    let queues = mgmt.queues_with_prefix(&p).await.unwrap();
+    let exchanges = mgmt.exchanges_with_prefix(&p).await.unwrap();
+    assert!(queues.iter().any(|q| q.name == t.tasks_queue));
+    assert!(exchanges.iter().any(|e| e.name == t.tasks_exchange));
+    assert!(exchanges.iter().all(|e| e.name.starts_with(&p)));
+
+    for q in &queues {
+        mgmt.delete_queue(&q.name).await.unwrap();
+    }
+    for e in &exchanges {
+        mgmt.delete_exchange(&e.name).await.unwrap();
+    }
+    assert!(mgmt.queues_with_prefix(&p).await.unwrap().is_empty());
+    assert!(mgmt.exchanges_with_prefix(&p).await.unwrap().is_empty());
+    // Already gone is done, not an error.
+    mgmt.delete_queue(&t.tasks_queue).await.unwrap();
+    mgmt.delete_exchange(&t.tasks_exchange).await.unwrap();
+}

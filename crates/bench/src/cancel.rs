@@ -46,7 +46,7 @@ pub(crate) struct CancelArgs {
         env = "AMQP_ADDR",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
-    url: String,
+    pub(crate) url: String,
 }
 
 /// xorshift64*: a reproducible shuffle without a dependency.

@@ -75,7 +75,7 @@ pub(crate) struct FairnessArgs {
         env = "AMQP_ADDR",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
-    url: String,
+    pub(crate) url: String,
 }
 
 /// What one run measured.

@@ -46,7 +46,7 @@ pub(crate) struct IdleArgs {
         env = "AMQP_ADDR",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
-    url: String,
+    pub(crate) url: String,
 }
 
 /// One reading, in KiB.

@@ -68,7 +68,7 @@ pub(crate) struct InflightArgs {
         env = "AMQP_ADDR",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
-    url: String,
+    pub(crate) url: String,
 }
 
 /// Runs the benchmark and prints the figures; the last line is JSON.

@@ -10,6 +10,7 @@ mod fairness;
 mod idle;
 mod inflight;
 mod kube;
+mod leftovers;
 mod pipeline;
 mod pool;
 mod procfs;
@@ -52,9 +53,32 @@ enum Command {
     Idle(idle::IdleArgs),
     /// Fair share between repositories on a saturated fleet (kube-sim, two workers, 16 sandboxes) vs FIFO.
     Fairness(fairness::FairnessArgs),
+    /// Deletes the queues and exchanges that killed benchmark runs left on the broker.
+    Clean(leftovers::CleanArgs),
     /// One worker process for `pipeline` and `inflight` (started by them).
     #[command(hide = true)]
     PipelineWorker(pipeline::WorkerArgs),
+}
+
+impl Command {
+    /// The broker of a benchmark that names its queues and exchanges
+    /// `sfbench-<pid>-...` ([`leftovers`]).
+    fn sfbench_broker(&self) -> Option<&str> {
+        match self {
+            Command::Producer(a) => Some(&a.url),
+            Command::Pipeline(a) => Some(&a.url),
+            Command::Cancel(a) => Some(&a.url),
+            Command::Inflight(a) => Some(&a.url),
+            Command::Idle(a) => Some(&a.url),
+            Command::Fairness(a) => Some(&a.url),
+            Command::Kube(_)
+            | Command::Session(_)
+            | Command::Pool(_)
+            | Command::Soak(_)
+            | Command::Clean(_)
+            | Command::PipelineWorker(_) => None,
+        }
+    }
 }
 
 /// A benchmark's last line: `{"bench":"<name>",...}` with `fields` in the
@@ -73,6 +97,9 @@ pub(crate) fn json_line(bench: &str, fields: &[(&str, serde_json::Value)]) -> St
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(url) = cli.command.sfbench_broker() {
+        leftovers::report(url).await;
+    }
     match cli.command {
         Command::Producer(args) => producer::run(args).await,
         Command::Kube(args) => kube::run(args).await,
@@ -84,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Soak(args) => soak::run(args).await,
         Command::Fairness(args) => fairness::run(args).await,
         Command::Idle(args) => idle::run(args).await,
+        Command::Clean(args) => leftovers::clean(args).await,
         Command::PipelineWorker(args) => pipeline::worker(args).await,
     }
 }

@@ -84,7 +84,7 @@ pub(crate) struct PipelineArgs {
         env = "AMQP_ADDR",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
-    url: String,
+    pub(crate) url: String,
 }
 
 /// Options of the hidden worker process.
