@@ -183,14 +183,26 @@ impl Management {
     /// Every queue of the vhost whose name starts with `prefix`, by name.
     /// The figures are the management API's (refreshed every few seconds).
     pub async fn queues_with_prefix(&self, prefix: &str) -> Result<Vec<QueueInfo>, AmqpError> {
-        let all: Option<Vec<QueueInfo>> = self.get(&format!("queues/{}", enc(&self.vhost))).await?;
-        let mut queues: Vec<QueueInfo> = all
+        self.named_with_prefix("queues", prefix, |q: &QueueInfo| &q.name)
+            .await
+    }
+
+    /// The vhost's objects of `kind` (`queues`, `exchanges`) whose name,
+    /// per `name`, starts with `prefix`, by name.
+    async fn named_with_prefix<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        prefix: &str,
+        name: impl Fn(&T) -> &str,
+    ) -> Result<Vec<T>, AmqpError> {
+        let all: Option<Vec<T>> = self.get(&format!("{kind}/{}", enc(&self.vhost))).await?;
+        let mut named: Vec<T> = all
             .unwrap_or_default()
             .into_iter()
-            .filter(|q| q.name.starts_with(prefix))
+            .filter(|o| name(o).starts_with(prefix))
             .collect();
-        queues.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(queues)
+        named.sort_by(|a, b| name(a).cmp(name(b)));
+        Ok(named)
     }
 
     /// The consumers of `queue`, by connection name, each with the
@@ -292,15 +304,8 @@ impl Management {
         &self,
         prefix: &str,
     ) -> Result<Vec<ExchangeInfo>, AmqpError> {
-        let all: Option<Vec<ExchangeInfo>> =
-            self.get(&format!("exchanges/{}", enc(&self.vhost))).await?;
-        let mut exchanges: Vec<ExchangeInfo> = all
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|e| e.name.starts_with(prefix))
-            .collect();
-        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(exchanges)
+        self.named_with_prefix("exchanges", prefix, |e: &ExchangeInfo| &e.name)
+            .await
     }
 
     /// Deletes queue `name`, with its messages; one already gone is not an error.
