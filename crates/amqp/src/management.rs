@@ -247,6 +247,32 @@ impl Management {
         Ok(out)
     }
 
+    /// How many consumers each queue of the vhost has on channels that are
+    /// still open, by queue name (queues without any are absent). The queue
+    /// listing's `consumers` lags, and for a stream it can outlive the
+    /// connection its consumers were on; these are checked against the open
+    /// channels.
+    pub async fn live_consumers(&self) -> Result<BTreeMap<String, usize>, AmqpError> {
+        let vhost = enc(&self.vhost);
+        let consumers: Vec<ConsumerEntry> = self
+            .get(&format!("consumers/{vhost}"))
+            .await?
+            .unwrap_or_default();
+        let channels: Vec<ChannelEntry> = self
+            .get(&format!("vhosts/{vhost}/channels"))
+            .await?
+            .unwrap_or_default();
+        let open: std::collections::HashSet<&str> =
+            channels.iter().map(|c| c.name.as_str()).collect();
+        let mut live = BTreeMap::new();
+        for c in &consumers {
+            if open.contains(c.channel_field("name").as_str()) {
+                *live.entry(c.queue.name.clone()).or_default() += 1;
+            }
+        }
+        Ok(live)
+    }
+
     /// An exchange, or `None` if it does not exist.
     pub async fn exchange(&self, name: &str) -> Result<Option<ExchangeInfo>, AmqpError> {
         self.get(&format!("exchanges/{}/{}", enc(&self.vhost), enc(name)))

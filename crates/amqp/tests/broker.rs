@@ -674,3 +674,41 @@ async fn management_lists_and_deletes_queues_and_exchanges_by_prefix() {
     mgmt.delete_queue(&t.tasks_queue).await.unwrap();
     mgmt.delete_exchange(&t.tasks_exchange).await.unwrap();
 }
+
+/// Polls `live_consumers` until `want` holds for `queue`'s count (the
+/// management API's consumer and channel lists lag a few seconds).
+async fn live_count_becomes(amqp: &Amqp, queue: &str, want: impl Fn(usize) -> bool) -> usize {
+    let mgmt = amqp.management();
+    let mut n = 0;
+    for _ in 0..300 {
+        n = mgmt
+            .live_consumers()
+            .await
+            .unwrap()
+            .get(queue)
+            .copied()
+            .unwrap_or(0);
+        if want(n) {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("live consumers of {queue} stayed at {n}");
+}
+
+#[tokio::test]
+async fn live_consumers_count_open_channels_only() {
+    let p = unique("mgmt-live");
+    let amqp = connect(&p).await;
+    let (t, _cleanup) = applied(&amqp, &p, topology_settings(&p)).await;
+    let other = connect(&format!("{p}-consumer")).await;
+    let consumer = Consumer::start(&other, ConsumerOptions::new(&t.tasks_queue, 1))
+        .await
+        .unwrap();
+    assert_eq!(live_count_becomes(&amqp, &t.tasks_queue, |n| n > 0).await, 1);
+    // The consumer's connection goes: the queue has no live consumer, even
+    // while the queue listing may still count one.
+    drop(consumer);
+    other.close();
+    live_count_becomes(&amqp, &t.tasks_queue, |n| n == 0).await;
+}

@@ -4,7 +4,7 @@
 //! them when it ends, but a run that was killed (SIGKILL, a closed terminal,
 //! an out-of-memory kill) cannot: its queues and exchanges stay, durable, with
 //! whatever messages they held. A run is over when no process has its pid on
-//! this machine and no queue of its has a consumer. Each benchmark that
+//! this machine and no queue of its has a consumer on an open channel. Each benchmark that
 //! declares such names [`report`]s what runs that are over left;
 //! `sandfleet-bench clean` deletes it. Deleting stays a command of its own:
 //! a benchmark running on another machine against the same broker has a pid
@@ -156,10 +156,12 @@ async fn found(url: &str) -> anyhow::Result<Found> {
     let mgmt = Amqp::lazy(&settings, "bench")?.management();
     let queues = mgmt.queues_with_prefix(PREFIX).await?;
     let exchanges = mgmt.exchanges_with_prefix(PREFIX).await?;
+    let live = mgmt.live_consumers().await?;
     let runs = stale_runs(
-        queues
-            .iter()
-            .map(|q| (q.name.as_str(), q.consumers.unwrap_or(0))),
+        queues.iter().map(|q| {
+            let consumers = live.get(&q.name).copied().unwrap_or(0);
+            (q.name.as_str(), consumers as u64)
+        }),
         exchanges.iter().map(|e| e.name.as_str()),
         alive,
     );

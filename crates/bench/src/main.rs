@@ -63,18 +63,19 @@ enum Command {
 impl Command {
     /// The broker of a benchmark that names its queues and exchanges
     /// `sfbench-<pid>-...` ([`leftovers`]).
-    fn sfbench_broker(&self) -> Option<&str> {
+    fn sfbench_broker(&self) -> Option<String> {
         match self {
-            Command::Producer(a) => Some(&a.url),
-            Command::Pipeline(a) => Some(&a.url),
-            Command::Cancel(a) => Some(&a.url),
-            Command::Inflight(a) => Some(&a.url),
-            Command::Idle(a) => Some(&a.url),
-            Command::Fairness(a) => Some(&a.url),
+            Command::Producer(a) => Some(a.url.clone()),
+            Command::Pipeline(a) => Some(a.url.clone()),
+            Command::Cancel(a) => Some(a.url.clone()),
+            Command::Inflight(a) => Some(a.url.clone()),
+            Command::Idle(a) => Some(a.url.clone()),
+            Command::Fairness(a) => Some(a.url.clone()),
+            // The end-to-end harness's broker (`AMQP_ADDR`).
+            Command::Soak(_) => Some(sandfleet_e2e::amqp_url()),
             Command::Kube(_)
             | Command::Session(_)
             | Command::Pool(_)
-            | Command::Soak(_)
             | Command::Clean(_)
             | Command::PipelineWorker(_) => None,
         }
@@ -98,7 +99,7 @@ pub(crate) fn json_line(bench: &str, fields: &[(&str, serde_json::Value)]) -> St
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(url) = cli.command.sfbench_broker() {
-        leftovers::report(url).await;
+        leftovers::report(&url).await;
     }
     match cli.command {
         Command::Producer(args) => producer::run(args).await,

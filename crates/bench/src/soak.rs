@@ -75,6 +75,8 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let concurrency = args.concurrency.max(1);
     let env = Env::new("soak-bench", &exe.display().to_string(), true, |s| {
+        // A benchmark's names, so `clean` finds them after a killed run.
+        s.topology.prefix = format!("{}{}-soak", crate::leftovers::PREFIX, std::process::id());
         s.worker.concurrency = concurrency;
         s.worker.drain_timeout_secs = 1;
         s.telemetry.log_filter = "error".into();
