@@ -25,6 +25,8 @@ pub struct Env {
     pub worker: Option<String>,
     pub stop: CancellationToken,
     pub _dir: tempfile::TempDir,
+    /// `cleanup` ran; otherwise `Drop` deletes what the test declared.
+    cleaned: bool,
 }
 
 pub fn free_port() -> u16 {
@@ -112,6 +114,7 @@ impl Env {
             worker,
             stop,
             _dir: dir,
+            cleaned: false,
         }
     }
 
@@ -178,10 +181,53 @@ impl Env {
         publisher.publish(&msg).await.unwrap();
     }
 
-    pub async fn cleanup(self) {
+    pub async fn cleanup(mut self) {
         self.stop.cancel();
         // Leave the worker a moment to drain; deletion then removes what is left.
-        let _ = self.topology.delete(&self.amqp).await;
+        delete_declared(&self.amqp, &self.topology, &self.settings.topology.prefix).await;
+        self.cleaned = true;
+    }
+}
+
+/// Deletes the test's topology and the replay ledger a replay declares
+/// (`<prefix>.replays`, not part of the topology).
+async fn delete_declared(amqp: &Amqp, topology: &Topology, prefix: &str) {
+    if let Ok(ch) = amqp.channel().await {
+        let ledger = sandfleet_ops::ledger::queue_name(prefix);
+        let _ = ch
+            .queue_delete(ledger.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = topology.delete(amqp).await;
+}
+
+impl Drop for Env {
+    /// A test that ended without `cleanup` (a failed assertion): the same
+    /// deletions, on a thread and runtime of their own, since this one may
+    /// be unwinding. The broker is shared.
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if self.cleaned {
+            return;
+        }
+        let settings = self.settings.amqp.clone();
+        let topology = self.topology.clone();
+        let prefix = self.settings.topology.prefix.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(amqp) = Amqp::connect(&settings, "console-test-cleanup").await {
+                    delete_declared(&amqp, &topology, &prefix).await;
+                    amqp.close();
+                }
+            });
+        })
+        .join();
     }
 }
 
