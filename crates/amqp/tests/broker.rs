@@ -705,7 +705,10 @@ async fn live_consumers_count_open_channels_only() {
     let consumer = Consumer::start(&other, ConsumerOptions::new(&t.tasks_queue, 1))
         .await
         .unwrap();
-    assert_eq!(live_count_becomes(&amqp, &t.tasks_queue, |n| n > 0).await, 1);
+    assert_eq!(
+        live_count_becomes(&amqp, &t.tasks_queue, |n| n > 0).await,
+        1
+    );
     // The consumer's connection goes: the queue has no live consumer, even
     // while the queue listing may still count one.
     drop(consumer);
