@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 
+use anyhow::Context as _;
 use sandfleet_amqp::Amqp;
 use sandfleet_settings::AmqpSettings;
 
@@ -75,7 +76,8 @@ pub(crate) async fn report(url: &str) {
 }
 
 /// `sandfleet-bench clean`: deletes the queues and exchanges of benchmark
-/// runs that are over (see the module docs), or with `--dry-run` only lists them.
+/// runs that are over (see the module docs) and their kubeconfig files in
+/// the temporary directory, or with `--dry-run` only lists them.
 #[derive(Debug, clap::Args)]
 pub(crate) struct CleanArgs {
     /// Broker URL
@@ -91,6 +93,13 @@ pub(crate) struct CleanArgs {
 }
 
 pub(crate) async fn clean(args: CleanArgs) -> anyhow::Result<()> {
+    let files = stale_files(&std::env::temp_dir(), alive);
+    for file in &files {
+        println!("file {}", file.display());
+        if !args.dry_run {
+            std::fs::remove_file(file).with_context(|| format!("removing {}", file.display()))?;
+        }
+    }
     let f = found(&args.url).await?;
     for name in f
         .queues
@@ -100,17 +109,13 @@ pub(crate) async fn clean(args: CleanArgs) -> anyhow::Result<()> {
     {
         println!("{} {}", name.0, name.1);
     }
-    if args.dry_run || f.runs.is_empty() {
+    if args.dry_run {
         println!(
-            "{} queue(s) and {} exchange(s) of {} run(s) that are over{}",
+            "{} queue(s) and {} exchange(s) of {} run(s) that are over, {} file(s); nothing deleted (--dry-run)",
             f.queues.len(),
             f.exchanges.len(),
             f.runs.len(),
-            if args.dry_run {
-                "; nothing deleted (--dry-run)"
-            } else {
-                ""
-            }
+            files.len(),
         );
         return Ok(());
     }
@@ -121,12 +126,34 @@ pub(crate) async fn clean(args: CleanArgs) -> anyhow::Result<()> {
         f.mgmt.delete_exchange(e).await?;
     }
     println!(
-        "deleted {} queue(s) and {} exchange(s) of {}",
+        "deleted {} queue(s) and {} exchange(s) of {}, {} file(s)",
         f.queues.len(),
         f.exchanges.len(),
-        f.listed()
+        f.listed(),
+        files.len()
     );
     Ok(())
+}
+
+/// The files of runs that are over in `dir` (their kubeconfigs, in the
+/// temporary directory): named `sfbench-<pid>-...` with no process `pid`.
+fn stale_files(dir: &std::path::Path, alive: impl Fn(u32) -> bool) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(run_of)
+                .is_some_and(|(_, pid)| pid != std::process::id() && !alive(pid))
+        })
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
 }
 
 /// What runs that are over left: their prefixes and their queues' and
@@ -140,6 +167,9 @@ struct Found {
 
 impl Found {
     fn listed(&self) -> String {
+        if self.runs.is_empty() {
+            return "no run that is over".into();
+        }
         self.runs
             .iter()
             .map(|r| format!("{r}*"))
@@ -185,6 +215,7 @@ async fn found(url: &str) -> anyhow::Result<Found> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -197,6 +228,29 @@ mod tests {
         assert_eq!(run_of("sfbench-x-kube"), None);
         assert_eq!(run_of("sfbench-4242"), None);
         assert_eq!(run_of("sandfleet.tasks"), None);
+    }
+
+    #[test]
+    fn the_files_of_runs_that_are_over_are_found_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "sfbench-10-kubeconfig",
+            "sfbench-10-fair-fifo-kubeconfig",
+            "sfbench-20-inflight-kubeconfig",
+            "sfbench-x-kubeconfig",
+            "other-10-kubeconfig",
+        ] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("sfbench-10-dir")).unwrap();
+        let files: Vec<String> = stale_files(dir.path(), |pid| pid == 20)
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            files,
+            ["sfbench-10-fair-fifo-kubeconfig", "sfbench-10-kubeconfig"]
+        );
     }
 
     #[test]
