@@ -632,22 +632,11 @@ impl Drop for Env {
         self.stop.cancel();
         // A failed test: delete its queues anyway (the broker is shared), on
         // a runtime of its own since `Drop` cannot await.
-        let settings = self.settings.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(amqp) = Amqp::connect(&settings.amqp, "e2e-cleanup").await {
-                    let _ = Topology::new(&settings.topology).delete(&amqp).await;
-                    amqp.close();
-                }
-            });
-        })
-        .join();
+        sandfleet_amqp::testing::delete_declared_blocking(
+            self.settings.amqp.clone(),
+            Topology::new(&self.settings.topology),
+            Vec::new(),
+        );
     }
 }
 

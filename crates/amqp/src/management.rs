@@ -208,15 +208,7 @@ impl Management {
     /// The consumers of `queue`, by connection name, each with the
     /// deliveries its channel holds unacknowledged.
     pub async fn queue_consumers(&self, queue: &str) -> Result<Vec<QueueConsumer>, AmqpError> {
-        let vhost = enc(&self.vhost);
-        let consumers: Vec<ConsumerEntry> = self
-            .get(&format!("consumers/{vhost}"))
-            .await?
-            .unwrap_or_default();
-        let channels: Vec<ChannelEntry> = self
-            .get(&format!("vhosts/{vhost}/channels"))
-            .await?
-            .unwrap_or_default();
+        let (consumers, channels) = self.consumers_and_channels().await?;
         let connections: Vec<ConnectionInfo> = self.get("connections").await?.unwrap_or_default();
         let mut out: Vec<QueueConsumer> = consumers
             .into_iter()
@@ -253,15 +245,7 @@ impl Management {
     /// connection its consumers were on; these are checked against the open
     /// channels.
     pub async fn live_consumers(&self) -> Result<BTreeMap<String, usize>, AmqpError> {
-        let vhost = enc(&self.vhost);
-        let consumers: Vec<ConsumerEntry> = self
-            .get(&format!("consumers/{vhost}"))
-            .await?
-            .unwrap_or_default();
-        let channels: Vec<ChannelEntry> = self
-            .get(&format!("vhosts/{vhost}/channels"))
-            .await?
-            .unwrap_or_default();
+        let (consumers, channels) = self.consumers_and_channels().await?;
         let open: std::collections::HashSet<&str> =
             channels.iter().map(|c| c.name.as_str()).collect();
         let mut live = BTreeMap::new();
@@ -271,6 +255,22 @@ impl Management {
             }
         }
         Ok(live)
+    }
+
+    /// The vhost's consumers and its open channels.
+    async fn consumers_and_channels(
+        &self,
+    ) -> Result<(Vec<ConsumerEntry>, Vec<ChannelEntry>), AmqpError> {
+        let vhost = enc(&self.vhost);
+        let consumers = self
+            .get(&format!("consumers/{vhost}"))
+            .await?
+            .unwrap_or_default();
+        let channels = self
+            .get(&format!("vhosts/{vhost}/channels"))
+            .await?
+            .unwrap_or_default();
+        Ok((consumers, channels))
     }
 
     /// An exchange, or `None` if it does not exist.

@@ -220,6 +220,44 @@ async fn serve(client: TcpStream, state: Arc<State>) {
     tokio::join!(down, up);
 }
 
+/// Deletes `topology` and the queues named `queues` (what a test declared
+/// outside its topology, such as a replay ledger) on a connection of its own.
+/// Errors are ignored: this is cleanup, often after a test already failed.
+pub async fn delete_declared(amqp: &crate::Amqp, topology: &crate::Topology, queues: &[String]) {
+    if let Ok(ch) = amqp.channel().await {
+        for q in queues {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+    }
+    let _ = topology.delete(amqp).await;
+}
+
+/// [`delete_declared`] on a thread and current-thread runtime of their own,
+/// waiting until it is done: what a test fixture's `Drop` needs, since it
+/// cannot await and the test's own runtime may be unwinding. The broker is
+/// shared, so a failed test must not leave its queues behind.
+pub fn delete_declared_blocking(
+    settings: sandfleet_settings::AmqpSettings,
+    topology: crate::Topology,
+    queues: Vec<String>,
+) {
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            if let Ok(amqp) = crate::Amqp::connect(&settings, "test-cleanup").await {
+                delete_declared(&amqp, &topology, &queues).await;
+                amqp.close();
+            }
+        });
+    })
+    .join();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -238,26 +238,11 @@ impl Drop for Env {
     /// Deletes the test's topology and replay ledger, also after a failed
     /// assertion: on a fresh thread and runtime, since this one may be unwinding.
     fn drop(&mut self) {
-        let settings = self.settings.clone();
-        let topology = self.topology.clone();
-        let ledger = format!("{}.replays", self.prefix);
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Runtime::new() else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(amqp) = Amqp::connect(&settings, "cli-test-cleanup").await {
-                    if let Ok(ch) = amqp.channel().await {
-                        let _ = ch
-                            .queue_delete(ledger.as_str().into(), Default::default())
-                            .await;
-                    }
-                    let _ = topology.delete(&amqp).await;
-                    amqp.close();
-                }
-            });
-        })
-        .join();
+        sandfleet_amqp::testing::delete_declared_blocking(
+            self.settings.clone(),
+            self.topology.clone(),
+            vec![format!("{}.replays", self.prefix)],
+        );
     }
 }
 

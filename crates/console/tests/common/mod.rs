@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use sandfleet_amqp::testing::{delete_declared, delete_declared_blocking};
 use sandfleet_amqp::{Amqp, OutgoingMessage, Publisher, Topology};
 use sandfleet_console::Console;
 use sandfleet_gateway::{BrokerSink, TaskSink};
@@ -184,50 +185,30 @@ impl Env {
     pub async fn cleanup(mut self) {
         self.stop.cancel();
         // Leave the worker a moment to drain; deletion then removes what is left.
-        delete_declared(&self.amqp, &self.topology, &self.settings.topology.prefix).await;
+        delete_declared(&self.amqp, &self.topology, &[self.ledger()]).await;
         self.cleaned = true;
     }
-}
 
-/// Deletes the test's topology and the replay ledger a replay declares
-/// (`<prefix>.replays`, not part of the topology).
-async fn delete_declared(amqp: &Amqp, topology: &Topology, prefix: &str) {
-    if let Ok(ch) = amqp.channel().await {
-        let ledger = sandfleet_ops::ledger::queue_name(prefix);
-        let _ = ch
-            .queue_delete(ledger.as_str().into(), Default::default())
-            .await;
+    /// The replay ledger a replay declares (`<prefix>.replays`), not part of
+    /// the topology.
+    fn ledger(&self) -> String {
+        sandfleet_ops::ledger::queue_name(&self.settings.topology.prefix)
     }
-    let _ = topology.delete(amqp).await;
 }
 
 impl Drop for Env {
     /// A test that ended without `cleanup` (a failed assertion): the same
-    /// deletions, on a thread and runtime of their own, since this one may
-    /// be unwinding. The broker is shared.
+    /// deletions, on a thread and runtime of their own.
     fn drop(&mut self) {
         self.stop.cancel();
         if self.cleaned {
             return;
         }
-        let settings = self.settings.amqp.clone();
-        let topology = self.topology.clone();
-        let prefix = self.settings.topology.prefix.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(amqp) = Amqp::connect(&settings, "console-test-cleanup").await {
-                    delete_declared(&amqp, &topology, &prefix).await;
-                    amqp.close();
-                }
-            });
-        })
-        .join();
+        delete_declared_blocking(
+            self.settings.amqp.clone(),
+            self.topology.clone(),
+            vec![self.ledger()],
+        );
     }
 }
 
