@@ -636,6 +636,54 @@ async fn a_conditional_claim_lets_exactly_one_of_two_through() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_of_a_claimed_member_that_hangs_is_given_up_and_the_next_one_answers() {
+    const NS: &str = "pool-check";
+    let sim = KubeSim::start(SimOptions::default()).await.unwrap();
+    let r = Replica::start(&sim, NS, vec![pool("h", IMAGE, 1)]);
+    filled(&r.client(), "h", 1).await;
+    let job = members(&sim, NS, "h").pop().unwrap();
+    let name = job["metadata"]["name"].as_str().unwrap().to_owned();
+    let rv = job["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let x = KubeSessions::from_kubeconfig_yaml(&sim.kubeconfig_yaml(NS), settings(NS))
+        .await
+        .unwrap();
+    let meta = SessionMeta {
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+    };
+    use sandfleet_sandbox::session::kubernetes::pool::{CHECK_WAIT, ClaimOutcome};
+    let claimed = x
+        .claim_member(&name, &rv, &SessionSpec::new(IMAGE), &meta)
+        .await
+        .unwrap();
+    assert_eq!(claimed, ClaimOutcome::Claimed);
+    // The API server holds the next request to the member's pod for a minute.
+    sim.faults().inject(
+        FaultRule::new(
+            "GET",
+            &format!("/pods/{name}-"),
+            FaultAction::Delay(Duration::from_secs(60)),
+        )
+        .times(1),
+    );
+    let id = SessionId(name.clone());
+    let started = Instant::now();
+    let hung = x.member_activated(&id).await;
+    assert!(hung.is_err(), "{hung:?}");
+    assert!(
+        started.elapsed() < CHECK_WAIT + Duration::from_secs(5),
+        "given up after {:?}",
+        started.elapsed()
+    );
+    // The next check answers: claimed, never handed over.
+    assert!(!x.member_activated(&id).await.unwrap());
+    x.teardown(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claimed_member_ends_on_the_sessions_own_idle_timeout_and_lifetime() {
     const NS: &str = "pool-timeouts";
     let sim = KubeSim::start(SimOptions::default()).await.unwrap();

@@ -25,6 +25,12 @@ pub enum ClaimOutcome {
     Lost,
 }
 
+/// How long a check of a claimed member may take, its exec included: a
+/// `test -e` in the sandbox. A check that hangs (a slow API server, a stuck
+/// exec) is given up, so it cannot hold the member unchecked for the
+/// file-transfer wait; the pool manager checks again on its next tick.
+pub const CHECK_WAIT: Duration = Duration::from_secs(10);
+
 /// How long past the pool's max age an idle member's own idle loop waits
 /// before it exits by itself: the backstop when no service runs to replace it.
 const IDLE_BACKSTOP: Duration = Duration::from_secs(60);
@@ -226,18 +232,25 @@ impl KubeSessions {
 
     /// Whether a claimed member got its session's values (the claim exec
     /// ran). A member claimed by a replica that died before that serves nobody.
+    /// The check gives up after [`CHECK_WAIT`] (the caller checks again later).
     pub async fn member_activated(&self, id: &SessionId) -> Result<bool, SessionError> {
         let target = self.target(id).await?;
-        let e = self
-            .exec(
-                &target,
-                script::claimed_argv(),
-                None,
-                4096,
-                None,
-                super::FILE_WAIT,
-            )
-            .await?;
+        let check = self.exec(
+            &target,
+            script::claimed_argv(),
+            None,
+            4096,
+            None,
+            CHECK_WAIT,
+        );
+        let e = tokio::time::timeout(CHECK_WAIT, check)
+            .await
+            .map_err(|_| {
+                SessionError::ConnectionLost(format!(
+                    "no answer from pod {} within {CHECK_WAIT:?}",
+                    target.pod
+                ))
+            })??;
         Ok(e.exit_code == 0)
     }
 
