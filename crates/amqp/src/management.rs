@@ -320,7 +320,11 @@ impl Management {
     pub async fn close_connections_named(&self, prefix: &str) -> Result<usize, AmqpError> {
         let names = self.connections_named(prefix).await?;
         for n in &names {
-            self.delete(&format!("connections/{}", enc(n))).await?;
+            self.delete(
+                &format!("connections/{}", enc(n)),
+                Some("closed by sandfleet"),
+            )
+            .await?;
         }
         Ok(names.len())
     }
@@ -336,24 +340,31 @@ impl Management {
 
     /// Deletes queue `name`, with its messages; one already gone is not an error.
     pub async fn delete_queue(&self, name: &str) -> Result<(), AmqpError> {
-        self.delete(&format!("queues/{}/{}", enc(&self.vhost), enc(name)))
+        self.delete(&format!("queues/{}/{}", enc(&self.vhost), enc(name)), None)
             .await
     }
 
     /// Deletes exchange `name` and its bindings; one already gone is not an error.
     pub async fn delete_exchange(&self, name: &str) -> Result<(), AmqpError> {
-        self.delete(&format!("exchanges/{}/{}", enc(&self.vhost), enc(name)))
-            .await
+        self.delete(
+            &format!("exchanges/{}/{}", enc(&self.vhost), enc(name)),
+            None,
+        )
+        .await
     }
 
-    /// `DELETE /api/{path}`; 404 (already gone) counts as done.
-    async fn delete(&self, path: &str) -> Result<(), AmqpError> {
+    /// `DELETE /api/{path}`; 404 (already gone) counts as done. `reason`
+    /// (`X-Reason`) is what a closed connection's client is told.
+    async fn delete(&self, path: &str, reason: Option<&str>) -> Result<(), AmqpError> {
         let url = format!("{}/api/{path}", self.base);
-        let resp = self
+        let mut req = self
             .client
             .delete(&url)
-            .basic_auth(&self.user, Some(&self.password))
-            .header("X-Reason", "closed by sandfleet")
+            .basic_auth(&self.user, Some(&self.password));
+        if let Some(reason) = reason {
+            req = req.header("X-Reason", reason);
+        }
+        let resp = req
             .send()
             .await
             .map_err(|e| AmqpError::Management(format!("DELETE {url}: {e}")))?;

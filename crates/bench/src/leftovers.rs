@@ -4,8 +4,8 @@
 //! them when it ends, but a run that was killed (SIGKILL, a closed terminal,
 //! an out-of-memory kill) cannot: its queues and exchanges stay, durable, with
 //! whatever messages they held. A run is over when no process has its pid on
-//! this machine and no queue of its has a consumer on an open channel. Each benchmark that
-//! declares such names [`report`]s what runs that are over left;
+//! this machine and no queue of its has a consumer on an open channel. Each
+//! benchmark that declares such names [`report`]s what runs that are over left;
 //! `sandfleet-bench clean` deletes it. Deleting stays a command of its own:
 //! a benchmark running on another machine against the same broker has a pid
 //! that means nothing here, and one that only publishes (`producer`) has no
@@ -33,10 +33,16 @@ fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether the run of `pid` is over as far as this machine can tell: not
+/// this process, and no process with that pid (per `alive`).
+fn gone(pid: u32, alive: &impl Fn(u32) -> bool) -> bool {
+    pid != std::process::id() && !alive(pid)
+}
+
 /// The runs whose names should go: over (per `alive`), and no queue of theirs
-/// has a consumer. `queues` is (name, consumers) as the management API lists them.
+/// has a live consumer. `queues` is (name, consumers on open channels).
 fn stale_runs<'a>(
-    queues: impl IntoIterator<Item = (&'a str, u64)>,
+    queues: impl IntoIterator<Item = (&'a str, usize)>,
     exchanges: impl IntoIterator<Item = &'a str>,
     alive: impl Fn(u32) -> bool,
 ) -> Vec<String> {
@@ -53,7 +59,7 @@ fn stale_runs<'a>(
         }
     }
     runs.into_iter()
-        .filter(|(_, (pid, consumed))| !consumed && *pid != std::process::id() && !alive(*pid))
+        .filter(|(_, (pid, consumed))| !consumed && gone(*pid, &alive))
         .map(|(run, _)| run)
         .collect()
 }
@@ -148,7 +154,7 @@ fn stale_files(dir: &std::path::Path, alive: impl Fn(u32) -> bool) -> Vec<std::p
             e.file_name()
                 .to_str()
                 .and_then(run_of)
-                .is_some_and(|(_, pid)| pid != std::process::id() && !alive(pid))
+                .is_some_and(|(_, pid)| gone(pid, &alive))
         })
         .map(|e| e.path())
         .collect();
@@ -188,10 +194,9 @@ async fn found(url: &str) -> anyhow::Result<Found> {
     let exchanges = mgmt.exchanges_with_prefix(PREFIX).await?;
     let live = mgmt.live_consumers().await?;
     let runs = stale_runs(
-        queues.iter().map(|q| {
-            let consumers = live.get(&q.name).copied().unwrap_or(0);
-            (q.name.as_str(), consumers as u64)
-        }),
+        queues
+            .iter()
+            .map(|q| (q.name.as_str(), live.get(&q.name).copied().unwrap_or(0))),
         exchanges.iter().map(|e| e.name.as_str()),
         alive,
     );
