@@ -1,4 +1,5 @@
-//! The REST routes: Jobs (with the status subresource), Pods, pod logs and `/version`.
+//! The REST routes: Jobs (with the status subresource), Pods, pod logs, `pods/exec`,
+//! `pods/attach` and `/version`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,6 +63,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/api/v1/namespaces/{ns}/pods/{name}/exec",
             get(crate::exec::exec).post(crate::exec::exec),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/attach",
+            get(crate::attach::attach).post(crate::attach::attach),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

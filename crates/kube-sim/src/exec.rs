@@ -1,12 +1,8 @@
-//! `pods/exec`: the WebSocket upgrade and the Kubernetes channel protocol,
-//! running the command in the simulated container's env and working dir.
-//!
-//! Subprotocol: `v5.channel.k8s.io` when the client offers it (it adds the
-//! close channel, 255, so a client can end stdin and still read the exit
-//! status), `v4.channel.k8s.io` otherwise; older ones are refused. Every
-//! binary frame starts with its channel: 0 stdin, 1 stdout, 2 stderr,
-//! 3 status (a `Status` object; `NonZeroExitCode` carries the exit code in
-//! `details.causes[reason=ExitCode]`), 4 resize (ignored: no TTY here).
+//! `pods/exec`: runs a command in the simulated container's env and working
+//! dir, over the remote-command channel protocol ([`crate::remote_command`]:
+//! v5/v4.channel.k8s.io, frames, status). The status frame of a command that
+//! failed is `NonZeroExitCode` with the exit code in
+//! `details.causes[reason=ExitCode]`.
 //!
 //! Faults: the fault rules refuse an exec (`500`, `403`) or delay its upgrade
 //! like any request (they run before routing); [`crate::KubeSim::drop_exec_connections`]
@@ -16,104 +12,25 @@
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt as _, StreamExt as _};
-use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::kubelet::ExecTarget;
+use crate::remote_command::{
+    CLOSE, Handshake, Params, STATUS, STDERR, STDIN, STDOUT, StreamKind, exit_status, frame,
+};
 use crate::shared::Shared;
 use crate::status::ApiError;
-
-/// The exec stream's WebSocket settings: a 16 KiB read buffer instead of
-/// tungstenite's 128 KiB. tungstenite zero-fills the whole read buffer's
-/// spare room before every read, so with 128 KiB each read of a few-byte
-/// frame (stdin, a resize, a close) wrote 128 KiB of zeros: a burst of
-/// execs spent a few percent of kube-sim's CPU in memset and fresh pages.
-/// Larger frames (a file written through stdin) are read in 16 KiB steps.
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(16 * 1024)
-}
-
-const V5: &str = "v5.channel.k8s.io";
-const V4: &str = "v4.channel.k8s.io";
-const STDIN: u8 = 0;
-const STDOUT: u8 = 1;
-const STDERR: u8 = 2;
-const STATUS: u8 = 3;
-const CLOSE: u8 = 255;
-
-/// Open exec streams, and the switch that cuts them.
-#[derive(Default)]
-pub(crate) struct ExecStreams {
-    open: AtomicUsize,
-    cut: std::sync::Mutex<CancellationToken>,
-}
-
-impl ExecStreams {
-    /// How many exec streams are open now.
-    pub(crate) fn open(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
-    }
-
-    /// Drops every open exec stream (no close frame, no status).
-    pub(crate) fn cut_all(&self) {
-        let mut cut = self.cut.lock().unwrap_or_else(|p| p.into_inner());
-        cut.cancel();
-        *cut = CancellationToken::new();
-    }
-
-    fn token(&self) -> CancellationToken {
-        self.cut.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-struct OpenGuard(Arc<Shared>);
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.execs.open.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-struct Params {
-    command: Vec<String>,
-    stdin: bool,
-    stdout: bool,
-    stderr: bool,
-}
-
-fn params(raw: Option<&str>) -> Params {
-    let mut p = Params {
-        command: Vec::new(),
-        stdin: false,
-        stdout: false,
-        stderr: false,
-    };
-    for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
-        let on = v == "true" || v == "1";
-        match &*k {
-            "command" => p.command.push(v.into_owned()),
-            "stdin" => p.stdin = on,
-            "stdout" => p.stdout = on,
-            "stderr" => p.stderr = on,
-            _ => {}
-        }
-    }
-    p
-}
 
 /// `GET|POST /api/v1/namespaces/{ns}/pods/{name}/exec`.
 pub(crate) async fn exec(
@@ -123,115 +40,40 @@ pub(crate) async fn exec(
     headers: HeaderMap,
     mut req: Request,
 ) -> Response {
-    match upgrade(shared, &ns, &name, query.as_deref(), &headers, &mut req) {
+    match upgrade(&shared, &ns, &name, query.as_deref(), &headers, &mut req) {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
 fn upgrade(
-    shared: Arc<Shared>,
+    shared: &Arc<Shared>,
     ns: &str,
     name: &str,
     query: Option<&str>,
     headers: &HeaderMap,
     req: &mut Request,
 ) -> Result<Response, ApiError> {
-    let p = params(query);
+    let p = Params::parse(query);
     if p.command.is_empty() {
         return Err(ApiError::bad_request("you must specify at least 1 command"));
     }
-    if !(p.stdin || p.stdout || p.stderr) {
-        return Err(ApiError::bad_request(
-            "you must specify at least one of stdin, stdout, stderr",
-        ));
-    }
-    let offered: Vec<String> = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_owned())
-        .collect();
-    let protocol = if offered.iter().any(|p| p == V5) {
-        V5
-    } else if offered.iter().any(|p| p == V4) {
-        V4
-    } else {
-        return Err(ApiError::bad_request(
-            "kube-sim serves exec over WebSocket with v5.channel.k8s.io or v4.channel.k8s.io only",
-        ));
-    };
-    let key = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or_else(|| ApiError::bad_request("exec needs a WebSocket upgrade"))?
-        .as_bytes()
-        .to_owned();
+    p.require_a_stream()?;
+    let handshake = Handshake::negotiate(headers, "exec")?;
     if !shared.store.contains(crate::store::Kind::Pod, ns, name) {
         return Err(ApiError::not_found(crate::store::Kind::Pod, name));
     }
-    let target = shared.kubelet.exec_target(ns, name).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "container sandbox is not valid for pod {name}: the container is not running"
-        ))
-    })?;
-    let on_upgrade = hyper::upgrade::on(&mut *req);
-    let cut = shared.execs.token();
-    shared.execs.open.fetch_add(1, Ordering::SeqCst);
-    let guard = OpenGuard(shared.clone());
-    let v5 = protocol == V5;
-    tokio::spawn(async move {
-        let _guard = guard;
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!("kube-sim exec upgrade failed: {e}");
-                return;
-            }
-        };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(ws_config()),
-        )
-        .await;
-        serve(shared, ws, target, p, v5, cut).await;
-    });
-    let mut response = Response::new(Body::empty());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = response.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&derive_accept_key(&key))
-            .map_err(|e| ApiError::bad_request(e.to_string()))?,
-    );
-    h.insert(
-        header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(protocol),
-    );
-    Ok(response)
-}
-
-fn frame(channel: u8, data: &[u8]) -> Message {
-    let mut v = Vec::with_capacity(data.len() + 1);
-    v.push(channel);
-    v.extend_from_slice(data);
-    Message::binary(v)
-}
-
-fn exit_status(code: i32) -> Value {
-    if code == 0 {
-        return json!({"metadata": {}, "status": "Success"});
-    }
-    json!({
-        "metadata": {},
-        "status": "Failure",
-        "message": format!("command terminated with non-zero exit code: exit status {code}"),
-        "reason": "NonZeroExitCode",
-        "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
-    })
+    let target = shared
+        .kubelet
+        .exec_target(ns, name)
+        .ok_or_else(|| crate::remote_command::not_running(name))?;
+    let v5 = handshake.v5();
+    let shared_for_stream = shared.clone();
+    Ok(
+        handshake.accept(shared, StreamKind::Exec, req, move |ws, cut| {
+            serve(shared_for_stream, ws, target, p, v5, cut)
+        }),
+    )
 }
 
 async fn serve<S>(

@@ -14,9 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rustix::process::{Pid, Signal, kill_process_group};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
@@ -53,15 +55,56 @@ pub(crate) struct Kubelet {
     exec_targets: Mutex<HashMap<Key, ExecTarget>>,
 }
 
-/// Where `pods/exec` runs a command: the running container's env, working dir
-/// and volume paths. `ended` fires when the container stops; exec'd processes
-/// die with it, as they do in a real container.
+/// Where `pods/exec` runs a command and what `pods/attach` attaches to: the
+/// running container's env, working dir, volume paths and its own stdin and
+/// output. `ended` fires when the container stops; exec'd processes die with
+/// it, as they do in a real container, and attaches end.
 #[derive(Debug, Clone)]
 pub(crate) struct ExecTarget {
     pub(crate) env: Vec<(String, String)>,
     pub(crate) cwd: PathBuf,
     pub(crate) paths: PathMap,
     pub(crate) ended: CancellationToken,
+    /// The container's spec name (`pods/attach` checks `container=`).
+    pub(crate) container: String,
+    pub(crate) io: ContainerIo,
+}
+
+/// The write end of a container's stdin pipe, shared by its attaches. `None`
+/// inside once closed (`stdinOnce`). A writer holds the lock for one whole
+/// frame (one `write_all`), so frames of concurrent attaches never
+/// interleave.
+pub(crate) type ContainerStdin = Arc<tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>>;
+
+/// How many output chunks (of up to 8 KiB) an attach may fall behind the
+/// container by before it loses output.
+const ATTACH_BACKLOG: usize = 256;
+
+/// A container's own stdin and output, for `pods/attach`.
+#[derive(Debug, Clone)]
+pub(crate) struct ContainerIo {
+    /// The container's stdin when its spec says `stdin: true` (it gets
+    /// `/dev/null` otherwise). The kubelet keeps the write end for the
+    /// container's whole life, so detaching never closes the container's
+    /// stdin (`stdinOnce: false`, the default).
+    pub(crate) stdin: Option<ContainerStdin>,
+    /// `stdinOnce: true`: the first attach whose stdin ends closes it, and it
+    /// stays closed for this run of the container.
+    pub(crate) stdin_once: bool,
+    /// The output pump's broadcast, weak so that the pump's end (the
+    /// container and everything it started closed the output) closes it.
+    output: broadcast::WeakSender<Bytes>,
+}
+
+impl ContainerIo {
+    /// The container's output (stdout and stderr: one stream, as the runtime
+    /// keeps one log) from now on, nothing written before. `None` once the
+    /// container has closed its output. A receiver that falls more than
+    /// [`ATTACH_BACKLOG`] chunks behind loses the oldest (`Lagged`): a slow
+    /// attach never holds up the container or its log.
+    pub(crate) fn subscribe(&self) -> Option<broadcast::Receiver<Bytes>> {
+        self.output.upgrade().map(|s| s.subscribe())
+    }
 }
 
 impl Kubelet {
@@ -806,12 +849,24 @@ pub(crate) fn signal_group(pgid: u32, signal: Signal) {
     }
 }
 
-async fn pump(mut reader: impl AsyncRead + Unpin, log: Arc<ContainerLog>) {
+/// Copies the container's output into its log and to its attaches.
+async fn pump(
+    mut reader: impl AsyncRead + Unpin,
+    log: Arc<ContainerLog>,
+    output: broadcast::Sender<Bytes>,
+) {
     let mut buf = vec![0u8; 8192];
     loop {
         match reader.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => log.append(&buf[..n]),
+            Ok(n) => {
+                log.append(&buf[..n]);
+                // With no attach (the usual case, and the benchmarks' hot
+                // path) this is one uncontended lock: no copy, no send.
+                if output.receiver_count() > 0 {
+                    let _ = output.send(Bytes::copy_from_slice(&buf[..n]));
+                }
+            }
         }
     }
 }
@@ -851,18 +906,36 @@ async fn run_process(
         Ok(p) => p,
         Err(e) => return start_error(format!("kube-sim could not create the log pipe: {e}")),
     };
+    // `stdin: true`: a pipe whose write end the kubelet keeps for attaches.
+    let spec = pod.pointer("/spec/containers/0");
+    let flag = |key: &str| {
+        spec.and_then(|c| c.get(key))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    };
+    let (stdin_reader, stdin_writer) = if flag("stdin") {
+        match std::io::pipe() {
+            Ok((r, w)) => (Stdio::from(r), Some(w)),
+            Err(e) => {
+                return start_error(format!("kube-sim could not create the stdin pipe: {e}"));
+            }
+        }
+    } else {
+        (Stdio::null(), None)
+    };
     let mut cmd = tokio::process::Command::new(&prepared.argv[0]);
     cmd.args(&prepared.argv[1..])
         .env_clear()
         .envs(prepared.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&prepared.cwd)
-        .stdin(Stdio::null())
+        .stdin(stdin_reader)
         .stdout(out)
         .stderr(err)
         .process_group(0)
         .kill_on_drop(true);
     let spawned = cmd.spawn();
     // The writing ends are the container's alone now: its exit ends the log.
+    // So is stdin's reading end: a write after the container is gone fails.
     drop(cmd);
     let mut child = match spawned {
         Ok(c) => c,
@@ -879,6 +952,10 @@ async fn run_process(
     lock(&ctx.shared.kubelet.process_groups).insert(pid);
     let exec_key = (ctx.ns.clone(), ctx.name.clone());
     let exec_ended = interrupt.child_token();
+    let stdin = stdin_writer
+        .and_then(|w| tokio::net::unix::pipe::Sender::from_owned_fd(w.into()).ok())
+        .map(|w| Arc::new(tokio::sync::Mutex::new(Some(w))));
+    let (output, _) = broadcast::channel(ATTACH_BACKLOG);
     lock(&ctx.shared.kubelet.exec_targets).insert(
         exec_key.clone(),
         ExecTarget {
@@ -886,11 +963,17 @@ async fn run_process(
             cwd: prepared.cwd.clone(),
             paths: prepared.paths.clone(),
             ended: exec_ended.clone(),
+            container: ctx.container.clone(),
+            io: ContainerIo {
+                stdin,
+                stdin_once: flag("stdinOnce"),
+                output: output.downgrade(),
+            },
         },
     );
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into())
         .ok()
-        .map(|r| tokio::spawn(pump(r, log.clone())));
+        .map(|r| tokio::spawn(pump(r, log.clone(), output)));
     let grace = || {
         let secs = ctx
             .shared

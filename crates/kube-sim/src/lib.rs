@@ -16,7 +16,8 @@
 //! Where to start: [`KubeSim`]; then `docs/kube-sim.md` for where the fake diverges
 //! from a real API server. Inside, `api` (routes) sits on `store` (objects, revisions,
 //! history) and `watch`; `controller` and `kubelet` drive Jobs and Pods through their
-//! phases; `server` owns the sockets, `faults` and `request_log`.
+//! phases; `server` owns the sockets, `faults` and `request_log`; `exec` and `attach`
+//! (`pods/exec`, `pods/attach`) speak the channel protocol of `remote_command`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -39,6 +40,7 @@
 
 mod admission;
 mod api;
+mod attach;
 mod controller;
 mod deletion;
 mod exec;
@@ -47,6 +49,7 @@ mod kubelet;
 mod kueue;
 mod meta;
 mod pod_log;
+mod remote_command;
 mod request_log;
 mod script;
 mod selector;
@@ -67,6 +70,7 @@ pub use request_log::{OBSERVED_ENV, RequestRecord};
 pub use script::{AFTER_MS_ANNOTATION, EXIT_CODE_ANNOTATION, PodScript, SCRIPT_ANNOTATION};
 pub use selector::{LabelSelector, SelectorError};
 
+use crate::remote_command::StreamKind;
 use crate::server::Server;
 use crate::shared::Shared;
 use crate::store::Kind;
@@ -240,16 +244,24 @@ impl KubeSim {
             .map(|l| String::from_utf8_lossy(&l.contents()).into_owned())
     }
 
-    /// How many `pods/exec` streams are open now.
+    /// How many `pods/exec` streams are open now (attaches are not counted
+    /// here: see [`KubeSim::open_attach_streams`]).
     pub fn open_exec_streams(&self) -> usize {
-        self.shared.execs.open()
+        self.shared.streams.open(StreamKind::Exec)
     }
 
-    /// Cuts every open `pods/exec` stream mid-command, without a close frame or an
-    /// exit status (a lost node or proxy). The commands keep running until their
-    /// container ends.
+    /// How many `pods/attach` streams are open now.
+    pub fn open_attach_streams(&self) -> usize {
+        self.shared.streams.open(StreamKind::Attach)
+    }
+
+    /// Cuts every open `pods/exec` and `pods/attach` stream, without a close
+    /// frame or a status (a lost node or proxy). Exec'd commands keep running
+    /// until their container ends; an attached container keeps running and
+    /// its stdin stays open (unless `stdinOnce`, which closes it as any
+    /// detach does).
     pub fn drop_exec_connections(&self) {
-        self.shared.execs.cut_all();
+        self.shared.streams.cut_all();
     }
 
     /// Closes the listener and every open connection (`true`: clients get "connection

@@ -71,8 +71,9 @@ impl RequestRecord {
         self.verb
     }
 
-    /// The resource with its subresource: `jobs`, `jobs/status`, `pods`, `pods/log`;
-    /// `""` for non-resource paths.
+    /// The resource with its subresource: `jobs`, `jobs/status`, `pods`, `pods/log`,
+    /// `pods/exec`, `pods/attach`; `""` for non-resource paths. A WebSocket exec or
+    /// attach is a `GET` (verb `get`), as RBAC sees it; `POST` is `create`.
     pub fn resource(&self) -> &str {
         &self.resource
     }
@@ -273,6 +274,27 @@ mod tests {
                 "pods/log",
             ),
             ("GET", "/api/v1/namespaces/d/pods", "", "list", "pods"),
+            (
+                "GET",
+                "/api/v1/namespaces/d/pods/p/exec",
+                "command=sh&stdout=true",
+                "get",
+                "pods/exec",
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/d/pods/p/attach",
+                "stdin=true&stdout=true",
+                "get",
+                "pods/attach",
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/d/pods/p/attach",
+                "",
+                "create",
+                "pods/attach",
+            ),
             ("GET", "/version", "", "", ""),
         ];
         for (method, path, query, verb, resource) in cases {

@@ -19,8 +19,8 @@ pub(crate) struct Shared {
     pub(crate) faults: Faults,
     pub(crate) requests: RequestLog,
     pub(crate) kubelet: Kubelet,
-    /// Open `pods/exec` streams.
-    pub(crate) execs: crate::exec::ExecStreams,
+    /// Open `pods/exec` and `pods/attach` streams.
+    pub(crate) streams: crate::remote_command::Streams,
     /// Propagation policy of Jobs being deleted, by uid, for the garbage collector.
     propagation: Mutex<HashMap<String, Propagation>>,
     /// Stops the server, controller and kubelet.
@@ -35,7 +35,7 @@ impl Shared {
             faults: Faults::default(),
             requests: RequestLog::default(),
             kubelet: Kubelet::default(),
-            execs: Default::default(),
+            streams: Default::default(),
             propagation: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
         }
