@@ -79,8 +79,8 @@ WORKER_PERMISSIONS = {
 # The Kubernetes calls of the sessions service are read from the code
 # (crates/sandbox/src/session/kubernetes: `SESSION_PERMISSIONS`, see
 # `sessions_permissions`): its Role, k8s/base/sessions-rbac.yaml, must grant
-# exactly these, and it is the only Role that may grant pods/exec (design
-# decision 12).
+# exactly these, and it is the only Role that may grant pods/exec and
+# pods/attach (design decision 12).
 
 # Metrics sandfleet exports (worker and gateway), without the `_bucket`,
 # `_sum`, `_count` suffixes of histograms.

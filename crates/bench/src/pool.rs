@@ -172,8 +172,9 @@ async fn round(
 
 /// Where a warm claim's time went, from kube-sim's request log: create
 /// request → the winning claim patch reached the API server → the hand-over
-/// exec reached it → the first command's exec reached it → its result at the
-/// client. Medians in ms, and the claim patches that lost a race.
+/// (an attach to the member's idle loop, or an exec where the loop cannot
+/// take it) reached it → the first command's exec reached it → its result at
+/// the client. Medians in ms, and the claim patches that lost a race.
 fn stages(
     log: &[RequestRecord],
     warm: &Round,
@@ -192,12 +193,14 @@ fn stages(
         else {
             continue;
         };
-        let execs: Vec<&RequestRecord> = log
+        let to_pod: Vec<&RequestRecord> = log
             .iter()
             .filter(after)
-            .filter(|r| r.path.contains(&pod) && r.path.ends_with("/exec"))
+            .filter(|r| {
+                r.path.contains(&pod) && (r.path.ends_with("/exec") || r.path.ends_with("/attach"))
+            })
             .collect();
-        let [hand_over, first, ..] = execs[..] else {
+        let [hand_over, first, ..] = to_pod[..] else {
             continue;
         };
         let done = s.sent + Duration::from_secs_f64(s.ms / 1e3);
@@ -382,7 +385,7 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
     line("empty pool", &empty);
     line("warm claim", &warm);
     println!(
-        "warm claim stages (p50): create -> claim patch {:.1} ms, -> hand-over exec {:.1} ms, -> first command exec {:.1} ms, -> its result {:.1} ms; claim patches that lost a race: {lost}",
+        "warm claim stages (p50): create -> claim patch {:.1} ms, -> hand-over {:.1} ms, -> first command exec {:.1} ms, -> its result {:.1} ms; claim patches that lost a race: {lost}",
         stage[0], stage[1], stage[2], stage[3]
     );
     println!("API requests during the claim round: {requests:?}");

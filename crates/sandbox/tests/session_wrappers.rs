@@ -250,3 +250,232 @@ fn the_idle_loop_stops_at_once_on_sigterm() {
         sent.elapsed()
     );
 }
+
+/// A pool member as its pod starts it: the launcher's loop, with a pipe for
+/// its stdin (`stdin: true`) and its stdout read line by line, in working
+/// dir `work`.
+struct Member {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    answers: std::sync::mpsc::Receiver<String>,
+    state: tempfile::TempDir,
+    work: tempfile::TempDir,
+}
+
+impl Member {
+    fn start(argv: &[String]) -> Member {
+        use std::io::BufRead as _;
+        let state = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(work.path())
+            .env("SANDFLEET_STATE_DIR", state.path())
+            .env("SANDFLEET_IDLE_SECS", "60")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, answers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !state.path().join("watchdog").exists() {
+            assert!(Instant::now() < deadline, "the loop did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Member {
+            child,
+            stdin,
+            answers,
+            state,
+            work,
+        }
+    }
+
+    /// Writes `message` and returns the loop's answer to `nonce`, and how
+    /// long it took.
+    fn hand_over(&mut self, message: &str, nonce: &str) -> (String, Duration) {
+        use std::io::Write as _;
+        let sent = Instant::now();
+        self.stdin.write_all(message.as_bytes()).unwrap();
+        self.stdin.flush().unwrap();
+        let tag = format!("sandfleet-claim {nonce} ");
+        loop {
+            let line = self
+                .answers
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the loop answers a hand-over");
+            if let Some(answer) = line.strip_prefix(&tag) {
+                return (answer.to_owned(), sent.elapsed());
+            }
+        }
+    }
+
+    /// What the readiness probe prints in this sandbox.
+    fn probe(&self) -> String {
+        probe(self.state.path())
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn probe(state: &std::path::Path) -> String {
+    let argv = sandfleet_sandbox::session::script::prepare_argv(".");
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(work.path())
+        .env("SANDFLEET_STATE_DIR", state)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A member's loop takes its claim from its stdin: the session's env (quotes,
+/// `$(...)`, backticks and a newline kept literal), working dir, idle timeout
+/// and lifetime land in its state dir with no process started, the loop
+/// answers at once (not at its next second), and a second claim is refused.
+#[test]
+fn a_member_loop_takes_its_claim_from_stdin_and_serves_one_session() {
+    use sandfleet_sandbox::session::script::{env_file, handover_message};
+    let mut m = Member::start(&idle_argv());
+    assert_eq!(m.probe(), "stdin");
+    let env = std::collections::BTreeMap::from([
+        ("A".to_owned(), "x y".to_owned()),
+        (
+            "Q".to_owned(),
+            "it's $(echo no) `echo no`\nline 2".to_owned(),
+        ),
+    ]);
+    let env = env_file(&env);
+    let message = handover_message(
+        "n1",
+        "src/app",
+        Duration::from_secs(30),
+        Duration::from_secs(600),
+        &env,
+    )
+    .unwrap();
+    let (answer, took) = m.hand_over(&message, "n1");
+    assert_eq!(answer, "ok");
+    assert!(took < Duration::from_millis(900), "answered after {took:?}");
+    let state = m.state.path();
+    assert_eq!(
+        std::fs::read_to_string(state.join("session.env")).unwrap(),
+        env
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(state.join("session.env"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(state.join("idle")).unwrap(), "30\n");
+    assert_eq!(
+        std::fs::read_to_string(state.join("lifetime")).unwrap(),
+        "600\n"
+    );
+    assert!(state.join("claimed").exists());
+    assert!(m.work.path().join("src/app").is_dir());
+    // The run wrapper sources what the loop wrote.
+    let argv = run_argv(".", "printf '%s|%s' \"$A\" \"$Q\"", Duration::from_secs(10));
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(m.work.path())
+        .env("SANDFLEET_STATE_DIR", state)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "x y|it's $(echo no) `echo no`\nline 2"
+    );
+    // One session per member, whichever way the second claim comes.
+    let again = handover_message(
+        "n2",
+        ".",
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+        "",
+    )
+    .unwrap();
+    assert_eq!(m.hand_over(&again, "n2").0, "refused");
+    // A malformed header is answered, not obeyed.
+    assert_eq!(m.hand_over("sandfleet-claim n3 x 1 0\n.\n", "n3").0, "bad");
+}
+
+/// The readiness probe tells a promoter how a sandbox takes its claim: a
+/// loop under bash with a pipe for stdin reads it; one under dash (no
+/// `read -t`), or with no stdin, takes the claim exec; before the loop runs,
+/// the probe says so.
+#[test]
+fn the_probe_says_how_the_sandbox_takes_a_claim() {
+    let empty = tempfile::tempdir().unwrap();
+    assert_eq!(probe(empty.path()), "starting");
+    assert_eq!(Member::start(&idle_argv()).probe(), "stdin");
+    assert_eq!(Member::start(&loop_under("dash")).probe(), "exec");
+    assert_eq!(probe(idle_loop().state.path()), "exec");
+}
+
+/// A loop whose stdin ends (a runtime that closes it) goes back to waiting
+/// its seconds: it neither spins on the closed pipe nor counts its idle
+/// time faster.
+#[test]
+fn a_member_loop_whose_stdin_closes_keeps_its_pace() {
+    let state = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let argv = idle_argv();
+    let status = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("SANDFLEET_STATE_DIR", state.path())
+        .env("SANDFLEET_IDLE_SECS", "2")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took >= Duration::from_millis(2_800) && took < Duration::from_secs(6),
+        "an idle timeout of 2 s ended the loop after {took:?}"
+    );
+}
+
+/// A hand-over that reaches the loop in pieces (an attach sends stdin in
+/// frames) is read whole, even when the loop's second ends between them.
+#[test]
+fn a_hand_over_split_across_the_loops_second_is_read_whole() {
+    use std::io::Write as _;
+    let mut m = Member::start(&idle_argv());
+    let message = sandfleet_sandbox::session::script::handover_message(
+        "n5",
+        "x",
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+        "export A='1'\n",
+    )
+    .unwrap();
+    let (head, rest) = message.split_at(20);
+    m.stdin.write_all(head.as_bytes()).unwrap();
+    m.stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(m.hand_over(rest, "n5").0, "ok");
+    assert_eq!(
+        std::fs::read_to_string(m.state.path().join("session.env")).unwrap(),
+        "export A='1'\n"
+    );
+}

@@ -273,6 +273,7 @@ impl Pools {
             name,
             resource_version: rv,
             pod,
+            stdin_handover,
         } in candidates
         {
             if !lock(&self.claiming).insert(name.clone()) {
@@ -298,7 +299,7 @@ impl Pools {
             let id = SessionId(name.clone());
             let activated = self
                 .backend
-                .activate_member(&id, spec, pod.as_deref())
+                .activate_member(&id, spec, pod.as_deref(), stdin_handover)
                 .await;
             lock(&self.claiming).remove(&name);
             match activated {

@@ -18,7 +18,8 @@ use sandfleet_kube_sim::{FaultAction, FaultRule, KubeSim, SimOptions};
 use sandfleet_proto::Resources;
 use sandfleet_sandbox::session::kubernetes::SessionMeta;
 use sandfleet_sandbox::session::pool::{
-    ANNOTATION_POD, LABEL_POOL, LABEL_POOL_STATE, LABEL_TEMPLATE, PoolTemplate,
+    ANNOTATION_HANDOVER, ANNOTATION_POD, HANDOVER_STDIN, LABEL_POOL, LABEL_POOL_STATE,
+    LABEL_TEMPLATE, PoolTemplate,
 };
 use sandfleet_sandbox::session::{KubeSessions, SessionBackend, SessionId, SessionSpec};
 use sandfleet_sessions::auth::Tokens;
@@ -468,12 +469,12 @@ async fn a_replica_killed_while_claiming_leaves_no_member_claimed_and_unused() {
         idle(&ca, "k").await == 2 && idle(&cb, "k").await == 2
     })
     .await;
-    // The next exec into an idle member (replica A handing the member it
-    // claimed its session) hangs, so replica A is caught between the claim and
-    // the hand-over. The rules name the idle members' pods (`<job>-<suffix>`):
-    // a rule on every exec would as well catch the readiness exec of the
-    // refill the claim starts, which can come first, and let the hand-over
-    // through.
+    // The next request to an idle member's pod (replica A's attach handing
+    // the member it claimed its session) hangs, so replica A is caught
+    // between the claim and the hand-over. The rules name the idle members'
+    // pods (`<job>-<suffix>`): a rule on every pod request would as well
+    // catch the readiness exec of the refill the claim starts, which can
+    // come first, and let the hand-over through.
     // Replica B's check of a claimed member (the `claimed` wrapper, whose
     // command names `${SANDFLEET_STATE_DIR:?}/claimed`, URL-encoded below) is
     // left alone: under load replica A can take longer than the idle timeout
@@ -520,19 +521,16 @@ async fn a_replica_killed_while_claiming_leaves_no_member_claimed_and_unused() {
         },
     )
     .await;
-    // Killed once its hand-over exec has reached the API server (and hangs
+    // Killed once its hand-over has reached the API server (and hangs
     // there): killed sooner, replica A would leave that member's delay rule
     // armed for replica B's check of the member, which then hangs instead.
     let exec_path = format!("/pods/{claimed}-");
     eventually(
-        "replica A's hand-over exec reached the API server",
+        "replica A's hand-over reached the API server",
         Duration::from_secs(10),
         || {
             let sent = sim.request_log().iter().any(|r| {
-                r.at >= rules_armed
-                    && r.path.contains(&exec_path)
-                    && r.path.ends_with("/exec")
-                    && !r.query.contains(CHECK)
+                r.at >= rules_armed && r.path.contains(&exec_path) && r.path.ends_with("/attach")
             });
             async move { sent }
         },
@@ -621,17 +619,28 @@ async fn a_conditional_claim_lets_exactly_one_of_two_through() {
     let mut outcomes = [p.unwrap(), q.unwrap()];
     outcomes.sort_by_key(|o| *o == Lost);
     assert_eq!(outcomes, [Claimed, Lost]);
-    // The sandbox itself refuses a second hand-over too (whether the pod
-    // is looked up or read off the Job).
-    x.activate_member(&SessionId(name.clone()), &spec, None)
+    // The member's loop runs under bash with a stdin: it takes the claim
+    // through it.
+    assert_eq!(
+        job["metadata"]["annotations"][ANNOTATION_HANDOVER], HANDOVER_STDIN,
+        "{job}"
+    );
+    x.activate_member(&SessionId(name.clone()), &spec, None, true)
         .await
         .unwrap();
+    // The sandbox itself refuses a second hand-over, through its stdin and
+    // through an exec alike (whether the pod is looked up or read off the Job).
     let pod = job["metadata"]["annotations"][ANNOTATION_POD].as_str();
     assert!(pod.is_some(), "{job}");
-    let again = y
-        .activate_member(&SessionId(name.clone()), &spec, pod)
-        .await;
-    assert!(again.is_err(), "a member serves one session");
+    for stdin in [true, false] {
+        let again = y
+            .activate_member(&SessionId(name.clone()), &spec, pod, stdin)
+            .await;
+        assert!(
+            again.is_err(),
+            "a member serves one session (stdin: {stdin})"
+        );
+    }
     x.teardown(&SessionId(name)).await.unwrap();
 }
 
@@ -770,7 +779,7 @@ async fn a_burst_of_pooled_creates_by_one_token_gets_exactly_its_limit() {
 }
 
 /// A burst of claims is served `claims_in_flight` at a time, in arrival
-/// order: with one in flight and every hand-over exec slowed to 300 ms, each
+/// order: with one in flight and every hand-over slowed to 300 ms, each
 /// claim's conditional update waits for the previous claim's hand-over, and
 /// the first session is ready long before the last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -784,7 +793,7 @@ async fn a_burst_of_claims_is_served_a_few_at_a_time_in_arrival_order() {
     let (_r, client) = full_pool(&sim, NS, pool("t", IMAGE, 4), limits).await;
     sim.faults().inject(FaultRule::new(
         "GET",
-        "/exec",
+        "/attach",
         FaultAction::Delay(Duration::from_millis(300)),
     ));
     let sent = std::time::SystemTime::now();

@@ -38,6 +38,14 @@ pub const ANNOTATION_CLAIMED_AT: &str = "sandfleet.dev/claimed-at";
 /// replica that claims a member it did not start execs into it without
 /// looking the pod up first.
 pub const ANNOTATION_POD: &str = "sandfleet.dev/pod";
+/// Annotation on a member's Job: `stdin` when its idle loop takes a claim's
+/// values from its stdin (through `pods/attach`, no process started in the
+/// sandbox), as its promoter found it; without it a claim hands them over
+/// through an exec.
+pub const ANNOTATION_HANDOVER: &str = "sandfleet.dev/handover";
+/// [`ANNOTATION_HANDOVER`]'s value (and what the readiness probe prints) for
+/// a loop that reads hand-overs from its stdin.
+pub const HANDOVER_STDIN: &str = "stdin";
 /// Selector of every pool member, idle or claimed.
 pub const POOL_SELECTOR: &str = "sandfleet.dev/pool";
 
@@ -114,6 +122,9 @@ impl PoolTemplate {
         // digest is computed once (the loop is ~8 KB; the hash is taken on
         // every plan).
         h.update(*COMMAND_DIGEST);
+        // Members get a stdin their loop reads claims from: a member from
+        // before that has none and is replaced.
+        h.update(b"\0stdin");
         h.finalize()
             .iter()
             .take(6)
@@ -195,6 +206,8 @@ pub struct Member {
     pub idle_timeout: Option<Duration>,
     /// Its pod, as its promoter recorded it ([`ANNOTATION_POD`]).
     pub pod: Option<String>,
+    /// Its idle loop takes a claim through its stdin ([`ANNOTATION_HANDOVER`]).
+    pub stdin_handover: bool,
 }
 
 /// An idle member a claim may try.
@@ -206,6 +219,8 @@ pub struct Candidate {
     pub resource_version: String,
     /// Its pod, when recorded.
     pub pod: Option<String>,
+    /// Its idle loop takes a claim through its stdin.
+    pub stdin_handover: bool,
 }
 
 impl Member {
@@ -238,6 +253,9 @@ impl Member {
                 .and_then(|s| s.parse().ok())
                 .map(Duration::from_secs),
             pod: annotations.get(ANNOTATION_POD).cloned(),
+            stdin_handover: annotations
+                .get(ANNOTATION_HANDOVER)
+                .is_some_and(|h| h == HANDOVER_STDIN),
         })
     }
 
@@ -386,6 +404,7 @@ impl PoolIndex {
                 name: m.name.clone(),
                 resource_version: m.resource_version.clone(),
                 pod: m.pod.clone(),
+                stdin_handover: m.stdin_handover,
             })
             .collect();
         idle.sort_by_cached_key(|c| {

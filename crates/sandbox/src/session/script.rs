@@ -178,11 +178,19 @@ if [ ! -f "$2" ]; then printf 'not a regular file\n' >&2; exit 2; fi
 head -c "$3" -- "$2"
 "#;
 
-/// Creates working dir `$1` (the readiness probe of a new session).
+/// Creates working dir `$1` (the readiness probe of a new session), and
+/// prints how the sandbox takes a claim: `stdin` when its idle loop reads
+/// hand-overs from its stdin ([`handover`]), `exec` when the loop runs
+/// without, `starting` while the loop has not started yet (it writes
+/// `handover` before `watchdog`).
 const PREPARE: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:-/tmp}"
 if [ -f "$s/watchdog" ]; then echo >"$s/activity"; else : >"$s/active"; fi 2>/dev/null
-mkdir -p -- "$1"
+mkdir -p -- "$1" || exit
+if [ ! -f "$s/watchdog" ]; then echo starting
+elif [ -f "$s/handover" ] && read -r sf_h <"$s/handover"; then printf '%s\n' "$sf_h"
+else echo exec
+fi
 "#;
 
 /// Takes a warm pool member for one session, without restarting it: makes
@@ -268,12 +276,80 @@ const CLAIMED: &str = r#"test -e "${SANDFLEET_STATE_DIR:?}/claimed""#;
 /// one `sleep` a second, which costs more than all the rest of the loop (a
 /// process start in a VM traps on glibc's CPU-feature probes). Its pod
 /// starts it through [`IDLE_LAUNCH`], under bash where the image has bash.
+///
+/// A warm pool member's loop running under bash with a pipe for its stdin
+/// (the pod's `stdin: true`) waits its second on its stdin instead, and
+/// takes its claim from there (`handover`; [`handover_message`] is what a
+/// claimer writes through `pods/attach`): it checks the numbers, reads the
+/// working dir and the env's lines (5 s for each at most), creates
+/// `claimed` exclusively as the claim exec ([`claim_argv`]) does, so of the
+/// two ways one claim at most gets through, writes what that exec writes,
+/// and answers `sandfleet-claim NONCE ok` (or why not) on its stdout, where
+/// the claimer's attach reads it. No process is started for it (`mkdir`
+/// only for a working dir that does not exist yet). It says so in
+/// `handover` before it writes `watchdog`, for the readiness probe
+/// ([`prepare_argv`]). A line arriving cuts its second short; a stdin that
+/// ends puts it back on its FIFO.
 pub const IDLE_LOOP: &str = r#"set -u
 s="${SANDFLEET_STATE_DIR:?}"
 idle="${SANDFLEET_IDLE_SECS:?}"
 trap 'exit 0' TERM INT
 echo >"$s/activity"
+# A pool member started with a pipe for stdin takes its session's values
+# from it, under bash (`read -t`): see `handover`. Said before `watchdog`.
+hand=
+if [ -n "${BASH_VERSION:-}" ] && [ -p /dev/stdin ]; then
+  um=$(umask)
+  hand=1
+  echo stdin >"$s/handover"
+fi
 printf '%s\n' "$$" >"$s/watchdog"
+handover() {
+  r=ok
+  for v in "$2" "$3" "$4"; do case $v in ''|*[!0-9]*) r=bad ;; esac; done
+  wd=
+  e=
+  k=0
+  if [ "$r" = ok ]; then
+    IFS= read -t 5 -r wd || r=short
+    while [ "$r" = ok ] && [ "$k" -lt "$4" ]; do
+      l=
+      if IFS= read -t 5 -r l; then e="$e$l
+"; k=$(( k + 1 )); else r=short; fi
+    done
+  fi
+  if [ "$r" = ok ]; then
+    set -C
+    if ! true 2>/dev/null >"$s/claimed"; then r=refused; fi
+    set +C
+  fi
+  if [ "$r" = ok ]; then
+    umask 077
+    { printf '%s' "$e" >"$s/session.env" && { [ -d "$wd" ] || mkdir -p -- "$wd"; } \
+      && printf '%s\n' "$3" >"$s/lifetime" && printf '%s\n' "$2" >"$s/idle"; } 2>/dev/null || r=failed
+    umask "$um"
+    echo >"$s/activity"
+  fi
+  printf 'sandfleet-claim %s %s\n' "$1" "$r"
+}
+wait_hand() {
+  hl=
+  IFS= read -t 1 -r hl
+  case $? in
+    0) ;;
+    1) hand=; tick; return ;;
+    *)
+      # The second ended mid-line (a hand-over in several writes): the rest follows.
+      [ -n "$hl" ] || return
+      hr=
+      IFS= read -t 5 -r hr || return
+      hl=$hl$hr ;;
+  esac
+  set -f
+  set -- $hl
+  set +f
+  if [ "${1:-}" = sandfleet-claim ]; then handover "${2:-}" "${3:-}" "${4:-}" "${5:-}"; fi
+}
 centis() {
   c=
   read -r c _ 2>/dev/null </proc/uptime
@@ -294,7 +370,7 @@ n=0
 life=0
 max=
 while [ "$n" -lt "$idle" ]; do
-  tick
+  if [ -n "$hand" ]; then wait_hand; else tick; fi
   if [ -f "$s/idle" ] && read -r v <"$s/idle"; then idle=$v; fi
   if [ -f "$s/lifetime" ]; then
     if read -r v <"$s/lifetime"; then max=$v; fi
@@ -422,6 +498,36 @@ pub fn claim_argv(
         ],
     )
 }
+
+/// What a claimer writes to a pool member's stdin to hand it a session
+/// (the idle loop's `handover`, see [`IDLE_LOOP`]): a header line
+/// `sandfleet-claim NONCE IDLE LIFETIME LINES`, the working dir on a line of
+/// its own, then the `LINES` lines of `env` ([`env_file`]). The loop answers
+/// on its stdout with `sandfleet-claim NONCE ok` (or `refused`: it already
+/// serves a session; `short`, `bad`, `failed`). `None` when the values do not
+/// fit that path: a working dir with a newline, or an env of more lines
+/// than [`ENV_READ_LINES`] or bytes than [`ENV_READ_BYTES`] (the loop reads
+/// its stdin a byte at a time); those take the claim exec ([`claim_argv`]).
+pub fn handover_message(
+    nonce: &str,
+    workdir: &str,
+    idle: std::time::Duration,
+    lifetime: std::time::Duration,
+    env: &str,
+) -> Option<String> {
+    let lines = env.bytes().filter(|b| *b == b'\n').count();
+    if workdir.contains('\n') || lines > ENV_READ_LINES || env.len() > ENV_READ_BYTES {
+        return None;
+    }
+    Some(format!(
+        "{HANDOVER_TAG} {nonce} {} {} {lines}\n{workdir}\n{env}",
+        idle.as_secs().max(1),
+        lifetime.as_secs().max(1),
+    ))
+}
+
+/// The first word of a hand-over and of the loop's answer to it.
+pub const HANDOVER_TAG: &str = "sandfleet-claim";
 
 /// The argv asking whether the sandbox was claimed (exit 0) or not (1).
 pub fn claimed_argv() -> Vec<String> {

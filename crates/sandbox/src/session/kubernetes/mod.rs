@@ -48,7 +48,8 @@ pub use pod::{
 /// service's Role (`k8s/base/sessions-rbac.yaml`) grants exactly these, and
 /// `scripts/deploy_checks.py` compares the two. `pods/exec` is opened with a
 /// WebSocket GET; API servers that authorize WebSocket exec as `create` need
-/// that verb too.
+/// that verb too. `pods/attach` (the same) writes a claim's values to a warm
+/// pool member's idle loop.
 pub const SESSION_PERMISSIONS: &[(&str, &str, &str)] = &[
     ("batch", "jobs", "create"),
     ("batch", "jobs", "get"),
@@ -60,6 +61,8 @@ pub const SESSION_PERMISSIONS: &[(&str, &str, &str)] = &[
     ("", "pods", "watch"),
     ("", "pods/exec", "get"),
     ("", "pods/exec", "create"),
+    ("", "pods/attach", "get"),
+    ("", "pods/attach", "create"),
 ];
 
 /// Slack past a command's timeout before a silent exec counts as lost.
@@ -257,7 +260,7 @@ impl KubeSessions {
             })?;
         let id = SessionId(name.clone());
         match self.await_ready(&id, &spec.working_dir).await {
-            Ok(()) => Ok(id),
+            Ok(_) => Ok(id),
             Err(e) => {
                 // A session that never came up is not left behind.
                 let _ = self.teardown(&id).await;
@@ -266,7 +269,10 @@ impl KubeSessions {
         }
     }
 
-    async fn await_ready(&self, id: &SessionId, working_dir: &str) -> Result<(), SessionError> {
+    /// Waits until session `id`'s pod runs and its working dir exists.
+    /// Returns what the readiness probe printed: how the sandbox takes a
+    /// claim (see `script::prepare_argv`).
+    async fn await_ready(&self, id: &SessionId, working_dir: &str) -> Result<String, SessionError> {
         let selector = format!("{}={}", crate::job::LABEL_JOB, id.0);
         let pods = self.pods.clone();
         let running = async {
@@ -298,19 +304,11 @@ impl KubeSessions {
         // The pod is Running; the kubelet may need a moment before exec finds the
         // container, so "not running yet" (400) is retried briefly.
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match self
-                .exec(
-                    &target,
-                    script::prepare_argv(working_dir),
-                    None,
-                    4096,
-                    None,
-                    FILE_WAIT,
-                )
-                .await
-            {
-                Ok(e) if e.exit_code == 0 => break,
+        let answer = loop {
+            match self.probe(&target).await {
+                Ok(e) if e.exit_code == 0 => {
+                    break String::from_utf8_lossy(&e.stdout.bytes).trim().to_owned();
+                }
                 Ok(e) => {
                     return Err(SessionError::Start(
                         String::from_utf8_lossy(&e.stderr.bytes).trim().to_owned(),
@@ -321,11 +319,25 @@ impl KubeSessions {
                 }
                 Err(e) => return Err(e),
             }
-        }
+        };
         if let Ok(mut t) = self.targets.lock() {
             t.insert(id.clone(), target);
         }
-        Ok(())
+        Ok(answer)
+    }
+
+    /// The readiness probe: creates `target`'s working dir and says how the
+    /// sandbox takes a claim.
+    async fn probe(&self, target: &Target) -> Result<Exec, SessionError> {
+        self.exec(
+            target,
+            script::prepare_argv(&target.working_dir),
+            None,
+            4096,
+            None,
+            FILE_WAIT,
+        )
+        .await
     }
 
     /// The pod and working dir of a session: cached, else read from the cluster.

@@ -56,6 +56,22 @@ pub fn idle_command() -> Vec<String> {
     script::idle_argv().iter().map(|a| escape(a)).collect()
 }
 
+/// Gives a session's container a stdin that stays open for its whole life
+/// (`stdin: true`; `stdinOnce` unset, so detaching never closes it). A pool
+/// member's idle loop reads its claim's values from it: a claimer writes
+/// them through `pods/attach`, which starts no process in the sandbox, where
+/// an exec starts a shell.
+pub fn open_stdin(job: &mut Job) {
+    let containers = job
+        .spec
+        .iter_mut()
+        .flat_map(|s| s.template.spec.iter_mut())
+        .flat_map(|p| p.containers.iter_mut());
+    for c in containers {
+        c.stdin = Some(true);
+    }
+}
+
 /// The Job of session `name`.
 pub fn session_job(
     name: &str,

@@ -5,13 +5,13 @@
 
 use std::time::Duration;
 
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{AttachParams, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::json;
 
 use super::{KubeSessions, SessionMeta, Target, api_error, pod};
 use crate::session::pool::{
-    ANNOTATION_CLAIMED_AT, ANNOTATION_POD, LABEL_GENERATION, LABEL_POOL, LABEL_POOL_STATE,
-    LABEL_SLOT, LABEL_TEMPLATE, MemberState, NewMember, PoolTemplate,
+    ANNOTATION_CLAIMED_AT, ANNOTATION_HANDOVER, ANNOTATION_POD, HANDOVER_STDIN, LABEL_GENERATION,
+    LABEL_POOL, LABEL_POOL_STATE, LABEL_SLOT, LABEL_TEMPLATE, MemberState, NewMember, PoolTemplate,
 };
 use crate::session::script;
 use crate::session::{SessionError, SessionId, SessionSpec};
@@ -30,6 +30,14 @@ pub enum ClaimOutcome {
 /// exec) is given up, so it cannot hold the member unchecked for the
 /// file-transfer wait; the pool manager checks again on its next tick.
 pub const CHECK_WAIT: Duration = Duration::from_secs(10);
+
+/// The most a claimer reads of a member's stdout while it waits for the
+/// answer to its hand-over.
+const ANSWER_LIMIT: u64 = 64 * 1024;
+
+/// How long a promoter waits for a new member's idle loop to say how it
+/// takes a claim, after the pod runs.
+const LOOP_START_WAIT: Duration = Duration::from_secs(3);
 
 /// How long past the pool's max age an idle member's own idle loop waits
 /// before it exits by itself: the backstop when no service runs to replace it.
@@ -68,8 +76,9 @@ impl KubeSessions {
             .collect(),
             annotations: Default::default(),
         };
-        let job = pod::session_job(&name, &spec, &meta, &self.settings)
+        let mut job = pod::session_job(&name, &spec, &meta, &self.settings)
             .map_err(|e| SessionError::InvalidSpec(e.to_string()))?;
+        pod::open_stdin(&mut job);
         match self.jobs.create(&PostParams::default(), &job).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => return Ok(false),
@@ -84,10 +93,13 @@ impl KubeSessions {
     /// creator died while it warmed. A member that fails to start is deleted.
     pub async fn promote_member(&self, name: &str) -> Result<(), SessionError> {
         let id = SessionId(name.to_owned());
-        if let Err(e) = self.await_ready(&id, ".").await {
-            let _ = self.delete_member(name, None).await;
-            return Err(e);
-        }
+        let handover = match self.loop_handover(&id).await {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = self.delete_member(name, None).await;
+                return Err(e);
+            }
+        };
         // Only a warming member becomes idle: never undo a claim.
         let current = self
             .jobs
@@ -113,7 +125,10 @@ impl KubeSessions {
         let patch = json!({"metadata": {
             "resourceVersion": job.metadata.resource_version,
             "labels": {LABEL_POOL_STATE: MemberState::Idle.as_str()},
-            "annotations": {ANNOTATION_POD: pod},
+            "annotations": {
+                ANNOTATION_POD: pod,
+                ANNOTATION_HANDOVER: (handover == HANDOVER_STDIN).then_some(HANDOVER_STDIN),
+            },
         }});
         match self
             .jobs
@@ -125,6 +140,22 @@ impl KubeSessions {
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(()),
             Err(e) => Err(api_error("mark pool member idle", e)),
         }
+    }
+
+    /// Waits until warming member `id` runs, and returns how its idle loop
+    /// takes a claim ([`HANDOVER_STDIN`] or `exec`), once the loop has said
+    /// so: it may start a moment after the pod reports Running. A loop that
+    /// says nothing within [`LOOP_START_WAIT`] is taken for one without
+    /// (the claim exec works with every loop).
+    async fn loop_handover(&self, id: &SessionId) -> Result<String, SessionError> {
+        let mut answer = self.await_ready(id, ".").await?;
+        let deadline = tokio::time::Instant::now() + LOOP_START_WAIT;
+        while answer == "starting" && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let e = self.probe(&self.target(id).await?).await?;
+            answer = String::from_utf8_lossy(&e.stdout.bytes).trim().to_owned();
+        }
+        Ok(answer)
     }
 
     /// Claims idle member `name` for a session, if it is still at
@@ -181,16 +212,21 @@ impl KubeSessions {
     }
 
     /// Hands a claimed member the session's env, working dir, idle timeout
-    /// and lifetime, through one exec: the values land in the sandbox's own
-    /// state dir, never in a pod spec. Fails if the sandbox was already
-    /// claimed (it serves one session). `pod` is the member's pod as its
-    /// Job records it ([`ANNOTATION_POD`]); without it, or for a member this
-    /// process started, the pod is looked up as for any session.
+    /// and lifetime: the values land in the sandbox's own state dir, never
+    /// in a pod spec. With `stdin_handover` (the member's loop reads its
+    /// stdin, [`ANNOTATION_HANDOVER`]) they are written to the loop through
+    /// `pods/attach`, which starts no process in the sandbox; otherwise, or
+    /// when they do not fit that path ([`script::handover_message`]), one
+    /// exec writes them. Fails if the sandbox was already claimed (it serves
+    /// one session). `pod` is the member's pod as its Job records it
+    /// ([`ANNOTATION_POD`]); without it, or for a member this process
+    /// started, the pod is looked up as for any session.
     pub async fn activate_member(
         &self,
         id: &SessionId,
         spec: &SessionSpec,
         pod: Option<&str>,
+        stdin_handover: bool,
     ) -> Result<(), SessionError> {
         spec.validate()?;
         let mut target = match pod {
@@ -201,6 +237,26 @@ impl KubeSessions {
             _ => self.target(id).await?,
         };
         let env = script::env_file(&spec.env);
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let message = stdin_handover
+            .then(|| {
+                script::handover_message(
+                    &nonce,
+                    &spec.working_dir,
+                    spec.idle_timeout,
+                    spec.max_lifetime,
+                    &env,
+                )
+            })
+            .flatten();
+        if let Some(message) = message {
+            self.hand_over(&target, &message, &nonce).await?;
+            target.working_dir = spec.working_dir.clone();
+            if let Ok(mut t) = self.targets.lock() {
+                t.insert(id.clone(), target);
+            }
+            return Ok(());
+        }
         let argv = script::claim_argv(
             &spec.working_dir,
             spec.idle_timeout,
@@ -228,6 +284,88 @@ impl KubeSessions {
             t.insert(id.clone(), target);
         }
         Ok(())
+    }
+
+    /// Writes a hand-over `message` to the idle loop of `target`'s pod
+    /// through `pods/attach` and waits for the loop's answer on its stdout
+    /// (the line tagged with `nonce`; the attach shows only what the loop
+    /// writes after it, and the nonce tells this claim's answer from any
+    /// other). All of it within [`CHECK_WAIT`]: the loop reads its stdin at
+    /// least once a second.
+    async fn hand_over(
+        &self,
+        target: &Target,
+        message: &str,
+        nonce: &str,
+    ) -> Result<(), SessionError> {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+
+        let params = AttachParams::default()
+            .container(pod::CONTAINER)
+            .stdin(true)
+            .stdout(true)
+            .stderr(false)
+            // The whole hand-over fits, so it leaves in as few frames as can be.
+            .max_stdin_buf_size(16 * 1024);
+        let lost = |what: &str, e: &dyn std::fmt::Display| {
+            SessionError::ConnectionLost(format!("{what} pod {}: {e}", target.pod))
+        };
+        let answer = async {
+            let mut attached = self.pods.attach(&target.pod, &params).await.map_err(|e| {
+                if super::is_status(&e, 404) || super::is_status(&e, 400) {
+                    SessionError::NotFound(SessionId(target.pod.clone()))
+                } else {
+                    api_error("attach", e)
+                }
+            })?;
+            let (Some(mut stdin), Some(stdout)) = (attached.stdin(), attached.stdout()) else {
+                return Err(SessionError::Unavailable(
+                    "attach gave no stdin or stdout".into(),
+                ));
+            };
+            stdin
+                .write_all(message.as_bytes())
+                .await
+                .map_err(|e| lost("writing the hand-over to", &e))?;
+            stdin
+                .flush()
+                .await
+                .map_err(|e| lost("writing the hand-over to", &e))?;
+            // The loop writes nothing but answers; a sandbox that floods its
+            // stdout is cut off rather than read without end.
+            let mut lines = tokio::io::BufReader::new(stdout.take(ANSWER_LIMIT)).lines();
+            let tag = format!("{} {nonce} ", script::HANDOVER_TAG);
+            while let Some(line) = lines
+                .next_line()
+                .await
+                .map_err(|e| lost("reading the answer of", &e))?
+            {
+                if let Some(answer) = line.strip_prefix(&tag) {
+                    return Ok(answer.trim().to_owned());
+                }
+            }
+            Err(SessionError::ConnectionLost(format!(
+                "pod {} did not answer the hand-over before its stream ended",
+                target.pod
+            )))
+        };
+        let answer = tokio::time::timeout(CHECK_WAIT, answer)
+            .await
+            .map_err(|_| {
+                SessionError::ConnectionLost(format!(
+                    "no answer to the hand-over from pod {} within {CHECK_WAIT:?}",
+                    target.pod
+                ))
+            })??;
+        match answer.as_str() {
+            "ok" => Ok(()),
+            "refused" => Err(SessionError::Start(
+                "claiming the pool member: this sandbox already serves a session".into(),
+            )),
+            other => Err(SessionError::Start(format!(
+                "claiming the pool member: the sandbox answered {other:?}"
+            ))),
+        }
     }
 
     /// Whether a claimed member got its session's values (the claim exec
