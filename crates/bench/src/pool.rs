@@ -49,6 +49,10 @@ pub(crate) struct PoolArgs {
     /// Simulated create → Running delay of a pod, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     pod_start_ms: u64,
+    /// Claims each replica has under way at once (`sandfleet sessions
+    /// --max-claims-in-flight`); the rest wait their turn.
+    #[arg(long, default_value_t = Limits::default().claims_in_flight)]
+    max_claims_in_flight: usize,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -62,6 +66,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 async fn replica(
     sim: &KubeSim,
     pools: Vec<PoolTemplate>,
+    claims_in_flight: usize,
     stop: &CancellationToken,
 ) -> anyhow::Result<SessionsClient> {
     let settings = KubernetesSettings {
@@ -73,6 +78,7 @@ async fn replica(
         .with_start_timeout(Duration::from_secs(120));
     let limits = Limits {
         sessions_per_token: 10_000,
+        claims_in_flight,
         ..Limits::default()
     };
     let service = Service::with_pools(backend, Tokens::from_tokens([TOKEN]), limits, pools);
@@ -281,8 +287,8 @@ async fn idle(client: &SessionsClient, pool: &str) -> usize {
 
 /// Runs the benchmark and prints the figures; the last line is JSON.
 pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
-    if a.claims == 0 || a.cold == 0 {
-        bail!("--claims and --cold must be at least 1");
+    if a.claims == 0 || a.cold == 0 || a.max_claims_in_flight == 0 {
+        bail!("--claims, --cold and --max-claims-in-flight must be at least 1");
     }
     let sim = KubeSim::start(SimOptions {
         pod_start_delay: Duration::from_millis(a.pod_start_ms),
@@ -308,8 +314,8 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
     ];
     let stop = CancellationToken::new();
     let clients = [
-        Arc::new(replica(&sim, pools.clone(), &stop).await?),
-        Arc::new(replica(&sim, pools, &stop).await?),
+        Arc::new(replica(&sim, pools.clone(), a.max_claims_in_flight, &stop).await?),
+        Arc::new(replica(&sim, pools, a.max_claims_in_flight, &stop).await?),
     ];
     let fill = Instant::now();
     let deadline = fill + Duration::from_secs(180);
@@ -327,10 +333,11 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
-        "pool of {} filled in {:.1} s (pod start {} ms)",
+        "pool of {} filled in {:.1} s (pod start {} ms; {} claims in flight per replica)",
         a.claims,
         fill.elapsed().as_secs_f64(),
-        a.pod_start_ms
+        a.pod_start_ms,
+        a.max_claims_in_flight
     );
 
     let cold = round(&clients, None, a.cold, "cold").await?;
@@ -404,7 +411,7 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
         r(writes_per_session)
     );
     // The keys first, in its order, then the run's shape.
-    let fields: [(&str, serde_json::Value); 9] = [
+    let fields: [(&str, serde_json::Value); 10] = [
         ("claim_p50_ms", r(pct(&warm.ms, 0.5)).into()),
         ("claim_p99_ms", r(pct(&warm.ms, 0.99)).into()),
         ("cold_p95_ms", r(pct(&cold.ms, 0.95)).into()),
@@ -414,6 +421,7 @@ pub(crate) async fn run(a: PoolArgs) -> anyhow::Result<()> {
         ("claims", a.claims.into()),
         ("warm_hits", warm_hits.into()),
         ("pod_start_ms", a.pod_start_ms.into()),
+        ("claims_in_flight", a.max_claims_in_flight.into()),
     ];
     println!("{}", crate::json_line("pool", &fields));
     Ok(())
