@@ -9,11 +9,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{NS, client, client_with, eventually, start};
+use common::{NS, client, client_with, eventually, running_pod_with, start};
 use futures::SinkExt as _;
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, AttachParams, AttachedProcess, ListParams, PostParams};
+use kube::api::{Api, AttachParams, AttachedProcess};
 use sandfleet_kube_sim::{FaultAction, FaultRule, KubeSim};
 use serde_json::json;
 use tokio::io::{
@@ -36,44 +35,6 @@ async fn running_pod(sim: &KubeSim, name: &str, script: &str, stdin: bool) -> St
         "stdin": stdin,
     });
     running_pod_with(sim, name, container).await
-}
-
-/// Starts a Job with this one container and returns its running pod's name.
-async fn running_pod_with(sim: &KubeSim, name: &str, container: serde_json::Value) -> String {
-    let c = client(sim).await;
-    let job: Job = serde_json::from_value(json!({
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": name},
-        "spec": {"backoffLimit": 0, "template": {
-            "metadata": {"labels": {"attach-test": name}},
-            "spec": {"restartPolicy": "Never", "containers": [container]},
-        }},
-    }))
-    .unwrap();
-    Api::<Job>::namespaced(c.clone(), NS)
-        .create(&PostParams::default(), &job)
-        .await
-        .unwrap();
-    let pods: Api<Pod> = Api::namespaced(c, NS);
-    let sel = format!("attach-test={name}");
-    eventually(10, "the pod runs", || {
-        let pods = pods.clone();
-        let sel = sel.clone();
-        async move {
-            let list = pods.list(&ListParams::default().labels(&sel)).await.ok()?;
-            list.items.into_iter().find_map(|p| {
-                let running = p
-                    .status
-                    .as_ref()?
-                    .container_statuses
-                    .as_ref()?
-                    .iter()
-                    .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
-                running.then(|| p.metadata.name.clone()).flatten()
-            })
-        }
-    })
-    .await
 }
 
 /// What the sessions service asks for.

@@ -6,11 +6,8 @@
 
 mod common;
 
-use common::{NS, client, eventually, start};
+use common::{NS, running_pod_with, start};
 use futures::{SinkExt as _, StreamExt as _};
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
 use sandfleet_kube_sim::KubeSim;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -18,44 +15,12 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 /// Starts a long-running pod with env `GREETING` and returns its name.
 async fn running_pod(sim: &KubeSim, name: &str) -> String {
-    let c = client(sim).await;
-    let job: Job = serde_json::from_value(json!({
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": name},
-        "spec": {"backoffLimit": 0, "template": {
-            "metadata": {"labels": {"exec-test": name}},
-            "spec": {"restartPolicy": "Never", "containers": [{
-                "name": "main", "image": "busybox:1.36",
-                "command": ["sh", "-c", "sleep 60"],
-                "env": [{"name": "GREETING", "value": "hello"}],
-            }]},
-        }},
-    }))
-    .unwrap();
-    Api::<Job>::namespaced(c.clone(), NS)
-        .create(&PostParams::default(), &job)
-        .await
-        .unwrap();
-    let pods: Api<Pod> = Api::namespaced(c, NS);
-    let sel = format!("exec-test={name}");
-    eventually(10, "the pod runs", || {
-        let pods = pods.clone();
-        let sel = sel.clone();
-        async move {
-            let list = pods.list(&ListParams::default().labels(&sel)).await.ok()?;
-            list.items.into_iter().find_map(|p| {
-                let running = p
-                    .status
-                    .as_ref()?
-                    .container_statuses
-                    .as_ref()?
-                    .iter()
-                    .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
-                running.then(|| p.metadata.name.clone()).flatten()
-            })
-        }
-    })
-    .await
+    let container = json!({
+        "name": "main", "image": "busybox:1.36",
+        "command": ["sh", "-c", "sleep 60"],
+        "env": [{"name": "GREETING", "value": "hello"}],
+    });
+    running_pod_with(sim, name, container).await
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;

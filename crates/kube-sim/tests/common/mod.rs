@@ -97,3 +97,45 @@ pub async fn finished(jobs: &kube::Api<Job>, name: &str) -> Job {
     })
     .await
 }
+
+/// Starts a Job `name` with this one container (JSON), waits until its pod
+/// runs and returns the pod's name.
+pub async fn running_pod_with(sim: &KubeSim, name: &str, container: serde_json::Value) -> String {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams, PostParams};
+
+    let c = client(sim).await;
+    let job: Job = serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {"backoffLimit": 0, "template": {
+            "metadata": {"labels": {"running-pod-test": name}},
+            "spec": {"restartPolicy": "Never", "containers": [container]},
+        }},
+    }))
+    .unwrap();
+    Api::<Job>::namespaced(c.clone(), NS)
+        .create(&PostParams::default(), &job)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c, NS);
+    let sel = format!("running-pod-test={name}");
+    eventually(10, "the pod runs", || {
+        let pods = pods.clone();
+        let sel = sel.clone();
+        async move {
+            let list = pods.list(&ListParams::default().labels(&sel)).await.ok()?;
+            list.items.into_iter().find_map(|p| {
+                let running = p
+                    .status
+                    .as_ref()?
+                    .container_statuses
+                    .as_ref()?
+                    .iter()
+                    .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+                running.then(|| p.metadata.name.clone()).flatten()
+            })
+        }
+    })
+    .await
+}
