@@ -24,9 +24,13 @@ pub struct Limits {
     pub max_output_bytes: usize,
     /// Warm-pool claims one replica has under way at once; more wait their
     /// turn, in arrival order. Each claim is two API calls (the conditional
-    /// update and the hand-over exec): a handful in flight keeps the API
-    /// server and the replica busy, and a burst's first claims are served
-    /// first instead of all at the pace of the last.
+    /// update and the hand-over, an attach): a handful in flight keeps the
+    /// API server and the replica busy, and a burst's first claims are
+    /// served first instead of all at the pace of the last. 4: a claim no
+    /// longer waits for an exec (a process started in the sandbox), so four
+    /// keep as many claims a second going as eight did with the exec, and
+    /// where the replica, the API server and the sandboxes share CPU, fewer
+    /// at once finish sooner (measured in docs/sessions.md).
     pub claims_in_flight: usize,
 }
 
@@ -39,7 +43,7 @@ impl Default for Limits {
             max_file_bytes: 16 << 20,
             max_command_timeout: Duration::from_secs(1800),
             max_output_bytes: 1 << 20,
-            claims_in_flight: 8,
+            claims_in_flight: 4,
         }
     }
 }
