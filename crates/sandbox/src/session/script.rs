@@ -526,6 +526,10 @@ pub fn handover_message(
     ))
 }
 
+/// What the readiness probe ([`prepare_argv`]) prints while the sandbox's
+/// idle loop has not started yet.
+pub const LOOP_STARTING: &str = "starting";
+
 /// The first word of a hand-over and of the loop's answer to it.
 pub const HANDOVER_TAG: &str = "sandfleet-claim";
 
@@ -570,6 +574,12 @@ impl Bounded {
             truncated: false,
             limit,
         }
+    }
+
+    /// The bytes kept, as text without surrounding white space (a
+    /// wrapper's one-line answer or error message).
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).trim().to_owned()
     }
 
     pub(crate) fn push(&mut self, chunk: &[u8]) {

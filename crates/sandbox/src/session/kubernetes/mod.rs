@@ -306,14 +306,8 @@ impl KubeSessions {
         let deadline = Instant::now() + Duration::from_secs(10);
         let answer = loop {
             match self.probe(&target).await {
-                Ok(e) if e.exit_code == 0 => {
-                    break String::from_utf8_lossy(&e.stdout.bytes).trim().to_owned();
-                }
-                Ok(e) => {
-                    return Err(SessionError::Start(
-                        String::from_utf8_lossy(&e.stderr.bytes).trim().to_owned(),
-                    ));
-                }
+                Ok(e) if e.exit_code == 0 => break e.stdout.text(),
+                Ok(e) => return Err(SessionError::Start(e.stderr.text())),
                 Err(SessionError::NotFound(_)) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

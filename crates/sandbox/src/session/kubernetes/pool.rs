@@ -150,10 +150,9 @@ impl KubeSessions {
     async fn loop_handover(&self, id: &SessionId) -> Result<String, SessionError> {
         let mut answer = self.await_ready(id, ".").await?;
         let deadline = tokio::time::Instant::now() + LOOP_START_WAIT;
-        while answer == "starting" && tokio::time::Instant::now() < deadline {
+        while answer == script::LOOP_STARTING && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let e = self.probe(&self.target(id).await?).await?;
-            answer = String::from_utf8_lossy(&e.stdout.bytes).trim().to_owned();
+            answer = self.probe(&self.target(id).await?).await?.stdout.text();
         }
         Ok(answer)
     }
@@ -249,23 +248,30 @@ impl KubeSessions {
                 )
             })
             .flatten();
-        if let Some(message) = message {
-            self.hand_over(&target, &message, &nonce).await?;
-            target.working_dir = spec.working_dir.clone();
-            if let Ok(mut t) = self.targets.lock() {
-                t.insert(id.clone(), target);
-            }
-            return Ok(());
+        match message {
+            Some(message) => self.hand_over(&target, &message, &nonce).await?,
+            None => self.claim_by_exec(&target, spec, &env).await?,
         }
-        let argv = script::claim_argv(
-            &spec.working_dir,
-            spec.idle_timeout,
-            spec.max_lifetime,
-            &env,
-        );
+        target.working_dir = spec.working_dir.clone();
+        if let Ok(mut t) = self.targets.lock() {
+            t.insert(id.clone(), target);
+        }
+        Ok(())
+    }
+
+    /// The hand-over through one exec of the claim wrapper
+    /// ([`script::claim_argv`]), `env` on its stdin: for a loop that cannot
+    /// read its own stdin, or values that do not fit a hand-over message.
+    async fn claim_by_exec(
+        &self,
+        target: &Target,
+        spec: &SessionSpec,
+        env: &str,
+    ) -> Result<(), SessionError> {
+        let argv = script::claim_argv(&spec.working_dir, spec.idle_timeout, spec.max_lifetime, env);
         let e = self
             .exec(
-                &target,
+                target,
                 argv,
                 Some(env.as_bytes()),
                 4096,
@@ -276,12 +282,8 @@ impl KubeSessions {
         if e.exit_code != 0 {
             return Err(SessionError::Start(format!(
                 "claiming the pool member: {}",
-                String::from_utf8_lossy(&e.stderr.bytes).trim()
+                e.stderr.text()
             )));
-        }
-        target.working_dir = spec.working_dir.clone();
-        if let Ok(mut t) = self.targets.lock() {
-            t.insert(id.clone(), target);
         }
         Ok(())
     }
