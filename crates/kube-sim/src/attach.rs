@@ -54,7 +54,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kubelet::{ContainerStdin, ExecTarget};
 use crate::remote_command::{
-    CLOSE, Handshake, Params, STATUS, STDERR, STDIN, STDOUT, Socket, StreamKind, frame, not_running,
+    CLOSE, Handshake, Params, STATUS, STDERR, STDIN, STDOUT, Socket, StreamKind, exit_status,
+    frame, not_running,
 };
 use crate::shared::Shared;
 use crate::status::ApiError;
@@ -217,7 +218,8 @@ async fn serve(
             },
         }
     }
-    let status = json!({"metadata": {}, "status": "Success"});
+    // Success whatever the container's exit code: the attach ended as it should.
+    let status = exit_status(0);
     if send(&mut tx, frame(STATUS, status.to_string().as_bytes()), &cut).await {
         tokio::select! {
             _ = tx.close() => {}
