@@ -1,5 +1,7 @@
 //! The [`Executor`] trait both executors implement, and what a run returns.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,10 +25,36 @@ pub trait Executor: Send + Sync + 'static {
         ctx: &RunContext,
     ) -> Result<Execution, ExecError>;
 
+    /// Runs attempt `attempt` of `task` once `clearance` gives the run's
+    /// context; `None` when it was refused and nothing of the task ran.
+    ///
+    /// An executor may ready the sandbox while the clearance is pending, so
+    /// long as nothing of the task runs before it comes and what was readied
+    /// is gone when it is refused or this future is dropped: the local
+    /// executor starts its script, held before the task's first file
+    /// ([`crate::script::ScriptOptions::start_on_stdin`]). The default waits
+    /// for the clearance, then [`Executor::run`]s: a Job is created only
+    /// once it came.
+    async fn run_when_cleared(
+        &self,
+        task: &Task,
+        attempt: u32,
+        clearance: Clearance<'_>,
+    ) -> Option<Result<Execution, ExecError>> {
+        let ctx = clearance.await?;
+        Some(self.run(task, attempt, &ctx).await)
+    }
+
     /// Stops a running attempt and deletes its sandbox. Stopping an attempt
     /// that is not running is not an error.
     async fn cancel(&self, task_id: TaskId, attempt: u32) -> Result<(), ExecError>;
 }
+
+/// What lets an attempt start ([`Executor::run_when_cleared`]): the
+/// worker's cancellation read barrier. Resolves to the run's context once
+/// nothing stands in the attempt's way, or to `None` when it must not start
+/// (a cancel was read, the cancellations are not readable).
+pub type Clearance<'a> = Pin<Box<dyn Future<Output = Option<RunContext>> + Send + 'a>>;
 
 /// Per-run context from the worker.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

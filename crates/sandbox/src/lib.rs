@@ -29,7 +29,7 @@ mod rundir;
 pub mod script;
 pub mod session;
 
-pub use executor::{ExecError, Execution, Executor, RunContext};
+pub use executor::{Clearance, ExecError, Execution, Executor, RunContext};
 pub use gate::{ApiGate, CallClass, GateClosed, NoGate, RecordingGate};
 pub use kubernetes::{ApiRetry, KubeApi, KubeExecutor, REQUIRED_PERMISSIONS, job};
 pub use local::LocalExecutor;

@@ -65,7 +65,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::classify::{self, LocalEnd};
-use crate::executor::{ExecError, Execution, Executor, RunContext};
+use crate::executor::{Clearance, ExecError, Execution, Executor, RunContext};
 use crate::report;
 use crate::rundir::{self, RunDir};
 use crate::script::{self, ENV_STATE_DIR, ENV_TERMINATION_LOG, ENV_WORKSPACE, ScriptOptions};
@@ -295,22 +295,30 @@ fn read_bounded(path: &Path, limit: u64) -> (Vec<u8>, bool) {
     (buf, cut)
 }
 
-#[async_trait]
-impl Executor for LocalExecutor {
-    async fn run(
-        &self,
-        task: &Task,
-        attempt: u32,
-        _ctx: &RunContext,
-    ) -> Result<Execution, ExecError> {
+/// A local sandbox started and held before the task's first file
+/// ([`ScriptOptions::start_on_stdin`]): its script readied the run
+/// directory and waits for the line [`LocalExecutor::start`] writes.
+/// Dropped, it kills the sandbox's process group, then removes the run
+/// directory: fields drop in their order here.
+struct Held {
+    guard: ProcessGuard,
+    child: tokio::process::Child,
+    reader: AbortOnDropHandle<watchdog::Log>,
+    stop_reading: CancellationToken,
+    /// The script's stdin: a line lets it start, end of file ends it.
+    go: std::io::PipeWriter,
+    token: CancellationToken,
+    state: PathBuf,
+    dir: DropOffThread,
+}
+
+impl LocalExecutor {
+    /// Starts the sandbox of attempt `attempt` of `task` and holds it before
+    /// anything of the task: the run directory, the script with its
+    /// environment, the reader of its output.
+    async fn prepare(&self, task: &Task, attempt: u32) -> Result<Held, ExecError> {
         let budget = self.settings.max_output_bytes as u64;
-        let opts = ScriptOptions {
-            max_file_bytes: Some(self.settings.max_file_bytes),
-            file_block_bytes: self.file_block_bytes,
-            executor_watchdog: true,
-            steps_in_script_shell: self.shell_is_bin_sh,
-            ..ScriptOptions::for_budget(task, budget)
-        };
+        let opts = self.script_options(task);
         let script = script::generate(task, attempt, &opts)?;
         let key = (task.id, attempt);
         let task_hex = task.id.simple().to_string();
@@ -335,16 +343,17 @@ impl Executor for LocalExecutor {
             }
             running.insert(key, token.clone());
         }
-        // Declared after `dir`, so it is dropped first: the sandbox is
-        // killed before its directory is removed.
+        // Dropped before `dir` on an early return: the sandbox is killed
+        // before its directory is removed.
         let mut guard = ProcessGuard {
             pgid: None,
             key,
             running: self.running.clone(),
         };
-        let summary_path = state.join("summary");
-        // The script's stdout and stderr: one pipe, read as it comes.
+        // The script's stdout and stderr: one pipe, read as it comes; its
+        // stdin: the line that lets it start.
         let (out_read, out_write) = std::io::pipe()?;
+        let (go_read, go) = std::io::pipe()?;
 
         let mut cmd = self.command(dir.path(), &workspace, &script.text);
         cmd.env_clear()
@@ -353,16 +362,15 @@ impl Executor for LocalExecutor {
             .envs(script.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(ENV_WORKSPACE, &workspace)
             .env(ENV_STATE_DIR, &state)
-            .env(ENV_TERMINATION_LOG, &summary_path)
-            .stdin(Stdio::null())
+            .env(ENV_TERMINATION_LOG, state.join("summary"))
+            .stdin(Stdio::from(go_read))
             .stdout(Stdio::from(out_write.try_clone()?))
             .stderr(Stdio::from(out_write))
             .process_group(0)
             .kill_on_drop(true);
 
-        let started_at = Utc::now();
-        let mut child = cmd.spawn()?;
-        // Our copies of the pipe's write end go with the command, so the
+        let child = cmd.spawn()?;
+        // Our copies of the pipes' child ends go with the command, so the
         // read end sees end of file once the script's processes are done.
         drop(cmd);
         guard.pgid = child.id().and_then(|id| Pid::from_raw(id as i32));
@@ -379,7 +387,7 @@ impl Executor for LocalExecutor {
         let stop_reading = CancellationToken::new();
         // The script bounds its own output; the slack covers marker lines.
         let log_cap = usize::try_from(budget + 16 * 1024).unwrap_or(usize::MAX);
-        let mut reader = AbortOnDropHandle::new(tokio::spawn(watchdog::pump(
+        let reader = AbortOnDropHandle::new(tokio::spawn(watchdog::pump(
             out,
             log_cap,
             watchdog,
@@ -394,29 +402,61 @@ impl Executor for LocalExecutor {
                 d.set_group(pgid.as_raw_nonzero().get())?;
             }
         }
-        tracing::debug!(task = %task.id, attempt, dir = %dir.path().display(), "local sandbox started");
+        tracing::debug!(task = %task.id, attempt, dir = %dir.path().display(), "local sandbox started, held");
+        Ok(Held {
+            guard,
+            child,
+            reader,
+            stop_reading,
+            go,
+            token,
+            state,
+            dir,
+        })
+    }
+
+    fn script_options(&self, task: &Task) -> ScriptOptions {
+        ScriptOptions {
+            max_file_bytes: Some(self.settings.max_file_bytes),
+            file_block_bytes: self.file_block_bytes,
+            executor_watchdog: true,
+            steps_in_script_shell: self.shell_is_bin_sh,
+            start_on_stdin: true,
+            ..ScriptOptions::for_budget(task, self.settings.max_output_bytes as u64)
+        }
+    }
+
+    /// Lets a held sandbox start the task, and runs it to its end.
+    async fn start(&self, held: Held, task: &Task) -> Result<Execution, ExecError> {
+        use std::io::Write as _;
+        let mut held = held;
+        let summary_path = held.state.join("summary");
+        let started_at = Utc::now();
+        // A fresh pipe takes the line without blocking. A script that is
+        // gone already (its setup failed) makes this fail; its exit says why.
+        let _ = held.go.write_all(b"go\n");
 
         let deadline = Duration::from_secs(task.sandbox.deadline_secs);
         let disk_limit = self.settings.max_workspace_bytes;
         // `child.wait()` is cancel-safe: losing the race only drops the future;
         // so is the disk watch (a measurement in flight finishes unobserved).
         let stop = tokio::select! {
-            status = child.wait() => Stop::Exited(status?),
+            status = held.child.wait() => Stop::Exited(status?),
             () = tokio::time::sleep(deadline) => Stop::Deadline,
-            () = token.cancelled() => Stop::Cancelled,
-            used = disk_over(dir.path().to_owned(), disk_limit) => Stop::Disk(used),
+            () = held.token.cancelled() => Stop::Cancelled,
+            used = disk_over(held.dir.path().to_owned(), disk_limit) => Stop::Disk(used),
         };
         let end = match stop {
             Stop::Exited(status) => exit_of(status),
             stop => {
                 // Ask the script to stop its step and write its summary, then make sure.
-                let script_pid = read_pid(&state.join("script.pid")).or(guard.pgid);
+                let script_pid = read_pid(&held.state.join("script.pid")).or(held.guard.pgid);
                 if let Some(pid) = script_pid {
                     let _ = kill_process(pid, Signal::TERM);
                 }
-                let _ = tokio::time::timeout(STOP_GRACE, child.wait()).await;
-                guard.kill_all();
-                let _ = child.wait().await;
+                let _ = tokio::time::timeout(STOP_GRACE, held.child.wait()).await;
+                held.guard.kill_all();
+                let _ = held.child.wait().await;
                 match stop {
                     Stop::Disk(used) => LocalEnd::DiskLimit {
                         used,
@@ -427,19 +467,19 @@ impl Executor for LocalExecutor {
                 }
             }
         };
-        guard.kill_all();
-        let cancelled = token.is_cancelled();
-        drop(guard);
+        held.guard.kill_all();
+        let cancelled = held.token.is_cancelled();
         // Everything the script printed is in the pipe by now.
-        stop_reading.cancel();
-        let log = (&mut reader).await.unwrap_or_default();
+        held.stop_reading.cancel();
+        let log = (&mut held.reader).await.unwrap_or_default();
 
         let finished_at = Utc::now();
         // Read back and remove the run directory off the async threads; the
         // run directory is gone (and its lock let go) when this returns.
-        let sandbox = dir.path_display();
-        let mut dir = dir;
-        let run_dir = dir.0.take();
+        let sandbox = held.dir.path_display();
+        let run_dir = held.dir.0.take();
+        // The sandbox is killed before its directory is removed.
+        drop(held);
         let watcher = self.watcher.clone();
         let (summary_text, _) = tokio::task::spawn_blocking(move || {
             let summary = read_bounded(&summary_path, 8 * 1024);
@@ -488,6 +528,51 @@ impl Executor for LocalExecutor {
             error,
             adopted: false,
             admission_wait: None,
+        })
+    }
+}
+
+#[async_trait]
+impl Executor for LocalExecutor {
+    async fn run(
+        &self,
+        task: &Task,
+        attempt: u32,
+        _ctx: &RunContext,
+    ) -> Result<Execution, ExecError> {
+        let held = self.prepare(task, attempt).await?;
+        self.start(held, task).await
+    }
+
+    /// Starts the sandbox while the clearance is pending (the worker's
+    /// cancellation barrier is a broker round trip, the script's start
+    /// about as long) and lets it go once the clearance comes; a refusal
+    /// kills it before anything of the task ran.
+    async fn run_when_cleared(
+        &self,
+        task: &Task,
+        attempt: u32,
+        clearance: Clearance<'_>,
+    ) -> Option<Result<Execution, ExecError>> {
+        let mut clearance = clearance;
+        let mut prepare = std::pin::pin!(self.prepare(task, attempt));
+        let mut held = None;
+        // Not a join: a refusal must not wait for a slow preparation (a dead
+        // worker's sandbox of the task still dying).
+        let cleared = loop {
+            tokio::select! {
+                ctx = &mut clearance => break ctx,
+                h = &mut prepare, if held.is_none() => held = Some(h),
+            }
+        };
+        cleared?;
+        let held = match held {
+            Some(h) => h,
+            None => prepare.await,
+        };
+        Some(match held {
+            Ok(held) => self.start(held, task).await,
+            Err(e) => Err(e),
         })
     }
 

@@ -124,6 +124,14 @@ pub struct ScriptOptions {
     /// the executor's its processes in the script's group. The local executor
     /// only.
     pub steps_in_script_shell: bool,
+    /// The script readies its sandbox (the summary, its pid, the file
+    /// limit), then waits for a line on its stdin before it writes the task's
+    /// files and starts its first step; end of file instead ends it with 125
+    /// and nothing of the task done. It then reads no more of its stdin:
+    /// it continues with `/dev/null` there. The local executor starts the
+    /// script while the worker's cancellation barrier is in flight and lets
+    /// it go once the barrier passes; a pod starts only once it did.
+    pub start_on_stdin: bool,
 }
 
 impl ScriptOptions {
@@ -148,6 +156,7 @@ impl ScriptOptions {
             file_block_bytes: None,
             executor_watchdog: false,
             steps_in_script_shell: false,
+            start_on_stdin: false,
         }
     }
 }
@@ -566,6 +575,11 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
         }
         (None, _) => {}
     }
+    if opts.start_on_stdin {
+        // `read` is a builtin; a closed stdin (the start called off, the
+        // worker gone) ends the script before anything of the task ran.
+        text.push_str("read -r sf_go || exit 125\nexec </dev/null\n");
+    }
     for (i, file) in task.files.iter().enumerate() {
         check_path(format!("files[{i}].path"), &file.path)?;
         check_value(|| format!("files[{i}].content"), &file.content)?;
@@ -969,6 +983,7 @@ mod tests {
         file_block_bytes: None,
         executor_watchdog: false,
         steps_in_script_shell: false,
+        start_on_stdin: false,
     };
 
     #[test]

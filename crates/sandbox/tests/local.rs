@@ -880,3 +880,104 @@ async fn a_redelivery_waits_until_the_dead_workers_sandbox_is_gone() {
     .unwrap();
     assert_eq!(std::fs::read_dir(base.path()).unwrap().count(), 0);
 }
+
+/// A task that writes a file and whose step leaves a mark, on an executor
+/// of its own in a fresh base directory.
+fn marking_task_and_executor() -> (Task, tempfile::TempDir, LocalExecutor) {
+    let mut task = example("python-fix-attempt.json");
+    task.files.truncate(1);
+    task.files[0].path = "note.txt".into();
+    task.files[0].content = "written".into();
+    task.steps.truncate(1);
+    task.steps[0].run = "touch ran".into();
+    let dir = tempfile::tempdir().unwrap();
+    let exec = LocalExecutor::new(LocalSettings {
+        work_dir: Some(dir.path().display().to_string()),
+        ..LocalSettings::default()
+    })
+    .unwrap();
+    (task, dir, exec)
+}
+
+/// Waits until the one run under `base` has its script readied (its pid
+/// written), checks that nothing of the task happened for a while, and
+/// returns the run directory and the script's pid.
+async fn readied_and_held(base: &Path) -> (std::path::PathBuf, u32) {
+    let start = Instant::now();
+    let run = loop {
+        if let Some(run) = run_dir(base) {
+            break run;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no sandbox was readied while the clearance was pending"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let pid: u32 = wait_for_file(&run.join("state/script.pid"))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!dead(pid), "the held script ended on its own");
+    assert!(
+        !run.join("workspace/note.txt").exists(),
+        "a file was written before the clearance"
+    );
+    assert!(
+        !run.join("workspace/ran").exists(),
+        "the step ran before the clearance"
+    );
+    (run, pid)
+}
+
+#[tokio::test]
+async fn a_sandbox_readied_before_its_clearance_starts_the_task_only_once_it_comes() {
+    let (task, base, exec) = marking_task_and_executor();
+    let (clear, cleared) = tokio::sync::oneshot::channel::<Option<RunContext>>();
+    let handle = tokio::spawn(async move {
+        let clearance = Box::pin(async move { cleared.await.unwrap() });
+        exec.run_when_cleared(&task, 1, clearance).await
+    });
+    let (run, _) = readied_and_held(base.path()).await;
+    clear.send(Some(ctx())).unwrap();
+    let exec = handle.await.unwrap().expect("cleared").unwrap();
+    assert_eq!(exec.outcome, Outcome::Succeeded, "{exec:#?}");
+    assert_eq!(exec.steps[0].exit_code, Some(0));
+    assert_eq!(exec.sandbox, run.display().to_string());
+    assert!(!run.exists(), "the run directory is gone afterwards");
+}
+
+#[tokio::test]
+async fn a_refused_or_dropped_clearance_kills_the_readied_sandbox_before_anything_ran() {
+    for refuse in [true, false] {
+        let (task, base, exec) = marking_task_and_executor();
+        let (clear, cleared) = tokio::sync::oneshot::channel::<Option<RunContext>>();
+        let handle = tokio::spawn(async move {
+            let clearance = Box::pin(async move { cleared.await.unwrap_or(None) });
+            exec.run_when_cleared(&task, 1, clearance).await
+        });
+        let (run, pid) = readied_and_held(base.path()).await;
+        if refuse {
+            clear.send(None).unwrap();
+            assert!(handle.await.unwrap().is_none(), "a refusal runs nothing");
+        } else {
+            // The delivery was lost while the barrier was in flight.
+            handle.abort();
+            assert!(handle.await.unwrap_err().is_cancelled());
+            drop(clear);
+        }
+        wait_until("the held script is killed", Duration::from_secs(5), || {
+            dead(pid)
+        })
+        .await;
+        wait_until(
+            "the run directory is removed",
+            Duration::from_secs(5),
+            || std::fs::read_dir(base.path()).unwrap().count() == 0,
+        )
+        .await;
+        assert!(!run.exists());
+    }
+}

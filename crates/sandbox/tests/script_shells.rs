@@ -49,6 +49,7 @@ const OPTS: ScriptOptions = ScriptOptions {
     file_block_bytes: None,
     executor_watchdog: false,
     steps_in_script_shell: false,
+    start_on_stdin: false,
 };
 
 struct Run {
@@ -677,5 +678,93 @@ fn a_step_reaching_the_file_limit_is_stopped_and_recorded() {
             64 * 1024,
             "{name}"
         );
+    }
+}
+
+/// A script started on stdin readies its sandbox and waits: the task's files
+/// and steps come only after a line there, and its steps read `/dev/null`,
+/// not that stdin. End of file instead ends it with 125, nothing of the task
+/// done: what the local executor relies on when the start is called off.
+#[test]
+fn a_script_started_on_stdin_waits_for_its_line_and_ends_on_end_of_file() {
+    use std::io::Write;
+    let t = task().with_file("note.txt", "written").with_step(
+        "run",
+        "cat >read-from-stdin; touch ran",
+        10,
+    );
+    let opts = ScriptOptions {
+        start_on_stdin: true,
+        executor_watchdog: true,
+        steps_in_script_shell: true,
+        ..OPTS
+    };
+    let script = script::generate(&t, 1, &opts).unwrap();
+    let start = |argv: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let (ws, state) = (dir.path().join("ws"), dir.path().join("state"));
+        let child = shell(argv)
+            .arg("-c")
+            .arg(&script.text)
+            .env_clear()
+            .env("PATH", PATH)
+            .envs(script.env.iter().map(|(k, v)| (k, v)))
+            .env(script::ENV_WORKSPACE, &ws)
+            .env(script::ENV_STATE_DIR, &state)
+            .env(script::ENV_TERMINATION_LOG, dir.path().join("tlog"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        (child, dir)
+    };
+    // Readied, held: its pid is written, nothing of the task is.
+    let held = |dir: &Path| {
+        let pid = dir.join("state/script.pid");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&pid).is_ok_and(|p| p.ends_with('\n')) {
+            assert!(
+                Instant::now() < deadline,
+                "the script never readied its sandbox"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !dir.join("ws/note.txt").exists(),
+            "a file was written before the start"
+        );
+        assert!(!dir.join("ws/ran").exists(), "a step ran before the start");
+    };
+    for (name, argv) in SHELLS {
+        let (mut child, dir) = start(argv);
+        held(dir.path());
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"go\nthis line is not for the step\n")
+            .unwrap();
+        let status = child.wait().unwrap();
+        drop(stdin);
+        assert_eq!(status.code(), Some(0), "{name}");
+        let ws = dir.path().join("ws");
+        assert_eq!(
+            std::fs::read_to_string(ws.join("note.txt")).unwrap(),
+            "written",
+            "{name}"
+        );
+        assert!(ws.join("ran").exists(), "{name}: the step did not run");
+        assert_eq!(
+            std::fs::read_to_string(ws.join("read-from-stdin")).unwrap(),
+            "",
+            "{name}: the step read the script's stdin"
+        );
+
+        let (mut child, dir) = start(argv);
+        held(dir.path());
+        drop(child.stdin.take());
+        assert_eq!(child.wait().unwrap().code(), Some(125), "{name}");
+        assert!(!dir.path().join("ws/note.txt").exists(), "{name}");
+        assert!(!dir.path().join("ws/ran").exists(), "{name}");
     }
 }

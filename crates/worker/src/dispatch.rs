@@ -28,7 +28,7 @@ use std::time::Duration;
 use std::collections::HashMap;
 
 use sandfleet_proto::{Limits, Outcome, Task, TaskId, TaskResult, decode_task};
-use sandfleet_sandbox::{ExecError, Execution, Executor, RunContext};
+use sandfleet_sandbox::{Clearance, ExecError, Execution, Executor, RunContext};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -324,6 +324,16 @@ enum RunEnd {
     Abandoned,
     /// The executor returned.
     Done(Result<Execution, ExecError>),
+    /// The attempt was not cleared to start: nothing of it ran.
+    Refused,
+}
+
+/// Why the cancellation barrier did not clear an attempt to start.
+enum Refusal {
+    /// A cancel of the task was read.
+    Cancelled(sandfleet_proto::CancelInfo),
+    /// The cancellations stream could not be read up to now.
+    Unreadable(String),
 }
 
 /// How the handling of one delivery ended (for the drain report).
@@ -500,37 +510,31 @@ where
         // fires the watch; one confirmed before it is in the index.
         let guard = self.cancels.watch(&task);
         let watch = guard.watch.clone();
-        let cancels_read_to = match self.cancels.barrier().await {
-            Ok(read_to) => read_to,
-            Err(e) => {
-                warn!(error = %e, "cancellations not readable; releasing the task for later");
-                tokio::time::sleep(UNAVAILABLE_HOLD).await;
-                return release(delivery).await;
+        // The barrier clears the attempt to start. The executor may ready its
+        // sandbox meanwhile (nothing of the task runs before the clearance):
+        // the barrier's broker round trip and the sandbox's start overlap.
+        let refused: std::sync::Mutex<Option<Refusal>> = std::sync::Mutex::new(None);
+        let cleared_at: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let clearance: Clearance<'_> = Box::pin(async {
+            let refuse = |why| {
+                *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                None
+            };
+            let cancels_read_to = match self.cancels.barrier().await {
+                Ok(read_to) => read_to,
+                Err(e) => return refuse(Refusal::Unreadable(e.to_string())),
+            };
+            self.metrics.set_cancels_recorded(self.cancels.recorded());
+            if let Some(info) = watch.info().cloned() {
+                return refuse(Refusal::Cancelled(info));
             }
-        };
-        let ctx = RunContext {
-            traceparent: traceparent.clone(),
-            worker: self.config.worker.clone(),
-            cancels_read_to,
-        };
-        self.metrics.set_cancels_recorded(self.cancels.recorded());
-        if let Some(info) = watch.info().cloned() {
-            info!(by = %info.by, reason = %info.reason, "task cancelled before it started");
-            // A redelivery may find the Job a dead worker left running for
-            // this attempt: delete it too (a missing Job is not an error).
-            self.stop_sandbox(&task, attempt).await;
-            let result = self.cancelled_result(&task, attempt, None, &info);
-            // Boxed like `conclude`: not part of a running attempt's future.
-            return Box::pin(self.finish_cancelled(
-                delivery,
-                result,
-                traceparent.as_deref(),
-                "before_start",
-                Duration::ZERO,
-            ))
-            .await;
-        }
-        let started = Instant::now();
+            let _ = cleared_at.set(Instant::now());
+            Some(RunContext {
+                traceparent: traceparent.clone(),
+                worker: self.config.worker.clone(),
+                cancels_read_to,
+            })
+        });
         self.metrics.in_flight().inc();
         let _running = self.health.track_running(&task, attempt);
         // Neither branch but `run` is a completion: dropping the run future
@@ -540,14 +544,17 @@ where
         // logs), which the cancelled result keeps.
         // (Boxed by the trait, so it can be dropped once it is done with:
         // it borrows the task, which moves on to `conclude`.)
-        let mut run_fut = self.executor.run(&task, attempt, &ctx);
+        let mut run_fut = self.executor.run_when_cleared(&task, attempt, clearance);
         let mut stopping = false;
         let run = loop {
             tokio::select! {
                 biased;
                 _ = lost.cancelled() => break RunEnd::Lost,
                 _ = abandon.cancelled() => break RunEnd::Abandoned,
-                r = &mut run_fut => break RunEnd::Done(r),
+                r = &mut run_fut => break match r {
+                    Some(r) => RunEnd::Done(r),
+                    None => RunEnd::Refused,
+                },
                 () = watch.fired(), if !stopping => {
                     stopping = true;
                     self.stop_sandbox(&task, attempt).await;
@@ -576,9 +583,40 @@ where
                     }
                 };
             }
+            RunEnd::Refused => {
+                let why = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
+                return match why {
+                    Some(Refusal::Cancelled(info)) => {
+                        info!(by = %info.by, reason = %info.reason, "task cancelled before it started");
+                        // A redelivery may find the Job a dead worker left running for
+                        // this attempt: delete it too (a missing Job is not an error).
+                        self.stop_sandbox(&task, attempt).await;
+                        let result = self.cancelled_result(&task, attempt, None, &info);
+                        // Boxed like `conclude`: not part of a running attempt's future.
+                        Box::pin(self.finish_cancelled(
+                            delivery,
+                            result,
+                            traceparent.as_deref(),
+                            "before_start",
+                            Duration::ZERO,
+                        ))
+                        .await
+                    }
+                    Some(Refusal::Unreadable(e)) => {
+                        warn!(error = %e, "cancellations not readable; releasing the task for later");
+                        tokio::time::sleep(UNAVAILABLE_HOLD).await;
+                        release(delivery).await
+                    }
+                    None => {
+                        // Only the clearance above refuses, and it says why first.
+                        error!("the attempt was refused a start without a reason; releasing it");
+                        release(delivery).await
+                    }
+                };
+            }
             RunEnd::Done(run) => run,
         };
-        let elapsed = started.elapsed();
+        let elapsed = cleared_at.get().map_or(Duration::ZERO, |at| at.elapsed());
         // Boxed: what follows the run (results, retry messages, the ack) is
         // most of this future's size, and inline it would be held for the
         // whole run, by every task in flight.

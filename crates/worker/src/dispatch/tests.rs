@@ -1111,21 +1111,7 @@ impl Executor for GatedCreate {
         tokio::time::sleep(Duration::from_secs(1)).await;
         self.gate.permit("create").unwrap();
         self.gate.permit("delete").unwrap();
-        let now = Utc::now();
-        Ok(Execution {
-            outcome: Outcome::Succeeded,
-            exit_code: Some(0),
-            steps: Vec::new(),
-            log_tail: String::new(),
-            log_truncated: false,
-            artifacts: Vec::new(),
-            started_at: Some(now),
-            finished_at: now,
-            sandbox: format!("sf-{}-{attempt}", task.id),
-            error: None,
-            adopted: false,
-            admission_wait: None,
-        })
+        Ok(succeeded(task, attempt))
     }
 
     async fn cancel(&self, _: TaskId, _: u32) -> Result<(), ExecError> {
@@ -1168,6 +1154,124 @@ async fn the_time_from_delivery_to_the_sandbox_create_is_measured_once_per_attem
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+/// A run that succeeded at once, with no steps.
+fn succeeded(task: &Task, attempt: u32) -> Execution {
+    let now = Utc::now();
+    Execution {
+        outcome: Outcome::Succeeded,
+        exit_code: Some(0),
+        steps: Vec::new(),
+        log_tail: String::new(),
+        log_truncated: false,
+        artifacts: Vec::new(),
+        started_at: Some(now),
+        finished_at: now,
+        sandbox: format!("sf-{}-{attempt}", task.id),
+        error: None,
+        adopted: false,
+        admission_wait: None,
+    }
+}
+
+/// An executor that readies its sandbox while the clearance is pending, as
+/// the local executor does, and records what became of each.
+#[derive(Default)]
+struct Readying {
+    events: Mutex<Vec<(TaskId, &'static str)>>,
+}
+
+impl Readying {
+    fn of(&self, id: TaskId) -> Vec<&'static str> {
+        let events = self.events.lock().unwrap();
+        events
+            .iter()
+            .filter(|(t, _)| *t == id)
+            .map(|(_, e)| *e)
+            .collect()
+    }
+
+    fn record(&self, id: TaskId, what: &'static str) {
+        self.events.lock().unwrap().push((id, what));
+    }
+}
+
+#[async_trait]
+impl Executor for Readying {
+    async fn run(
+        &self,
+        task: &Task,
+        attempt: u32,
+        _ctx: &RunContext,
+    ) -> Result<Execution, ExecError> {
+        self.record(task.id, "ran");
+        Ok(succeeded(task, attempt))
+    }
+
+    async fn run_when_cleared(
+        &self,
+        task: &Task,
+        attempt: u32,
+        clearance: sandfleet_sandbox::Clearance<'_>,
+    ) -> Option<Result<Execution, ExecError>> {
+        self.record(task.id, "readied");
+        let Some(ctx) = clearance.await else {
+            self.record(task.id, "refused");
+            return None;
+        };
+        Some(self.run(task, attempt, &ctx).await)
+    }
+
+    async fn cancel(&self, _: TaskId, _: u32) -> Result<(), ExecError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sandbox_readied_during_the_barrier_is_refused_its_start_when_a_cancel_was_read() {
+    let broker = InMemoryBroker::default();
+    let exec = Arc::new(Readying::default());
+    let sink = MemoryResults::default();
+    let metrics = Arc::new(Metrics::new());
+    let cancels = Cancels::new();
+    let shutdown = CancellationToken::new();
+    let d = Dispatcher::new(
+        Arc::new(broker.clone()),
+        exec.clone(),
+        sink.clone(),
+        config(4),
+        metrics.clone(),
+        Arc::new(Health::new()),
+    )
+    .with_cancels(cancels.clone());
+    let handle = tokio::spawn(d.run(shutdown.clone()));
+    let (cancelled, kept) = (task(), task());
+    cancels.apply(sandfleet_proto::Cancellation::task(
+        cancelled.id,
+        "ops",
+        "wrong commit",
+    ));
+    publish(&broker, &cancelled);
+    publish(&broker, &kept);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while broker.acked_count() < 2 {
+        assert!(Instant::now() < deadline, "tasks not acked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(exec.of(cancelled.id), ["readied", "refused"]);
+    assert_eq!(exec.of(kept.id), ["readied", "ran"]);
+    let finals: Vec<_> = sink.results().into_iter().filter(|r| r.is_final).collect();
+    let outcome = |id| finals.iter().find(|r| r.task_id == id).map(|r| r.outcome);
+    assert_eq!(outcome(cancelled.id), Some(Outcome::Cancelled));
+    assert_eq!(outcome(kept.id), Some(Outcome::Succeeded));
+    assert!(
+        metrics
+            .encode()
+            .contains("sandfleet_tasks_cancelled_total{stage=\"before_start\"} 1")
+    );
     shutdown.cancel();
     handle.await.unwrap().unwrap();
 }
