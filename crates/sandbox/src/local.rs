@@ -4,8 +4,9 @@
 //! even then only a light one: read-only host, private /tmp, own IPC/UTS).
 //!
 //! Layout of a run's directory (`<base>/sf-<task>-a<attempt>-<random>/`,
-//! see [`crate::rundir`]): `workspace/` (the step's cwd and `$HOME`) and
-//! `state/` (captured step output, the summary, pid files). The script's
+//! see [`crate::rundir`]): `workspace/` (the step's cwd and `$HOME`) and,
+//! beside it, the script's own files (captured step output, the summary,
+//! pid files): one directory fewer to create and remove per run. The script's
 //! stdout (bounded by construction: steps write to their own files and the
 //! script prints only their bounded tails) is a pipe the executor reads as
 //! it comes: its step markers drive the per-step watchdog, which runs in
@@ -328,7 +329,8 @@ impl LocalExecutor {
         let dir = create_run_dir(&self.base, &task_hex, attempt, &self.watcher).await?;
         let dir = DropOffThread(Some(dir), self.watcher.clone());
         let workspace = dir.path().join("workspace");
-        let state = dir.path().join("state");
+        // The script's own files live beside the workspace, out of the steps' way.
+        let state = dir.path().to_owned();
         let token = CancellationToken::new();
         {
             let mut running = self
@@ -614,7 +616,6 @@ async fn create_run_dir(
                 }
                 let dir = RunDir::create(&b, &t, attempt)?;
                 std::fs::DirBuilder::new().create(dir.path().join("workspace"))?;
-                std::fs::DirBuilder::new().create(dir.path().join("state"))?;
                 let name = run_name(&dir);
                 if let Err(e) = w.watch(&name) {
                     w.forget(&name);

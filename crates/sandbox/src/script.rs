@@ -376,7 +376,6 @@ sf_emit() {
 sf_setup_fail() {
   sf_note "setup $1"
   printf '::sandfleet:: setup failed: %s\n' "$1"
-  cat "$sf_state/script.err" 2>/dev/null
   exit 125
 }
 
@@ -562,8 +561,6 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
         "{ [ -d \"$sf_ws\" ] && [ -d \"$sf_state\" ]; } || mkdir -p \"$sf_ws\" \"$sf_state\" || { sf_note \"setup workspace\"; exit 125; }\n",
     );
     text.push_str("printf '%s\\n' \"$$\" >\"$sf_state/script.pid\"\n");
-    // Job-status chatter of the shell ("Killed", "Terminated") stays out of the log.
-    text.push_str("exec 2>>\"$sf_state/script.err\"\n");
     match (opts.max_file_bytes, opts.file_block_bytes) {
         (Some(bytes), Some(unit)) => {
             let unit = unit.max(1);
@@ -571,7 +568,8 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
             let _ = writeln!(text, "sf_fblocks={blocks}\nsf_fcap={}", blocks * unit);
         }
         (Some(bytes), None) => {
-            let _ = writeln!(text, "sf_file_limit {}", bytes.max(1));
+            // The probe's death by SIGXFSZ is reported by the shell itself.
+            let _ = writeln!(text, "sf_file_limit {} 2>/dev/null", bytes.max(1));
         }
         (None, _) => {}
     }
@@ -611,6 +609,10 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
         let _ = writeln!(text, "unset {}", names.join(" "));
     }
 
+    // Until here the shell's own errors (an input file it could not write)
+    // go to the log, before the `setup failed` line; from the first step on
+    // its job-status chatter ("Killed", "Terminated") stays out of it.
+    text.push_str("exec 2>/dev/null\n");
     for (i, step) in task.steps.iter().enumerate() {
         if step.timeout_secs == 0 {
             return Err(ScriptError::ZeroTimeout(i));

@@ -591,7 +591,7 @@ async fn a_starting_executor_removes_runs_whose_worker_is_gone() {
     // the watcher cannot clean up (as when the whole tree is killed, or a
     // reboot with a persistent work dir): freeze the worker so it cannot
     // clean up either, kill the watcher, the sandbox's group, then the worker.
-    let script: i32 = std::fs::read_to_string(run.join("state/script.pid"))
+    let script: i32 = std::fs::read_to_string(run.join("script.pid"))
         .unwrap()
         .trim()
         .parse()
@@ -914,7 +914,7 @@ async fn readied_and_held(base: &Path) -> (std::path::PathBuf, u32) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let pid: u32 = wait_for_file(&run.join("state/script.pid"))
+    let pid: u32 = wait_for_file(&run.join("script.pid"))
         .await
         .trim()
         .parse()

@@ -513,6 +513,13 @@ fn an_unwritable_input_file_is_a_setup_failure() {
         assert_eq!(r.code, Some(125), "{name}");
         assert_eq!(r.summary.setup_failure.as_deref(), Some("file 1"), "{name}");
         assert!(r.summary.steps.is_empty(), "{name}");
+        // The shell's own error says why, in the log before the marker.
+        let (why, marker) = r
+            .raw_log
+            .split_once("::sandfleet:: setup failed: file 1")
+            .unwrap();
+        assert!(why.contains("mkdir"), "{name}: {}", r.raw_log);
+        assert_eq!(marker.trim(), "", "{name}: {}", r.raw_log);
     }
 }
 

@@ -11,7 +11,7 @@
 //! the steps run in it too ([`ScriptOptions::executor_watchdog`]) — and
 //! removes the directory and its lock file. The group is the one recorded in
 //! the run's lock file ([`crate::rundir::RunDir::set_group`]), or the
-//! script's (`state/script.pid`) when the executor died before recording it.
+//! script's (`script.pid` in the run directory) when the executor died before recording it.
 //!
 //! One watcher per executor instead of one per run saves a process per task;
 //! it forgets a run once its directory is gone (the executor removes it at
@@ -61,7 +61,7 @@ exec 3<&0
       { read -r sf_g <"$sf_d.lock"; } 2>/dev/null || :
       if [ -z "$sf_g" ]; then
         sf_p=
-        { read -r sf_p <"$sf_d/state/script.pid"; } 2>/dev/null || :
+        { read -r sf_p <"$sf_d/script.pid"; } 2>/dev/null || :
         if [ -n "$sf_p" ]; then
           # `pid (comm) state ppid pgrp ...`: the script's group.
           sf_s=
