@@ -424,6 +424,11 @@ impl LocalExecutor {
             executor_watchdog: true,
             steps_in_script_shell: self.shell_is_bin_sh,
             start_on_stdin: true,
+            // Without bubblewrap the script leads its process group, which
+            // the lock file records right after the start, before the
+            // script may go: a worker killed in between leaves a script
+            // held on a stdin whose end died with it, and it ends there.
+            record_script_pid: self.bwrap.is_some(),
             ..ScriptOptions::for_budget(task, self.settings.max_output_bytes as u64)
         }
     }

@@ -132,6 +132,11 @@ pub struct ScriptOptions {
     /// script while the worker's cancellation barrier is in flight and lets
     /// it go once the barrier passes; a pod starts only once it did.
     pub start_on_stdin: bool,
+    /// The script writes its pid to `$SANDFLEET_STATE_DIR/script.pid`. The
+    /// local executor needs it only under bubblewrap, where the script is
+    /// not its process group's leader: without it, the group it records
+    /// names the script.
+    pub record_script_pid: bool,
 }
 
 impl ScriptOptions {
@@ -157,6 +162,7 @@ impl ScriptOptions {
             executor_watchdog: false,
             steps_in_script_shell: false,
             start_on_stdin: false,
+            record_script_pid: true,
         }
     }
 }
@@ -560,7 +566,9 @@ pub fn generate(task: &Task, attempt: u32, opts: &ScriptOptions) -> Result<Scrip
     text.push_str(
         "{ [ -d \"$sf_ws\" ] && [ -d \"$sf_state\" ]; } || mkdir -p \"$sf_ws\" \"$sf_state\" || { sf_note \"setup workspace\"; exit 125; }\n",
     );
-    text.push_str("printf '%s\\n' \"$$\" >\"$sf_state/script.pid\"\n");
+    if opts.record_script_pid {
+        text.push_str("printf '%s\\n' \"$$\" >\"$sf_state/script.pid\"\n");
+    }
     match (opts.max_file_bytes, opts.file_block_bytes) {
         (Some(bytes), Some(unit)) => {
             let unit = unit.max(1);
@@ -986,6 +994,7 @@ mod tests {
         executor_watchdog: false,
         steps_in_script_shell: false,
         start_on_stdin: false,
+        record_script_pid: true,
     };
 
     #[test]

@@ -591,7 +591,8 @@ async fn a_starting_executor_removes_runs_whose_worker_is_gone() {
     // the watcher cannot clean up (as when the whole tree is killed, or a
     // reboot with a persistent work dir): freeze the worker so it cannot
     // clean up either, kill the watcher, the sandbox's group, then the worker.
-    let script: i32 = std::fs::read_to_string(run.join("script.pid"))
+    // The script leads the sandbox's group, which the lock file names.
+    let script: i32 = std::fs::read_to_string(run.with_extension("lock"))
         .unwrap()
         .trim()
         .parse()
@@ -899,9 +900,10 @@ fn marking_task_and_executor() -> (Task, tempfile::TempDir, LocalExecutor) {
     (task, dir, exec)
 }
 
-/// Waits until the one run under `base` has its script readied (its pid
-/// written), checks that nothing of the task happened for a while, and
-/// returns the run directory and the script's pid.
+/// Waits until the one run under `base` has its script readied (its
+/// summary begun), checks that nothing of the task happened for a while, and
+/// returns the run directory and the script's pid (its process group's, in
+/// the lock file beside the run directory).
 async fn readied_and_held(base: &Path) -> (std::path::PathBuf, u32) {
     let start = Instant::now();
     let run = loop {
@@ -914,7 +916,8 @@ async fn readied_and_held(base: &Path) -> (std::path::PathBuf, u32) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let pid: u32 = wait_for_file(&run.join("script.pid"))
+    wait_for_file(&run.join("summary")).await;
+    let pid: u32 = wait_for_file(&run.with_extension("lock"))
         .await
         .trim()
         .parse()

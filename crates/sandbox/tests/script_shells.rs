@@ -50,6 +50,7 @@ const OPTS: ScriptOptions = ScriptOptions {
     executor_watchdog: false,
     steps_in_script_shell: false,
     start_on_stdin: false,
+    record_script_pid: true,
 };
 
 struct Run {
