@@ -297,8 +297,8 @@ fn read_bounded(path: &Path, limit: u64) -> (Vec<u8>, bool) {
 }
 
 /// A local sandbox started and held before the task's first file
-/// ([`ScriptOptions::start_on_stdin`]): its script readied the run
-/// directory and waits for the line [`LocalExecutor::start`] writes.
+/// ([`ScriptOptions::start_on_stdin`]): its script readies the run
+/// directory, then waits for the line [`LocalExecutor::start`] writes.
 /// Dropped, it kills the sandbox's process group, then removes the run
 /// directory: fields drop in their order here.
 struct Held {

@@ -1119,33 +1119,71 @@ impl Executor for GatedCreate {
     }
 }
 
+/// A dispatcher with `exec` over an in-memory broker and results, 4 tasks
+/// at once, the cancellations of `cancels` (none: the dispatcher's own).
+struct Plain {
+    broker: InMemoryBroker,
+    sink: MemoryResults,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<DrainReport, DispatchError>>,
+}
+
+impl Plain {
+    fn start<E: Executor>(
+        exec: Arc<E>,
+        metrics: Arc<Metrics>,
+        cancels: Option<Arc<Cancels>>,
+    ) -> Plain {
+        let broker = InMemoryBroker::default();
+        let sink = MemoryResults::default();
+        let shutdown = CancellationToken::new();
+        let mut d = Dispatcher::new(
+            Arc::new(broker.clone()),
+            exec,
+            sink.clone(),
+            config(4),
+            metrics,
+            Arc::new(Health::new()),
+        );
+        if let Some(cancels) = cancels {
+            d = d.with_cancels(cancels);
+        }
+        let handle = tokio::spawn(d.run(shutdown.clone()));
+        Plain {
+            broker,
+            sink,
+            shutdown,
+            handle,
+        }
+    }
+
+    /// Waits (in virtual time) until `n` deliveries were acked.
+    async fn acked(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.broker.acked_count() < n {
+            assert!(Instant::now() < deadline, "tasks not acked");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_time_from_delivery_to_the_sandbox_create_is_measured_once_per_attempt() {
-    let broker = InMemoryBroker::default();
     let metrics = Arc::new(Metrics::new());
     let gate = crate::gate::BreakerGate::new(
         crate::breaker::BreakerConfig::from(&sandfleet_settings::BreakerSettings::default()),
         metrics.clone(),
     );
-    let sink = MemoryResults::default();
-    let shutdown = CancellationToken::new();
-    let d = Dispatcher::new(
-        Arc::new(broker.clone()),
-        Arc::new(GatedCreate { gate }),
-        sink.clone(),
-        config(4),
-        metrics.clone(),
-        Arc::new(Health::new()),
-    );
-    let handle = tokio::spawn(d.run(shutdown.clone()));
+    let p = Plain::start(Arc::new(GatedCreate { gate }), metrics.clone(), None);
     for _ in 0..2 {
-        publish(&broker, &task());
+        publish(&p.broker, &task());
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while broker.acked_count() < 2 {
-        assert!(Instant::now() < deadline, "tasks not acked");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    p.acked(2).await;
     let text = metrics.encode();
     for needle in [
         "sandfleet_dispatch_duration_seconds_count 2",
@@ -1154,8 +1192,7 @@ async fn the_time_from_delivery_to_the_sandbox_create_is_measured_once_per_attem
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
-    shutdown.cancel();
-    handle.await.unwrap().unwrap();
+    p.stop().await;
 }
 
 /// A run that succeeded at once, with no steps.
@@ -1232,38 +1269,27 @@ impl Executor for Readying {
 
 #[tokio::test(start_paused = true)]
 async fn a_sandbox_readied_during_the_barrier_is_refused_its_start_when_a_cancel_was_read() {
-    let broker = InMemoryBroker::default();
     let exec = Arc::new(Readying::default());
-    let sink = MemoryResults::default();
     let metrics = Arc::new(Metrics::new());
     let cancels = Cancels::new();
-    let shutdown = CancellationToken::new();
-    let d = Dispatcher::new(
-        Arc::new(broker.clone()),
-        exec.clone(),
-        sink.clone(),
-        config(4),
-        metrics.clone(),
-        Arc::new(Health::new()),
-    )
-    .with_cancels(cancels.clone());
-    let handle = tokio::spawn(d.run(shutdown.clone()));
+    let p = Plain::start(exec.clone(), metrics.clone(), Some(cancels.clone()));
     let (cancelled, kept) = (task(), task());
     cancels.apply(sandfleet_proto::Cancellation::task(
         cancelled.id,
         "ops",
         "wrong commit",
     ));
-    publish(&broker, &cancelled);
-    publish(&broker, &kept);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while broker.acked_count() < 2 {
-        assert!(Instant::now() < deadline, "tasks not acked");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    publish(&p.broker, &cancelled);
+    publish(&p.broker, &kept);
+    p.acked(2).await;
     assert_eq!(exec.of(cancelled.id), ["readied", "refused"]);
     assert_eq!(exec.of(kept.id), ["readied", "ran"]);
-    let finals: Vec<_> = sink.results().into_iter().filter(|r| r.is_final).collect();
+    let finals: Vec<_> = p
+        .sink
+        .results()
+        .into_iter()
+        .filter(|r| r.is_final)
+        .collect();
     let outcome = |id| finals.iter().find(|r| r.task_id == id).map(|r| r.outcome);
     assert_eq!(outcome(cancelled.id), Some(Outcome::Cancelled));
     assert_eq!(outcome(kept.id), Some(Outcome::Succeeded));
@@ -1272,6 +1298,5 @@ async fn a_sandbox_readied_during_the_barrier_is_refused_its_start_when_a_cancel
             .encode()
             .contains("sandfleet_tasks_cancelled_total{stage=\"before_start\"} 1")
     );
-    shutdown.cancel();
-    handle.await.unwrap().unwrap();
+    p.stop().await;
 }
