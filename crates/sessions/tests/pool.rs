@@ -360,8 +360,15 @@ async fn two_replicas_racing_never_hand_one_member_to_two_sessions() {
     const NS: &str = "pool-race";
     const SIZE: usize = 6;
     let sim = KubeSim::start(SimOptions::default()).await.unwrap();
-    let a = Replica::start(&sim, NS, vec![pool("r", IMAGE, SIZE)]);
-    let b = Replica::start(&sim, NS, vec![pool("r", IMAGE, SIZE)]);
+    // The token holds all 2 × SIZE sessions at once, counted across the
+    // replicas: more than the default limit (10), which would refuse the
+    // last ones whenever they are counted after the others were made.
+    let limits = Limits {
+        sessions_per_token: 2 * SIZE,
+        ..Limits::default()
+    };
+    let a = Replica::start_with(&sim, NS, vec![pool("r", IMAGE, SIZE)], limits.clone());
+    let b = Replica::start_with(&sim, NS, vec![pool("r", IMAGE, SIZE)], limits);
     let (ca, cb) = (Arc::new(a.client()), Arc::new(b.client()));
     eventually(
         "both replicas see a full pool",
