@@ -309,7 +309,7 @@ struct Held {
     /// The script's stdin: a line lets it start, end of file ends it.
     go: std::io::PipeWriter,
     token: CancellationToken,
-    state: PathBuf,
+    /// The run directory, which holds the script's own files too.
     dir: DropOffThread,
 }
 
@@ -412,7 +412,6 @@ impl LocalExecutor {
             stop_reading,
             go,
             token,
-            state,
             dir,
         })
     }
@@ -437,7 +436,7 @@ impl LocalExecutor {
     async fn start(&self, held: Held, task: &Task) -> Result<Execution, ExecError> {
         use std::io::Write as _;
         let mut held = held;
-        let summary_path = held.state.join("summary");
+        let summary_path = held.dir.path().join("summary");
         let started_at = Utc::now();
         // A fresh pipe takes the line without blocking. A script that is
         // gone already (its setup failed) makes this fail; its exit says why.
@@ -457,7 +456,7 @@ impl LocalExecutor {
             Stop::Exited(status) => exit_of(status),
             stop => {
                 // Ask the script to stop its step and write its summary, then make sure.
-                let script_pid = read_pid(&held.state.join("script.pid")).or(held.guard.pgid);
+                let script_pid = read_pid(&held.dir.path().join("script.pid")).or(held.guard.pgid);
                 if let Some(pid) = script_pid {
                     let _ = kill_process(pid, Signal::TERM);
                 }
